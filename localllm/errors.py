@@ -1,0 +1,86 @@
+"""The exceptions localllm raises, and nothing else.
+
+    LocalLLMError                 base: every error localllm raises on purpose
+    ├── GGUFError                 a file is not a readable GGUF (names the file and the problem)
+    ├── ModelNotFoundError        a model name or path resolves to nothing
+    ├── DoesNotFitError           no plan fits the hardware (bytes needed vs available)
+    ├── HardwareProbeError        NVML / host probing failed in a way the user must hear about
+    ├── ModelLoadError            llama.cpp refused to load a model or create a context
+    ├── SettingsError             a config file, env var or flag has a bad key or value
+    ├── HubError                  the model hub could not answer (missing repo, network, auth)
+    └── RequestError              a client request the engine cannot serve
+        ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
+        ├── QueueFullError               every slot busy and the wait queue full
+        └── CancelledError               the client went away or the server is stopping
+
+Every message says what to do next. The CLI turns these into one line and exit code 2; the
+HTTP layer maps the classes (never the text) to OpenAI error envelopes.
+"""
+
+from __future__ import annotations
+
+
+class LocalLLMError(Exception):
+    """Base of every error localllm raises on purpose."""
+
+
+class GGUFError(LocalLLMError):
+    """A file is not a GGUF localllm can read."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ModelNotFoundError(LocalLLMError):
+    """A model name or path resolves to nothing."""
+
+
+class DoesNotFitError(LocalLLMError):
+    """No configuration of the model fits the hardware."""
+
+    def __init__(self, message: str, needed_bytes: int = 0, available_bytes: int = 0) -> None:
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        super().__init__(message)
+
+
+class HardwareProbeError(LocalLLMError):
+    """Probing the GPU or host failed."""
+
+
+class ModelLoadError(LocalLLMError):
+    """llama.cpp could not load the model or create its context."""
+
+
+class SettingsError(LocalLLMError):
+    """A setting has an unknown key or a bad value."""
+
+
+class HubError(LocalLLMError):
+    """The model hub could not be reached or did not have what was asked for."""
+
+
+class RequestError(LocalLLMError):
+    """A request the engine cannot serve as asked."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+class ContextLengthExceededError(RequestError):
+    """The prompt, plus the tokens asked for, does not fit a slot's context."""
+
+
+class QueueFullError(RequestError):
+    """Every slot is busy and the wait queue is full."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class CancelledError(RequestError):
+    """The request was cancelled: the client disconnected or the server is stopping."""

@@ -1,0 +1,210 @@
+"""One settings model, three sources.
+
+Precedence, highest first: command-line flags (passed as keyword arguments), environment variables
+`LOCALLLM_<NAME>`, the TOML config file, the defaults below. The config file is the one named by
+`--config` / `LOCALLLM_CONFIG`, else the first of `/etc/localllm/config.toml` (the service) and the
+user's `~/.config/localllm/config.toml` that exists. Unknown keys and bad values fail at start,
+naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from localllm.errors import SettingsError
+
+ENV_PREFIX = "LOCALLLM_"
+SYSTEM_CONFIG = Path("/etc/localllm/config.toml")
+USER_CONFIG = Path("~/.config/localllm/config.toml").expanduser()
+
+CacheType = Literal["f16", "q8_0", "q4_0"]
+
+
+def _default_models_dir() -> Path:
+    # A source checkout keeps its models next to the code (the README's commands); an installed
+    # package keeps them in the user's data folder.
+    checkout_models = Path(__file__).resolve().parent.parent / "models"
+    if checkout_models.is_dir() and os.access(checkout_models, os.W_OK):
+        return checkout_models
+    data_home = Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser()
+    return data_home / "localllm" / "models"
+
+
+def default_config_path() -> Path | None:
+    """The config file in force when none is named: the service's, else the user's, else none."""
+    named = os.environ.get(ENV_PREFIX + "CONFIG")
+    if named:
+        return Path(named)
+    for candidate in (SYSTEM_CONFIG, USER_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Settings(BaseSettings):
+    """Everything a user can set. Field descriptions double as `--help` and config docs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # Where and what to serve.
+    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    models_dir: Path = Field(
+        default_factory=_default_models_dir, description="Folder holding the GGUF models."
+    )
+    model: str | None = Field(
+        None, description="Model to serve: a file, a name in models_dir, or ORG/REPO[:QUANT]."
+    )
+    model_alias: str | None = Field(
+        None, description="Name clients use for the model (default: the file's stem)."
+    )
+
+    # How to load it; None lets the fitter choose.
+    n_ctx: int | None = Field(None, ge=256, description="Context length per model (all slots).")
+    parallel: int = Field(4, ge=1, le=64, description="Slots: requests decoded at once.")
+    n_gpu_layers: int | None = Field(
+        None, ge=-1, description="Layers on the GPU; unset lets the fitter choose, -1 means all."
+    )
+    type_k: CacheType = Field("f16", description="KV cache type for keys.")
+    type_v: CacheType = Field("f16", description="KV cache type for values (quantized needs flash_attn).")
+    flash_attn: bool | None = Field(None, description="Flash attention; unset lets llama.cpp decide.")
+    n_ubatch: int = Field(512, ge=1, description="Micro-batch size (prompt tokens per compute step).")
+    n_batch: int = Field(2048, ge=1, description="Logical batch size.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for decoding (default: cores).")
+    gpu_margin_mib: int = Field(
+        1024, ge=0, description="VRAM per GPU the fitter leaves free, in MiB (llama.cpp's default)."
+    )
+    min_speed: float = Field(10.0, ge=0, description="Interactive floor in decode tokens/s.")
+    vram: str | None = Field(
+        None, description="Override detected VRAM, e.g. '24GiB' or '24GiB,24GiB' for two cards."
+    )
+    gpu: str | None = Field(None, description="Plan for a named consumer GPU, e.g. 'rtx4090'.")
+
+    # Serving limits.
+    queue_size: int = Field(16, ge=0, description="Requests that may wait for a slot before 503.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may run.")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+
+    # Security.
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer tokens clients must send (none: no auth)."
+    )
+    api_key_file: Path | None = Field(None, description="File with one API key per line.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API."
+    )
+    allow_public_bind: bool = Field(
+        False, description="Allow a non-loopback bind without an API key (not recommended)."
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        # Env vars carry lists as "a,b"; pydantic-settings would want JSON.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = _CONFIG_FILE_OVERRIDE or default_config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))
+        return tuple(sources)
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from the settings and from api_key_file (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text()
+            except OSError as exc:
+                raise SettingsError(f"api_key_file {self.api_key_file}: {exc.strerror}") from exc
+            keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        return keys
+
+
+# Set only while load_settings builds a Settings; pydantic-settings offers no per-call hook.
+_CONFIG_FILE_OVERRIDE: Path | None = None
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings from flags (None values mean 'not given'), env and the config file."""
+    global _CONFIG_FILE_OVERRIDE
+    if config is not None and not config.is_file():
+        raise SettingsError(f"config file {config} does not exist")
+    given = {key: value for key, value in flags.items() if value is not None}
+    _CONFIG_FILE_OVERRIDE = config
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, config)) from None
+    except ValueError as exc:  # a TOML syntax error
+        raise SettingsError(f"config file {config or default_config_path()}: {exc}") from None
+    finally:
+        _CONFIG_FILE_OVERRIDE = None
+
+
+def _describe(exc: ValidationError, config: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting '{key}'")
+        else:
+            problems.append(f"setting '{key}': {error['msg']} (got {error.get('input')!r})")
+    where = f" (config file {config or default_config_path()}, env {ENV_PREFIX}*, or flags)"
+    return "; ".join(problems) + where
+
+
+def setting_sources(config: Path | None = None, flags: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+    """Where each setting's value came from: 'flag', 'env', 'config' or 'default' (for doctor)."""
+    import tomllib
+
+    config = config or default_config_path()
+    file_keys: set[str] = set()
+    if config is not None and config.is_file():
+        file_keys = set(tomllib.loads(config.read_text()))
+    env_keys = {key.upper() for key in os.environ}
+    result = {}
+    for name in Settings.model_fields:
+        if name in flags:
+            result[name] = "flag"
+        elif (ENV_PREFIX + name).upper() in env_keys:
+            result[name] = "env"
+        elif name in file_keys:
+            result[name] = "config"
+        else:
+            result[name] = "default"
+    return result
