@@ -63,7 +63,9 @@ class Settings(BaseSettings):
 
     # Where and what to serve.
     host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
-    port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    port: int = Field(
+        8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
+    )
     models_dir: Path = Field(
         default_factory=_default_models_dir, description="Folder holding the GGUF models."
     )
@@ -81,11 +83,19 @@ class Settings(BaseSettings):
         None, ge=-1, description="Layers on the GPU; unset lets the fitter choose, -1 means all."
     )
     type_k: CacheType = Field("f16", description="KV cache type for keys.")
-    type_v: CacheType = Field("f16", description="KV cache type for values (quantized needs flash_attn).")
-    flash_attn: bool | None = Field(None, description="Flash attention; unset lets llama.cpp decide.")
-    n_ubatch: int = Field(512, ge=1, description="Micro-batch size (prompt tokens per compute step).")
+    type_v: CacheType = Field(
+        "f16", description="KV cache type for values (quantized needs flash_attn)."
+    )
+    flash_attn: bool | None = Field(
+        None, description="Flash attention; unset lets llama.cpp decide."
+    )
+    n_ubatch: int = Field(
+        512, ge=1, description="Micro-batch size (prompt tokens per compute step)."
+    )
     n_batch: int = Field(2048, ge=1, description="Logical batch size.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for decoding (default: cores).")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for decoding (default: cores)."
+    )
     gpu_margin_mib: int = Field(
         1024, ge=0, description="VRAM per GPU the fitter leaves free, in MiB (llama.cpp's default)."
     )
@@ -118,7 +128,9 @@ class Settings(BaseSettings):
         False, description="Allow a non-loopback bind without an API key (not recommended)."
     )
 
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -151,7 +163,9 @@ class Settings(BaseSettings):
                 text = self.api_key_file.read_text()
             except OSError as exc:
                 raise SettingsError(f"api_key_file {self.api_key_file}: {exc.strerror}") from exc
-            keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+            keys += [
+                ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")
+            ]
         return keys
 
 
@@ -188,7 +202,9 @@ def _describe(exc: ValidationError, config: Path | None) -> str:
     return "; ".join(problems) + where
 
 
-def setting_sources(config: Path | None = None, flags: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+def setting_sources(
+    config: Path | None = None, flags: set[str] | frozenset[str] = frozenset()
+) -> dict[str, str]:
     """Where each setting's value came from: 'flag', 'env', 'config' or 'default' (for doctor)."""
     import tomllib
 
