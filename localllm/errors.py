@@ -7,7 +7,8 @@
     ├── HardwareProbeError        NVML / host probing failed in a way the user must hear about
     ├── ModelLoadError            llama.cpp refused to load a model or create a context
     ├── SettingsError             a config file, env var or flag has a bad key or value
-    ├── HubError                  the model hub could not answer (missing repo, network, auth)
+    ├── HubError                  the model hub could not answer (missing repo, auth, disk)
+    │   └── HubUnreachableError   the network or the hub is down (cached data may do)
     └── RequestError              a client request the engine cannot serve
         ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
         ├── QueueFullError               every slot busy and the wait queue full
@@ -60,6 +61,10 @@ class SettingsError(LocalLLMError):
 
 class HubError(LocalLLMError):
     """The model hub could not be reached or did not have what was asked for."""
+
+
+class HubUnreachableError(HubError):
+    """The hub could not be reached at all; what is cached may still answer."""
 
 
 class RequestError(LocalLLMError):

@@ -1,0 +1,464 @@
+"""Hugging Face repos: read each quantization's GGUF header by HTTP range requests, then pull one.
+
+Fitting a repo never downloads weights: `HttpRangeSource` feeds the same header parser as local
+files, a few megabytes per quantization, and the header bytes are cached by content hash so a
+second fit is instant and works offline. `pull` downloads into the models folder through a
+`.partial` file that resumes after an interruption and becomes the real name only once its size
+and sha256 match what the hub says.
+
+huggingface-hub does the hub's parts (endpoint and `HF_ENDPOINT`, auth tokens, repo listing, error
+classes); the byte transfers are ours because its downloader restarts interrupted files from zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import HubError, HubUnreachableError, LocalLLMError
+from localllm.gguf_header import ModelHeader, read_sources
+from localllm.models import SPLIT_RE, free_disk_bytes
+
+log = logging.getLogger(__name__)
+
+REPO_RE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
+QUANT_RE = re.compile(
+    r"(?<![A-Za-z0-9])(IQ\d_(?:XXS|XS|NL|S|M)|Q\d_K(?:_[SML])?|Q\d_[01]|TQ\d_0|MXFP4(?:_MOE)?"
+    r"|BF16|F16|F32)(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
+CHUNK_BYTES = 1 << 20
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def default_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return base / "localllm" / "hub"
+
+
+def looks_like_repo(name: str) -> bool:
+    """ORG/REPO[:QUANT] that is not an existing local path."""
+    return REPO_RE.match(name) is not None and not Path(name).expanduser().exists()
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    repo_id: str
+    quant: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, revision: str | None = None) -> RepoRef:
+        match = REPO_RE.match(text)
+        if not match:
+            raise HubError(f"{text!r} is not a hub reference; expected ORG/REPO or ORG/REPO:QUANT")
+        return cls(match["repo"], match["quant"], revision)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    filename: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class RemoteQuant:
+    """One quantization in a repo: a single GGUF or a whole split set."""
+
+    label: str
+    files: tuple[RemoteFile, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def quant_label(filename: str) -> str:
+    """The quantization named in a file name ('Q4_K_M'), else the file's stem."""
+    stem = Path(filename).name.removesuffix(".gguf")
+    split = SPLIT_RE.match(Path(filename).name)
+    if split:
+        stem = split["stem"]
+    found = QUANT_RE.findall(filename)
+    return found[-1].upper() if found else stem
+
+
+def group_quants(files: list[RemoteFile]) -> list[RemoteQuant]:
+    """Group GGUFs into quantizations: a split set counts once; mmproj files are skipped."""
+    groups: dict[str, list[RemoteFile]] = {}
+    for remote in files:
+        name = Path(remote.filename).name
+        if not name.endswith(".gguf") or "mmproj" in name.lower():
+            continue
+        split = SPLIT_RE.match(name)
+        key = str(Path(remote.filename).parent / split["stem"]) if split else remote.filename
+        groups.setdefault(key, []).append(remote)
+    quants = []
+    for members in groups.values():
+        members.sort(key=lambda f: f.filename)
+        quants.append(RemoteQuant(quant_label(members[0].filename), tuple(members)))
+    return sorted(quants, key=lambda q: q.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte sources over HTTP
+
+
+class HttpRangeSource:
+    """A remote file read by `Range` requests; remembers what it fetched for the header cache."""
+
+    def __init__(self, session: Any, url: str, size: int, headers: dict[str, str]) -> None:
+        self.name = url
+        self._session = session
+        self._url = url
+        self._size = size
+        self._headers = headers
+        self.fetched = bytearray()  # the contiguous prefix read so far (reads are sequential)
+        self.bytes_received = 0
+
+    @property
+    def size(self) -> int | None:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self._size - offset))
+        if length == 0:
+            return b""
+        headers = {**self._headers, "Range": f"bytes={offset}-{offset + length - 1}"}
+        chunks = []
+        received = 0
+        with (
+            _hub_errors(self._url),
+            self._session.stream(
+                "GET", self._url, headers=headers, follow_redirects=True
+            ) as response,
+        ):
+            _raise_for_status(response)
+            skip = offset if response.status_code == 200 else 0  # server ignored Range
+            for chunk in response.iter_bytes(CHUNK_BYTES):
+                if skip:
+                    drop = min(skip, len(chunk))
+                    chunk, skip = chunk[drop:], skip - drop
+                chunks.append(chunk)
+                received += len(chunk)
+                if received >= length:
+                    break  # leaving the block closes the connection: no more is sent
+        data = b"".join(chunks)[:length]
+        self.bytes_received += received
+        if offset == len(self.fetched):
+            self.fetched += data
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class CachedPrefixSource:
+    """A remote file's header bytes from the cache, with the remote file's size."""
+
+    def __init__(self, name: str, prefix: bytes, size: int) -> None:
+        self.name = name
+        self._prefix = prefix
+        self._size = size
+
+    @property
+    def size(self) -> int | None:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset + length > len(self._prefix) and offset + length <= self._size:
+            raise LookupError("cached header is shorter than needed")
+        return self._prefix[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def _raise_for_status(response: Any) -> None:
+    from huggingface_hub import hf_raise_for_status
+
+    hf_raise_for_status(response)
+
+
+@contextmanager
+def _hub_errors(what: str) -> Iterator[None]:
+    """Turn huggingface-hub's and the network's exceptions into HubError with advice."""
+    from huggingface_hub import errors as hub
+
+    try:
+        yield
+    except LocalLLMError:
+        raise
+    except hub.GatedRepoError:
+        raise HubError(
+            f"{what}: the repo is gated; accept its terms on the hub's page, then log in "
+            "(`hf auth login`) or set HF_TOKEN"
+        ) from None
+    except hub.RepositoryNotFoundError:
+        raise HubError(
+            f"{what}: no such repo, or it is private (log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except hub.RevisionNotFoundError:
+        raise HubError(f"{what}: no such revision") from None
+    except hub.EntryNotFoundError:
+        raise HubError(f"{what}: no such file in the repo") from None
+    except hub.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise HubError(f"{what}: the hub answered HTTP {status}; try again later") from None
+    except OSError as exc:
+        raise HubError(f"{what}: {exc.strerror or exc}") from None
+    except Exception as exc:  # httpx2 transport errors have no common public base we can import
+        if type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise HubUnreachableError(
+                f"{what}: could not reach the hub ({type(exc).__name__}: {exc}); check the "
+                "network, or HF_ENDPOINT, or HF_HUB_OFFLINE=1 to use what is cached"
+            ) from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+class HubClient:
+    """Lists a repo's quantizations, reads their headers, downloads one."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        from huggingface_hub import constants
+
+        # Read HF_ENDPOINT now, not at huggingface-hub's import time.
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip(
+            "/"
+        )
+        self.token = token
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        self.bytes_received = 0
+
+    def _session(self) -> Any:
+        from huggingface_hub import get_session
+
+        return get_session()
+
+    def _headers(self) -> dict[str, str]:
+        from huggingface_hub.utils._headers import build_hf_headers
+
+        headers: dict[str, str] = build_hf_headers(token=self.token, library_name="localllm")
+        headers["Accept-Encoding"] = "identity"
+        return headers
+
+    def file_url(self, ref: RepoRef, filename: str, revision: str | None = None) -> str:
+        from huggingface_hub import hf_hub_url
+
+        url: str = hf_hub_url(
+            ref.repo_id, filename, revision=revision or ref.revision, endpoint=self.endpoint
+        )
+        return url
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def _listing_cache(self, ref: RepoRef) -> Path:
+        return (
+            self.cache_dir
+            / "repos"
+            / ref.repo_id.replace("/", "--")
+            / f"{ref.revision or 'main'}.json"
+        )
+
+    def list_quants(self, ref: RepoRef) -> tuple[str, list[RemoteQuant]]:
+        """(commit sha, quantizations) of a repo; from the cache when offline or unreachable."""
+        cache = self._listing_cache(ref)
+        try:
+            if self.offline:
+                raise HubUnreachableError(
+                    f"{ref.repo_id}: HF_HUB_OFFLINE is set and nothing is cached"
+                )
+            commit, files = self._fetch_listing(ref)
+        except HubUnreachableError as exc:
+            if not cache.is_file():
+                raise
+            log.warning("hub unreachable (%s); using the listing cached at %s", exc, cache)
+            cached = json.loads(cache.read_text())
+            commit, files = cached["commit"], [RemoteFile(**f) for f in cached["files"]]
+        else:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"commit": commit, "files": [asdict(f) for f in files]}))
+        quants = group_quants(files)
+        if not quants:
+            raise HubError(f"{ref.repo_id} holds no GGUF files; localllm serves GGUF models only")
+        return commit, quants
+
+    def _fetch_listing(self, ref: RepoRef) -> tuple[str, list[RemoteFile]]:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token, library_name="localllm")
+        with _hub_errors(ref.repo_id):
+            info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        files = []
+        for sibling in info.siblings or []:
+            if sibling.rfilename.endswith(".gguf") and sibling.size is not None:
+                sha = sibling.lfs.sha256 if sibling.lfs else None
+                files.append(RemoteFile(sibling.rfilename, sibling.size, sha))
+        return info.sha or (ref.revision or "main"), files
+
+    # -- headers ---------------------------------------------------------------------------
+
+    def _header_cache(self, remote: RemoteFile, commit: str) -> Path:
+        key = remote.sha256 or hashlib.sha256(f"{commit}/{remote.filename}".encode()).hexdigest()
+        return self.cache_dir / "headers" / f"{key}.bin"
+
+    def read_header(self, ref: RepoRef, quant: RemoteQuant, commit: str) -> ModelHeader:
+        """The quantization's header, from the cache or by range requests (never the weights)."""
+        sources: list[HttpRangeSource | CachedPrefixSource] = []
+        fresh: list[tuple[HttpRangeSource, Path]] = []
+        for remote in quant.files:
+            cache = self._header_cache(remote, commit)
+            url = self.file_url(ref, remote.filename, commit)
+            if cache.is_file():
+                sources.append(CachedPrefixSource(url, cache.read_bytes(), remote.size))
+            elif self.offline:
+                raise HubError(
+                    f"{ref.repo_id}/{remote.filename}: header not cached and HF_HUB_OFFLINE is set"
+                )
+            else:
+                source = HttpRangeSource(self._session(), url, remote.size, self._headers())
+                sources.append(source)
+                fresh.append((source, cache))
+        paths = [Path(f"{ref.repo_id}/{remote.filename}") for remote in quant.files]
+        try:
+            header = read_sources(sources, paths)
+        except LookupError:  # a cache entry too short for this parser: refetch it
+            for remote in quant.files:
+                self._header_cache(remote, commit).unlink(missing_ok=True)
+            return self.read_header(ref, quant, commit)
+        for source, cache in fresh:
+            self.bytes_received += source.bytes_received
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_bytes(bytes(source.fetched))
+        return header
+
+    def read_headers(self, ref: RepoRef) -> list[tuple[RemoteQuant, ModelHeader]]:
+        commit, quants = self.list_quants(ref)
+        if ref.quant:
+            quants = [select_quant(quants, ref.quant, ref.repo_id)]
+        return [(quant, self.read_header(ref, quant, commit)) for quant in quants]
+
+    # -- downloads -------------------------------------------------------------------------
+
+    def download(
+        self, ref: RepoRef, quant: RemoteQuant, models_dir: Path, progress: Progress | None = None
+    ) -> Path:
+        """Download a quantization (all its split files) into models_dir; resumable, verified."""
+        commit, _ = self.list_quants(ref)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        targets = [models_dir / Path(remote.filename).name for remote in quant.files]
+        missing = [(r, t) for r, t in zip(quant.files, targets, strict=True) if not _complete(t, r)]
+        partial_bytes = sum(_partial(t).stat().st_size for _, t in missing if _partial(t).exists())
+        needed = sum(r.size for r, _ in missing) - partial_bytes
+        free = free_disk_bytes(models_dir)
+        if needed > free:
+            raise HubError(
+                f"{ref.repo_id} {quant.label} needs {needed / 1e9:.1f} GB more in {models_dir}, "
+                f"which has {free / 1e9:.1f} GB free; free some space or choose a smaller quant"
+            )
+        completed = quant.size - sum(r.size for r, _ in missing)
+        for remote, target in missing:
+            url = self.file_url(ref, remote.filename, commit)
+
+            def report(written: int, base: int = completed) -> None:
+                if progress:
+                    progress(base + written, quant.size)
+
+            self._download_file(url, remote, target, report)
+            completed += remote.size
+        return targets[0]
+
+    def _download_file(
+        self, url: str, remote: RemoteFile, target: Path, report: Callable[[int], None]
+    ) -> None:
+        partial = _partial(target)
+        digest = hashlib.sha256()
+        start = 0
+        if partial.exists():
+            start = partial.stat().st_size
+            if start > remote.size:
+                partial.unlink()
+                start = 0
+            else:
+                with partial.open("rb") as existing:  # the hash must cover the resumed bytes too
+                    for block in iter(lambda: existing.read(CHUNK_BYTES), b""):
+                        digest.update(block)
+        headers = self._headers()
+        if start:
+            headers["Range"] = f"bytes={start}-"
+            log.info("resuming %s at %.1f MB", target.name, start / 1e6)
+        written = start
+        try:
+            with (
+                _hub_errors(remote.filename),
+                self._session().stream(
+                    "GET", url, headers=headers, follow_redirects=True
+                ) as response,
+            ):
+                _raise_for_status(response)
+                if start and response.status_code != 206:  # no resume support: start over
+                    written, digest = 0, hashlib.sha256()
+                with partial.open("ab" if written else "wb") as out:
+                    for chunk in response.iter_bytes(CHUNK_BYTES):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        written += len(chunk)
+                        self.bytes_received += len(chunk)
+                        report(written)
+        except HubUnreachableError as exc:
+            raise HubError(
+                f"{remote.filename}: download interrupted at {written:,} of {remote.size:,} bytes "
+                f"({exc}); run the same command again to resume"
+            ) from None
+        if written != remote.size:
+            raise HubError(
+                f"{remote.filename}: download stopped at {written:,} of {remote.size:,} bytes; "
+                "run the same command again to resume"
+            )
+        if remote.sha256 and digest.hexdigest() != remote.sha256:
+            partial.unlink()
+            raise HubError(
+                f"{remote.filename}: sha256 {digest.hexdigest()} does not match the hub's "
+                f"{remote.sha256}; the partial file was removed, run the command again"
+            )
+        partial.replace(target)
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(target.name + ".partial")
+
+
+def _complete(target: Path, remote: RemoteFile) -> bool:
+    return target.is_file() and target.stat().st_size == remote.size
+
+
+def select_quant(quants: list[RemoteQuant], label: str, repo_id: str) -> RemoteQuant:
+    for quant in quants:
+        if quant.label.upper() == label.upper():
+            return quant
+    available = ", ".join(q.label for q in quants)
+    raise HubError(f"{repo_id} has no quantization {label!r} (it has: {available})")
