@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Rebuild llama-cpp-python with the CUDA backend, in place, in localllm's virtual environment.
+#
+# pip installs llama-cpp-python from its sdist built for the CPU only; `localllm doctor` says so
+# and points here. This rebuilds the same version with GGML_CUDA=on (about 10-30 minutes).
+#
+#   sudo scripts/install-cuda-backend.sh                       # the venv of the installed localllm
+#   scripts/install-cuda-backend.sh --venv .venv --arch native # only the card in this machine
+#   scripts/install-cuda-backend.sh --configure-only           # just CMake-configure the CUDA build
+#
+# Needs the CUDA toolkit (nvcc and cuBLAS) and a C++ compiler; a GPU only for --arch native.
+set -euo pipefail
+
+# Consumer cards: Ampere (RTX 30xx, sm_86), Ada (RTX 40xx, sm_89), Blackwell (RTX 50xx, sm_120).
+# CMake also embeds PTX for each, so a newer card still runs through the driver's JIT.
+DEFAULT_ARCHS="86;89;120"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+VENV=""
+ARCHS=$DEFAULT_ARCHS
+VERSION=""
+NVCC=""
+CONFIGURE_ONLY=0
+BUILD_DIR=""
+SDIST=""
+CUBLAS_ROOT=""
+DRY_RUN=0
+EXTRA_CMAKE_ARGS=()
+
+usage() {
+    cat <<EOF
+usage: $0 [options]
+  --venv DIR          venv to rebuild in (default: \$VIRTUAL_ENV, else the venv of 'localllm'
+                      on PATH, else /opt/localllm/.venv)
+  --arch LIST|native  CUDA architectures, ';'-separated (default: $DEFAULT_ARCHS);
+                      'native' builds only for the GPUs in this machine (smaller, faster build)
+  --version VER       llama-cpp-python version (default: the installed one)
+  --nvcc PATH         the CUDA compiler (default: \$CUDACXX, nvcc on PATH, \$CUDA_HOME/bin/nvcc)
+  --cublas-root DIR   cuBLAS outside the toolkit (include/ and lib/, e.g. the nvidia-cublas wheel)
+  --cmake-arg ARG     one more CMake argument (repeatable)
+  --configure-only    download the sdist and run only CMake's configure step of the CUDA build
+  --build-dir DIR     where --configure-only works (default: a new temporary folder)
+  --sdist FILE        use this llama-cpp-python sdist instead of downloading it
+  --dry-run           print the commands instead of running them
+  -h, --help          this help
+EOF
+}
+
+die() { echo "install-cuda-backend: $*" >&2; exit 1; }
+note() { echo "# $*"; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --venv) VENV=$2; shift ;;
+        --arch) ARCHS=$2; shift ;;
+        --version) VERSION=$2; shift ;;
+        --nvcc) NVCC=$2; shift ;;
+        --cublas-root) CUBLAS_ROOT=$2; shift ;;
+        --cmake-arg) EXTRA_CMAKE_ARGS+=("$2"); shift ;;
+        --configure-only) CONFIGURE_ONLY=1 ;;
+        --build-dir) BUILD_DIR=$2; shift ;;
+        --sdist) SDIST=$2; shift ;;
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# --- The venv and the version ---------------------------------------------------------------
+venv_of_localllm() {
+    # The interpreter named on the console script's shebang line is the venv's python.
+    local script interpreter
+    script=$(command -v localllm 2>/dev/null) || return 1
+    interpreter=$(head -n 1 "$script" | sed -n 's/^#!\([^ ]*python[^ ]*\).*/\1/p')
+    [ -n "$interpreter" ] && [ -x "$interpreter" ] || return 1
+    dirname "$(dirname "$interpreter")"
+}
+
+if [ -z "$VENV" ]; then
+    if [ -n "${VIRTUAL_ENV:-}" ]; then
+        VENV=$VIRTUAL_ENV
+    elif found=$(venv_of_localllm); then
+        VENV=$found
+    elif [ -x /opt/localllm/.venv/bin/python ]; then
+        VENV=/opt/localllm/.venv
+    else
+        die "no venv found: pass --venv DIR (the one localllm is installed in)"
+    fi
+fi
+PY=$VENV/bin/python
+[ -x "$PY" ] || die "$VENV is not a virtual environment (no $PY)"
+
+if [ -z "$VERSION" ]; then
+    VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
+        2>/dev/null || true)
+fi
+if [ -z "$VERSION" ] && [ -f "$HERE/pyproject.toml" ]; then
+    # Not installed yet: the version localllm pins.
+    VERSION=$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' "$HERE/pyproject.toml" | head -n 1)
+fi
+[ -n "$VERSION" ] || die "cannot tell which llama-cpp-python to build: pass --version VER"
+
+# --- The CUDA toolkit -----------------------------------------------------------------------
+if [ -z "$NVCC" ]; then
+    if [ -n "${CUDACXX:-}" ]; then
+        NVCC=$CUDACXX
+    elif command -v nvcc >/dev/null 2>&1; then
+        NVCC=$(command -v nvcc)
+    else
+        NVCC=${CUDA_HOME:-${CUDA_PATH:-/usr/local/cuda}}/bin/nvcc
+    fi
+fi
+if ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; then
+    die "no CUDA toolkit found (nvcc: ${NVCC}).
+  Install the CUDA toolkit 12.8 or newer (for RTX 50xx; 11.8+ for RTX 30xx/40xx), e.g. NVIDIA's
+  cuda-toolkit package (https://developer.nvidia.com/cuda-downloads) or Debian's
+  nvidia-cuda-toolkit, then rerun; or point at it with --nvcc PATH / CUDACXX=PATH.
+  The NVIDIA driver alone is not enough: it runs CUDA programs but cannot build them."
+fi
+CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
+# nvcc may be a wrapper script; nvcc itself knows where its toolkit is.
+CUDA_ROOT=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+CUDA_ROOT=$(realpath -m "${CUDA_ROOT:-$(dirname "$(realpath "$NVCC")")/..}")
+note "CUDA toolkit $CUDA_VERSION at $CUDA_ROOT (nvcc: $NVCC)"
+
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
+
+if [ "$ARCHS" = "native" ]; then
+    if ! nvidia-smi -L >/dev/null 2>&1; then
+        die "--arch native needs a working NVIDIA GPU and driver here; name the architectures"
+    fi
+elif ! version_ge "$CUDA_VERSION" 12.8 && [[ ";$ARCHS;" == *";120;"* ]]; then
+    # sm_120 (RTX 50xx) arrived in CUDA 12.8; older toolkits reject it.
+    ARCHS=$(echo "$ARCHS" | tr ';' '\n' | grep -vx 120 | paste -sd ';')
+    note "CUDA $CUDA_VERSION cannot build sm_120 (RTX 50xx needs 12.8+): building for $ARCHS"
+fi
+
+# cuBLAS is a separate component (the pip-installed toolkits often lack it); ggml-cuda needs it.
+find_first() {
+    local pattern
+    for pattern in "$@"; do
+        # shellcheck disable=SC2086 # the patterns are globs on purpose
+        for match in $pattern; do
+            if [ -e "$match" ]; then echo "$match"; return 0; fi
+        done
+    done
+    return 1
+}
+CMAKE_CUDA_ARGS=(
+    -DGGML_CUDA=on
+    "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS"
+    "-DCMAKE_CUDA_COMPILER=$NVCC"
+    "-DCUDAToolkit_ROOT=$CUDA_ROOT"
+)
+if [ -n "$CUBLAS_ROOT" ]; then
+    CUBLAS_LIB=$(find_first "$CUBLAS_ROOT/lib/libcublas.so" "$CUBLAS_ROOT/lib/libcublas.so.*" \
+        "$CUBLAS_ROOT/lib64/libcublas.so*") || die "no libcublas.so in $CUBLAS_ROOT/lib"
+    CUBLASLT_LIB=$(find_first "$CUBLAS_ROOT/lib/libcublasLt.so" \
+        "$CUBLAS_ROOT/lib/libcublasLt.so.*" "$CUBLAS_ROOT/lib64/libcublasLt.so*") \
+        || die "no libcublasLt.so in $CUBLAS_ROOT/lib"
+    [ -f "$CUBLAS_ROOT/include/cublas_v2.h" ] || die "no cublas_v2.h in $CUBLAS_ROOT/include"
+    CMAKE_CUDA_ARGS+=(
+        "-DCUDA_cublas_LIBRARY=$CUBLAS_LIB"
+        "-DCUDA_cublasLt_LIBRARY=$CUBLASLT_LIB"
+        "-DCMAKE_CUDA_FLAGS=-I$CUBLAS_ROOT/include"
+    )
+    note "cuBLAS from $CUBLAS_ROOT (at run time it must be on the loader path, e.g. LD_LIBRARY_PATH)"
+elif ! find_first "$CUDA_ROOT/include/cublas_v2.h" "$CUDA_ROOT/targets/*/include/cublas_v2.h" \
+        /usr/include/cublas_v2.h >/dev/null; then
+    die "the CUDA toolkit at $CUDA_ROOT has no cuBLAS (cublas_v2.h), which llama.cpp's CUDA
+  backend links. Install it (NVIDIA repo: libcublas-dev-${CUDA_VERSION/./-}; Debian:
+  nvidia-cuda-toolkit, which includes it), or give --cublas-root DIR."
+fi
+
+# The driver library: linked for CUDA's virtual memory API. Toolkits ship a stub in lib*/stubs.
+LIBCUDA=$(find_first "$CUDA_ROOT/lib64/stubs/libcuda.so" "$CUDA_ROOT/lib/stubs/libcuda.so" \
+    "$CUDA_ROOT/targets/*/lib/stubs/libcuda.so" /usr/lib/*-linux-gnu/libcuda.so \
+    /usr/lib64/libcuda.so /usr/lib/libcuda.so || true)
+
+# --- Configure only: a quick, GPU-free check that this toolkit can build the CUDA backend ------
+if [ "$CONFIGURE_ONLY" -eq 1 ]; then
+    command -v cmake >/dev/null 2>&1 || die "cmake not found (apt install cmake)"
+    WORK=${BUILD_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/llama-cuda-configure.XXXXXX")}
+    if [ -z "$SDIST" ]; then
+        SDIST_CMD=("$PY" -m pip download --no-binary :all: --no-deps
+            --dest "$WORK" "llama-cpp-python==$VERSION")
+        echo "+ ${SDIST_CMD[*]}"
+        if [ "$DRY_RUN" -eq 0 ]; then
+            mkdir -p "$WORK"
+            "${SDIST_CMD[@]}" >"$WORK/download.log" 2>&1 \
+                || { tail -n 20 "$WORK/download.log" >&2; die "could not download the sdist"; }
+        fi
+        SDIST=$WORK/llama_cpp_python-$VERSION.tar.gz
+    fi
+    SRC=$WORK/llama_cpp_python-$VERSION
+    if [ -z "$LIBCUDA" ]; then
+        # Configure only checks that the library exists; nothing is linked against it here.
+        LIBCUDA=$WORK/stubs/libcuda.so
+        note "no libcuda.so (driver or toolkit stub): configuring against an empty stand-in"
+        echo "+ cc -shared -o $LIBCUDA -x c /dev/null"
+        if [ "$DRY_RUN" -eq 0 ]; then
+            mkdir -p "$WORK/stubs"
+            "${CC:-cc}" -shared -o "$LIBCUDA" -x c /dev/null
+        fi
+    fi
+    CMAKE_CMD=(cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/build"
+        "${CMAKE_CUDA_ARGS[@]}" "-DCUDA_cuda_driver_LIBRARY=$LIBCUDA"
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+        -DLLAMA_BUILD_SERVER=OFF ${EXTRA_CMAKE_ARGS[@]+"${EXTRA_CMAKE_ARGS[@]}"})
+    echo "+ tar -xzf $SDIST -C $WORK"
+    echo "+ ${CMAKE_CMD[*]}"
+    if [ "$DRY_RUN" -eq 1 ]; then exit 0; fi
+    tar -xzf "$SDIST" -C "$WORK"
+    [ -d "$SRC/vendor/llama.cpp" ] || die "$SDIST has no vendor/llama.cpp"
+    if ! "${CMAKE_CMD[@]}" >"$WORK/configure.log" 2>&1; then
+        tail -n 30 "$WORK/configure.log" >&2
+        die "CMake could not configure the CUDA build (full log: $WORK/configure.log)"
+    fi
+    grep -q "Including CUDA backend" "$WORK/configure.log" \
+        || die "configured, but without the CUDA backend (see $WORK/configure.log)"
+    ARCHS_USED=$(sed -n 's/^-- Using CMAKE_CUDA_ARCHITECTURES=\([^ ]*\).*/\1/p' "$WORK/configure.log")
+    echo "configured llama.cpp $VERSION's CUDA build in $WORK/build"
+    echo "  CUDA $CUDA_VERSION, architectures ${ARCHS_USED:-$ARCHS}; log: $WORK/configure.log"
+    echo "  build it with: cmake --build $WORK/build -j (or run without --configure-only)"
+    exit 0
+fi
+
+# --- The full rebuild -------------------------------------------------------------------------
+if [ -z "$LIBCUDA" ]; then
+    note "warning: no libcuda.so found (driver or $CUDA_ROOT/lib64/stubs); CMake may fail with"
+    note "'CUDA::cuda_driver not found': install the toolkit's driver stubs or the NVIDIA driver"
+fi
+if [ "$DRY_RUN" -eq 0 ] && ! [ -w "$VENV/lib" ]; then
+    die "cannot write to $VENV: run as its owner (for the service: sudo $0 ${*:-})"
+fi
+CMAKE_ARGS_VALUE="${CMAKE_CUDA_ARGS[*]}${EXTRA_CMAKE_ARGS[*]:+ ${EXTRA_CMAKE_ARGS[*]}}"
+PIP_CMD=("$PY" -m pip install --no-cache-dir --force-reinstall --no-deps
+    --no-binary llama-cpp-python "llama-cpp-python==$VERSION")
+echo "+ CMAKE_ARGS=\"$CMAKE_ARGS_VALUE\" FORCE_CMAKE=1 CUDACXX=$NVCC ${PIP_CMD[*]}"
+if [ "$DRY_RUN" -eq 1 ]; then exit 0; fi
+
+note "building llama-cpp-python $VERSION with CUDA; this takes a while"
+CMAKE_ARGS=$CMAKE_ARGS_VALUE FORCE_CMAKE=1 CUDACXX=$NVCC \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${PIP_CMD[@]}"
+
+if "$PY" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)'
+then
+    echo "llama-cpp-python $VERSION now offloads to the GPU."
+else
+    die "the rebuilt llama-cpp-python still reports no GPU offload; see the build output above"
+fi
+if [ "$VENV" = /opt/localllm/.venv ]; then
+    echo "Restart the service: sudo systemctl restart localllm"
+fi
