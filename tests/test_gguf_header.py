@@ -91,8 +91,8 @@ def test_sliding_window_layers(tmp_path: Path) -> None:
     assert [il for il, swa in enumerate(header.swa_layers) if not swa] == list(range(5, 62, 6))
 
 
-def test_embedded_model(embedded_model: Path) -> None:
-    header = read_header(embedded_model)
+def test_embedded_model(embedded_model_path: Path) -> None:
+    header = read_header(embedded_model_path)
     assert header.architecture == "gemma3"
     assert header.n_layer == 18
     assert header.sliding_window == 512
@@ -314,10 +314,3 @@ def test_hostile_file_raises_clear_error(tmp_path: Path, case: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(GGUFError, match="no such file"):
         read_header(tmp_path / "nope.gguf")
-
-
-@pytest.fixture(scope="module")
-def embedded_model() -> Path:
-    from localllm.models import embedded_model_path
-
-    return embedded_model_path(Path(__file__).resolve().parent.parent / "models")

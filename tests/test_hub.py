@@ -10,7 +10,6 @@ import pytest
 
 from localllm.errors import HubError, HubUnreachableError
 from localllm.hub import HubClient, RemoteFile, RepoRef, group_quants, quant_label
-from localllm.models import embedded_model_path
 from tests.fake_hub import FakeHub, running_hub
 from tests.gguf_factory import LLAMA_7B, write_gguf
 
@@ -27,8 +26,8 @@ def ladder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_file() -> Path:
-    return embedded_model_path(Path(__file__).resolve().parent.parent / "models")
+def model_file(embedded_model_path: Path) -> Path:
+    return embedded_model_path
 
 
 @pytest.fixture
