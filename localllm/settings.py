@@ -9,13 +9,15 @@ naming the key.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -117,11 +119,12 @@ class Settings(BaseSettings):
     )
 
     # Security.
-    api_keys: list[str] = Field(
+    # NoDecode: env vars carry lists as "a,b", split by the validator below, not JSON.
+    api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Bearer tokens clients must send (none: no auth)."
     )
     api_key_file: Path | None = Field(None, description="File with one API key per line.")
-    cors_origins: list[str] = Field(
+    cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Browser origins allowed to call the API."
     )
     allow_public_bind: bool = Field(
@@ -135,8 +138,10 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
-        # Env vars carry lists as "a,b"; pydantic-settings would want JSON.
+        # Env vars carry lists as "a,b" (or as JSON, which pydantic-settings would expect).
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -163,9 +168,8 @@ class Settings(BaseSettings):
                 text = self.api_key_file.read_text()
             except OSError as exc:
                 raise SettingsError(f"api_key_file {self.api_key_file}: {exc.strerror}") from exc
-            keys += [
-                ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")
-            ]
+            lines = (line.strip() for line in text.splitlines())
+            keys += [line for line in lines if line and not line.startswith("#")]
         return keys
 
 

@@ -147,11 +147,6 @@ def test_missing_api_key_file_names_it(tmp_path: Path) -> None:
         settings.all_api_keys()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.py: all_api_keys() tests startswith('#') on the unstripped line, "
-    "so an indented '  # comment' is taken for a key",
-)
 def test_api_key_file_indented_comment(tmp_path: Path) -> None:
     keys = write(tmp_path / "keys", "sk-one\n  # rotated out: sk-old\n")
     assert load_settings(None, api_key_file=keys).all_api_keys() == ["sk-one"]
@@ -171,12 +166,6 @@ def test_json_env_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings(None).api_keys == ["k1", "k2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.py: pydantic-settings JSON-decodes list fields from env before the "
-    "_split_csv validator runs, so 'a,b' fails; annotate the fields "
-    "Annotated[list[str], NoDecode] (pydantic_settings.NoDecode)",
-)
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
