@@ -214,3 +214,19 @@ def write_gguf(
 
 def scaled(spec: ArchSpec, **changes: int) -> ArchSpec:
     return replace(spec, **changes)  # type: ignore[arg-type]
+
+
+# A 13B-class dense model: its F16 file does not fit a 24 GB card, its Q8_0 does.
+LLAMA_13B = ArchSpec("llama", 40, 5120, 40, 40, 13824, 32000, 4096, name="llama 13B")
+
+# The quants of a typical published ladder, best quality first.
+LADDER_QUANTS: tuple[str, ...] = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def write_ladder(
+    folder: Path, spec: ArchSpec, quants: tuple[str, ...] = LADDER_QUANTS
+) -> list[Path]:
+    """One sparse GGUF per quant in `folder`, named like published repos (`model-Q4_K_M.gguf`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = spec.name.replace(" ", "-")
+    return [write_gguf(folder / f"{stem}-{quant}.gguf", spec, quant) for quant in quants]

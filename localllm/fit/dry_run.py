@@ -1,0 +1,127 @@
+"""Ask llama.cpp itself what a configuration allocates, without allocating it.
+
+`llama_model_params.no_alloc` with load mode NONE makes llama.cpp build the model and context
+exactly as a real load would, read no tensor data and allocate nothing: the `... buffer size`
+lines read 0, but the KV cache, output buffer and compute buffer lines carry the real figures
+(see shared/NOTES.md). About a second for any model size, so it is how the fitter's memory
+model is checked (`scripts/bench_fit.py`, the tests) and how a user can check a plan.
+
+This module does I/O (it loads the llama.cpp library); the fitter itself never imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import ModelLoadError
+
+MIB = 1024 * 1024
+_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # enum ggml_type
+_FLASH_ATTN = {None: -1, False: 0, True: 1}  # enum llama_flash_attn_type
+_LOAD_MODE_NONE = 0  # enum llama_load_mode: required by no_alloc
+
+_KV_RE = re.compile(
+    r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\)"
+)
+_BUFFER_RE = re.compile(r"(\S+)\s+(output|compute) buffer size =\s*([\d.]+) MiB")
+_FLASH_RE = re.compile(r"Flash Attention (enabled|disabled)")
+
+
+@dataclass(frozen=True)
+class KVCacheLine:
+    bytes: int
+    cells: int
+    n_layers: int
+    n_seqs: int
+
+
+@dataclass(frozen=True)
+class DryRunResult:
+    """llama.cpp's own figures for one configuration (sizes logged in MiB with 2 decimals)."""
+
+    kv_caches: tuple[KVCacheLine, ...]  # one per cache (two for sliding-window models)
+    output_bytes: dict[str, int]  # by buffer name ("CPU", "CUDA_Host", ...)
+    compute_bytes: dict[str, int]  # by buffer name ("CPU", "CUDA0", ...)
+    flash_attn: bool | None
+    lines: tuple[str, ...]
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(kv.bytes for kv in self.kv_caches)
+
+    @property
+    def total_output_bytes(self) -> int:
+        return sum(self.output_bytes.values())
+
+    @property
+    def total_compute_bytes(self) -> int:
+        return sum(self.compute_bytes.values())
+
+
+def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
+    """Pull the allocation figures out of llama.cpp's model and context load log."""
+    kv: list[KVCacheLine] = []
+    output: dict[str, int] = {}
+    compute: dict[str, int] = {}
+    flash: bool | None = None
+    for line in lines:
+        if m := _KV_RE.search(line):
+            kv.append(KVCacheLine(round(float(m[1]) * MIB), int(m[2]), int(m[3]), int(m[5])))
+        elif m := _BUFFER_RE.search(line):
+            target = output if m[2] == "output" else compute
+            target[m[1]] = target.get(m[1], 0) + round(float(m[3]) * MIB)
+        elif m := _FLASH_RE.search(line):
+            flash = m[1] == "enabled"
+    return DryRunResult(tuple(kv), output, compute, flash, tuple(lines))
+
+
+def dry_run(
+    path: Path,
+    *,
+    n_ctx: int,
+    n_parallel: int = 1,
+    n_ubatch: int = 512,
+    n_batch: int = 2048,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: bool | None = None,
+    swa_full: bool = True,
+    kv_unified: bool = False,
+    n_gpu_layers: int = -1,
+) -> DryRunResult:
+    """Load `path` with no_alloc and build a context; return what llama.cpp says it would use."""
+    import llama_cpp
+
+    from localllm.engine import logs
+
+    llama: Any = llama_cpp
+    with logs.capture() as lines:
+        llama.llama_backend_init()
+        mparams = llama.llama_model_default_params()
+        mparams.no_alloc = True
+        mparams.load_mode = _LOAD_MODE_NONE
+        mparams.n_gpu_layers = n_gpu_layers
+        model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not read {path} (dry run)")
+        try:
+            cparams = llama.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_seq_max = n_parallel
+            cparams.n_batch = n_batch
+            cparams.n_ubatch = min(n_ubatch, n_batch)
+            cparams.type_k = _GGML_TYPES[type_k]
+            cparams.type_v = _GGML_TYPES[type_v]
+            cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+            cparams.swa_full = swa_full
+            cparams.kv_unified = kv_unified
+            ctx = llama.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise ModelLoadError(f"llama.cpp could not create the context for {path} (dry run)")
+            llama.llama_free(ctx)
+        finally:
+            llama.llama_model_free(model)
+    return parse_load_log(lines)

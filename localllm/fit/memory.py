@@ -1,0 +1,196 @@
+"""How many bytes llama.cpp allocates, per device, for one configuration (pure arithmetic).
+
+Follows llama.cpp's own rules (llama-context.cpp, llama-kv-cache*.cpp, llama-model.cpp; see
+shared/NOTES.md), checked against its dry-run figures by `scripts/bench_fit.py`:
+
+- weights: each tensor's bytes from the header; the token embedding in host memory; layer il on
+  the GPU when il >= n_layer + 1 - n_gpu_layers; the output layer (and, for tied embeddings, a
+  duplicate of the token embedding) on the GPU only when n_gpu_layers > n_layer.
+- KV cache: n_ctx padded to 256; per non-unified stream PAD(n_ctx / n_seq, 256) cells;
+  sliding-window layers PAD(min(cells, n_swa * (unified ? n_seq : 1) + n_ubatch), 256) unless
+  swa_full; row bytes of type_k / type_v from gguf's GGML_QUANT_SIZES.
+- output buffer: n_vocab x max(n_outputs, n_seq) floats, in (pinned) host memory.
+- compute buffer: the peak of llama.cpp's graph allocator over the phases of one micro-batch,
+  fitted to the dry-run figures of five architectures (Gemma 3 270M / 27B, Llama 7B / 70B,
+  Mixtral): the output phase holds the logits of every token of the micro-batch; the layer phase
+  holds the KQ mask(s), the FFN intermediates (x n_expert_used for MoE) and, without flash
+  attention, the KQ matrix of the widest layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from localllm.gguf_header import ModelHeader
+
+KV_PAD = 256
+F32_BYTES = 4
+MIB = 1024 * 1024
+
+
+def row_bytes(type_name: str, n_elements: int) -> int:
+    """Bytes of `n_elements` values of a ggml type (ggml_row_size)."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    return n_elements // block * size
+
+
+def pad(value: int, to: int = KV_PAD) -> int:
+    return -(-value // to) * to
+
+
+class HeaderFacts:
+    """Per-layer sums of one header, computed once (a ladder fit reuses them many times)."""
+
+    def __init__(self, header: ModelHeader) -> None:
+        self.header = header
+        n = header.n_layer
+        layer_bytes = [0] * n
+        expert_bytes = [0] * n
+        layer_elements = [0] * n
+        expert_elements = [0] * n
+        token_embd_bytes = output_bytes = other_bytes = 0
+        output_elements = 0
+        has_output = False
+        token_embd_elements = 0
+        for tensor in header.tensors:
+            layer = tensor.layer
+            if layer is not None and layer < n:
+                layer_bytes[layer] += tensor.n_bytes
+                layer_elements[layer] += tensor.n_elements
+                if "_exps" in tensor.name:
+                    expert_bytes[layer] += tensor.n_bytes
+                    expert_elements[layer] += tensor.n_elements
+            elif tensor.name == "token_embd.weight":
+                token_embd_bytes += tensor.n_bytes
+                token_embd_elements += tensor.n_elements
+            elif tensor.name.startswith("output"):  # output.weight, output_norm.*
+                output_bytes += tensor.n_bytes
+                output_elements += tensor.n_elements
+                has_output = has_output or tensor.name == "output.weight"
+            else:
+                other_bytes += tensor.n_bytes
+        self.layer_bytes = tuple(layer_bytes)
+        self.expert_bytes = tuple(expert_bytes)
+        self.layer_elements = tuple(layer_elements)
+        self.expert_elements = tuple(expert_elements)
+        self.token_embd_bytes = token_embd_bytes
+        self.output_tied = not has_output
+        # What the output layer puts on its device: with tied embeddings llama.cpp loads a
+        # duplicate of the token embedding there (TENSOR_DUPLICATED).
+        self.output_bytes = output_bytes + (token_embd_bytes if self.output_tied else 0)
+        self.output_elements = output_elements + (token_embd_elements if self.output_tied else 0)
+        self.other_bytes = other_bytes
+        self.total_bytes = header.total_bytes
+
+    @cached_property
+    def max_n_head(self) -> int:
+        return max(self.header.n_head, default=0)
+
+    @cached_property
+    def max_n_ff(self) -> int:
+        return max(self.header.n_ff, default=0)
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """The context llama.cpp really builds from the requested one."""
+
+    n_ctx: int  # total, after padding (and rounding to a multiple of n_seq when not unified)
+    n_seq: int
+    unified: bool
+    n_ubatch: int  # effective micro-batch
+    n_batch: int
+    cells: int  # per stream, full-attention layers
+    swa_cells: int  # per stream, sliding-window layers
+    n_streams: int
+
+
+def context_shape(
+    header: ModelHeader,
+    n_ctx: int,
+    n_seq: int = 1,
+    n_ubatch: int = 512,
+    n_batch: int = 2048,
+    swa_full: bool = True,
+    unified: bool = False,
+) -> ContextShape:
+    n_ctx = pad(n_ctx)
+    if unified:
+        cells = n_ctx
+    else:
+        cells = pad(n_ctx // n_seq)
+        n_ctx = cells * n_seq
+    batch = min(n_ctx, n_batch)  # causal attention: a batch never exceeds the context
+    ubatch = min(batch, n_ubatch)
+    swa_cells = cells
+    if header.sliding_window and any(header.swa_layers) and not swa_full:
+        swa_cells = pad(min(cells, header.sliding_window * (n_seq if unified else 1) + ubatch))
+    streams = 1 if unified else n_seq
+    return ContextShape(n_ctx, n_seq, unified, ubatch, batch, cells, swa_cells, streams)
+
+
+def kv_layer_bytes(
+    header: ModelHeader, shape: ContextShape, type_k: str = "f16", type_v: str = "f16"
+) -> tuple[int, ...]:
+    """KV cache bytes of each layer (all streams); 0 for layers without attention."""
+    sizes = []
+    for il in range(header.n_layer):
+        if header.n_head_kv[il] == 0:
+            sizes.append(0)
+            continue
+        cells = shape.swa_cells if header.swa_layers[il] else shape.cells
+        per_cell = row_bytes(type_k, header.n_embd_k_gqa[il]) + row_bytes(
+            type_v, header.n_embd_v_gqa[il]
+        )
+        sizes.append(per_cell * cells * shape.n_streams)
+    return tuple(sizes)
+
+
+def output_buffer_bytes(header: ModelHeader, n_seq: int) -> int:
+    """llama.cpp's output (logits) buffer at context creation: n_vocab x n_seq floats."""
+    return header.n_vocab * max(1, n_seq) * F32_BYTES
+
+
+@dataclass(frozen=True)
+class ComputePhases:
+    """Peak bytes of the compute graph's phases for one micro-batch."""
+
+    output_bytes: int  # logits phase (the output projection of every micro-batch token)
+    layer_bytes: int  # repeating-layer phase (FFN / attention), including the KQ masks
+    mask_bytes: int
+    input_bytes: int  # token embeddings of the micro-batch (host side of a GPU run)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.output_bytes, self.layer_bytes)
+
+
+def compute_phases(
+    facts: HeaderFacts, shape: ContextShape, flash_attn: bool
+) -> ComputePhases:
+    header = facts.header
+    ub = shape.n_ubatch
+    n_embd = header.n_embd
+    mask_elem = 2 if flash_attn else F32_BYTES  # flash attention takes an f16 mask
+    has_swa = bool(header.sliding_window) and any(header.swa_layers)
+    has_full = not all(header.swa_layers) if header.swa_layers else True
+    mask_cells = (shape.cells if has_full else 0) + (shape.swa_cells if has_swa else 0)
+    mask = mask_cells * ub * mask_elem
+    output = (header.n_vocab + 2 * n_embd) * ub * F32_BYTES
+    n_ff = facts.max_n_ff * max(1, header.n_expert_used if header.n_expert else 1)
+    ffn = mask + (3 * n_ff + 4 * n_embd + header.n_expert) * ub * F32_BYTES
+    n_q = facts.max_n_head * header.n_embd_head_k
+    n_kv_width = max(header.n_embd_k_gqa, default=0)
+    attention = mask + (5 * n_q + 2 * n_kv_width) * ub * F32_BYTES
+    if not flash_attn:
+        widest_cells = shape.cells if has_full else shape.swa_cells
+        attention += facts.max_n_head * widest_cells * ub * F32_BYTES
+    return ComputePhases(
+        output_bytes=output,
+        layer_bytes=max(ffn, attention),
+        mask_bytes=mask,
+        input_bytes=n_embd * ub * F32_BYTES,
+    )

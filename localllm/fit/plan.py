@@ -1,0 +1,242 @@
+"""The fitter's records: what is asked (`FitRequest`) and what is proposed (`Plan`)."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Objective = Literal["balanced", "quality", "speed"]
+OBJECTIVES: tuple[str, ...] = ("balanced", "quality", "speed")
+CACHE_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0")
+MIB = 1024 * 1024
+
+# The context the fitter plans for when none is asked: the model's training context, capped here.
+DEFAULT_CTX_CAP = 8192
+# When the wanted context keeps layers off the GPU, the fitter tries halving it down to this.
+MIN_SHRUNK_CTX = 4096
+# Host memory beyond the buffers: the process, the CUDA runtime's host side, Python.
+HOST_OVERHEAD_BYTES = 512 * MIB
+# What the CUDA context costs on each GPU (gguf-parser counts 250 MiB, Ollama 457 MiB).
+GPU_CONTEXT_OVERHEAD_BYTES = 300 * MIB
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What the user asks of a fit; None lets the fitter choose."""
+
+    n_ctx: int | None = None
+    n_parallel: int = 1
+    n_gpu_layers: int | None = None  # given: explicit mode; -1 means all
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool | None = None  # None: llama.cpp's auto, which enables it on CPU and CUDA
+    swa_full: bool = True  # llama-cpp-python's and localllm's engine default
+    kv_unified: bool = False  # localllm's engine: one KV stream per slot
+    n_ubatch: int = 512
+    n_batch: int = 2048
+    gpu_margin_bytes: int = 1024 * MIB  # llama.cpp's own fit leaves 1 GiB per GPU
+    min_speed_tok_s: float = 10.0
+    objective: Objective = "balanced"
+    cpu_moe: bool | None = None  # None: weigh keeping MoE experts in host memory; False: never
+
+    def __post_init__(self) -> None:
+        if self.type_k not in CACHE_TYPES or self.type_v not in CACHE_TYPES:
+            raise ValueError(f"cache types must be one of {', '.join(CACHE_TYPES)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if self.n_parallel < 1 or self.n_ubatch < 1 or self.n_batch < 1:
+            raise ValueError("n_parallel, n_ubatch and n_batch must be positive")
+
+    @classmethod
+    def from_settings(cls, settings: Any, **changes: Any) -> FitRequest:
+        """From a `localllm.settings.Settings`; keyword arguments override (e.g. objective)."""
+        values: dict[str, Any] = {
+            "n_ctx": settings.n_ctx,
+            "n_parallel": settings.parallel,
+            "n_gpu_layers": settings.n_gpu_layers,
+            "type_k": settings.type_k,
+            "type_v": settings.type_v,
+            "flash_attn": settings.flash_attn,
+            "n_ubatch": settings.n_ubatch,
+            "n_batch": settings.n_batch,
+            "gpu_margin_bytes": settings.gpu_margin_mib * MIB,
+            "min_speed_tok_s": settings.min_speed,
+        }
+        values.update(changes)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes one device (a GPU or the host) holds under a plan."""
+
+    name: str  # "CUDA0", ..., "host"
+    description: str  # the card's name, or "host RAM"
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    output_bytes: int
+    overhead_bytes: int  # CUDA context, or host process overhead
+    margin_bytes: int  # kept free on purpose (GPUs)
+    capacity_bytes: int  # free GPU memory / available RAM before loading
+    n_layers: int = 0  # repeating layers whose weights live here
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes
+                + self.overhead_bytes)
+
+    @property
+    def free_bytes(self) -> int:
+        """What is left after loading (negative when it does not fit), before the margin."""
+        return self.capacity_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes + self.margin_bytes <= self.capacity_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "weights_bytes": self.weights_bytes,
+            "kv_bytes": self.kv_bytes,
+            "compute_bytes": self.compute_bytes,
+            "output_bytes": self.output_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "margin_bytes": self.margin_bytes,
+            "total_bytes": self.total_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "free_bytes": self.free_bytes,
+            "n_layers": self.n_layers,
+            "fits": self.fits,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One configuration of one model file on one machine, with its predicted cost and speed."""
+
+    files: tuple[Path, ...]
+    quant: str
+    n_layer: int
+    n_gpu_layers: int  # as llama.cpp counts: n_layer + 1 puts the output layer on the GPU too
+    n_ctx: int  # as llama.cpp will build it (padded)
+    n_parallel: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    swa_full: bool
+    kv_unified: bool
+    n_ubatch: int
+    n_batch: int
+    tensor_split: tuple[float, ...] | None
+    tensor_overrides: tuple[tuple[str, str], ...]  # (regex, buffer type), e.g. experts -> CPU
+    n_cpu_moe: int  # MoE layers whose experts stay in host memory
+    devices: tuple[DeviceMemory, ...]  # one per GPU, then the host
+    decode_tok_s: float
+    prompt_tok_s: float
+    fits: bool
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()  # (quant, reason) for the other ladder entries
+    ladder: tuple[str, ...] = ()  # every quant considered, best quality first
+    has_swa: bool = False  # the model has sliding-window layers (swa_full matters)
+
+    @property
+    def file(self) -> Path:
+        return self.files[0]
+
+    @property
+    def full_offload(self) -> bool:
+        return self.n_gpu_layers > self.n_layer and self.n_cpu_moe == 0
+
+    @property
+    def gpus(self) -> tuple[DeviceMemory, ...]:
+        return tuple(d for d in self.devices if d.name != "host")
+
+    @property
+    def host(self) -> DeviceMemory:
+        return self.devices[-1]
+
+    @property
+    def n_ctx_slot(self) -> int:
+        return self.n_ctx // self.n_parallel
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": str(self.file),
+            "files": [str(f) for f in self.files],
+            "quant": self.quant,
+            "n_layer": self.n_layer,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_ctx": self.n_ctx,
+            "n_parallel": self.n_parallel,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "flash_attn": self.flash_attn,
+            "swa_full": self.swa_full,
+            "kv_unified": self.kv_unified,
+            "n_ubatch": self.n_ubatch,
+            "n_batch": self.n_batch,
+            "tensor_split": list(self.tensor_split) if self.tensor_split else None,
+            "tensor_overrides": [list(o) for o in self.tensor_overrides],
+            "n_cpu_moe": self.n_cpu_moe,
+            "devices": [d.to_dict() for d in self.devices],
+            "decode_tok_s": round(self.decode_tok_s, 2),
+            "prompt_tok_s": round(self.prompt_tok_s, 1),
+            "fits": self.fits,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "rejected": {quant: reason for quant, reason in self.rejected},
+            "ladder": list(self.ladder),
+        }
+
+    def llama_params(self) -> dict[str, Any]:
+        """The load parameters localllm's engine (and llama.cpp) take, named as EngineConfig names
+        them: n_gpu_layers, n_ctx, n_parallel (= n_seq_max), type_k/v, flash_attn, swa_full,
+        kv_unified, n_batch, n_ubatch, tensor_split, tensor_overrides."""
+        return {
+            "model_path": self.file,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_ctx": self.n_ctx,
+            "n_parallel": self.n_parallel,
+            "n_seq_max": self.n_parallel,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "flash_attn": self.flash_attn,
+            "swa_full": self.swa_full,
+            "kv_unified": self.kv_unified,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "tensor_split": self.tensor_split,
+            "tensor_overrides": self.tensor_overrides,
+        }
+
+    def llama_server_command(self) -> str:
+        """The equivalent `llama-server` command line."""
+        args = ["llama-server", "-m", str(self.file), "-ngl", str(self.n_gpu_layers),
+                "-c", str(self.n_ctx), "-np", str(self.n_parallel),
+                "-fa", "on" if self.flash_attn else "off",
+                "-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        if self.type_k != "f16":
+            args += ["-ctk", self.type_k]
+        if self.type_v != "f16":
+            args += ["-ctv", self.type_v]
+        if self.swa_full and self.has_swa:
+            args.append("--swa-full")
+        if self.kv_unified:
+            args.append("--kv-unified")
+        else:
+            args.append("--no-kv-unified")
+        if self.tensor_split:
+            args += ["-ts", ",".join(f"{x:g}" for x in self.tensor_split)]
+        if self.n_cpu_moe:
+            args += ["--n-cpu-moe", str(self.n_cpu_moe)]
+        else:
+            for pattern, buffer in self.tensor_overrides:
+                args += ["-ot", f"{pattern}={buffer}"]
+        return shlex.join(args)
+

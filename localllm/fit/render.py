@@ -1,0 +1,61 @@
+"""A plan as readable, aligned plain text (the CLI prints it; `--json` prints `to_dict()`)."""
+
+from __future__ import annotations
+
+from localllm.fit.plan import Plan
+
+GIB = 1024**3
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / GIB:.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"Plan: {plan.quant}  ({plan.file})"]
+    offload = ("all layers on the GPU" if plan.full_offload else
+               f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU")
+    if plan.n_cpu_moe:
+        offload += f", experts of the first {plan.n_cpu_moe} layers in host memory"
+    lines.append(f"  {offload}")
+    cache = plan.type_k if plan.type_k == plan.type_v else f"K {plan.type_k} / V {plan.type_v}"
+    lines.append(
+        f"  context {plan.n_ctx} tokens, {plan.n_parallel} slot(s) of {plan.n_ctx_slot}; "
+        f"KV cache {cache}; flash attention {'on' if plan.flash_attn else 'off'}; "
+        f"swa_full {'on' if plan.swa_full else 'off'}; n_ubatch {plan.n_ubatch}"
+    )
+    if plan.tensor_split:
+        lines.append(f"  tensor split {', '.join(f'{s:g}' for s in plan.tensor_split)}")
+    lines.append(f"  predicted: {plan.decode_tok_s:.1f} tok/s decode, "
+                 f"{plan.prompt_tok_s:.0f} tok/s prompt")
+    lines.append("")
+    header = ("device", "weights", "KV", "compute", "output", "overhead", "total", "capacity",
+              "free")
+    rows = [header]
+    for d in plan.devices:
+        rows.append((
+            d.name if d.name == "host" else f"{d.name} {d.description}",
+            _gib(d.weights_bytes), _gib(d.kv_bytes), _gib(d.compute_bytes),
+            _gib(d.output_bytes), _gib(d.overhead_bytes), _gib(d.total_bytes),
+            _gib(d.capacity_bytes), _gib(d.free_bytes - d.margin_bytes),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for index, row in enumerate(rows):
+        numbers = zip(row[1:], widths[1:], strict=True)
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in numbers]
+        lines.append("  " + "  ".join(cells) + ("   (GiB; free after the margin)" if index == 0
+                                                 else ""))
+    if plan.ladder and len(plan.ladder) > 1:
+        lines.append("")
+        lines.append("  quants (best quality first):")
+        reasons = dict(plan.rejected)
+        width = max(len(q) for q in plan.ladder)
+        for quant in plan.ladder:
+            mark = "->" if quant == plan.quant else "  "
+            why = "chosen" if quant == plan.quant else reasons.get(quant, "")
+            lines.append(f"  {mark} {quant.ljust(width)}  {why}")
+    for warning in plan.warnings:
+        lines.append(f"WARNING: {warning}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Predicted decode and prompt speed of a placement (pure arithmetic).
+
+Decode, one token at the start of a conversation (like llama-bench's tg128):
+- a GPU streams its weights once per token: bytes / (0.93 x bandwidth), plus ~3 ms of launch and
+  synchronisation per token (fits published llama.cpp figures: RTX 3090 8B Q4_K_M 115 tok/s,
+  RTX 4090 131, 8B F16 47 / 55);
+- host-side layers cost their bytes over the host's measured copy bandwidth PLUS their weights'
+  elements over the CPU's quantized dot-product rate (threads x per-core rate): on few cores the
+  CPU is compute-bound (shared/NOTES.md). The rate is CPU_ELEMENTS_PER_FLOP x the probe's
+  float32 matmul FLOP/s per core, a constant calibrated on a 2-core AVX-512 machine against
+  llama.cpp decoding Gemma 3 270M Q4_K_M with 1 and 2 threads.
+- MoE layers read only n_expert_used of n_expert experts per token.
+
+Prompt processing (compute bound, per micro-batch of n_ubatch tokens): 2 FLOP per weight per
+token at the GPU's effective prefill throughput; layers kept in host memory are copied to the GPU
+for each micro-batch (llama.cpp's op offload) over PCIe; without a GPU the CPU does it at
+CPU_PREFILL_EFFICIENCY x its matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GPU_BANDWIDTH_EFFICIENCY = 0.93
+GPU_TOKEN_OVERHEAD_S = 0.003
+CPU_ELEMENTS_PER_FLOP = 0.2
+CPU_PREFILL_EFFICIENCY = 0.5
+PCIE_BYTES_S = 25e9  # PCIe 4.0 x16, what host-to-device copies reach in practice
+
+
+@dataclass(frozen=True)
+class DeviceWork:
+    """What one device reads and computes per generated token."""
+
+    read_bytes: int
+    elements: int
+
+
+def decode_seconds_per_token(
+    gpu_work: list[tuple[DeviceWork, float]],  # (work, bandwidth bytes/s) per GPU
+    host_work: DeviceWork,
+    host_bandwidth_bytes_s: float,
+    host_rate_elements_s: float,
+) -> float:
+    seconds = 0.0
+    if any(work.read_bytes for work, _ in gpu_work):
+        seconds += GPU_TOKEN_OVERHEAD_S
+        for work, bandwidth in gpu_work:
+            seconds += work.read_bytes / (GPU_BANDWIDTH_EFFICIENCY * bandwidth)
+    if host_work.read_bytes:
+        seconds += host_work.read_bytes / host_bandwidth_bytes_s
+        seconds += host_work.elements / host_rate_elements_s
+    return seconds
+
+
+def prompt_tokens_per_second(
+    gpu_elements: list[tuple[int, float]],  # (weight elements, effective FLOP/s) per GPU
+    host_work: DeviceWork,
+    host_prefill_flops: float,
+    n_ubatch: int,
+    first_gpu_flops: float | None,
+) -> float:
+    """Prompt tokens per second for micro-batches of n_ubatch tokens."""
+    seconds = 0.0  # per micro-batch
+    for elements, flops in gpu_elements:
+        seconds += 2 * elements * n_ubatch / flops
+    if host_work.elements:
+        if first_gpu_flops is not None and n_ubatch >= 32:
+            # op offload: host weights go over PCIe and are multiplied on the first GPU
+            seconds += host_work.read_bytes / PCIE_BYTES_S
+            seconds += 2 * host_work.elements * n_ubatch / first_gpu_flops
+        else:
+            seconds += 2 * host_work.elements * n_ubatch / host_prefill_flops
+    return n_ubatch / seconds if seconds > 0 else 0.0

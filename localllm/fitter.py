@@ -1,0 +1,539 @@
+"""The fitter: which quant, how many GPU layers, what context, and how fast, on this machine.
+
+Pure core (no I/O; tests hand it built headers and hardware):
+
+    fit_header(header, hardware, request) -> Plan        one file
+    fit_ladder(headers, hardware, request) -> Plan       several quants of one model: the choice,
+                                                         with `rejected` saying why not the others
+
+and a thin wrapper that reads headers and probes hardware:
+
+    fit(model, hardware=None, request=None, settings=None) -> Plan
+
+Memory follows llama.cpp's allocation rules per device (`localllm.fit.memory`), speed a bandwidth
+and compute model (`localllm.fit.speed`). In auto mode a plan puts every layer on the GPU(s) if it
+can; if the wanted context keeps it from fitting and the user did not fix the context, the context
+is halved (not below 4096) first; then whole layers move to host memory, or for MoE models
+the expert tensors of the first layers (`--n-cpu-moe`), whichever decodes faster. Explicit mode
+(request.n_gpu_layers given) predicts exactly that configuration.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import DoesNotFitError, SettingsError
+from localllm.fit.memory import (
+    ContextShape,
+    HeaderFacts,
+    compute_phases,
+    context_shape,
+    kv_layer_bytes,
+    output_buffer_bytes,
+)
+from localllm.fit.plan import (
+    DEFAULT_CTX_CAP,
+    GPU_CONTEXT_OVERHEAD_BYTES,
+    HOST_OVERHEAD_BYTES,
+    MIN_SHRUNK_CTX,
+    DeviceMemory,
+    FitRequest,
+    Plan,
+)
+from localllm.fit.render import format_plan
+from localllm.fit.speed import (
+    CPU_ELEMENTS_PER_FLOP,
+    CPU_PREFILL_EFFICIENCY,
+    DeviceWork,
+    decode_seconds_per_token,
+    prompt_tokens_per_second,
+)
+from localllm.gguf_header import ModelHeader
+from localllm.hardware import Hardware
+
+__all__ = [
+    "DeviceMemory",
+    "FitRequest",
+    "Plan",
+    "fit",
+    "fit_header",
+    "fit_ladder",
+    "format_plan",
+    "read_headers",
+]
+
+GIB = 1024**3
+EXPERT_PATTERN = r"\.ffn_(up|down|gate)_exps"
+MODELLED_NOTE = (
+    "memory follows llama.cpp's allocation rules, checked against its dry-run figures on CPU; "
+    "GPU-side compute buffers and the CUDA context (300 MiB) are modelled, not measured"
+)
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.1f} GiB"
+
+
+def quant_name(header: ModelHeader) -> str:
+    return header.file_type or header.path.stem
+
+
+@dataclass(frozen=True)
+class _Layout:
+    n_gpu_layers: int
+    n_cpu_moe: int
+    layer_device: tuple[int, ...]  # -1: host
+    output_device: int  # -1: host
+    tensor_split: tuple[float, ...] | None
+
+
+def _split_weights(hardware: Hardware, request: FitRequest) -> list[float]:
+    """Share of layers per GPU: proportional to what each can give to layers (llama.cpp's default
+    split is proportional to free memory; subtracting the fixed costs first balances better)."""
+    budgets = [
+        max(1.0, g.free_bytes - request.gpu_margin_bytes - GPU_CONTEXT_OVERHEAD_BYTES)
+        for g in hardware.gpus
+    ]
+    total = sum(budgets)
+    return [b / total for b in budgets]
+
+
+def _layout(n_layer: int, n_gpu_layers: int, n_cpu_moe: int, split: list[float]) -> _Layout:
+    """llama.cpp's layer assignment (llama-model.cpp load_tensors): the last n_gpu_layers of the
+    n_layer + 1 layers (the +1 is the output layer) go to GPUs, cut by the cumulative split."""
+    if not split:
+        return _Layout(0, 0, (-1,) * n_layer, -1, None)
+    n_gpu_layers = max(0, min(n_gpu_layers, n_layer + 1))
+    start = n_layer + 1 - n_gpu_layers
+    cumulative = []
+    running = 0.0
+    for share in split:
+        running += share
+        cumulative.append(running)
+    cumulative[-1] = 1.0
+
+    def device(il: int) -> int:
+        if il < start:
+            return -1
+        index = bisect.bisect_right(cumulative, (il - start) / n_gpu_layers)
+        return min(index, len(split) - 1)
+
+    devices = tuple(device(il) for il in range(n_layer))
+    tensor_split = tuple(round(s, 4) for s in split) if len(split) > 1 else None
+    return _Layout(n_gpu_layers, n_cpu_moe, devices, device(n_layer), tensor_split)
+
+
+class _Fitter:
+    """Evaluates layouts of one header on one machine; the search calls it many times."""
+
+    def __init__(self, header: ModelHeader, hardware: Hardware, request: FitRequest) -> None:
+        self.header = header
+        self.facts = HeaderFacts(header)
+        self.hardware = hardware
+        self.request = request
+        self.flash_attn = True if request.flash_attn is None else request.flash_attn
+        if not self.flash_attn and request.type_v != "f16":
+            raise SettingsError(
+                f"a quantized V cache ({request.type_v}) needs flash attention: "
+                "drop --flash-attn off, or use --cache-type f16 for values"
+            )
+        self.split = _split_weights(hardware, request) if hardware.gpus else []
+        self._shapes: dict[int, tuple[ContextShape, tuple[int, ...], Any]] = {}
+        n_expert = header.n_expert
+        self.expert_read_share = header.n_expert_used / n_expert if n_expert else 1.0
+        host = hardware.host
+        cores = max(1, min(hardware.threads, host.physical_cores))
+        self.host_rate = CPU_ELEMENTS_PER_FLOP * host.matmul_flops_per_core * cores
+        self.host_prefill_flops = CPU_PREFILL_EFFICIENCY * host.matmul_flops_per_core * cores
+
+    def shape(self, n_ctx: int) -> tuple[ContextShape, tuple[int, ...], Any]:
+        if n_ctx not in self._shapes:
+            r = self.request
+            shape = context_shape(self.header, n_ctx, r.n_parallel, r.n_ubatch, r.n_batch,
+                                  r.swa_full, r.kv_unified)
+            kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v)
+            self._shapes[n_ctx] = (shape, kv, compute_phases(self.facts, shape, self.flash_attn))
+        return self._shapes[n_ctx]
+
+    def plan(self, n_ctx: int, n_gpu_layers: int, n_cpu_moe: int = 0) -> Plan:
+        header, facts, hardware, request = self.header, self.facts, self.hardware, self.request
+        shape, kv, phases = self.shape(n_ctx)
+        layout = _layout(header.n_layer, n_gpu_layers, n_cpu_moe, self.split)
+        n_gpus = len(hardware.gpus)
+        weights = [0] * (n_gpus + 1)  # index -1: host
+        kv_on = [0] * (n_gpus + 1)
+        layers_on = [0] * (n_gpus + 1)
+        read = [0.0] * (n_gpus + 1)
+        elements = [0.0] * (n_gpus + 1)
+        prefill_elements = [0.0] * (n_gpus + 1)
+        share = self.expert_read_share
+        for il, dev in enumerate(layout.layer_device):
+            layer_bytes, expert_bytes = facts.layer_bytes[il], facts.expert_bytes[il]
+            layer_el, expert_el = facts.layer_elements[il], facts.expert_elements[il]
+            dense_bytes, dense_el = layer_bytes - expert_bytes, layer_el - expert_el
+            expert_dev = -1 if (dev >= 0 and il < n_cpu_moe) else dev
+            weights[dev] += dense_bytes
+            weights[expert_dev] += expert_bytes
+            kv_on[dev] += kv[il]
+            layers_on[dev] += 1
+            read[dev] += dense_bytes
+            read[expert_dev] += expert_bytes * share
+            elements[dev] += dense_el
+            elements[expert_dev] += expert_el * share
+            prefill_elements[dev] += dense_el
+            prefill_elements[expert_dev] += expert_el * share
+        out_dev = layout.output_device
+        host_output_bytes = facts.output_bytes - (facts.token_embd_bytes if facts.output_tied
+                                                  else 0)
+        weights[out_dev] += facts.output_bytes if out_dev >= 0 else host_output_bytes
+        weights[-1] += facts.token_embd_bytes + facts.other_bytes
+        read[out_dev] += facts.output_bytes
+        elements[out_dev] += facts.output_elements
+        prefill_elements[out_dev] += facts.output_elements
+
+        any_gpu_layers = any(d >= 0 for d in layout.layer_device) or out_dev >= 0
+        all_on_gpu = all(d >= 0 for d in layout.layer_device) and out_dev >= 0
+        devices: list[DeviceMemory] = []
+        for g, gpu in enumerate(hardware.gpus):
+            if g == (out_dev if out_dev >= 0 else 0):
+                compute = phases.peak_bytes  # holds the logits (op offload when on host)
+            elif layers_on[g]:
+                compute = phases.layer_bytes
+            else:
+                compute = 0
+            devices.append(DeviceMemory(
+                name=f"CUDA{g}", description=gpu.name, weights_bytes=weights[g],
+                kv_bytes=kv_on[g], compute_bytes=compute, output_bytes=0,
+                overhead_bytes=GPU_CONTEXT_OVERHEAD_BYTES, margin_bytes=request.gpu_margin_bytes,
+                capacity_bytes=gpu.free_bytes, n_layers=layers_on[g],
+            ))
+        if not hardware.gpus:
+            host_compute = phases.peak_bytes
+        elif all_on_gpu:
+            host_compute = phases.input_bytes + phases.mask_bytes  # the CUDA_Host buffer
+        else:
+            host_compute = phases.layer_bytes + phases.input_bytes
+        host = hardware.host
+        devices.append(DeviceMemory(
+            name="host", description="host RAM", weights_bytes=weights[-1], kv_bytes=kv_on[-1],
+            compute_bytes=host_compute,
+            output_bytes=output_buffer_bytes(header, shape.n_seq),
+            overhead_bytes=HOST_OVERHEAD_BYTES, margin_bytes=0,
+            capacity_bytes=host.ram_available_bytes, n_layers=layers_on[-1],
+        ))
+
+        gpu_work = [(DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s)
+                    for g, gpu in enumerate(hardware.gpus)]
+        host_work = DeviceWork(int(read[-1]), int(elements[-1]))
+        seconds = decode_seconds_per_token(gpu_work, host_work, host.memory_bandwidth_bytes_s,
+                                           self.host_rate)
+        decode = 1.0 / seconds if seconds > 0 else 0.0
+        prompt = prompt_tokens_per_second(
+            [(int(prefill_elements[g]), gpu.prefill_flops) for g, gpu in enumerate(hardware.gpus)],
+            DeviceWork(int(weights[-1] - facts.token_embd_bytes), int(prefill_elements[-1])),
+            self.host_prefill_flops,
+            shape.n_ubatch,
+            hardware.gpus[0].prefill_flops if hardware.gpus and any_gpu_layers else None,
+        )
+        overrides: tuple[tuple[str, str], ...] = ()
+        if n_cpu_moe:
+            layers = "|".join(str(il) for il in range(n_cpu_moe))
+            overrides = ((rf"blk\.({layers}){EXPERT_PATTERN}", "CPU"),)
+        return Plan(
+            files=header.paths, quant=quant_name(header), n_layer=header.n_layer,
+            n_gpu_layers=layout.n_gpu_layers, n_ctx=shape.n_ctx, n_parallel=shape.n_seq,
+            type_k=request.type_k, type_v=request.type_v, flash_attn=self.flash_attn,
+            swa_full=request.swa_full, kv_unified=request.kv_unified, n_ubatch=shape.n_ubatch,
+            n_batch=shape.n_batch, tensor_split=layout.tensor_split, tensor_overrides=overrides,
+            n_cpu_moe=n_cpu_moe, devices=tuple(devices), decode_tok_s=decode,
+            prompt_tok_s=prompt, fits=all(d.fits for d in devices),
+            has_swa=bool(header.sliding_window) and any(header.swa_layers),
+        )
+
+    def gpus_fit(self, plan: Plan) -> bool:
+        return all(d.fits for d in plan.gpus)
+
+    def most_layers(self, n_ctx: int) -> Plan:
+        """The plan with the most GPU layers whose GPUs fit (binary search: fits shrink with
+        more layers)."""
+        low, high = 0, self.header.n_layer + 1  # low always fits the GPUs (nothing but overhead)
+        best = self.plan(n_ctx, 0)
+        while low < high:
+            mid = (low + high + 1) // 2
+            candidate = self.plan(n_ctx, mid)
+            if self.gpus_fit(candidate):
+                low, best = mid, candidate
+            else:
+                high = mid - 1
+        return best
+
+    def fewest_cpu_moe(self, n_ctx: int) -> Plan | None:
+        """Every layer on the GPU, experts of the first N layers in host memory, smallest N."""
+        n_layer = self.header.n_layer
+        last = self.plan(n_ctx, n_layer + 1, n_layer)
+        if not self.gpus_fit(last):
+            return None
+        low, high, best = 1, n_layer, last
+        while low < high:
+            mid = (low + high) // 2
+            candidate = self.plan(n_ctx, n_layer + 1, mid)
+            if self.gpus_fit(candidate):
+                high, best = mid, candidate
+            else:
+                low = mid + 1
+        return best
+
+
+def _advice(plan: Plan, header: ModelHeader, request: FitRequest) -> str:
+    hints = ["a smaller quant"]
+    if plan.n_ctx > MIN_SHRUNK_CTX:
+        hints.append(f"a shorter context (--ctx {max(MIN_SHRUNK_CTX, plan.n_ctx // 2)})")
+    if request.type_k == "f16" or request.type_v == "f16":
+        hints.append("a quantized KV cache (--cache-type q8_0; q8_0 for V needs flash attention)")
+    if plan.n_parallel > 1:
+        hints.append(f"fewer parallel slots (--parallel {max(1, plan.n_parallel // 2)})")
+    hints.append("a second GPU")
+    return "try " + ", ".join(hints)
+
+
+def _speed_warning(plan: Plan, header: ModelHeader, request: FitRequest) -> str:
+    host_weights = plan.host.weights_bytes
+    return (
+        f"predicted {plan.decode_tok_s:.1f} tok/s is below the {request.min_speed_tok_s:g} tok/s "
+        f"floor: {_gib(host_weights)} of weights stay in host memory "
+        f"({plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU"
+        + (f", experts of {plan.n_cpu_moe} layers in RAM" if plan.n_cpu_moe else "")
+        + f"); {_advice(plan, header, request)}"
+    )
+
+
+def _does_not_fit(plan: Plan, header: ModelHeader, request: FitRequest) -> DoesNotFitError:
+    gpu_free = sum(max(0, d.capacity_bytes - d.margin_bytes) for d in plan.gpus)
+    host = plan.host
+    needed = sum(d.total_bytes for d in plan.devices)
+    available = gpu_free + host.capacity_bytes
+    return DoesNotFitError(
+        f"{quant_name(header)} ({header.path.name}) does not fit at n_ctx {plan.n_ctx}: needs "
+        f"{_gib(needed)} of GPU + host memory ({_gib(host.total_bytes)} in host RAM with "
+        f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU), has {_gib(gpu_free)} of GPU "
+        f"memory (after a {_gib(request.gpu_margin_bytes)} margin per GPU) and "
+        f"{_gib(host.capacity_bytes)} of available RAM; {_advice(plan, header, request)}",
+        needed_bytes=needed,
+        available_bytes=available,
+    )
+
+
+def _default_ctx(header: ModelHeader) -> int:
+    trained = header.n_ctx_train or DEFAULT_CTX_CAP
+    return min(trained, DEFAULT_CTX_CAP)
+
+
+def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | None = None) -> Plan:
+    """The plan for one model file; raises DoesNotFitError when no configuration fits."""
+    request = request or FitRequest()
+    fitter = _Fitter(header, hardware, request)
+    notes = [MODELLED_NOTE, *hardware.notes]
+    warnings: list[str] = []
+    n_ctx = request.n_ctx or _default_ctx(header)
+    if request.n_ctx is None:
+        notes.append(
+            f"n_ctx {n_ctx}: the model's training context ({header.n_ctx_train}) capped at "
+            f"{DEFAULT_CTX_CAP}; give --ctx for more"
+        )
+    if request.n_parallel > 1:
+        notes.append(
+            f"{request.n_parallel} parallel slots share the context: {n_ctx // request.n_parallel}"
+            " tokens each"
+        )
+    if header.sliding_window and request.swa_full:
+        notes.append("full-size SWA cache (swa_full, llama-cpp-python's default); "
+                     "--swa-full off shrinks the sliding-window layers' cache")
+
+    if request.n_gpu_layers is not None:  # explicit mode: exactly this configuration
+        n_gpu_layers = request.n_gpu_layers
+        if n_gpu_layers < 0 or n_gpu_layers > header.n_layer + 1:
+            n_gpu_layers = header.n_layer + 1
+        plan = fitter.plan(n_ctx, n_gpu_layers)
+        for device in plan.devices:
+            if not device.fits:
+                warnings.append(
+                    f"does not fit {device.name}: needs {_gib(device.total_bytes)}"
+                    f" + {_gib(device.margin_bytes)} margin, has {_gib(device.capacity_bytes)}"
+                )
+        if plan.decode_tok_s < request.min_speed_tok_s:
+            warnings.append(_speed_warning(plan, header, request))
+        return replace(plan, warnings=tuple(warnings), notes=tuple(notes))
+
+    full = n_layer_all = header.n_layer + 1
+    candidates = [n_ctx]
+    if request.n_ctx is None:
+        while candidates[-1] // 2 >= MIN_SHRUNK_CTX:
+            candidates.append(candidates[-1] // 2)
+    chosen: Plan | None = None
+    for ctx in candidates:
+        plan = fitter.plan(ctx, full)
+        if plan.fits:
+            chosen = plan
+            if ctx != n_ctx:
+                notes.append(f"context shrunk from {n_ctx} to {plan.n_ctx} so that every layer "
+                             "fits on the GPU; --ctx keeps a longer one with fewer GPU layers")
+            break
+    if chosen is None:
+        options = [fitter.most_layers(n_ctx)]
+        if header.is_moe and request.cpu_moe is not False:
+            moe = fitter.fewest_cpu_moe(n_ctx)
+            if moe is not None:
+                options.append(moe)
+        fitting = [p for p in options if p.fits]
+        if not fitting:
+            raise _does_not_fit(options[0], header, request)
+        chosen = max(fitting, key=lambda p: p.decode_tok_s)
+        if chosen.n_cpu_moe:
+            notes.append(f"MoE: every layer on the GPU with the experts of the first "
+                         f"{chosen.n_cpu_moe} layers in host memory (--n-cpu-moe) decodes faster "
+                         "than moving whole layers")
+        elif header.is_moe and len(options) > 1:
+            notes.append("MoE: moving whole layers decodes faster than keeping experts in RAM")
+        if chosen.n_gpu_layers < n_layer_all:
+            warnings.append(
+                f"partial offload: {chosen.n_gpu_layers}/{n_layer_all} layers on the GPU, "
+                f"{_gib(chosen.host.weights_bytes)} of weights in host memory"
+            )
+    if chosen.decode_tok_s < request.min_speed_tok_s:
+        warnings.append(_speed_warning(chosen, header, request))
+    return replace(chosen, warnings=tuple(warnings), notes=tuple(notes))
+
+
+def _quality_key(header: ModelHeader) -> float:
+    return header.bits_per_weight
+
+
+def fit_ladder(
+    headers: Sequence[ModelHeader], hardware: Hardware, request: FitRequest | None = None
+) -> Plan:
+    """Choose among quants of one model (see the module docstring for the rules).
+
+    balanced (default): the highest-quality quant that meets the speed floor, preferring quants
+    that fit entirely on the GPU(s): a bigger quant partly in host memory is never chosen over a
+    smaller one that fits entirely (it is always slower). quality: the highest-quality quant that
+    meets the floor, partial offload allowed. speed: the fastest plan.
+    Nothing meets the floor: the fastest plan (quality: the best quant that fits), with a warning.
+    """
+    request = request or FitRequest()
+    if not headers:
+        raise ValueError("fit_ladder needs at least one header")
+    ordered = sorted(headers, key=_quality_key, reverse=True)
+    ladder = tuple(quant_name(h) for h in ordered)
+    plans: list[tuple[ModelHeader, Plan]] = []
+    reasons: dict[str, str] = {}
+    errors: list[DoesNotFitError] = []
+    for header in ordered:
+        try:
+            plans.append((header, fit_header(header, hardware, request)))
+        except DoesNotFitError as exc:
+            errors.append(exc)
+            reasons[quant_name(header)] = f"does not fit: {exc}"
+    if not plans:
+        smallest = errors[-1]
+        raise DoesNotFitError(
+            f"no quant of this model fits ({', '.join(ladder)}); smallest: {smallest}",
+            smallest.needed_bytes, smallest.available_bytes,
+        )
+    floor = request.min_speed_tok_s
+    fast = [(h, p) for h, p in plans if p.decode_tok_s >= floor]
+    objective = request.objective
+    chosen: Plan
+    if objective == "speed":
+        chosen = max((p for _, p in plans), key=lambda p: p.decode_tok_s)
+    elif fast:
+        full = [p for _, p in fast if p.full_offload]
+        chosen = full[0] if (full and objective == "balanced") else fast[0][1]
+    elif objective == "quality":
+        chosen = plans[0][1]
+    else:
+        chosen = max((p for _, p in plans), key=lambda p: p.decode_tok_s)
+    best_full = next((p for _, p in plans if p.full_offload), None)
+    for _, plan in plans:
+        if plan is chosen:
+            continue
+        better_quality = ladder.index(plan.quant) < ladder.index(chosen.quant)
+        if plan.decode_tok_s < floor:
+            reasons[plan.quant] = (f"{plan.decode_tok_s:.1f} tok/s is below the {floor:g} tok/s "
+                                   f"floor ({plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU)")
+        elif better_quality and not plan.full_offload and best_full is not None:
+            reasons[plan.quant] = (
+                f"partial offload ({plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU) decodes "
+                f"{plan.decode_tok_s:.1f} tok/s, slower than {best_full.quant} fully on the GPU "
+                f"({best_full.decode_tok_s:.1f} tok/s); --objective quality prefers it"
+            )
+        elif better_quality:
+            reasons[plan.quant] = (f"slower ({plan.decode_tok_s:.1f} tok/s) than "
+                                   f"{chosen.quant} ({chosen.decode_tok_s:.1f} tok/s)")
+        else:
+            reasons[plan.quant] = f"lower quality than {chosen.quant}, which also fits"
+    warnings = list(chosen.warnings)
+    if not fast and not any("below" in w for w in warnings):
+        warnings.append(_speed_warning(chosen, ordered[0], request))
+    rejected = tuple((q, reasons[q]) for q in ladder if q in reasons)
+    return replace(chosen, rejected=rejected, ladder=ladder, warnings=tuple(warnings))
+
+
+def read_headers(model: Path | str) -> list[ModelHeader]:
+    """Headers of a file, a split set (any part), a folder of quants, or a glob."""
+    from localllm.gguf_header import read_header
+    from localllm.models import model_files
+
+    text = str(model)
+    path = Path(text).expanduser()
+    if any(ch in text for ch in "*?["):
+        paths = sorted(p for p in path.parent.glob(path.name) if p.suffix == ".gguf")
+        first_parts = [p for p in paths if "-of-" not in p.name or "-00001-of-" in p.name]
+        paths = first_parts
+    elif path.is_dir():
+        paths = model_files(path)
+    else:
+        paths = [path]
+    if not paths:
+        raise DoesNotFitError(f"no GGUF files match {text}")
+    return [read_header(p) for p in paths]
+
+
+def fit(
+    model: Path | str | ModelHeader | Sequence[ModelHeader],
+    hardware: Hardware | None = None,
+    request: FitRequest | None = None,
+    settings: Any = None,
+) -> Plan:
+    """Plan a model: a path (file, folder or glob of quants -> ladder) or header(s).
+
+    `hardware` defaults to `localllm.hardware.hardware_for(settings)` (NVML, the host probe,
+    --gpu / --vram); `request` to `FitRequest.from_settings(settings)` or the defaults.
+    """
+    if isinstance(model, ModelHeader):
+        headers: list[ModelHeader] = [model]
+    elif isinstance(model, (str, Path)):
+        headers = read_headers(model)
+    else:
+        headers = list(model)
+    if hardware is None:
+        from localllm.hardware import hardware_for
+
+        hardware = hardware_for(settings)
+    if request is None:
+        request = FitRequest.from_settings(settings) if settings is not None else FitRequest()
+    if len(headers) == 1:
+        return fit_header(headers[0], hardware, request)
+    if request.n_gpu_layers is not None:
+        raise SettingsError("--n-gpu-layers plans one file; name a file, not a folder of quants")
+    return fit_ladder(headers, hardware, request)
+
+
+def plan_summary_line(plan: Plan) -> str:
+    """One line for logs: quant, layers, context, speed."""
+    return (f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, n_ctx "
+            f"{plan.n_ctx} x{plan.n_parallel}, ~{plan.decode_tok_s:.0f} tok/s decode, "
+            f"~{plan.prompt_tok_s:.0f} tok/s prompt")
