@@ -389,7 +389,8 @@ def _fit(
         fitter = importlib.import_module("localllm.fitter")
     except ImportError:
         return "fitter not available", None, None
-    # plan_for_settings(settings, path) if the fitter offers it, else fit(path[, settings=]).
+    # plan_for_settings(settings, path) if the fitter offers it, else fit(path, settings=...);
+    # plan_summary_line(plan) makes the one line when the fitter has it.
     plan_for = getattr(fitter, "plan_for_settings", None)
     fit = getattr(fitter, "fit", None)
     if plan_for is None and fit is None:
@@ -409,8 +410,16 @@ def _fit(
         return "fitter failed", None, str(exc)
     except Exception as exc:  # the fitter's bug must not hide the rest of the report
         return "fitter failed", None, f"{type(exc).__name__}: {exc}"
+    line = getattr(fitter, "plan_summary_line", None)
     summary = getattr(plan, "summary", None)
-    return (summary() if callable(summary) else str(plan)), True, None
+    text = str(line(plan)) if callable(line) else str(summary() if callable(summary) else plan)
+    # Without a GPU the fitter plans for an assumed card and says so in its notes: show them,
+    # or doctor would seem to promise GPU speed on a CPU-only machine.
+    remarks = [*getattr(plan, "warnings", ()), *getattr(plan, "notes", ())]
+    hardware_notes = [str(r) for r in remarks if "--gpu" in str(r) or "--vram" in str(r)]
+    if hardware_notes:
+        text += " [" + "; ".join(hardware_notes) + "]"
+    return text, True, None
 
 
 # --- Advice -------------------------------------------------------------------------------------

@@ -177,15 +177,23 @@ def test_fitter_is_called_when_present(
     model.write_bytes(b"GGUF")
     seen = {}
 
-    def fit(path: Path, settings: object = None) -> str:
+    def fit(path: Path, settings: object = None) -> object:
         seen["path"] = path
-        return "all 18 layers on GPU 0, 4096 ctx, ~300 tokens/s"
+        seen["settings"] = settings
+        return types.SimpleNamespace(
+            summary=lambda: "all 18 layers on GPU 0, 4096 ctx, ~300 tokens/s",
+            warnings=(),
+            notes=("memory is modelled", "no GPU detected: planning for a 3090; use --gpu"),
+        )
 
     monkeypatch.setitem(sys.modules, "localllm.fitter", types.SimpleNamespace(fit=fit))
     settings = load_settings(None, models_dir=tmp_path, model=str(model))
     report = doctor_report(settings, None, (), build=CPU_BUILD, gpus=NO_GPU, host=HOST)
-    assert seen["path"] == model
-    assert report.model.fit == "all 18 layers on GPU 0, 4096 ctx, ~300 tokens/s"
+    assert seen["path"] == model and seen["settings"] is settings
+    assert report.model.fit == (
+        "all 18 layers on GPU 0, 4096 ctx, ~300 tokens/s"
+        " [no GPU detected: planning for a 3090; use --gpu]"
+    )
     assert report.model.fit_ok is True
 
 
