@@ -1,0 +1,325 @@
+"""The only module that calls llama.cpp: a model, one context with n_parallel sequences, a batch.
+
+Everything here runs on the scheduler thread except the vocabulary calls (tokenize, detokenize,
+token pieces), which only read the vocabulary and are safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from localllm.engine import logs
+from localllm.engine.config import EngineConfig
+from localllm.engine.types import SamplingParams
+from localllm.errors import ModelLoadError, RequestError
+
+log = logging.getLogger(__name__)
+
+_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # enum ggml_type
+_FLASH_ATTN = {None: -1, False: 0, True: 1}  # enum llama_flash_attn_type
+
+
+def _llama() -> Any:
+    # Imported lazily: importing llama_cpp loads the shared library; the HTTP layer and its tests
+    # must not need it.
+    import llama_cpp
+
+    return llama_cpp
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    token: int
+    pos: int
+    seq_id: int
+    logits: bool
+
+
+class _TensorOverride(ctypes.Structure):
+    # struct llama_model_tensor_buft_override { const char * pattern;
+    #                                           ggml_backend_buffer_type_t buft; }
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _buffer_type(name: str) -> int | None:
+    """A ggml buffer type by device name ("CPU", "CUDA0"), via ggml's device registry."""
+    lib_dir = Path(_llama().__file__).parent / "lib"
+    for candidate in ("libggml-base.so", "libggml.so", "libggml-base.dylib", "libggml.dylib"):
+        path = lib_dir / candidate
+        if not path.exists():
+            continue
+        lib = ctypes.CDLL(str(path))
+        try:
+            by_name = lib.ggml_backend_dev_by_name
+            buft_of = lib.ggml_backend_dev_buffer_type
+        except AttributeError:
+            continue
+        by_name.argtypes, by_name.restype = [ctypes.c_char_p], ctypes.c_void_p
+        buft_of.argtypes, buft_of.restype = [ctypes.c_void_p], ctypes.c_void_p
+        device = by_name(name.encode())
+        if device:
+            buft: int | None = buft_of(device)
+            return buft
+    return None
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return "amx_tile" in cpuinfo.read()
+    except OSError:
+        return False
+
+
+class LlamaBackend:
+    """A loaded model and its context. Not thread-safe beyond the vocabulary calls."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        llama = _llama()
+        self.config = config
+        self._keepalive: list[Any] = []  # ctypes buffers the model params point into
+        self.model: Any = None
+        self.ctx: Any = None
+        self.batch: Any = None
+        with logs.capture() as load_log:
+            started = time.perf_counter()
+            try:
+                self._load(llama)
+            except BaseException:
+                self.close()
+                raise
+            self.load_seconds = time.perf_counter() - started
+        self.load_log: list[str] = load_log
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_vocab: int = llama.llama_vocab_n_tokens(self.vocab)
+        self.architecture = self.meta("general.architecture") or "unknown"
+        template = llama.llama_model_chat_template(self.model, None)
+        self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
+        self.bos_id: int = llama.llama_vocab_bos(self.vocab)
+        self.eos_id: int = llama.llama_vocab_eos(self.vocab)
+        self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+
+    def _load(self, llama: Any) -> None:
+        config = self.config
+        if not Path(config.model_path).is_file():
+            raise ModelLoadError(f"model file {config.model_path} does not exist")
+        llama.llama_backend_init()
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        mparams.use_extra_bufts = (
+            config.use_extra_bufts if config.use_extra_bufts is not None else not _cpu_has_amx()
+        )
+        if config.tensor_split:
+            n_devices = llama.llama_max_devices()
+            split = (ctypes.c_float * n_devices)(*config.tensor_split[:n_devices])
+            self._keepalive.append(split)
+            mparams.tensor_split = split
+        if config.tensor_overrides:
+            self._set_tensor_overrides(mparams)
+        model = llama.llama_model_load_from_file(str(config.model_path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {config.model_path}: see the log above "
+                "(a damaged file, an unsupported architecture, or not enough memory)"
+            )
+        self.model = model
+
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_seq_max = config.n_parallel
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
+        threads = config.n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.type_k = _GGML_TYPES[config.type_k]
+        cparams.type_v = _GGML_TYPES[config.type_v]
+        cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+        cparams.swa_full = config.swa_full
+        # One KV stream per slot: a slot's context is its own, like llama-server's default.
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        ctx = llama.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {config.n_ctx} tokens for "
+                f"{config.model_path}: try a smaller n_ctx or a quantized KV cache"
+            )
+        self.ctx = ctx
+        self.memory = llama.llama_get_memory(ctx)
+        self.batch = llama.llama_batch_init(config.n_batch, 0, 1)
+        self.n_ctx: int = llama.llama_n_ctx(ctx)
+
+    def _set_tensor_overrides(self, mparams: Any) -> None:
+        entries: list[tuple[bytes, int]] = []
+        for pattern, device in self.config.tensor_overrides:
+            buft = _buffer_type(device)
+            if buft is None:
+                log.warning("tensor override %r -> %s ignored: no such device", pattern, device)
+                continue
+            entries.append((pattern.encode(), buft))
+        if not entries:
+            return
+        array = (_TensorOverride * (len(entries) + 1))()
+        for i, (pattern_bytes, buft) in enumerate(entries):
+            array[i].pattern = pattern_bytes
+            array[i].buft = buft
+        array[len(entries)].pattern = None  # NULL-terminated
+        self._keepalive.append(array)
+        mparams.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = _llama().llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    # Vocabulary (any thread).
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        llama = _llama()
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(
+            self.vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
+        if n < 0:
+            capacity = -n
+            buf = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """A token's bytes; control tokens are empty unless special."""
+        key = token if not special else -1 - token
+        cached = self._pieces.get(key)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = _llama().llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = _llama().llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        piece = buf.raw[:n]
+        self._pieces[key] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        if not tokens:
+            return ""
+        if any(t < 0 or t >= self.n_vocab for t in tokens):
+            raise RequestError(f"token ids must be in [0, {self.n_vocab})", param="tokens")
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_llama().llama_vocab_is_eog(self.vocab, token))
+
+    # Context (scheduler thread only).
+    def decode(self, items: Sequence[BatchItem]) -> int:
+        """Decode one batch; returns llama_decode's status (0 is success)."""
+        batch = self.batch
+        for i, item in enumerate(items):
+            batch.token[i] = item.token
+            batch.pos[i] = item.pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = item.seq_id
+            batch.logits[i] = 1 if item.logits else 0
+        batch.n_tokens = len(items)
+        status: int = _llama().llama_decode(self.ctx, batch)
+        return status
+
+    def logprobs(self, batch_index: int) -> npt.NDArray[np.float32]:
+        """Log-softmax of the raw logits of one output of the last decode."""
+        pointer = _llama().llama_get_logits_ith(self.ctx, batch_index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float32)
+        peak = float(logits.max())
+        shifted = logits - peak
+        return shifted - np.float32(np.log(np.exp(shifted).sum()))
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        return bool(_llama().llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def new_sampler(self, params: SamplingParams, seed: int) -> Sampler:
+        return Sampler(self, params, seed)
+
+    def close(self) -> None:
+        llama = _llama()
+        if self.batch is not None:
+            llama.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            llama.llama_model_free(self.model)
+            self.model = None
+        self._keepalive.clear()
+
+
+class Sampler:
+    """One request's llama.cpp sampler chain; free() it exactly once."""
+
+    def __init__(self, backend: LlamaBackend, params: SamplingParams, seed: int) -> None:
+        llama = _llama()
+        self._backend = backend
+        self.chain: Any = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = llama.llama_sampler_chain_add
+        try:
+            if (
+                params.repeat_penalty != 1.0
+                or params.presence_penalty != 0.0
+                or params.frequency_penalty != 0.0
+            ):
+                add(
+                    self.chain,
+                    llama.llama_sampler_init_penalties(
+                        backend.n_vocab,
+                        params.penalty_last_n,
+                        params.repeat_penalty,
+                        params.frequency_penalty,
+                        params.presence_penalty,
+                    ),
+                )
+            if params.grammar:
+                grammar = llama.llama_sampler_init_grammar(
+                    backend.vocab, params.grammar.encode("utf-8"), b"root"
+                )
+                if not grammar:
+                    raise RequestError("the grammar does not parse", param="response_format")
+                add(self.chain, grammar)
+            if params.temperature <= 0:
+                add(self.chain, llama.llama_sampler_init_greedy())
+            else:
+                if params.top_k > 0:
+                    add(self.chain, llama.llama_sampler_init_top_k(params.top_k))
+                if params.top_p < 1.0:
+                    add(self.chain, llama.llama_sampler_init_top_p(params.top_p, 1))
+                if params.min_p > 0.0:
+                    add(self.chain, llama.llama_sampler_init_min_p(params.min_p, 1))
+                add(self.chain, llama.llama_sampler_init_temp(params.temperature))
+                add(self.chain, llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        except BaseException:
+            self.free()
+            raise
+
+    def sample(self, batch_index: int) -> int:
+        """Sample from one output of the last decode and accept the token into the chain."""
+        token: int = _llama().llama_sampler_sample(self.chain, self._backend.ctx, batch_index)
+        return token
+
+    def free(self) -> None:
+        if self.chain is not None:
+            _llama().llama_sampler_free(self.chain)
+            self.chain = None

@@ -1,0 +1,55 @@
+"""How to load a model into the engine: one frozen record, built by `server.loading`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+CacheType = Literal["f16", "q8_0", "q4_0"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything llama.cpp needs to load a model and size its context.
+
+    n_ctx is the total context, split evenly over the slots like llama-server does:
+    each of the n_parallel slots holds `n_ctx // n_parallel` tokens.
+    """
+
+    model_path: Path
+    n_ctx: int = 4096
+    n_parallel: int = 4
+    n_gpu_layers: int = 0  # -1 puts every layer on the GPU
+    type_k: CacheType = "f16"
+    type_v: CacheType = "f16"
+    flash_attn: bool | None = None  # None lets llama.cpp decide
+    # llama-cpp-python's default; llama.cpp's own tools use False (a smaller SWA cache).
+    swa_full: bool = True
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int | None = None  # None: every core
+    queue_size: int = 16
+    tensor_split: tuple[float, ...] | None = None
+    # (regex, buffer type) pairs, e.g. (r"\.ffn_.*_exps\.", "CPU") to keep MoE experts in RAM.
+    tensor_overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # Repacked weight buffers (CPU_REPACK, AMX). None: on, except on CPUs with AMX, where
+    # llama.cpp's AMX path crashed in llama_decode on our (virtualised) machines.
+    use_extra_bufts: bool | None = None
+    seed: int | None = None  # default seed for requests that give none (None: random)
+    max_tokens_default: int | None = None  # cap when a request gives no max_tokens
+
+    def __post_init__(self) -> None:
+        if self.n_parallel < 1:
+            raise ValueError("n_parallel must be at least 1")
+        if self.n_ctx < self.n_parallel * 16:
+            raise ValueError(f"n_ctx {self.n_ctx} is too small for {self.n_parallel} slots")
+        if self.n_batch < 1 or self.n_ubatch < 1:
+            raise ValueError("n_batch and n_ubatch must be positive")
+        if self.queue_size < 0:
+            raise ValueError("queue_size must not be negative")
+
+    @property
+    def n_ctx_slot(self) -> int:
+        """Tokens one slot (one request) may hold: prompt plus completion."""
+        return self.n_ctx // self.n_parallel

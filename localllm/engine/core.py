@@ -1,0 +1,580 @@
+"""The engine: one llama.cpp context, n_parallel slots, one scheduler thread.
+
+Continuous batching, as llama-server does it: every step the scheduler builds ONE batch holding
+the next token of every generating slot plus a chunk of pending prompt tokens, calls llama_decode
+once, and samples every slot that has an output. Prompt prefill is chunked (at most n_ubatch
+tokens per step while other slots are generating, n_batch otherwise) so a long prompt does not
+stall the running streams.
+
+Slots keep their KV cells after a request ends. A new request goes to the free slot whose cached
+tokens share the longest prefix with its prompt (the next turn of a chat), and only the rest of
+the prompt is decoded. A cancelled request keeps what it computed for the same reason.
+
+Limits (checked in `submit`, before anything is queued):
+- the prompt must leave room for at least one generated token in a slot (n_ctx // n_parallel);
+- an explicit max_tokens must fit too: prompt + max_tokens <= slot context, else
+  ContextLengthExceededError (OpenAI's behaviour, rather than silently truncating);
+- without max_tokens a request may generate up to the end of the slot's context (capped by
+  EngineConfig.max_tokens_default), finishing with "length" there;
+- at most queue_size requests wait for a slot beyond the free ones, else QueueFullError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from localllm.engine.backend import BatchItem, LlamaBackend, Sampler
+from localllm.engine.chat import ChatTemplate
+from localllm.engine.config import EngineConfig
+from localllm.engine.handle import RequestHandle
+from localllm.engine.text import StopMatcher, Utf8Stream
+from localllm.engine.types import (
+    Completion,
+    EngineStats,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TextEvent,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from localllm.errors import (
+    CancelledError,
+    ContextLengthExceededError,
+    LocalLLMError,
+    QueueFullError,
+    RequestError,
+)
+
+log = logging.getLogger(__name__)
+
+_SIZE_RE = re.compile(r"^(?P<what>.*?)\s*(?:buffer )?size\s*=\s*(?P<mib>[\d.]+) MiB")
+
+
+class Backend(Protocol):
+    """What the scheduler needs from llama.cpp (LlamaBackend; a fake in tests)."""
+
+    n_vocab: int
+    bos_id: int
+    eos_id: int
+    load_log: list[str]
+    architecture: str
+    chat_template: str | None
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
+    def token_bytes(self, token: int, special: bool = False) -> bytes: ...
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+    def is_eog(self, token: int) -> bool: ...
+    def decode(self, items: Sequence[BatchItem]) -> int: ...
+    def logprobs(self, batch_index: int) -> Any: ...
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool: ...
+    def new_sampler(self, params: SamplingParams, seed: int) -> Sampler: ...
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request from submit to finish (scheduler-side state)."""
+
+    handle: RequestHandle
+    request: GenerationRequest
+    prompt: list[int]
+    max_new_tokens: int
+    submitted_at: float
+    sampler: Sampler | None = None
+    n_prompt_done: int = 0  # prompt tokens in the slot's KV cells (cached + decoded)
+    n_cached: int = 0
+    n_generated: int = 0
+    next_token: int | None = None  # sampled, not yet decoded
+    batch_index: int = -1  # where this job's logits are in the current batch
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    utf8: Utf8Stream = field(default_factory=Utf8Stream)
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds
+    job: _Job | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Load with `Engine.load(config)`; `submit()` from any thread; `close()` when done."""
+
+    def __init__(self, config: EngineConfig, backend: Backend) -> None:
+        self.config = config
+        self.backend = backend
+        self.n_ctx_slot = config.n_ctx_slot
+        self.load_log: list[str] = list(backend.load_log)
+        self.memory: dict[str, float] = memory_summary(self.load_log)
+        self.chat_template = ChatTemplate.for_model(
+            backend.chat_template,
+            backend.architecture,
+            bos_token=self._special_text(backend.bos_id),
+            eos_token=self._special_text(backend.eos_id),
+        )
+        self._slots = [_Slot(seq_id=i) for i in range(config.n_parallel)]
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._wake = False  # something changed (submit, cancel, close): re-check before waiting
+        self._ids = itertools.count(1)
+        self._rng = random.Random(config.seed)
+        # Counters, written by the scheduler thread only.
+        self._requests_total = 0
+        self._prompt_tokens_total = 0
+        self._cached_tokens_total = 0
+        self._generated_tokens_total = 0
+        self._prompt_seconds = 0.0
+        self._decode_seconds = 0.0
+        self._last_ttft: float | None = None
+        self._thread = threading.Thread(target=self._run, name="localllm-scheduler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        """Load the model (blocking, about a second for the embedded one) and start scheduling."""
+        backend = LlamaBackend(config)
+        log.info(
+            "loaded %s in %.1f s: %d slots of %d tokens",
+            config.model_path.name,
+            backend.load_seconds,
+            config.n_parallel,
+            config.n_ctx_slot,
+        )
+        return cls(config, backend)
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:  # LLAMA_TOKEN_NULL: the model has none
+            return ""
+        return self.backend.token_bytes(token, True).decode("utf-8", "replace")
+
+    # ---------------------------------------------------------------- public API (any thread)
+
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        return self.backend.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.backend.detokenize(tokens)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises ContextLengthExceededError, QueueFullError, CancelledError."""
+        if isinstance(request.prompt, str):
+            prompt = self.backend.tokenize(
+                request.prompt, request.add_special, request.parse_special
+            )
+        else:
+            prompt = list(request.prompt)
+            bad = [t for t in prompt if not 0 <= t < self.backend.n_vocab]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is not in the vocabulary", param="prompt")
+        if not prompt:
+            raise RequestError("the prompt is empty", param="prompt")
+        max_new = self._max_new_tokens(len(prompt), request.max_tokens)
+        request_id = f"{next(self._ids):x}-{uuid.uuid4().hex[:12]}"
+        handle = RequestHandle(request_id, len(prompt), self._notify)
+        job = _Job(
+            handle=handle,
+            request=request,
+            prompt=prompt,
+            max_new_tokens=max_new,
+            submitted_at=time.perf_counter(),
+            stops=StopMatcher(request.stop),
+        )
+        with self._cond:
+            if self._closing:
+                raise CancelledError("the server is shutting down; retry on another instance")
+            free = sum(1 for slot in self._slots if slot.job is None)
+            if len(self._queue) - free >= self.config.queue_size:
+                raise QueueFullError(
+                    f"all {len(self._slots)} slots are busy and {self.config.queue_size} "
+                    "requests are already waiting; retry shortly",
+                    retry_after_s=1,
+                )
+            self._queue.append(job)
+            self._wake = True
+            self._cond.notify_all()
+        return handle
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
+        **sampling: Any,
+    ) -> Completion:
+        """Blocking convenience for scripts: one completion."""
+        request = GenerationRequest(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            stop=tuple(stop),
+            sampling=SamplingParams(**sampling),
+        )
+        return self.submit(request).result()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            queue_length = len(self._queue)
+        slots = list(self._slots)
+        return EngineStats(
+            n_slots=len(slots),
+            busy_slots=sum(1 for s in slots if s.job is not None),
+            queue_length=queue_length,
+            kv_cells_used=sum(len(s.cached) for s in slots),
+            kv_cells_total=self.config.n_ctx,
+            requests_total=self._requests_total,
+            prompt_tokens_total=self._prompt_tokens_total,
+            cached_tokens_total=self._cached_tokens_total,
+            generated_tokens_total=self._generated_tokens_total,
+            prompt_seconds_total=self._prompt_seconds,
+            decode_seconds_total=self._decode_seconds,
+            last_time_to_first_token_s=self._last_ttft,
+        )
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request runs or waits; False on timeout (for graceful shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            if stats.busy_slots == 0 and stats.queue_length == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        """Cancel everything still running, stop the scheduler, free the model."""
+        with self._cond:
+            if self._closing and not self._thread.is_alive():
+                return
+            self._closing = True
+            self._wake = True
+            self._cond.notify_all()
+        self._thread.join()
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- scheduler thread
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._wake = True
+            self._cond.notify_all()
+
+    def _max_new_tokens(self, n_prompt: int, max_tokens: int | None) -> int:
+        room = self.n_ctx_slot - n_prompt
+        if room < 1:
+            raise ContextLengthExceededError(
+                f"the prompt is {n_prompt} tokens but a slot holds {self.n_ctx_slot} "
+                f"(n_ctx {self.config.n_ctx} split over {self.config.n_parallel} slots); "
+                "shorten the prompt, or serve with a larger n_ctx or fewer parallel slots",
+                param="messages",
+            )
+        if max_tokens is None:
+            cap = self.config.max_tokens_default
+            return min(room, cap) if cap else room
+        if max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1", param="max_tokens")
+        if max_tokens > room:
+            raise ContextLengthExceededError(
+                f"this slot's context is {self.n_ctx_slot} tokens, but {n_prompt + max_tokens} "
+                f"were requested ({n_prompt} in the prompt, {max_tokens} for the completion); "
+                "lower max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._wake and not self._has_work():
+                        self._cond.wait()
+                    self._wake = False
+                    closing = self._closing
+                    queued_cancelled = [j for j in self._queue if j.handle.cancelled]
+                    for job in queued_cancelled:
+                        self._queue.remove(job)
+                    assign = self._take_assignable() if not closing else []
+                    if closing:
+                        queued_cancelled.extend(self._queue)
+                        self._queue.clear()
+                for job in queued_cancelled:
+                    job.handle._fail(CancelledError("cancelled before it started"))
+                if closing:
+                    for slot in self._slots:
+                        if slot.job is not None:
+                            self._release(slot, CancelledError("the server is shutting down"))
+                    return
+                for slot, job in assign:
+                    self._start(slot, job)
+                for slot in self._slots:
+                    if slot.job is not None and slot.job.handle.cancelled:
+                        self._release(slot, CancelledError("cancelled by the client"))
+                if any(slot.job is not None for slot in self._slots):
+                    self._step()
+        except BaseException as exc:  # a bug: fail every request rather than hang them
+            log.exception("scheduler thread died")
+            for slot in self._slots:
+                if slot.job is not None:
+                    slot.job.handle._fail(LocalLLMError(f"engine failure: {exc}"))
+                    slot.job = None
+            with self._cond:
+                self._closing = True
+                for job in self._queue:
+                    job.handle._fail(LocalLLMError(f"engine failure: {exc}"))
+                self._queue.clear()
+
+    def _has_work(self) -> bool:
+        return (
+            self._closing
+            or any(s.job is not None for s in self._slots)
+            or bool(self._queue and any(s.job is None for s in self._slots))
+        )
+
+    def _take_assignable(self) -> list[tuple[_Slot, _Job]]:
+        """Pair queued jobs (FIFO) with free slots: longest cached prefix first, then LRU."""
+        pairs: list[tuple[_Slot, _Job]] = []
+        free = [s for s in self._slots if s.job is None]
+        while self._queue and free:
+            job = self._queue.popleft()
+            best = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
+            free.remove(best)
+            best.job = job  # reserve now so stats and admission see it busy
+            pairs.append((best, job))
+        return pairs
+
+    def _start(self, slot: _Slot, job: _Job) -> None:
+        job.started_at = time.perf_counter()
+        reuse = _common_prefix(slot.cached, job.prompt)
+        reuse = min(reuse, len(job.prompt) - 1)  # decode at least one token to get logits
+        if reuse < len(slot.cached) and not self.backend.seq_rm(slot.seq_id, reuse, -1):
+            # A partial removal can fail (e.g. a small SWA cache): start the slot from scratch.
+            self.backend.seq_rm(slot.seq_id, -1, -1)
+            reuse = 0
+        del slot.cached[reuse:]
+        job.n_cached = job.n_prompt_done = reuse
+        seed = job.request.sampling.seed
+        if seed is None:
+            seed = self._rng.getrandbits(32)
+        try:
+            job.sampler = self.backend.new_sampler(job.request.sampling, seed)
+        except RequestError as exc:
+            slot.job = None
+            job.handle._fail(exc)
+            return
+        slot.job = job
+
+    def _step(self) -> None:
+        items: list[BatchItem] = []
+        generating = [s for s in self._slots if s.job is not None and s.job.next_token is not None]
+        for slot in generating:
+            assert slot.job is not None and slot.job.next_token is not None
+            slot.job.batch_index = len(items)
+            items.append(BatchItem(slot.job.next_token, len(slot.cached), slot.seq_id, True))
+        budget = self.config.n_batch - len(items)
+        if generating:
+            budget = min(budget, self.config.n_ubatch)
+        prefilling: list[tuple[_Slot, int]] = []
+        for slot in self._slots:
+            job = slot.job
+            if job is None or job.next_token is not None or budget <= 0:
+                continue
+            take = min(len(job.prompt) - job.n_prompt_done, budget)
+            start = job.n_prompt_done
+            for i in range(take):
+                last = start + i == len(job.prompt) - 1
+                if last:
+                    job.batch_index = len(items)
+                items.append(BatchItem(job.prompt[start + i], start + i, slot.seq_id, last))
+            budget -= take
+            prefilling.append((slot, take))
+        if not items:
+            return
+
+        started = time.perf_counter()
+        status = self.backend.decode(items)
+        elapsed = time.perf_counter() - started
+        if status != 0:
+            self._decode_failed(status, generating + [s for s, _ in prefilling])
+            return
+        if generating:
+            self._decode_seconds += elapsed
+        if prefilling:
+            self._prompt_seconds += elapsed
+
+        now = time.perf_counter()
+        for slot in generating:
+            job = slot.job
+            assert job is not None and job.next_token is not None
+            slot.cached.append(job.next_token)
+            job.next_token = None
+            self._sample(slot, now)
+        for slot, take in prefilling:
+            job = slot.job
+            assert job is not None
+            slot.cached.extend(job.prompt[job.n_prompt_done : job.n_prompt_done + take])
+            job.n_prompt_done += take
+            self._prompt_tokens_total += take
+            if job.n_prompt_done == len(job.prompt):
+                self._sample(slot, now)
+
+    def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
+        # 1: no KV slot (should not happen, sizes are checked); <0: llama.cpp error.
+        error = LocalLLMError(f"llama_decode failed with status {status}; the request was dropped")
+        log.error("llama_decode returned %d for a batch of %d slots", status, len(slots))
+        for slot in slots:
+            self.backend.seq_rm(slot.seq_id, -1, -1)
+            slot.cached.clear()
+            self._release(slot, error)
+
+    def _sample(self, slot: _Slot, now: float) -> None:
+        job = slot.job
+        assert job is not None and job.sampler is not None
+        logprob = None
+        if job.request.logprobs is not None:
+            logprob_row = self.backend.logprobs(job.batch_index)
+        token = job.sampler.sample(job.batch_index)
+        if job.request.logprobs is not None:
+            logprob = self._token_logprob(logprob_row, token, job.request.logprobs)
+        job.n_generated += 1
+        self._generated_tokens_total += 1
+        if job.n_generated == 1:
+            job.first_token_at = now
+        job.last_token_at = now
+        logprobs = (logprob,) if logprob is not None else ()
+
+        if self.backend.is_eog(token):
+            self._finish(slot, "stop", logprobs)
+            return
+        text, stopped = job.stops.push(job.utf8.feed(self.backend.token_bytes(token)))
+        if stopped:
+            self._finish(slot, "stop", logprobs, text)
+        elif job.n_generated >= job.max_new_tokens:
+            self._finish(slot, "length", logprobs, text)
+        else:
+            job.next_token = token
+            if text or logprobs:
+                job.handle._push(TextEvent(text, logprobs))
+
+    def _token_logprob(self, row: Any, token: int, top_n: int) -> TokenLogprob:
+        def piece(t: int) -> tuple[str, bytes]:
+            data = self.backend.token_bytes(t, True)
+            return data.decode("utf-8", "replace"), data
+
+        text, data = piece(token)
+        top: list[TopLogprob] = []
+        if top_n > 0:
+            best = np.argpartition(row, -top_n)[-top_n:]
+            for t in sorted(best.tolist(), key=lambda t: -float(row[t])):
+                t_text, t_data = piece(int(t))
+                top.append(TopLogprob(t_text, t_data, float(row[t])))
+        return TokenLogprob(text, data, float(row[token]), tuple(top))
+
+    def _finish(
+        self,
+        slot: _Slot,
+        reason: FinishReason,
+        logprobs: tuple[TokenLogprob, ...],
+        text: str = "",
+    ) -> None:
+        job = slot.job
+        assert job is not None
+        if not job.stops.stopped:
+            text += job.stops.push(job.utf8.flush())[0]
+            text += job.stops.flush()
+        if text or logprobs:
+            job.handle._push(TextEvent(text, logprobs))
+        ttft = job.first_token_at - job.submitted_at
+        prefill_s = job.first_token_at - job.started_at
+        decode_s = job.last_token_at - job.first_token_at
+        n_computed = len(job.prompt) - job.n_cached
+        finish = FinishEvent(
+            finish_reason=reason,
+            usage=Usage(len(job.prompt), job.n_generated, job.n_cached),
+            time_to_first_token_s=ttft,
+            prompt_tokens_per_s=n_computed / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens_per_s=(job.n_generated - 1) / decode_s if decode_s > 0 else 0.0,
+        )
+        self._last_ttft = ttft
+        self._cached_tokens_total += job.n_cached
+        self._release(slot, None)
+        job.handle._push(finish)
+
+    def _release(self, slot: _Slot, error: BaseException | None) -> None:
+        """Free the slot; its KV cells stay (slot.cached says which) for prefix reuse."""
+        job = slot.job
+        if job is None:
+            return
+        if job.sampler is not None:
+            job.sampler.free()
+            job.sampler = None
+        slot.job = None
+        slot.last_used = time.perf_counter()
+        self._requests_total += 1
+        if error is not None:
+            job.handle._fail(error)
+
+
+def memory_summary(load_log: Sequence[str]) -> dict[str, float]:
+    """MiB per buffer from llama.cpp's load log: model, KV cache, compute, output."""
+    summary: dict[str, float] = {}
+    for line in load_log:
+        if "llama_kv_cache: size" in line:
+            mib = float(line.split("=", 1)[1].split("MiB", 1)[0])
+            summary["kv_cache_mib"] = summary.get("kv_cache_mib", 0.0) + mib
+            continue
+        if "buffer size" not in line or "KV buffer" in line:
+            continue
+        match = _SIZE_RE.search(line.split(":", 1)[-1].strip())
+        if match is None:
+            continue
+        what = match["what"].lower()
+        kind = (
+            "model"
+            if "model" in what
+            else "compute"
+            if "compute" in what
+            else "output"
+            if "output" in what
+            else "other"
+        )
+        key = f"{kind}_mib"
+        summary[key] = summary.get(key, 0.0) + float(match["mib"])
+    return summary
