@@ -188,8 +188,9 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         raise SettingsError(_describe(exc, config)) from None
-    except ValueError as exc:  # a TOML syntax error
-        raise SettingsError(f"config file {config or default_config_path()}: {exc}") from None
+    except ValueError as exc:  # a TOML syntax error, or a malformed JSON list in an env var
+        file = config or default_config_path()
+        raise SettingsError(f"{f'config file {file}' if file else 'settings'}: {exc}") from None
     finally:
         _CONFIG_FILE_OVERRIDE = None
 
@@ -202,8 +203,9 @@ def _describe(exc: ValidationError, config: Path | None) -> str:
             problems.append(f"unknown setting '{key}'")
         else:
             problems.append(f"setting '{key}': {error['msg']} (got {error.get('input')!r})")
-    where = f" (config file {config or default_config_path()}, env {ENV_PREFIX}*, or flags)"
-    return "; ".join(problems) + where
+    file = config or default_config_path()
+    sources = f"flags, env {ENV_PREFIX}*" + (f" or config file {file}" if file else "")
+    return "; ".join(problems) + f" (from {sources})"
 
 
 def setting_sources(
