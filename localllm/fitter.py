@@ -63,6 +63,8 @@ __all__ = [
     "fit_header",
     "fit_ladder",
     "format_plan",
+    "plan_for_settings",
+    "plan_summary_line",
     "read_headers",
 ]
 
@@ -530,6 +532,17 @@ def fit(
     if request.n_gpu_layers is not None:
         raise SettingsError("--n-gpu-layers plans one file; name a file, not a folder of quants")
     return fit_ladder(headers, hardware, request)
+
+
+def plan_for_settings(settings: Any, model: Path | str | None = None) -> Plan:
+    """The plan for the configured model (or `model`) on the configured hardware: what the
+    server's loader and `localllm doctor` call."""
+    from localllm.models import resolve_model
+
+    target = model if model is not None else settings.model
+    if target is None or not Path(target).expanduser().exists():
+        target = resolve_model(None if target is None else str(target), Path(settings.models_dir))
+    return fit(target, settings=settings)
 
 
 def plan_summary_line(plan: Plan) -> str:

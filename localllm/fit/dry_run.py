@@ -28,6 +28,7 @@ _KV_RE = re.compile(
 )
 _BUFFER_RE = re.compile(r"(\S+)\s+(output|compute) buffer size =\s*([\d.]+) MiB")
 _FLASH_RE = re.compile(r"Flash Attention (enabled|disabled)")
+_FILE_SIZE_RE = re.compile(r"print_info: file size\s*=\s*([\d.]+) (MiB|GiB)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DryRunResult:
     output_bytes: dict[str, int]  # by buffer name ("CPU", "CUDA_Host", ...)
     compute_bytes: dict[str, int]  # by buffer name ("CPU", "CUDA0", ...)
     flash_attn: bool | None
+    weights_bytes: int  # llama.cpp's "file size" line: the bytes of every tensor it loads
     lines: tuple[str, ...]
 
     @property
@@ -67,6 +69,7 @@ def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
     output: dict[str, int] = {}
     compute: dict[str, int] = {}
     flash: bool | None = None
+    weights = 0
     for line in lines:
         if m := _KV_RE.search(line):
             kv.append(KVCacheLine(round(float(m[1]) * MIB), int(m[2]), int(m[3]), int(m[5])))
@@ -75,7 +78,9 @@ def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
             target[m[1]] = target.get(m[1], 0) + round(float(m[3]) * MIB)
         elif m := _FLASH_RE.search(line):
             flash = m[1] == "enabled"
-    return DryRunResult(tuple(kv), output, compute, flash, tuple(lines))
+        elif m := _FILE_SIZE_RE.search(line):
+            weights = round(float(m[1]) * (MIB if m[2] == "MiB" else 1024 * MIB))
+    return DryRunResult(tuple(kv), output, compute, flash, weights, tuple(lines))
 
 
 def dry_run(

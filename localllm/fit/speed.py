@@ -4,11 +4,12 @@ Decode, one token at the start of a conversation (like llama-bench's tg128):
 - a GPU streams its weights once per token: bytes / (0.93 x bandwidth), plus ~3 ms of launch and
   synchronisation per token (fits published llama.cpp figures: RTX 3090 8B Q4_K_M 115 tok/s,
   RTX 4090 131, 8B F16 47 / 55);
-- host-side layers cost their bytes over the host's measured copy bandwidth PLUS their weights'
-  elements over the CPU's quantized dot-product rate (threads x per-core rate): on few cores the
-  CPU is compute-bound (shared/NOTES.md). The rate is CPU_ELEMENTS_PER_FLOP x the probe's
-  float32 matmul FLOP/s per core, a constant calibrated on a 2-core AVX-512 machine against
-  llama.cpp decoding Gemma 3 270M Q4_K_M with 1 and 2 threads.
+- host-side layers cost their weights' elements over the CPU's quantized dot-product rate
+  (threads x per-core rate) plus half (the part not overlapped) of their bytes over the host's
+  measured copy bandwidth: on few cores the CPU is compute-bound (shared/NOTES.md). The rate is
+  CPU_ELEMENTS_PER_FLOP x the probe's float32 matmul FLOP/s per core. Both constants are
+  calibrated on one 2-core AVX-512 VM against llama.cpp decoding Gemma 3 270M Q4_K_M with 1 and
+  2 threads; on many-core desktops the CPU term is likely pessimistic.
 - MoE layers read only n_expert_used of n_expert experts per token.
 
 Prompt processing (compute bound, per micro-batch of n_ubatch tokens): 2 FLOP per weight per
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 
 GPU_BANDWIDTH_EFFICIENCY = 0.93
 GPU_TOKEN_OVERHEAD_S = 0.003
-CPU_ELEMENTS_PER_FLOP = 0.2
+CPU_ELEMENTS_PER_FLOP = 0.045
+# Host weight streaming overlaps the dot products in part: half its time shows (same calibration).
+HOST_BANDWIDTH_OVERLAP = 0.5
 CPU_PREFILL_EFFICIENCY = 0.5
 PCIE_BYTES_S = 25e9  # PCIe 4.0 x16, what host-to-device copies reach in practice
 
@@ -48,7 +51,7 @@ def decode_seconds_per_token(
         for work, bandwidth in gpu_work:
             seconds += work.read_bytes / (GPU_BANDWIDTH_EFFICIENCY * bandwidth)
     if host_work.read_bytes:
-        seconds += host_work.read_bytes / host_bandwidth_bytes_s
+        seconds += HOST_BANDWIDTH_OVERLAP * host_work.read_bytes / host_bandwidth_bytes_s
         seconds += host_work.elements / host_rate_elements_s
     return seconds
 
