@@ -80,14 +80,19 @@ class UvicornThread:
 
 @pytest.fixture(scope="session")
 def engine(embedded_model_path: Path) -> Iterator[Any]:
-    """One real engine for the session: 4 slots of 512 tokens, a wait queue of 2."""
+    """One real engine for the session: 4 slots of 512 tokens, a wait queue of 2.
+
+    One decode thread: on a 2-core machine ggml's spinning thread barrier slows ~50x when a
+    second busy thread (the test client building openai's response types, the event loop,
+    another process) competes for the cores; one thread leaves a core for everything else.
+    """
     from localllm.engine import Engine, EngineConfig
 
     config = EngineConfig(
         model_path=embedded_model_path,
         n_ctx=2048,
         n_parallel=4,
-        n_threads=2,
+        n_threads=1,
         n_batch=512,
         n_ubatch=512,
         queue_size=2,
