@@ -14,6 +14,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,65 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from localllm.fit.plan import FitRequest
+    from localllm.fitter import fit, format_plan
+    from localllm.hardware import hardware_for
+    from localllm.hub import HubClient, RepoRef, looks_like_repo
+
+    flags = {
+        "n_ctx": args.ctx,
+        "parallel": args.parallel,
+        "n_gpu_layers": args.n_gpu_layers,
+        "flash_attn": args.flash_attn,
+        "n_ubatch": args.ubatch,
+        "gpu_margin_mib": args.margin,
+        "min_speed": args.min_speed,
+        "vram": args.vram,
+        "gpu": args.gpu,
+        "max_quality_loss": args.max_quality_loss,
+        "models_dir": args.models_dir,
+        "type_k": args.cache_type,
+        "type_v": args.cache_type,
+    }
+    settings = load_settings(args.config, **flags)
+    changes: dict[str, Any] = {"objective": args.objective}
+    if args.swa_full is not None:
+        changes["swa_full"] = args.swa_full
+    request = FitRequest.from_settings(settings, **changes)
+    hardware = hardware_for(settings)
+    sizes: list[tuple[str, int, str]] = []
+    model: Any
+    if args.model and looks_like_repo(args.model):
+        pairs = HubClient().read_headers(RepoRef.parse(args.model, args.revision))
+        model = [header for _, header in pairs]
+        sizes = [(q.label, q.size, ", ".join(f.filename for f in q.files)) for q, _ in pairs]
+    else:
+        from localllm.models import resolve_model
+
+        target = args.model
+        if target is None or not any(ch in target for ch in "*?[") and not Path(target).exists():
+            target = str(resolve_model(target, settings.models_dir))
+        model = target
+    plan = fit(model, hardware, request)
+    if args.json:
+        result = plan.to_dict()
+        result["llama_params"] = plan.llama_params()
+        result["llama_server_command"] = plan.llama_server_command()
+        if sizes:
+            result["files"] = [{"quant": q, "size_bytes": n, "files": f} for q, n, f in sizes]
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(format_plan(plan))
+    if sizes:
+        print("\nrepo files (headers read by range requests; nothing downloaded):")
+        for quant, size, files in sizes:
+            mark = "*" if quant == plan.quant else " "
+            print(f" {mark} {quant:<8} {size / 1e9:7.2f} GB  {files}")
+    print(f"\nllama-server equivalent:\n  {plan.llama_server_command()}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from localllm.server.run import serve
 
@@ -144,6 +204,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         settings = settings.model_copy(update=overrides)
     serve(settings)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from localllm.doctor import doctor_report, format_doctor
+    from localllm.settings import default_config_path
+
+    settings, given = settings_from_args(args)
+    report = doctor_report(settings, args.config or default_config_path(), given)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_doctor(report))
+    return 0 if report.ok else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from localllm.models import resolve_model
+    from localllm.quality import evaluate, format_quality
+
+    settings, _ = settings_from_args(args)
+    models = [resolve_model(name, settings.models_dir) for name in args.models]
+    text = args.text.read_text() if args.text else None
+    reference = resolve_model(args.reference, settings.models_dir) if args.reference else None
+    results = evaluate(models, text, n_ctx=args.ctx, threads=settings.threads, reference=reference)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print(format_quality(results))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localllm.loadtest import format_bench, plot_bench, run_bench
+
+    def numbers(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split(","))
+
+    result = run_bench(
+        args.url,
+        concurrency=numbers(args.concurrency),
+        prompt_words=numbers(args.prompt_words),
+        max_tokens=numbers(args.max_tokens),
+        requests_per_point=args.requests,
+        time_limit_s=args.time_limit,
+        model=args.model,
+        api_key=args.api_key,
+        allow_remote=args.allow_remote,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
+    if args.chart:
+        print(f"chart: {plot_bench(result, args.chart)}", file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from localllm.pull import pull
+
+    settings, _ = settings_from_args(args)
+    path = pull(args.repo, settings, revision=args.revision, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from localllm.pull import format_models, list_models
+
+    settings, _ = settings_from_args(args)
+    entries = list_models(settings)
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+    else:
+        print(format_models(entries, settings.models_dir))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from localllm.models import remove_model, resolve_model
+
+    settings, _ = settings_from_args(args)
+    path = resolve_model(args.model, settings.models_dir, allow_outside=False)
+    for removed in remove_model(path):
+        print(f"removed {removed}")
     return 0
 
 
@@ -166,10 +306,106 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(inspect, ["models_dir"])
     inspect.set_defaults(handler=cmd_inspect)
 
+    fit = commands.add_parser(
+        "fit",
+        help="Pick the quantization and GPU layers that fit this machine (reads headers only).",
+    )
+    fit.add_argument(
+        "model",
+        nargs="?",
+        help="GGUF file, folder or glob of quantizations, or ORG/REPO[:QUANT] (default: embedded).",
+    )
+    fit.add_argument("--json", action="store_true", help="Machine-readable output.")
+    fit.add_argument("--config", type=Path, help="TOML config file to read.")
+    fit.add_argument("--vram", help="Plan for this much VRAM, e.g. 24GiB or 24GiB,24GiB.")
+    fit.add_argument("--gpu", help="Plan for a named card, e.g. rtx4090 or 2xrtx3090.")
+    fit.add_argument("--ctx", type=int, help="Context length (default: training context, capped).")
+    fit.add_argument("--parallel", type=int, help="Slots (parallel sequences).")
+    fit.add_argument(
+        "--cache-type", choices=["f16", "q8_0", "q4_0"], help="KV cache type (K and V)."
+    )
+    fit.add_argument(
+        "--flash-attn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Flash attention (default: llama.cpp decides).",
+    )
+    fit.add_argument("--ubatch", type=int, help="Micro-batch size.")
+    fit.add_argument("--margin", type=int, help="VRAM in MiB to leave free per GPU.")
+    fit.add_argument("--min-speed", type=float, help="Interactive floor in decode tok/s.")
+    fit.add_argument(
+        "--objective",
+        choices=["balanced", "quality", "speed"],
+        default="balanced",
+        help="balanced: best quality at interactive speed, preferring full offload.",
+    )
+    fit.add_argument("--n-gpu-layers", type=int, help="Predict exactly this many GPU layers.")
+    fit.add_argument(
+        "--swa-full",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Full-size sliding-window cache (llama-cpp-python's default: on).",
+    )
+    fit.add_argument(
+        "--max-quality-loss",
+        type=float,
+        help="Reject quants whose measured mean KL divergence exceeds this.",
+    )
+    fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")
+    fit.add_argument("--models-dir", type=Path, help="Folder holding the GGUF models.")
+    fit.set_defaults(handler=cmd_fit)
+
     serve = commands.add_parser("serve", help="Serve a model over an OpenAI-compatible API.")
     serve.add_argument("model", nargs="?", help="Model to serve (default: the embedded model).")
     add_settings_flags(serve, [n for n in Settings.model_fields if n != "model"])
     serve.set_defaults(handler=cmd_serve)
+
+    doctor = commands.add_parser("doctor", help="What this machine and llama.cpp build can do.")
+    doctor.add_argument("--json", action="store_true", help="Machine-readable output.")
+    add_settings_flags(doctor)
+    doctor.set_defaults(handler=cmd_doctor)
+
+    evaluate = commands.add_parser(
+        "eval", help="Perplexity and KL divergence of quantizations on your own text."
+    )
+    evaluate.add_argument("models", nargs="+", help="GGUF files or model names.")
+    evaluate.add_argument("--text", type=Path, help="Text file to score (default: a built-in one).")
+    evaluate.add_argument("--reference", help="Model to compare against (default: most bits).")
+    evaluate.add_argument("--ctx", type=int, default=256, help="Scoring window in tokens.")
+    evaluate.add_argument("--json", action="store_true", help="Machine-readable output.")
+    add_settings_flags(evaluate, ["models_dir", "threads"])
+    evaluate.set_defaults(handler=cmd_eval)
+
+    bench = commands.add_parser("bench", help="Load-test an OpenAI-compatible server.")
+    bench.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="Server base URL.")
+    bench.add_argument("--concurrency", default="1,2,4,8", help="Concurrent streams to sweep.")
+    bench.add_argument("--prompt-words", default="64", help="Prompt lengths (words) to sweep.")
+    bench.add_argument("--max-tokens", default="64", help="Output lengths to sweep.")
+    bench.add_argument("--requests", type=int, help="Requests per point (default 2 x streams).")
+    bench.add_argument("--time-limit", type=float, default=60.0, help="Seconds per point at most.")
+    bench.add_argument("--model", help="Model name to request (default: the server's first).")
+    bench.add_argument("--api-key", help="Bearer token for the server.")
+    bench.add_argument("--allow-remote", action="store_true", help="Allow a non-loopback target.")
+    bench.add_argument("--chart", type=Path, help="Write a PNG chart here.")
+    bench.add_argument("--json", action="store_true", help="Machine-readable output.")
+    bench.set_defaults(handler=cmd_bench)
+
+    pull = commands.add_parser("pull", help="Download a quantization from a Hugging Face repo.")
+    pull.add_argument("repo", help="ORG/REPO or ORG/REPO:QUANT (default: the one that fits best).")
+    pull.add_argument("--revision", help="Branch, tag or commit.")
+    pull.add_argument("--quiet", action="store_true", help="No progress bar.")
+    add_settings_flags(pull)
+    pull.set_defaults(handler=cmd_pull)
+
+    models = commands.add_parser("models", help="The local models and whether each fits.")
+    models.add_argument("--json", action="store_true", help="Machine-readable output.")
+    add_settings_flags(models)
+    models.set_defaults(handler=cmd_models)
+
+    rm = commands.add_parser("rm", help="Delete a model from the models folder.")
+    rm.add_argument("model", help="Model name in the models folder.")
+    add_settings_flags(rm, ["models_dir"])
+    rm.set_defaults(handler=cmd_rm)
     return parser
 
 

@@ -21,7 +21,7 @@ the expert tensors of the first layers (`--n-cpu-moe`), whichever decodes faster
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,9 @@ class _Fitter:
     def shape(self, n_ctx: int) -> tuple[ContextShape, tuple[int, ...], Any]:
         if n_ctx not in self._shapes:
             r = self.request
-            shape = context_shape(self.header, n_ctx, r.n_parallel, r.n_ubatch, r.n_batch,
-                                  r.swa_full, r.kv_unified)
+            shape = context_shape(
+                self.header, n_ctx, r.n_parallel, r.n_ubatch, r.n_batch, r.swa_full, r.kv_unified
+            )
             kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v)
             self._shapes[n_ctx] = (shape, kv, compute_phases(self.facts, shape, self.flash_attn))
         return self._shapes[n_ctx]
@@ -189,8 +190,9 @@ class _Fitter:
             prefill_elements[dev] += dense_el
             prefill_elements[expert_dev] += expert_el * share
         out_dev = layout.output_device
-        host_output_bytes = facts.output_bytes - (facts.token_embd_bytes if facts.output_tied
-                                                  else 0)
+        host_output_bytes = facts.output_bytes - (
+            facts.token_embd_bytes if facts.output_tied else 0
+        )
         weights[out_dev] += facts.output_bytes if out_dev >= 0 else host_output_bytes
         weights[-1] += facts.token_embd_bytes + facts.other_bytes
         read[out_dev] += facts.output_bytes
@@ -207,12 +209,20 @@ class _Fitter:
                 compute = phases.layer_bytes
             else:
                 compute = 0
-            devices.append(DeviceMemory(
-                name=f"CUDA{g}", description=gpu.name, weights_bytes=weights[g],
-                kv_bytes=kv_on[g], compute_bytes=compute, output_bytes=0,
-                overhead_bytes=GPU_CONTEXT_OVERHEAD_BYTES, margin_bytes=request.gpu_margin_bytes,
-                capacity_bytes=gpu.free_bytes, n_layers=layers_on[g],
-            ))
+            devices.append(
+                DeviceMemory(
+                    name=f"CUDA{g}",
+                    description=gpu.name,
+                    weights_bytes=weights[g],
+                    kv_bytes=kv_on[g],
+                    compute_bytes=compute,
+                    output_bytes=0,
+                    overhead_bytes=GPU_CONTEXT_OVERHEAD_BYTES,
+                    margin_bytes=request.gpu_margin_bytes,
+                    capacity_bytes=gpu.free_bytes,
+                    n_layers=layers_on[g],
+                )
+            )
         if not hardware.gpus:
             host_compute = phases.peak_bytes
         elif all_on_gpu:
@@ -220,19 +230,29 @@ class _Fitter:
         else:
             host_compute = phases.layer_bytes + phases.input_bytes
         host = hardware.host
-        devices.append(DeviceMemory(
-            name="host", description="host RAM", weights_bytes=weights[-1], kv_bytes=kv_on[-1],
-            compute_bytes=host_compute,
-            output_bytes=output_buffer_bytes(header, shape.n_seq),
-            overhead_bytes=HOST_OVERHEAD_BYTES, margin_bytes=0,
-            capacity_bytes=host.ram_available_bytes, n_layers=layers_on[-1],
-        ))
+        devices.append(
+            DeviceMemory(
+                name="host",
+                description="host RAM",
+                weights_bytes=weights[-1],
+                kv_bytes=kv_on[-1],
+                compute_bytes=host_compute,
+                output_bytes=output_buffer_bytes(header, shape.n_seq),
+                overhead_bytes=HOST_OVERHEAD_BYTES,
+                margin_bytes=0,
+                capacity_bytes=host.ram_available_bytes,
+                n_layers=layers_on[-1],
+            )
+        )
 
-        gpu_work = [(DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s)
-                    for g, gpu in enumerate(hardware.gpus)]
+        gpu_work = [
+            (DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s)
+            for g, gpu in enumerate(hardware.gpus)
+        ]
         host_work = DeviceWork(int(read[-1]), int(elements[-1]))
-        seconds = decode_seconds_per_token(gpu_work, host_work, host.memory_bandwidth_bytes_s,
-                                           self.host_rate)
+        seconds = decode_seconds_per_token(
+            gpu_work, host_work, host.memory_bandwidth_bytes_s, self.host_rate
+        )
         decode = 1.0 / seconds if seconds > 0 else 0.0
         prompt = prompt_tokens_per_second(
             [(int(prefill_elements[g]), gpu.prefill_flops) for g, gpu in enumerate(hardware.gpus)],
@@ -246,13 +266,26 @@ class _Fitter:
             layers = "|".join(str(il) for il in range(n_cpu_moe))
             overrides = ((rf"blk\.({layers}){EXPERT_PATTERN}", "CPU"),)
         return Plan(
-            files=header.paths, quant=quant_name(header), n_layer=header.n_layer,
-            n_gpu_layers=layout.n_gpu_layers, n_ctx=shape.n_ctx, n_parallel=shape.n_seq,
-            type_k=request.type_k, type_v=request.type_v, flash_attn=self.flash_attn,
-            swa_full=request.swa_full, kv_unified=request.kv_unified, n_ubatch=shape.n_ubatch,
-            n_batch=shape.n_batch, tensor_split=layout.tensor_split, tensor_overrides=overrides,
-            n_cpu_moe=n_cpu_moe, devices=tuple(devices), decode_tok_s=decode,
-            prompt_tok_s=prompt, fits=all(d.fits for d in devices),
+            files=header.paths,
+            quant=quant_name(header),
+            n_layer=header.n_layer,
+            n_gpu_layers=layout.n_gpu_layers,
+            n_ctx=shape.n_ctx,
+            n_parallel=shape.n_seq,
+            type_k=request.type_k,
+            type_v=request.type_v,
+            flash_attn=self.flash_attn,
+            swa_full=request.swa_full,
+            kv_unified=request.kv_unified,
+            n_ubatch=shape.n_ubatch,
+            n_batch=shape.n_batch,
+            tensor_split=layout.tensor_split,
+            tensor_overrides=overrides,
+            n_cpu_moe=n_cpu_moe,
+            devices=tuple(devices),
+            decode_tok_s=decode,
+            prompt_tok_s=prompt,
+            fits=all(d.fits for d in devices),
             has_swa=bool(header.sliding_window) and any(header.swa_layers),
         )
 
@@ -352,8 +385,10 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
             " tokens each"
         )
     if header.sliding_window and request.swa_full:
-        notes.append("full-size SWA cache (swa_full, llama-cpp-python's default); "
-                     "--swa-full off shrinks the sliding-window layers' cache")
+        notes.append(
+            "full-size SWA cache (swa_full, llama-cpp-python's default); "
+            "--swa-full off shrinks the sliding-window layers' cache"
+        )
 
     if request.n_gpu_layers is not None:  # explicit mode: exactly this configuration
         n_gpu_layers = request.n_gpu_layers
@@ -381,8 +416,10 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
         if plan.fits:
             chosen = plan
             if ctx != n_ctx:
-                notes.append(f"context shrunk from {n_ctx} to {plan.n_ctx} so that every layer "
-                             "fits on the GPU; --ctx keeps a longer one with fewer GPU layers")
+                notes.append(
+                    f"context shrunk from {n_ctx} to {plan.n_ctx} so that every layer "
+                    "fits on the GPU; --ctx keeps a longer one with fewer GPU layers"
+                )
             break
     if chosen is None:
         options = [fitter.most_layers(n_ctx)]
@@ -395,9 +432,11 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
             raise _does_not_fit(options[0], header, request)
         chosen = max(fitting, key=lambda p: p.decode_tok_s)
         if chosen.n_cpu_moe:
-            notes.append(f"MoE: every layer on the GPU with the experts of the first "
-                         f"{chosen.n_cpu_moe} layers in host memory (--n-cpu-moe) decodes faster "
-                         "than moving whole layers")
+            notes.append(
+                f"MoE: every layer on the GPU with the experts of the first "
+                f"{chosen.n_cpu_moe} layers in host memory (--n-cpu-moe) decodes faster "
+                "than moving whole layers"
+            )
         elif header.is_moe and len(options) > 1:
             notes.append("MoE: moving whole layers decodes faster than keeping experts in RAM")
         if chosen.n_gpu_layers < n_layer_all:
@@ -415,7 +454,10 @@ def _quality_key(header: ModelHeader) -> float:
 
 
 def fit_ladder(
-    headers: Sequence[ModelHeader], hardware: Hardware, request: FitRequest | None = None
+    headers: Sequence[ModelHeader],
+    hardware: Hardware,
+    request: FitRequest | None = None,
+    quality_losses: Mapping[Path, float] | None = None,
 ) -> Plan:
     """Choose among quants of one model (see the module docstring for the rules).
 
@@ -424,6 +466,8 @@ def fit_ladder(
     smaller one that fits entirely (it is always slower). quality: the highest-quality quant that
     meets the floor, partial offload allowed. speed: the fastest plan.
     Nothing meets the floor: the fastest plan (quality: the best quant that fits), with a warning.
+    With request.max_quality_loss, quants whose measured loss (quality_losses, by path) exceeds
+    it are rejected before anything else.
     """
     request = request or FitRequest()
     if not headers:
@@ -433,6 +477,23 @@ def fit_ladder(
     plans: list[tuple[ModelHeader, Plan]] = []
     reasons: dict[str, str] = {}
     errors: list[DoesNotFitError] = []
+    limit = request.max_quality_loss
+    if limit is not None:
+        losses = quality_losses or {}
+        for header in ordered:
+            loss = losses.get(header.path)
+            if loss is not None and loss > limit:
+                reasons[quant_name(header)] = (
+                    f"measured quality loss {loss:.4f} (mean KL divergence) exceeds "
+                    f"--max-quality-loss {limit:g}"
+                )
+        ordered = [h for h in ordered if quant_name(h) not in reasons]
+        if not ordered:
+            raise DoesNotFitError(
+                f"every quant exceeds --max-quality-loss {limit:g} "
+                f"({'; '.join(f'{q}: {r}' for q, r in reasons.items())}); raise the limit or "
+                "get a higher-precision quant"
+            )
     for header in ordered:
         try:
             plans.append((header, fit_header(header, hardware, request)))
@@ -443,7 +504,8 @@ def fit_ladder(
         smallest = errors[-1]
         raise DoesNotFitError(
             f"no quant of this model fits ({', '.join(ladder)}); smallest: {smallest}",
-            smallest.needed_bytes, smallest.available_bytes,
+            smallest.needed_bytes,
+            smallest.available_bytes,
         )
     floor = request.min_speed_tok_s
     fast = [(h, p) for h, p in plans if p.decode_tok_s >= floor]
@@ -464,8 +526,10 @@ def fit_ladder(
             continue
         better_quality = ladder.index(plan.quant) < ladder.index(chosen.quant)
         if plan.decode_tok_s < floor:
-            reasons[plan.quant] = (f"{plan.decode_tok_s:.1f} tok/s is below the {floor:g} tok/s "
-                                   f"floor ({plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU)")
+            reasons[plan.quant] = (
+                f"{plan.decode_tok_s:.1f} tok/s is below the {floor:g} tok/s "
+                f"floor ({plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU)"
+            )
         elif better_quality and not plan.full_offload and best_full is not None:
             reasons[plan.quant] = (
                 f"partial offload ({plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU) decodes "
@@ -473,8 +537,10 @@ def fit_ladder(
                 f"({best_full.decode_tok_s:.1f} tok/s); --objective quality prefers it"
             )
         elif better_quality:
-            reasons[plan.quant] = (f"slower ({plan.decode_tok_s:.1f} tok/s) than "
-                                   f"{chosen.quant} ({chosen.decode_tok_s:.1f} tok/s)")
+            reasons[plan.quant] = (
+                f"slower ({plan.decode_tok_s:.1f} tok/s) than "
+                f"{chosen.quant} ({chosen.decode_tok_s:.1f} tok/s)"
+            )
         else:
             reasons[plan.quant] = f"lower quality than {chosen.quant}, which also fits"
     warnings = list(chosen.warnings)
@@ -527,11 +593,24 @@ def fit(
         hardware = hardware_for(settings)
     if request is None:
         request = FitRequest.from_settings(settings) if settings is not None else FitRequest()
-    if len(headers) == 1:
+    if len(headers) == 1 and request.max_quality_loss is None:
         return fit_header(headers[0], hardware, request)
-    if request.n_gpu_layers is not None:
+    if request.n_gpu_layers is not None and len(headers) > 1:
         raise SettingsError("--n-gpu-layers plans one file; name a file, not a folder of quants")
-    return fit_ladder(headers, hardware, request)
+    return fit_ladder(headers, hardware, request, measured_quality_losses(headers))
+
+
+def measured_quality_losses(headers: Sequence[ModelHeader]) -> dict[Path, float]:
+    """Quality losses `localllm eval` stored beside local model files (none for hub headers)."""
+    from localllm.quality import load_quality_loss
+
+    losses = {}
+    for header in headers:
+        if header.path.is_file():
+            loss = load_quality_loss(header.path)
+            if loss is not None:
+                losses[header.path] = loss
+    return losses
 
 
 def plan_for_settings(settings: Any, model: Path | str | None = None) -> Plan:
@@ -547,6 +626,8 @@ def plan_for_settings(settings: Any, model: Path | str | None = None) -> Plan:
 
 def plan_summary_line(plan: Plan) -> str:
     """One line for logs: quant, layers, context, speed."""
-    return (f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, n_ctx "
-            f"{plan.n_ctx} x{plan.n_parallel}, ~{plan.decode_tok_s:.0f} tok/s decode, "
-            f"~{plan.prompt_tok_s:.0f} tok/s prompt")
+    return (
+        f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, n_ctx "
+        f"{plan.n_ctx} x{plan.n_parallel}, ~{plan.decode_tok_s:.0f} tok/s decode, "
+        f"~{plan.prompt_tok_s:.0f} tok/s prompt"
+    )

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         1024, ge=0, description="VRAM per GPU the fitter leaves free, in MiB (llama.cpp's default)."
     )
     min_speed: float = Field(10.0, ge=0, description="Interactive floor in decode tokens/s.")
+    max_quality_loss: float | None = Field(
+        None,
+        ge=0,
+        description="Reject quants whose measured loss (mean KLD, `localllm eval`) exceeds this.",
+    )
     vram: str | None = Field(
         None, description="Override detected VRAM, e.g. '24GiB' or '24GiB,24GiB' for two cards."
     )

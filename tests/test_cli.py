@@ -57,3 +57,123 @@ def test_bad_setting_names_the_key(tmp_path: Path) -> None:
     result = run_cli("inspect", "--config", str(config))
     assert result.returncode == 2
     assert "not_a_setting" in result.stderr
+
+
+def run_cli_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "localllm", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+LADDER = ("Q2_K", "Q4_K_M", "Q8_0")
+
+
+def _ladder(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    for quant in LADDER:
+        write_gguf(folder / f"llama-7b.{quant}.gguf", LLAMA_7B, quant=quant)
+    return folder
+
+
+def test_fit_folder_json(tmp_path: Path) -> None:
+    folder = _ladder(tmp_path / "ladder")
+    result = run_cli(
+        "fit", str(folder), "--json", "--vram", "8GiB", "--ctx", "4096", "--parallel", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    for key in (
+        "file",
+        "quant",
+        "n_gpu_layers",
+        "n_ctx",
+        "n_parallel",
+        "type_k",
+        "type_v",
+        "flash_attn",
+        "swa_full",
+        "devices",
+        "decode_tok_s",
+        "prompt_tok_s",
+        "warnings",
+        "rejected",
+        "llama_params",
+        "llama_server_command",
+    ):
+        assert key in plan, key
+    assert plan["quant"] == "Q4_K_M"  # Q8_0 would need the CPU on an 8 GiB card
+    assert "Q8_0" in plan["rejected"] and "Q2_K" in plan["rejected"]
+    assert plan["n_ctx"] == 4096 and plan["n_parallel"] == 1
+    for device in plan["devices"]:
+        assert {
+            "weights_bytes",
+            "kv_bytes",
+            "compute_bytes",
+            "output_bytes",
+            "overhead_bytes",
+            "total_bytes",
+            "free_bytes",
+        } <= set(device)
+
+
+def test_fit_explicit_layers_and_text(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "llama.gguf", LLAMA_7B)
+    result = run_cli("fit", str(path), "--gpu", "rtx3060", "--n-gpu-layers", "10", "--ctx", "4096")
+    assert result.returncode == 0, result.stderr
+    assert "10/33 layers on the GPU" in result.stdout
+    assert "below the 10 tok/s floor" in result.stdout  # the plain warning
+    assert "llama-server -m" in result.stdout and "-ngl 10" in result.stdout
+
+
+def test_fit_does_not_fit_is_one_line(tmp_path: Path) -> None:
+    from tests.gguf_factory import LLAMA_70B
+
+    path = write_gguf(tmp_path / "llama70.gguf", LLAMA_70B, quant="F16")
+    result = run_cli("fit", str(path), "--vram", "8GiB")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "does not fit" in result.stderr and "GiB" in result.stderr
+
+
+def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> None:
+    from tests.fake_hub import FakeHub, running_hub
+
+    folder = _ladder(tmp_path / "ladder")
+    hub = FakeHub()
+    for index, quant in enumerate(LADDER):
+        hub.add("org/llama-GGUF", folder / f"llama-7b.{quant}.gguf", sha256=f"{index}" * 64)
+    hub.add("google/gemma-3-270m-GGUF", embedded_model_path)
+    models = tmp_path / "models"
+    with running_hub(hub):
+        env = {"HF_ENDPOINT": hub.url, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+        fitted = run_cli_env(env, "fit", "org/llama-GGUF", "--vram", "8GiB", "--ctx", "4096")
+        assert fitted.returncode == 0, fitted.stderr
+        assert "nothing downloaded" in fitted.stdout and "Q4_K_M" in fitted.stdout
+        assert hub.total_sent() < 0.01 * sum(p.stat().st_size for p in folder.iterdir())
+
+        pulled = run_cli_env(
+            env, "pull", "google/gemma-3-270m-GGUF", "--quiet", "--models-dir", str(models)
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        local = models / embedded_model_path.name
+        assert pulled.stdout.strip() == str(local)
+        assert local.stat().st_size == embedded_model_path.stat().st_size
+
+        missing = run_cli_env(env, "pull", "org/nope", "--models-dir", str(models))
+        assert missing.returncode == 2 and "no such repo" in missing.stderr
+
+    listed = run_cli("models", "--models-dir", str(models), "--json")
+    assert listed.returncode == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert entry["quant"] == "Q4_K_M" and "GPU" in entry["fits"]
+    removed = run_cli("rm", "gemma-3-270m-q4_k_m", "--models-dir", str(models))
+    assert removed.returncode == 0 and not local.exists()
+    outside = run_cli("rm", "../ladder/llama-7b.Q2_K.gguf", "--models-dir", str(models))
+    assert outside.returncode == 2 and "outside the models folder" in outside.stderr
+    assert (folder / "llama-7b.Q2_K.gguf").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from localllm.gguf_header import read_header
 from localllm.quality import (
+    QualityResult,
     default_text,
     evaluate,
     format_quality,
@@ -27,6 +28,11 @@ def ladder(tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path) 
     return [base, low]
 
 
+@pytest.fixture(scope="module")
+def evaluated(ladder: list[Path]) -> list[QualityResult]:
+    return evaluate(ladder, n_ctx=128, threads=2)  # stores the losses beside the files
+
+
 def test_quantize_makes_a_real_lower_bit_model(ladder: list[Path]) -> None:
     base, low = (read_header(p) for p in ladder)
     assert low.file_type == "Q2_K"
@@ -34,9 +40,11 @@ def test_quantize_makes_a_real_lower_bit_model(ladder: list[Path]) -> None:
     assert low.n_layer == base.n_layer and low.n_vocab == base.n_vocab
 
 
-def test_eval_measures_perplexity_and_kl_divergence(ladder: list[Path]) -> None:
+def test_eval_measures_perplexity_and_kl_divergence(
+    ladder: list[Path], evaluated: list[QualityResult]
+) -> None:
     base, low = ladder
-    results = evaluate(ladder, n_ctx=128, threads=2)
+    results = evaluated
     by_type = {r.file_type: r for r in results}
     ref, q2 = by_type["Q4_K_M"], by_type["Q2_K"]
     assert ref.reference == str(base)  # the higher-precision file is the reference
@@ -65,3 +73,24 @@ def test_text_too_short_is_a_clear_error(ladder: list[Path]) -> None:
 
 def test_default_text_ships_with_the_package() -> None:
     assert len(default_text().split()) > 500
+
+
+def test_max_quality_loss_changes_the_fitters_choice(
+    ladder: list[Path], evaluated: list[QualityResult]
+) -> None:
+    from localllm.fit.plan import FitRequest
+    from localllm.fitter import fit
+    from localllm.hardware import hardware_for, parse_gpu_names
+
+    folder = ladder[0].parent
+    hardware = hardware_for(None, gpus=parse_gpu_names("rtx4090"))
+    fastest = fit(folder, hardware, FitRequest(objective="speed"))
+    assert fastest.quant == "Q2_K"  # the smaller file decodes faster
+    careful = fit(folder, hardware, FitRequest(objective="speed", max_quality_loss=0.1))
+    assert careful.quant == "Q4_K_M"
+    reason = dict(careful.rejected)["Q2_K"]
+    assert "measured quality loss" in reason and "exceeds --max-quality-loss 0.1" in reason
+    # a limit every quant meets changes nothing
+    assert (
+        fit(folder, hardware, FitRequest(objective="speed", max_quality_loss=5.0)).quant == "Q2_K"
+    )

@@ -40,6 +40,9 @@ class FitRequest:
     min_speed_tok_s: float = 10.0
     objective: Objective = "balanced"
     cpu_moe: bool | None = None  # None: weigh keeping MoE experts in host memory; False: never
+    # Reject quants whose measured loss (mean KL divergence vs a reference, from `localllm eval`)
+    # exceeds this; quants never measured are kept.
+    max_quality_loss: float | None = None
 
     def __post_init__(self) -> None:
         if self.type_k not in CACHE_TYPES or self.type_v not in CACHE_TYPES:
@@ -63,6 +66,7 @@ class FitRequest:
             "n_batch": settings.n_batch,
             "gpu_margin_bytes": settings.gpu_margin_mib * MIB,
             "min_speed_tok_s": settings.min_speed,
+            "max_quality_loss": getattr(settings, "max_quality_loss", None),
         }
         values.update(changes)
         return cls(**values)
@@ -85,8 +89,13 @@ class DeviceMemory:
 
     @property
     def total_bytes(self) -> int:
-        return (self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes
-                + self.overhead_bytes)
+        return (
+            self.weights_bytes
+            + self.kv_bytes
+            + self.compute_bytes
+            + self.output_bytes
+            + self.overhead_bytes
+        )
 
     @property
     def free_bytes(self) -> int:
@@ -217,10 +226,23 @@ class Plan:
 
     def llama_server_command(self) -> str:
         """The equivalent `llama-server` command line."""
-        args = ["llama-server", "-m", str(self.file), "-ngl", str(self.n_gpu_layers),
-                "-c", str(self.n_ctx), "-np", str(self.n_parallel),
-                "-fa", "on" if self.flash_attn else "off",
-                "-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        args = [
+            "llama-server",
+            "-m",
+            str(self.file),
+            "-ngl",
+            str(self.n_gpu_layers),
+            "-c",
+            str(self.n_ctx),
+            "-np",
+            str(self.n_parallel),
+            "-fa",
+            "on" if self.flash_attn else "off",
+            "-b",
+            str(self.n_batch),
+            "-ub",
+            str(self.n_ubatch),
+        ]
         if self.type_k != "f16":
             args += ["-ctk", self.type_k]
         if self.type_v != "f16":
@@ -239,4 +261,3 @@ class Plan:
             for pattern, buffer in self.tensor_overrides:
                 args += ["-ot", f"{pattern}={buffer}"]
         return shlex.join(args)
-

@@ -1,0 +1,156 @@
+"""The models folder as a user sees it: pull from a hub, list with a fit verdict, serve by name.
+
+This is where the hub client, the fitter and the models folder meet; each stays ignorant of the
+others. `ensure_local` is what `serve ORG/REPO[:QUANT]` calls: a local name resolves as before, a
+hub reference is pulled first (the quantization the fitter recommends unless one is named).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import LocalLLMError
+from localllm.gguf_header import ModelHeader, read_header
+from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select_quant
+from localllm.models import model_files, resolve_model
+from localllm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _fit_choice(headers: list[ModelHeader], settings: Settings) -> Any:
+    """The fitter's plan over a ladder of headers for the configured hardware."""
+    from localllm.fit.plan import FitRequest
+    from localllm.fitter import fit_ladder, measured_quality_losses
+    from localllm.hardware import hardware_for
+
+    request = FitRequest.from_settings(settings)
+    return fit_ladder(headers, hardware_for(settings), request, measured_quality_losses(headers))
+
+
+def recommend(
+    ref: RepoRef, settings: Settings, client: HubClient | None = None
+) -> tuple[RemoteQuant, Any]:
+    """The quantization of a repo to download: the one named, else the fitter's choice."""
+    client = client or HubClient()
+    pairs = client.read_headers(ref)
+    quants = [quant for quant, _ in pairs]
+    if ref.quant:
+        quant = select_quant(quants, ref.quant, ref.repo_id)
+        return quant, None
+    plan = _fit_choice([header for _, header in pairs], settings)
+    chosen = str(plan.file)
+    for quant, header in pairs:
+        if str(header.path) == chosen:
+            return quant, plan
+    raise LocalLLMError(f"the fitter chose {chosen}, which is not among {ref.repo_id}'s files")
+
+
+def pull(
+    repo: str,
+    settings: Settings,
+    revision: str | None = None,
+    progress: bool = True,
+    client: HubClient | None = None,
+) -> Path:
+    """Download the recommended (or named) quantization of a repo into the models folder."""
+    ref = RepoRef.parse(repo, revision)
+    client = client or HubClient()
+    quant, plan = recommend(ref, settings, client)
+    if plan is not None:
+        log.info("fitter's choice for this machine: %s", quant.label)
+    if not progress:
+        return client.download(ref, quant, settings.models_dir)
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(f"{ref.repo_id} {quant.label}", *columns, transient=False) as bar:
+        task = bar.add_task("download", total=quant.size)
+        return client.download(
+            ref, quant, settings.models_dir, lambda done, total: bar.update(task, completed=done)
+        )
+
+
+def ensure_local(name: str | None, settings: Settings) -> Path:
+    """A local model file for `serve`: resolve a name, or pull a hub reference when needed."""
+    if name is None or not looks_like_repo(name):
+        return resolve_model(name, settings.models_dir)
+    ref = RepoRef.parse(name)
+    client = HubClient()
+    quant, _ = recommend(ref, settings, client)
+    local = settings.models_dir / Path(quant.files[0].filename).name
+    if local.is_file() and local.stat().st_size == quant.files[0].size:
+        return local
+    return pull(name, settings, progress=False, client=client)
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str
+    path: str
+    size_bytes: int
+    quant: str | None
+    n_ctx_train: int
+    fits: str  # the fitter's one-line verdict for this machine
+    error: str | None = None
+
+
+def list_models(settings: Settings) -> list[LocalModel]:
+    """Every model in the models folder with the fitter's verdict for this machine."""
+    folder = settings.models_dir
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in model_files(folder):
+        try:
+            header = read_header(path)
+        except LocalLLMError as exc:
+            entries.append(
+                LocalModel(path.stem, str(path), path.stat().st_size, None, 0, "-", str(exc))
+            )
+            continue
+        entries.append(
+            LocalModel(
+                name=path.stem,
+                path=str(path),
+                size_bytes=sum(p.stat().st_size for p in header.paths),
+                quant=header.file_type,
+                n_ctx_train=header.n_ctx_train,
+                fits=_verdict(header, settings),
+            )
+        )
+    return entries
+
+
+def _verdict(header: ModelHeader, settings: Settings) -> str:
+    try:
+        plan = _fit_choice([header], settings)
+    except LocalLLMError as exc:
+        return f"does not fit: {exc}"
+    layers = f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU"
+    where = "all on GPU" if plan.full_offload else layers
+    slow = " (below interactive speed)" if plan.decode_tok_s < settings.min_speed else ""
+    return f"{where}, ~{plan.decode_tok_s:.0f} tok/s at {plan.n_ctx} ctx{slow}"
+
+
+def format_models(entries: list[LocalModel], folder: Path) -> str:
+    if not entries:
+        return f"no models in {folder} (pull one with `localllm pull ORG/REPO`)"
+    width = max(len(e.name) for e in entries)
+    lines = [f"{'model':<{width}}  {'size':>8}  {'quant':<7}  {'context':>7}  fit on this machine"]
+    for e in entries:
+        lines.append(
+            f"{e.name:<{width}}  {e.size_bytes / 2**30:>6.2f}Gi  {e.quant or '?':<7}  "
+            f"{e.n_ctx_train:>7}  {e.error or e.fits}"
+        )
+    return "\n".join(lines)
