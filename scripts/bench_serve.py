@@ -1,0 +1,358 @@
+"""Serving benchmark on the embedded model: localllm vs a direct llama-cpp-python loop vs
+llama-cpp-python's own server (`python -m llama_cpp.server`). Prints one table.
+
+    .venv/bin/python scripts/bench_serve.py [--threads 2] [--tokens 64]
+
+Needs llama-cpp-python's server extras for the comparison (sse-starlette, starlette-context,
+PyYAML); without them that column is skipped. Both servers get the same thread count. The
+client runs on the same machine, so on few cores absolute numbers include its overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPTS = [
+    "Write a long story about a dragon who learns to paint.",
+    "Explain in detail how a steam engine works.",
+    "Describe a walk through a busy market in a faraway city.",
+    "Tell the history of a small fishing village over one hundred years.",
+    "Write a letter from a lighthouse keeper to his sister.",
+    "Describe the life cycle of a star, step by step.",
+    "Write a travel diary of a journey across the mountains.",
+    "Tell a tale about a robot who wants to become a chef.",
+]
+SYSTEM = "You are a patient assistant who answers questions about farm animals in detail. " * 12
+
+# llama.cpp's AMX weight repacking crashes llama_decode on this (virtualised) CPU; the localllm
+# engine turns it off on AMX CPUs, so the llama-cpp-python runs get the same setting.
+_NO_EXTRA_BUFTS = (
+    "import llama_cpp.llama_cpp as _l\n"
+    "_orig = _l.llama_model_default_params\n"
+    "def _params():\n"
+    "    p = _orig(); p.use_extra_bufts = False; return p\n"
+    "_l.llama_model_default_params = _params\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float
+    tokens: int
+    decode_s: float  # first to last content chunk
+    wall_s: float
+
+
+def _stream(url: str, path: str, body: dict[str, object]) -> StreamResult:
+    started = time.perf_counter()
+    first = last = 0.0
+    chunks = 0
+    usage_tokens = 0
+    with httpx.stream("POST", url + path, json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage_tokens = data["usage"].get("completion_tokens", 0)
+            for choice in data.get("choices") or []:
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    chunks += 1
+    end = time.perf_counter()
+    return StreamResult(first - started, usage_tokens or chunks, last - first, end - started)
+
+
+def _completion_body(i: int, tokens: int) -> dict[str, object]:
+    return {
+        "model": "m",
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": tokens,
+        "temperature": 0.8,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Level:
+    streams: int
+    aggregate_tps: float
+    ttft_p50: float
+    ttft_p95: float
+
+
+def _concurrency(url: str, streams: int, tokens: int, rounds: int) -> Level:
+    ttfts: list[float] = []
+    total_tokens = 0
+    total_wall = 0.0
+    for r in range(rounds):
+        results: list[StreamResult] = []
+
+        def one(i: int, results: list[StreamResult] = results) -> None:
+            results.append(_stream(url, "/v1/completions", _completion_body(i, tokens)))
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(100 * r + i,)) for i in range(streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        total_wall += time.perf_counter() - started
+        total_tokens += sum(x.tokens for x in results)
+        ttfts += [x.ttft_s for x in results]
+    return Level(
+        streams, total_tokens / total_wall, _percentile(ttfts, 0.5), _percentile(ttfts, 0.95)
+    )
+
+
+def _single_stream_tps(url: str, tokens: int, runs: int = 3) -> float:
+    rates = []
+    for i in range(runs):
+        result = _stream(url, "/v1/completions", _completion_body(1000 + i, tokens))
+        if result.tokens > 1 and result.decode_s > 0:
+            rates.append((result.tokens - 1) / result.decode_s)
+    return statistics.median(rates)
+
+
+def _chat_turns(url: str) -> tuple[float, float]:
+    """TTFT of a first chat turn (long system prompt) and of the next turn."""
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What do goats eat?"},
+    ]
+    body: dict[str, object] = {
+        "model": "m",
+        "messages": messages,
+        "max_tokens": 16,
+        "stream": True,
+        "temperature": 0.8,
+        "seed": 1,
+    }
+    first = _stream(url, "/v1/chat/completions", body)
+    # The assistant's answer is not needed for the prefix to match; a fixed one keeps it simple.
+    messages += [
+        {"role": "assistant", "content": "Goats eat hay."},
+        {"role": "user", "content": "And sheep?"},
+    ]
+    second = _stream(url, "/v1/chat/completions", {**body, "messages": messages})
+    return first.ttft_s, second.ttft_s
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                health = httpx.get(url + "/health", timeout=1)
+                if health.status_code in (200, 404):  # llama-cpp-python has no /health
+                    return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not come up")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class ServerRun:
+    single_tps: float
+    levels: list[Level]
+    turn1_ttft: float
+    turn2_ttft: float
+
+
+def _measure(url: str, tokens: int, levels: list[int], rounds: int) -> ServerRun:
+    _stream(url, "/v1/completions", _completion_body(0, 8))  # warm-up
+    single = _single_stream_tps(url, tokens)
+    results = [_concurrency(url, n, tokens, rounds) for n in levels]
+    turn1, turn2 = _chat_turns(url)
+    return ServerRun(single, results, turn1, turn2)
+
+
+def run_localllm(
+    model: Path, threads: int, tokens: int, levels: list[int], rounds: int
+) -> ServerRun:
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "none.toml"
+        config.write_text("")
+        code = (
+            "from localllm.server.run import serve\nfrom localllm.settings import Settings\n"
+            f"serve(Settings(port={port}, model={str(model)!r}, model_alias='m', "
+            f"n_ctx={1024 * max(levels)}, "
+            f"parallel={max(levels)}, threads={threads}, log_level='warning'))\n"
+        )
+        env = {**os.environ, "LOCALLLM_CONFIG": str(config)}
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}", process)
+            return _measure(f"http://127.0.0.1:{port}", tokens, levels, rounds)
+        finally:
+            _stop(process)
+
+
+def run_llama_cpp_server(
+    model: Path, threads: int, tokens: int, levels: list[int], rounds: int
+) -> ServerRun | None:
+    try:
+        import sse_starlette  # noqa: F401
+        import starlette_context  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python server extras missing: skipping its column", file=sys.stderr)
+        return None
+    port = _free_port()
+    code = (
+        _NO_EXTRA_BUFTS
+        + "import sys, runpy\n"
+        + f"sys.argv = ['llama_cpp.server', '--model', {str(model)!r}, '--model_alias', 'm', "
+        + f"'--port', '{port}', "
+        + f"'--n_threads', '{threads}', '--n_threads_batch', '{threads}', '--n_ctx', '2048', "
+        # Its default interrupts a running stream when a new request arrives; queue instead.
+        + "'--interrupt_requests', 'False', '--verbose', 'False']\n"
+        + "runpy.run_module('llama_cpp.server', run_name='__main__')\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+        return _measure(f"http://127.0.0.1:{port}", tokens, levels, rounds)
+    finally:
+        _stop(process)
+
+
+def direct_tps(model: Path, threads: int, tokens: int) -> float:
+    """Decode tok/s of a plain llama-cpp-python generate loop (no server), in a subprocess."""
+    code = (
+        _NO_EXTRA_BUFTS
+        + "import time, llama_cpp\n"
+        + f"llm = llama_cpp.Llama({str(model)!r}, n_ctx=2048, n_threads={threads}, "
+        + f"n_threads_batch={threads}, verbose=False)\n"
+        + "rates = []\n"
+        + "for i in range(3):\n"
+        + f"    tokens = llm.tokenize({PROMPTS[0]!r}.encode())\n"
+        + "    llm.reset()\n"
+        + "    n = 0\n"
+        + "    for token in llm.generate(tokens, temp=0.8, top_k=40, top_p=0.95, min_p=0.05):\n"
+        + "        if n == 0: start = time.perf_counter()\n"
+        + "        n += 1\n"
+        + f"        if n == {tokens} or llm.token_eos() == token: break\n"
+        + "    rates.append((n - 1) / (time.perf_counter() - start))\n"
+        + "rates.sort(); print(rates[1])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions per concurrency level")
+    args = parser.parse_args()
+    from localllm.models import embedded_model_path
+
+    model = embedded_model_path(REPO / "models")
+    levels = [1, 2, 4, 8]
+    print(
+        f"model {model.name}, {args.threads} threads, {args.tokens} tokens per request, "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
+    direct = direct_tps(model, args.threads, args.tokens)
+    print(f"direct llama-cpp-python: {direct:.1f} tok/s", flush=True)
+    ours = run_localllm(model, args.threads, args.tokens, levels, args.rounds)
+    theirs = run_llama_cpp_server(model, args.threads, args.tokens, levels, args.rounds)
+
+    def cell(run: ServerRun | None, fmt: str, value: object) -> str:
+        return "-" if run is None else fmt.format(value)
+
+    print()
+    print(f"{'measure':42} {'localllm':>12} {'llama_cpp.server':>17}")
+    print(f"{'direct llama-cpp-python decode tok/s':42} {direct:12.1f} {'':>17}")
+    print(
+        f"{'single-stream decode tok/s':42} {ours.single_tps:12.1f} "
+        f"{cell(theirs, '{:17.1f}', theirs.single_tps if theirs else 0)}"
+    )
+    print(
+        f"{'  ratio to direct':42} {ours.single_tps / direct:12.2f} "
+        f"{cell(theirs, '{:17.2f}', theirs.single_tps / direct if theirs else 0)}"
+    )
+    for i, level in enumerate(ours.levels):
+        other = theirs.levels[i] if theirs else None
+        name = f"{level.streams} streams aggregate tok/s"
+        print(
+            f"{name:42} {level.aggregate_tps:12.1f} "
+            f"{cell(other, '{:17.1f}', other.aggregate_tps if other else 0)}"
+        )
+        name = f"{level.streams} streams TTFT p50 / p95 s"
+        ours_ttft = f"{level.ttft_p50:.2f}/{level.ttft_p95:.2f}"
+        their_ttft = f"{other.ttft_p50:.2f}/{other.ttft_p95:.2f}" if other else "-"
+        print(f"{name:42} {ours_ttft:>12} {their_ttft:>17}")
+
+    def scaling(run: ServerRun) -> float:
+        four = next(x for x in run.levels if x.streams == 4).aggregate_tps
+        return four / run.levels[0].aggregate_tps
+
+    their_scaling = f"{scaling(theirs):17.2f}" if theirs else f"{'-':>17}"
+    print(f"{'4 streams / 1 stream aggregate':42} {scaling(ours):12.2f} {their_scaling}")
+    print(
+        f"{'chat turn 1 TTFT s (long system prompt)':42} {ours.turn1_ttft:12.3f} "
+        f"{cell(theirs, '{:17.3f}', theirs.turn1_ttft if theirs else 0)}"
+    )
+    print(
+        f"{'chat turn 2 TTFT s (prefix reused)':42} {ours.turn2_ttft:12.3f} "
+        f"{cell(theirs, '{:17.3f}', theirs.turn2_ttft if theirs else 0)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
