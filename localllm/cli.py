@@ -196,6 +196,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from localllm.models import resolve_model
+    from localllm.profile import format_profile, profile_model
+
+    settings, _ = settings_from_args(args)
+    report = profile_model(resolve_model(args.model, settings.models_dir), settings, args.tokens)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_profile(report))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from localllm.server.run import serve
 
@@ -354,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")
     fit.add_argument("--models-dir", type=Path, help="Folder holding the GGUF models.")
     fit.set_defaults(handler=cmd_fit)
+
+    profile = commands.add_parser(
+        "profile", help="Load a model as serve would; predicted vs allocated memory per device."
+    )
+    profile.add_argument("model", nargs="?", help="GGUF file or model name (default: embedded).")
+    profile.add_argument("--tokens", type=int, default=32, help="Tokens to generate.")
+    profile.add_argument("--json", action="store_true", help="Machine-readable output.")
+    add_settings_flags(profile, [n for n in Settings.model_fields if n != "model"])
+    profile.set_defaults(handler=cmd_profile)
 
     serve = commands.add_parser("serve", help="Serve a model over an OpenAI-compatible API.")
     serve.add_argument("model", nargs="?", help="Model to serve (default: the embedded model).")

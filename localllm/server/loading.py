@@ -1,47 +1,117 @@
 """Settings -> engine configuration: the ONE place that decides how the model is loaded.
 
-For now it maps the settings directly; the fitter (`localllm.fit`) will replace the body and
-return its plan summary and warnings (e.g. "layers offloaded to the CPU: expect ~3 tok/s").
+The fitter plans the model for the hardware this process can actually use: the GPUs NVML sees
+when the llama.cpp build can offload, else the CPU alone. Settings given explicitly (n_ctx,
+n_gpu_layers, cache types, --gpu/--vram) flow into the plan's request, so the plan and the engine
+never disagree. A user asking for GPU layers on a CPU-only build is told loudly, with the fix.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localllm.engine.config import EngineConfig
 from localllm.settings import Settings
 
-DEFAULT_N_CTX = 4096
+if TYPE_CHECKING:
+    from localllm.fit.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def build_supports_gpu() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def serving_hardware(settings: Settings, gpu_build: bool) -> tuple[Any, list[str]]:
+    """The hardware to plan a real load for, and warnings about a build/GPU mismatch."""
+    from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
+
+    warnings: list[str] = []
+    gpus = detect_gpus()
+    if not gpu_build:
+        if gpus:
+            from localllm.doctor import cuda_fix_command
+
+            warnings.append(
+                f"this llama.cpp build is CPU-only but {gpus[0].name} is installed: everything "
+                f"runs on the CPU; rebuild with CUDA: {cuda_fix_command(Path(sys.prefix))}"
+            )
+        if settings.n_gpu_layers not in (None, 0):
+            warnings.append(
+                f"n_gpu_layers={settings.n_gpu_layers} asked for, but this llama.cpp build has no "
+                "GPU backend: the model runs on the CPU (see `localllm doctor`)"
+            )
+        # Plan for the CPU alone: --gpu/--vram describe hardware this build cannot use.
+        host = probe_host()
+        threads = settings.threads or host.logical_cores
+        note = "CPU-only llama.cpp build: planning for the CPU alone"
+        return Hardware(gpus=(), host=host, threads=threads, notes=(note,)), warnings
+    return hardware_for(settings, gpus=gpus or None), warnings
+
+
+def plan_for_serving(model_path: Path, settings: Settings) -> tuple[Plan, EngineConfig, list[str]]:
+    """The fitter's plan for this machine, the engine config that follows it, and warnings."""
+    from localllm.fit.plan import FitRequest
+    from localllm.fitter import fit
+
+    gpu_build = build_supports_gpu()
+    hardware, warnings = serving_hardware(settings, gpu_build)
+    request = FitRequest.from_settings(settings)
+    if not gpu_build and request.n_gpu_layers:
+        request = replace(request, n_gpu_layers=0)
+    plan = fit(model_path, hardware, request)
+    params = plan.llama_params()
+    config = EngineConfig(
+        model_path=model_path,
+        n_ctx=params["n_ctx"],
+        n_parallel=params["n_parallel"],
+        n_gpu_layers=params["n_gpu_layers"],
+        type_k=params["type_k"],
+        type_v=params["type_v"],
+        flash_attn=settings.flash_attn,  # None lets llama.cpp decide, as the plan assumed
+        swa_full=params["swa_full"],
+        n_batch=params["n_batch"],
+        n_ubatch=params["n_ubatch"],
+        n_threads=settings.threads,
+        queue_size=settings.queue_size,
+        tensor_split=params["tensor_split"],
+        tensor_overrides=tuple(params["tensor_overrides"]),
+        max_tokens_default=settings.max_tokens_limit,
+    )
+    return plan, config, warnings + list(plan.warnings)
 
 
 def plan_engine_config(
     model_path: Path, settings: Settings
 ) -> tuple[EngineConfig, dict[str, Any], list[str]]:
     """The engine config to load model_path with, a plan summary, and warnings for users."""
-    n_ctx = settings.n_ctx if settings.n_ctx is not None else DEFAULT_N_CTX
-    config = EngineConfig(
-        model_path=model_path,
-        n_ctx=n_ctx,
-        n_parallel=settings.parallel,
-        n_gpu_layers=settings.n_gpu_layers if settings.n_gpu_layers is not None else 0,
-        type_k=settings.type_k,
-        type_v=settings.type_v,
-        flash_attn=settings.flash_attn,
-        n_batch=settings.n_batch,
-        n_ubatch=settings.n_ubatch,
-        n_threads=settings.threads,
-        queue_size=settings.queue_size,
-        max_tokens_default=settings.max_tokens_limit,
-    )
+    from localllm.fitter import plan_summary_line
+
+    plan, config, warnings = plan_for_serving(model_path, settings)
     summary: dict[str, Any] = {
-        "source": "settings",  # the fitter will say "fit"
+        "source": "fit",
         "model": model_path.name,
+        "plan": plan_summary_line(plan),
         "n_ctx": config.n_ctx,
         "n_parallel": config.n_parallel,
         "n_ctx_per_slot": config.n_ctx_slot,
         "n_gpu_layers": config.n_gpu_layers,
+        "n_layer": plan.n_layer,
         "type_k": config.type_k,
         "type_v": config.type_v,
+        "swa_full": config.swa_full,
+        "decode_tok_s_predicted": round(plan.decode_tok_s, 1),
+        "prompt_tok_s_predicted": round(plan.prompt_tok_s, 1),
+        "devices": [device.to_dict() for device in plan.devices],
+        "gpu_build": build_supports_gpu(),
+        "llama_server_command": plan.llama_server_command(),
     }
-    return config, summary, []
+    log.info("plan: %s", summary["plan"])
+    return config, summary, warnings

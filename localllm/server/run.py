@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 
 from localllm.errors import ModelLoadError, SettingsError
-from localllm.models import resolve_model
+from localllm.pull import ensure_local
 from localllm.server.app import AppState, create_app
 from localllm.server.loading import plan_engine_config
 from localllm.settings import Settings
@@ -104,7 +104,7 @@ def serve(settings: Settings) -> None:
 
     _configure_logging(settings)
     check_bind(settings)
-    model_path = resolve_model(settings.model, settings.models_dir)
+    model_path = ensure_local(settings.model, settings)  # pulls ORG/REPO[:QUANT] when needed
     config, plan_summary, warnings = plan_engine_config(model_path, settings)
     for warning in warnings:
         log.warning("%s", warning)
