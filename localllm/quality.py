@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -164,40 +164,36 @@ def evaluate(
             scorer.close()
         perplexity = float(np.exp(np.mean(nll)))
         header = headers[path]
+        measured = QualityResult(
+            model=str(path),
+            file_type=header.file_type,
+            bits_per_weight=header.bits_per_weight,
+            text_key=key,
+            n_tokens_scored=scored,
+            perplexity=perplexity,
+        )
         if path == reference:
             ref_ppl = perplexity
-            result = QualityResult(
-                str(path),
-                header.file_type,
-                header.bits_per_weight,
-                key,
-                scored,
-                perplexity,
-                str(path),
-                0.0,
-                0.0,
-                1.0,
-                1.0,
+            result = replace(
+                measured,
+                reference=str(path),
+                mean_kld=0.0,
+                kld_p99=0.0,
+                top1_agreement=1.0,
+                ppl_ratio=1.0,
             )
         elif reference is not None:
             kld = np.asarray(klds)
-            result = QualityResult(
-                str(path),
-                header.file_type,
-                header.bits_per_weight,
-                key,
-                scored,
-                perplexity,
-                str(reference),
-                float(kld.mean()),
-                float(np.percentile(kld, 99)),
-                agree / scored,
-                perplexity / ref_ppl if ref_ppl else None,
+            result = replace(
+                measured,
+                reference=str(reference),
+                mean_kld=float(kld.mean()),
+                kld_p99=float(np.percentile(kld, 99)),
+                top1_agreement=agree / scored,
+                ppl_ratio=perplexity / ref_ppl if ref_ppl else None,
             )
         else:
-            result = QualityResult(
-                str(path), header.file_type, header.bits_per_weight, key, scored, perplexity
-            )
+            result = measured
         results.append(result)
         if save:
             save_result(path, result)
