@@ -436,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # per-request and llama.cpp chatter only with -v
+        for noisy in ("httpx", "localllm.llama"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     handler: Handler = args.handler
     try:
         return handler(args)

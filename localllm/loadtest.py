@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import secrets
 import socket
 import statistics
 import time
@@ -99,9 +100,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, int(q) - 1))]
 
 
-def make_prompt(words: int, salt: int) -> str:
-    # A different opening per request, so servers cannot answer every request from one cache.
-    body = " ".join(WORDS[(i * 7 + salt) % len(WORDS)] for i in range(words))
+def make_prompt(words: int, salt: str) -> str:
+    # A different opening per request (and per run), so no server answers from its prompt cache.
+    body = " ".join(WORDS[(i * 7 + len(salt)) % len(WORDS)] for i in range(words))
     return f"Request {salt}. Continue this story: {body}"
 
 
@@ -159,6 +160,7 @@ async def _run_point(
     max_tokens: int,
     requests: int,
     time_limit_s: float,
+    run_id: str,
 ) -> BenchPoint:
     samples: list[_Sample] = []
     errors: list[str] = []
@@ -170,7 +172,7 @@ async def _run_point(
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
             issued += 1
-            salt = issued
+            salt = f"{run_id}-{concurrency}-{prompt_words}-{max_tokens}-{issued}"
             try:
                 samples.append(
                     await asyncio.wait_for(
@@ -235,12 +237,15 @@ async def run_bench_async(
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
                 raise BenchError(f"{url}: cannot list models ({exc}); pass --model") from None
         result = BenchResult(url=url, model=model)
+        run_id = secrets.token_hex(4)
         for words in prompt_words:
             for tokens in max_tokens:
                 for level in concurrency:
                     count = requests_per_point or max(4, 2 * level)
                     result.points.append(
-                        await _run_point(client, model, level, words, tokens, count, time_limit_s)
+                        await _run_point(
+                            client, model, level, words, tokens, count, time_limit_s, run_id
+                        )
                     )
         return result
 
@@ -305,27 +310,44 @@ def plot_bench(result: BenchResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (speed, ttft, itl) = plt.subplots(1, 3, figsize=(14, 4.4))
     series = sorted({(p.prompt_words, p.max_tokens) for p in result.points})
-    for words, tokens in series:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (words, tokens) in enumerate(series):
         pts = sorted(
             (p for p in result.points if (p.prompt_words, p.max_tokens) == (words, tokens)),
             key=lambda p: p.concurrency,
         )
         x = [p.concurrency for p in pts]
+        color = colors[index % len(colors)]
         label = f"{words} words in, {tokens} out"
-        speed.plot(x, [p.aggregate_tok_s for p in pts], "o-", label=f"aggregate ({label})")
-        speed.plot(x, [p.per_stream_tok_s for p in pts], "s--", label=f"per stream ({label})")
-        latency.plot(x, [p.ttft_p50_ms for p in pts], "o-", label=f"TTFT p50 ({label})")
-        latency.plot(x, [p.ttft_p95_ms for p in pts], "o:", label=f"TTFT p95 ({label})")
-        latency.plot(x, [p.itl_p50_ms for p in pts], "s-", label=f"ITL p50 ({label})")
-        latency.plot(x, [p.itl_p95_ms for p in pts], "s:", label=f"ITL p95 ({label})")
-    speed.set(title="Throughput", xlabel="concurrent streams", ylabel="tokens / s")
-    latency.set(title="Latency", xlabel="concurrent streams", ylabel="milliseconds")
-    for axis in (speed, latency):
+        # one colour per workload; solid = aggregate or p50, dotted = per stream or p95
+        speed.plot(x, [p.aggregate_tok_s for p in pts], "o-", color=color, label=f"{label}: all")
+        speed.plot(
+            x, [p.per_stream_tok_s for p in pts], "s:", color=color, label=f"{label}: per stream"
+        )
+        ttft.plot(x, [p.ttft_p50_ms for p in pts], "o-", color=color, label=f"{label}: p50")
+        ttft.plot(x, [p.ttft_p95_ms for p in pts], "s:", color=color, label=f"{label}: p95")
+        itl.plot(x, [p.itl_p50_ms for p in pts], "o-", color=color, label=f"{label}: p50")
+        itl.plot(x, [p.itl_p95_ms for p in pts], "s:", color=color, label=f"{label}: p95")
+    speed.set(
+        title="Throughput (higher is better)", xlabel="concurrent streams", ylabel="tokens / s"
+    )
+    ttft.set(
+        title="Time to first token (lower is better)",
+        xlabel="concurrent streams",
+        ylabel="milliseconds",
+    )
+    itl.set(
+        title="Inter-token latency (lower is better)",
+        xlabel="concurrent streams",
+        ylabel="milliseconds",
+    )
+    for axis in (speed, ttft, itl):
         axis.set_xscale("log", base=2)
         axis.set_xticks(sorted({p.concurrency for p in result.points}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_ylim(bottom=0)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     fig.suptitle(f"{result.model} at {result.url}")
