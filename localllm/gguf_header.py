@@ -309,9 +309,18 @@ class _Cursor:
         return memoryview(self._buf)[start : start + n]
 
     def _fill(self, n: int) -> None:
-        want = max(n, self._block)
+        # Keep the unread tail and fetch only what follows it: every byte is read once, in
+        # order, which a remote source (and its header cache) relies on.
+        buf_end = self._buf_start + len(self._buf)
+        tail = (
+            self._buf[self.pos - self._buf_start :]
+            if self._buf_start <= self.pos < buf_end
+            else b""
+        )
+        start = self.pos + len(tail)
+        want = max(n - len(tail), self._block)
         self._block = min(self._block * 2, 64 << 20)  # remote sources: fewer, larger ranges
-        data = self.source.read_at(self.pos, want)
+        data = tail + self.source.read_at(start, want)
         if len(data) < n:
             size = self.size if self.size is not None else self.pos + len(data)
             raise self.fail(

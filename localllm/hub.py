@@ -155,8 +155,8 @@ class HttpRangeSource:
                     break  # leaving the block closes the connection: no more is sent
         data = b"".join(chunks)[:length]
         self.bytes_received += received
-        if offset == len(self.fetched):
-            self.fetched += data
+        if offset <= len(self.fetched) < offset + len(data):  # extend the contiguous prefix
+            self.fetched += data[len(self.fetched) - offset :]
         return data
 
     def close(self) -> None:

@@ -171,3 +171,21 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def test_serve_reference_pulls_once(
+    hub: FakeHub, tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localllm.pull import ensure_local
+    from localllm.settings import Settings
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = Settings(models_dir=tmp_path / "models")
+    path = ensure_local("google/gemma-3-270m-GGUF:Q4_K_M", settings)
+    assert path == tmp_path / "models" / model_file.name and path.stat().st_size > 0
+    sent = hub.total_sent()
+    assert ensure_local("google/gemma-3-270m-GGUF:Q4_K_M", settings) == path
+    assert hub.total_sent() == sent  # already local: nothing downloaded again
+    # a plain local name still resolves without the hub
+    assert ensure_local(model_file.stem, settings) == path
