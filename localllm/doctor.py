@@ -22,7 +22,6 @@ import ctypes
 import dataclasses
 import importlib
 import importlib.metadata
-import inspect
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -384,41 +383,23 @@ def _embedded_model_bytes() -> int | None:
 def _fit(
     settings: Settings, path: Path | None, present: bool
 ) -> tuple[str, bool | None, str | None]:
-    """One line from the fitter, if it is installed (localllm.fitter)."""
-    try:
-        fitter = importlib.import_module("localllm.fitter")
-    except ImportError:
-        return "fitter not available", None, None
-    # plan_for_settings(settings, path) if the fitter offers it, else fit(path, settings=...);
-    # plan_summary_line(plan) makes the one line when the fitter has it.
-    plan_for = getattr(fitter, "plan_for_settings", None)
-    fit = getattr(fitter, "fit", None)
-    if plan_for is None and fit is None:
-        return "fitter not available (localllm.fitter has no fit)", None, None
+    """One line: the plan `serve` would load the model with on this machine, and its warnings."""
+    from localllm.fitter import plan_summary_line
+    from localllm.server.loading import plan_for_serving
+
     if path is None or not present:
         return "not checked: the model file is not there yet", None, None
     try:
-        if plan_for is not None:
-            plan = plan_for(settings, path)
-        else:
-            assert fit is not None
-            accepts_settings = "settings" in inspect.signature(fit).parameters
-            plan = fit(path, settings=settings) if accepts_settings else fit(path)
+        plan, _, warnings = plan_for_serving(path, settings)
     except DoesNotFitError as exc:
         return str(exc), False, None
     except LocalLLMError as exc:
         return "fitter failed", None, str(exc)
     except Exception as exc:  # the fitter's bug must not hide the rest of the report
         return "fitter failed", None, f"{type(exc).__name__}: {exc}"
-    line = getattr(fitter, "plan_summary_line", None)
-    summary = getattr(plan, "summary", None)
-    text = str(line(plan)) if callable(line) else str(summary() if callable(summary) else plan)
-    # Without a GPU the fitter plans for an assumed card and says so in its notes: show them,
-    # or doctor would seem to promise GPU speed on a CPU-only machine.
-    remarks = [*getattr(plan, "warnings", ()), *getattr(plan, "notes", ())]
-    hardware_notes = [str(r) for r in remarks if "--gpu" in str(r) or "--vram" in str(r)]
-    if hardware_notes:
-        text += " [" + "; ".join(hardware_notes) + "]"
+    text = plan_summary_line(plan)
+    if warnings:
+        text += " [" + "; ".join(warnings) + "]"
     return text, True, None
 
 

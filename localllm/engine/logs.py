@@ -3,7 +3,7 @@
 llama.cpp logs through one process-wide callback. We install ours once; every line goes to the
 `localllm.llama` logger, and lines logged while a `LogCapture` is active are also kept (the load
 log carries `... buffer size = X MiB` and `llama_kv_cache: size = ...`). Debug lines are dropped
-before any Python work: llama.cpp's debug output is what makes `verbose=True` 100x slower.
+before any Python work: llama.cpp's debug output is what makes verbose mode 100x slower.
 """
 
 from __future__ import annotations
