@@ -174,7 +174,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from localllm.models import resolve_model
 
         target = args.model
-        if target is None or not any(ch in target for ch in "*?[") and not Path(target).exists():
+        is_glob = target is not None and any(ch in target for ch in "*?[")
+        if target is None or (not is_glob and not Path(target).exists()):
             target = str(resolve_model(target, settings.models_dir))
         model = target
     plan = fit(model, hardware, request)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -159,7 +160,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config = _CONFIG_FILE_OVERRIDE or default_config_path()
+        config = _config_file.get() or default_config_path()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))
@@ -178,17 +179,17 @@ class Settings(BaseSettings):
         return keys
 
 
-# Set only while load_settings builds a Settings; pydantic-settings offers no per-call hook.
-_CONFIG_FILE_OVERRIDE: Path | None = None
+# The config file named to load_settings, seen by settings_customise_sources while that call
+# builds a Settings (pydantic-settings offers no per-call argument for it).
+_config_file: ContextVar[Path | None] = ContextVar("localllm_config_file", default=None)
 
 
 def load_settings(config: Path | None = None, **flags: Any) -> Settings:
     """Build the settings from flags (None values mean 'not given'), env and the config file."""
-    global _CONFIG_FILE_OVERRIDE
     if config is not None and not config.is_file():
         raise SettingsError(f"config file {config} does not exist")
     given = {key: value for key, value in flags.items() if value is not None}
-    _CONFIG_FILE_OVERRIDE = config
+    token = _config_file.set(config)
     try:
         return Settings(**given)
     except ValidationError as exc:
@@ -197,7 +198,7 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
         file = config or default_config_path()
         raise SettingsError(f"{f'config file {file}' if file else 'settings'}: {exc}") from None
     finally:
-        _CONFIG_FILE_OVERRIDE = None
+        _config_file.reset(token)
 
 
 def _describe(exc: ValidationError, config: Path | None) -> str:

@@ -123,15 +123,7 @@ class RequestHandle:
         return _collect(iter(self))
 
     async def aresult(self) -> Completion:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        async for event in self:
-            if isinstance(event, TextEvent):
-                parts.append(event.text)
-                logprobs.extend(event.logprobs)
-            else:
-                return _completion(parts, logprobs, event)
-        raise RuntimeError("request ended without a finish event")
+        return _collect(iter([event async for event in self]))
 
 
 def _collect(events: Iterator[Event]) -> Completion:

@@ -19,6 +19,7 @@ from localllm.settings import Settings
 
 if TYPE_CHECKING:
     from localllm.fit.plan import Plan
+    from localllm.hardware import Hardware
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def build_supports_gpu() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def serving_hardware(settings: Settings, gpu_build: bool) -> tuple[Any, list[str]]:
+def serving_hardware(settings: Settings, gpu_build: bool) -> tuple[Hardware, list[str]]:
     """The hardware to plan a real load for, and warnings about a build/GPU mismatch."""
     from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
 
