@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import LocalLLMError
+from localllm.ggml import CACHE_TYPES
 from localllm.settings import Settings, load_settings
+from localllm.units import gib, mib
 
 EXIT_ERROR = 2
 
@@ -94,22 +96,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    gib = 2**30
     layer_bytes = header.layer_bytes
-    output = (
-        "tied to the embedding" if header.output_tied else f"{header.output_bytes / 2**20:.1f} MiB"
-    )
-    non_repeating = f"token embedding {header.token_embd_bytes / 2**20:.1f} MiB, output {output}"
+    output = "tied to the embedding" if header.output_tied else mib(header.output_bytes, 1)
+    non_repeating = f"token embedding {mib(header.token_embd_bytes, 1)}, output {output}"
     rows = [
         ("file", ", ".join(summary["files"])),  # type: ignore[arg-type]
         ("architecture", f"{header.architecture} ({header.name or 'unnamed'})"),
         ("quantization", f"{header.file_type or '?'}, {header.bits_per_weight:.2f} bits/weight"),
         (
             "parameters",
-            f"{header.n_params / 1e9:.3f} B, {header.total_bytes / gib:.2f} GiB of weights",
+            f"{header.n_params / 1e9:.3f} B, {gib(header.total_bytes, 2)} of weights",
         ),
-        ("layers", f"{header.n_layer}, {sum(layer_bytes) / len(layer_bytes) / 2**20:.1f} MiB each"),
-        ("non-repeating", f"{header.non_repeating_bytes / 2**20:.1f} MiB ({non_repeating})"),
+        ("layers", f"{header.n_layer}, {mib(sum(layer_bytes) / len(layer_bytes), 1)} each"),
+        ("non-repeating", f"{mib(header.non_repeating_bytes, 1)} ({non_repeating})"),
         ("embedding / FFN", f"{header.n_embd} / {summary['n_ff']}"),
         (
             "heads / KV heads",
@@ -138,8 +137,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from localllm.fit.plan import FitRequest
-    from localllm.fitter import fit, format_plan
+    from localllm.fitter import FitRequest, fit, format_plan
     from localllm.hardware import hardware_for
     from localllm.hub import HubClient, RepoRef, looks_like_repo
 
@@ -245,10 +243,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from localllm.loadtest import format_bench, plot_bench, run_bench
+    from localllm.loadtest import format_bench, plot_bench, require_chart_support, run_bench
 
     def numbers(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(","))
+
+    if args.chart:
+        require_chart_support()  # before minutes of load, not after
 
     result = run_bench(
         args.url,
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ctx", type=int, help="Context length (default: training context, capped).")
     fit.add_argument("--parallel", type=int, help="Slots (parallel sequences).")
     fit.add_argument(
-        "--cache-type", choices=["f16", "q8_0", "q4_0"], help="KV cache type (K and V)."
+        "--cache-type", choices=CACHE_TYPES, help="KV cache type (K and V)."
     )
     fit.add_argument(
         "--flash-attn",

@@ -2,100 +2,46 @@
 
 Without loading a model it gathers
 
-- the llama.cpp build: llama-cpp-python's version, whether it can offload to a GPU, the ggml
-  backends and devices it registered (read from libggml, which llama-cpp-python does not bind);
-- the NVIDIA GPUs NVML sees (`localllm.hardware`, else pynvml directly);
-- host RAM, cores and measured memory bandwidth (`localllm.hardware`, else psutil, unmeasured);
+- the llama.cpp build (`localllm.engine.build`): version, GPU offload, ggml backends and devices,
+  and whether repacked CPU weights run here (a cached child-process probe);
+- the NVIDIA GPUs NVML sees and the host's RAM, cores and measured memory bandwidth
+  (`localllm.hardware`, the only prober);
 - the settings in force and where each value came from (flag, env, config, default);
-- the model that would be served and its fit (the fitter, when it is installed);
+- the model that would be served and the plan `serve` would load it with;
 
 then turns them into advice, each with the exact command that fixes it where there is one.
 
 A probe that fails is reported, never raised: doctor is what people run when things are broken.
-The probes are separate functions, and `doctor_report` takes their results as keyword
-arguments, so the advice can be checked for machines this one is not.
+`doctor_report` takes the probes' results as keyword arguments, so the advice can be checked for
+machines this one is not.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import importlib
 import importlib.metadata
-import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from localllm.engine.build import (
+    BuildInfo,
+    RepackProbe,
+    cuda_fix_command,
+    probe_build,
+    repack_supported,
+)
 from localllm.errors import DoesNotFitError, LocalLLMError
+from localllm.fitter import plan_summary_line
+from localllm.hardware import GPUProbe, HostInfo, probe_gpus, probe_host
+from localllm.loading import plan_for_serving
 from localllm.models import EMBEDDED_MODEL_FILE, resolve_model
 from localllm.settings import Settings, setting_sources
-
-GiB = 1024**3
-SERVICE_VENV = Path("/opt/localllm/.venv")
-CUDA_SCRIPT = "install-cuda-backend.sh"
-# ggml_backend_dev_type, in the order of ggml-backend.h's enum.
-_DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel", "meta")
+from localllm.units import gib
 
 Level = Literal["ok", "info", "warning", "error"]
-
-
-@dataclass(frozen=True)
-class BackendDevice:
-    """A device a ggml backend registered (what llama.cpp can actually place tensors on)."""
-
-    name: str
-    description: str
-    kind: str
-    total_bytes: int
-    free_bytes: int
-
-
-@dataclass(frozen=True)
-class BuildInfo:
-    """The llama.cpp that llama-cpp-python loaded."""
-
-    llama_cpp_version: str | None
-    gpu_offload: bool
-    backends: tuple[str, ...] = ()
-    devices: tuple[BackendDevice, ...] = ()
-    system_info: str = ""
-    error: str | None = None
-
-    @property
-    def gpu_devices(self) -> tuple[BackendDevice, ...]:
-        return tuple(d for d in self.devices if d.kind in ("gpu", "igpu"))
-
-
-@dataclass(frozen=True)
-class GPU:
-    """One NVIDIA GPU as NVML reports it."""
-
-    index: int
-    name: str
-    total_bytes: int
-    free_bytes: int
-    driver: str | None = None
-    bandwidth_bytes_s: float | None = None
-
-
-@dataclass(frozen=True)
-class GPUProbe:
-    gpus: tuple[GPU, ...]
-    source: str
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    ram_total_bytes: int | None
-    ram_available_bytes: int | None
-    cpu_cores: int | None
-    memory_bandwidth_bytes_s: float | None
-    source: str
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,11 +75,13 @@ class Advice:
 class DoctorReport:
     build: BuildInfo
     gpus: GPUProbe
-    host: HostInfo
+    host: HostInfo | None  # None: the probe failed (host_error says why)
     config_path: str | None
     settings: tuple[SettingValue, ...]
     model: ModelCheck
     advice: tuple[Advice, ...] = field(default=())
+    repack: RepackProbe | None = None  # None: not probed (llama.cpp not importable)
+    host_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -147,207 +95,7 @@ class DoctorReport:
         return data
 
 
-# --- Probes -------------------------------------------------------------------------------------
-
-
-def probe_build() -> BuildInfo:
-    """Ask the installed llama-cpp-python what it was built with."""
-    try:
-        import llama_cpp
-    except Exception as exc:  # an ImportError, or an OSError from a broken shared library
-        return BuildInfo(None, False, error=f"llama_cpp cannot be imported: {exc}")
-    version = getattr(llama_cpp, "__version__", None) or _dist_version("llama-cpp-python")
-    gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
-    raw_info = llama_cpp.llama_print_system_info()
-    system_info = raw_info.decode(errors="replace") if isinstance(raw_info, bytes) else raw_info
-    try:
-        backends, devices = _ggml_registry(llama_cpp)
-        error = None
-    except (OSError, AttributeError) as exc:
-        backends, devices, error = (), (), f"ggml backend registry not readable: {exc}"
-    return BuildInfo(
-        llama_cpp_version=version,
-        gpu_offload=gpu_offload,
-        backends=backends,
-        devices=devices,
-        system_info=system_info.strip().rstrip("|").strip(),
-        error=error,
-    )
-
-
-def _ggml_registry(llama_cpp: Any) -> tuple[tuple[str, ...], tuple[BackendDevice, ...]]:
-    # llama-cpp-python 0.3.x binds none of ggml_backend_*; libggml sits next to libllama and
-    # dlopen hands back the very library already loaded, so this reads the live registry.
-    libllama = Path(llama_cpp.llama_cpp._lib._name)
-    candidates = sorted(libllama.parent.glob("libggml.*")) or sorted(libllama.parent.glob("ggml.*"))
-    if not candidates:
-        raise OSError(f"no libggml next to {libllama}")
-    ggml = ctypes.CDLL(str(candidates[0]))
-    ptr, size, text = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
-    signatures: dict[str, tuple[Any, list[Any]]] = {
-        "ggml_backend_reg_count": (size, []),
-        "ggml_backend_reg_get": (ptr, [size]),
-        "ggml_backend_reg_name": (text, [ptr]),
-        "ggml_backend_dev_count": (size, []),
-        "ggml_backend_dev_get": (ptr, [size]),
-        "ggml_backend_dev_name": (text, [ptr]),
-        "ggml_backend_dev_description": (text, [ptr]),
-        "ggml_backend_dev_type": (ctypes.c_int, [ptr]),
-        "ggml_backend_dev_memory": (None, [ptr, ctypes.POINTER(size), ctypes.POINTER(size)]),
-    }
-    for name, (restype, argtypes) in signatures.items():
-        function = getattr(ggml, name)
-        function.restype, function.argtypes = restype, argtypes
-
-    def decoded(value: bytes | None) -> str:
-        return (value or b"").decode(errors="replace")
-
-    backends = tuple(
-        decoded(ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)))
-        for i in range(ggml.ggml_backend_reg_count())
-    )
-    devices = []
-    for i in range(ggml.ggml_backend_dev_count()):
-        device = ggml.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        ggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-        kind_index = ggml.ggml_backend_dev_type(device)
-        kind = _DEVICE_KINDS[kind_index] if 0 <= kind_index < len(_DEVICE_KINDS) else "other"
-        devices.append(
-            BackendDevice(
-                name=decoded(ggml.ggml_backend_dev_name(device)),
-                description=decoded(ggml.ggml_backend_dev_description(device)),
-                kind=kind,
-                total_bytes=int(total.value),
-                free_bytes=int(free.value),
-            )
-        )
-    return backends, tuple(devices)
-
-
-def probe_gpus() -> GPUProbe:
-    """NVIDIA GPUs: through localllm.hardware when it is installed, else NVML directly."""
-    try:
-        hardware = importlib.import_module("localllm.hardware")
-        detect = hardware.detect_gpus
-    except (ImportError, AttributeError):
-        return _nvml_gpus()
-    try:
-        found = list(detect())
-    except LocalLLMError as exc:
-        return GPUProbe((), "localllm.hardware", str(exc))
-    except Exception as exc:  # doctor must report, not crash, whatever the probe does
-        return GPUProbe((), "localllm.hardware", f"{type(exc).__name__}: {exc}")
-    gpus = tuple(
-        GPU(
-            index=int(getattr(g, "index", i)),
-            name=str(getattr(g, "name", "unknown GPU")),
-            total_bytes=int(getattr(g, "total_bytes", 0)),
-            free_bytes=int(getattr(g, "free_bytes", 0)),
-            driver=_str_or_none(getattr(g, "driver", None)),
-            bandwidth_bytes_s=_float_or_none(getattr(g, "bandwidth_bytes_s", None)),
-        )
-        for i, g in enumerate(found)
-    )
-    if not gpus:
-        # localllm.hardware answers () for every reason; NVML itself says which one.
-        return _nvml_gpus()
-    return GPUProbe(gpus, "localllm.hardware")
-
-
-def _nvml_gpus() -> GPUProbe:
-    try:
-        import pynvml
-    except ImportError:
-        return GPUProbe((), "nvml", "nvidia-ml-py is not installed")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return GPUProbe((), "nvml", _nvml_reason(pynvml, exc))
-    try:
-        driver = _text(pynvml.nvmlSystemGetDriverVersion())
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(
-                GPU(
-                    index=i,
-                    name=_text(pynvml.nvmlDeviceGetName(handle)),
-                    total_bytes=int(memory.total),
-                    free_bytes=int(memory.free),
-                    driver=driver,
-                    bandwidth_bytes_s=_nvml_bandwidth(pynvml, handle),
-                )
-            )
-        return GPUProbe(tuple(gpus), "nvml")
-    except pynvml.NVMLError as exc:
-        return GPUProbe((), "nvml", _nvml_reason(pynvml, exc))
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
-
-
-def _nvml_bandwidth(pynvml: Any, handle: Any) -> float | None:
-    # Peak = memory clock x 2 (double data rate) x bus width: 4090 10501 MHz x 2 x 48 B = 1008 GB/s.
-    try:
-        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
-        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
-    except (pynvml.NVMLError, AttributeError):
-        return None
-    return float(clock_mhz) * 1e6 * 2 * bus_bits / 8 if clock_mhz and bus_bits else None
-
-
-def _nvml_reason(pynvml: Any, exc: Exception) -> str:
-    if isinstance(exc, getattr(pynvml, "NVMLError_LibraryNotFound", ())):
-        return "no NVIDIA driver (libnvidia-ml.so not found)"
-    if isinstance(exc, getattr(pynvml, "NVMLError_DriverNotLoaded", ())):
-        return "the NVIDIA driver is installed but not loaded (try: sudo modprobe nvidia)"
-    if isinstance(exc, getattr(pynvml, "NVMLError_NoPermission", ())):
-        return "no permission to open the NVIDIA devices (/dev/nvidia*)"
-    return f"NVML: {exc}"
-
-
-def probe_host() -> HostInfo:
-    """RAM, cores and memory bandwidth: localllm.hardware measures; psutil only counts."""
-    try:
-        hardware = importlib.import_module("localllm.hardware")
-        probe = hardware.probe_host
-    except (ImportError, AttributeError):
-        probe = None
-    if probe is not None:
-        try:
-            host = probe()
-            return HostInfo(
-                ram_total_bytes=_int_or_none(getattr(host, "ram_total_bytes", None)),
-                ram_available_bytes=_int_or_none(getattr(host, "ram_available_bytes", None)),
-                cpu_cores=_int_or_none(
-                    getattr(host, "cpu_cores", None) or getattr(host, "physical_cores", None)
-                ),
-                memory_bandwidth_bytes_s=_float_or_none(
-                    getattr(host, "memory_bandwidth_bytes_s", None)
-                ),
-                # hardware.probe_host measures once, then answers from its cache.
-                source="localllm.hardware"
-                + (f" ({host.source})" if isinstance(getattr(host, "source", None), str) else ""),
-            )
-        except Exception as exc:  # report and fall back to counting
-            error = f"localllm.hardware.probe_host failed: {type(exc).__name__}: {exc}"
-    else:
-        error = "memory bandwidth not measured (localllm.hardware not available)"
-    # Through import_module: psutil ships no type hints and mypy's overrides are not ours.
-    psutil: Any = importlib.import_module("psutil")
-    memory = psutil.virtual_memory()
-    return HostInfo(
-        ram_total_bytes=int(memory.total),
-        ram_available_bytes=int(memory.available),
-        cpu_cores=psutil.cpu_count(logical=False) or os.cpu_count(),
-        memory_bandwidth_bytes_s=None,
-        source="psutil",
-        error=error,
-    )
+# --- The model ---------------------------------------------------------------------------------
 
 
 def check_model(settings: Settings) -> ModelCheck:
@@ -384,9 +132,6 @@ def _fit(
     settings: Settings, path: Path | None, present: bool
 ) -> tuple[str, bool | None, str | None]:
     """One line: the plan `serve` would load the model with on this machine, and its warnings."""
-    from localllm.fitter import plan_summary_line
-    from localllm.server.loading import plan_for_serving
-
     if path is None or not present:
         return "not checked: the model file is not there yet", None, None
     try:
@@ -406,30 +151,10 @@ def _fit(
 # --- Advice -------------------------------------------------------------------------------------
 
 
-def cuda_fix_command(venv: Path, script: Path | str | None = None) -> str:
-    """The exact command that rebuilds llama-cpp-python with CUDA in `venv`."""
-    script = script or _cuda_script(venv)
-    sudo = "" if os.access(venv, os.W_OK) else "sudo "
-    command = f"{sudo}{script} --venv {venv}"
-    if venv == SERVICE_VENV:
-        command += " && sudo systemctl restart localllm"
-    return command
-
-
-def _cuda_script(venv: Path) -> str:
-    for candidate in (
-        venv.parent / "scripts" / CUDA_SCRIPT,  # the service install: /opt/localllm/scripts
-        Path(__file__).resolve().parent.parent / "scripts" / CUDA_SCRIPT,  # a source checkout
-    ):
-        if candidate.is_file():
-            return str(candidate)
-    return f"scripts/{CUDA_SCRIPT}  # from a localllm checkout"
-
-
 def advise(
     build: BuildInfo,
     gpus: GPUProbe,
-    host: HostInfo,
+    host: HostInfo | None,
     model: ModelCheck,
     venv: Path,
     cuda_script: Path | str | None = None,
@@ -486,8 +211,8 @@ def advise(
             advice.append(
                 Advice(
                     "info",
-                    f"GPU {gpu.index} ({gpu.name}): {used / GiB:.1f} GiB of "
-                    f"{gpu.total_bytes / GiB:.1f} GiB already in use by other processes; "
+                    f"GPU {gpu.index} ({gpu.name}): {gib(used)} of "
+                    f"{gib(gpu.total_bytes)} already in use by other processes; "
                     "the fitter plans with what is free.",
                     "nvidia-smi  # to see which processes hold it",
                 )
@@ -500,17 +225,17 @@ def advise(
     return tuple(advice)
 
 
-def _cpu_only_message(gpus: GPUProbe, host: HostInfo, model: ModelCheck) -> str:
+def _cpu_only_message(gpus: GPUProbe, host: HostInfo | None, model: ModelCheck) -> str:
     reason = gpus.error or "NVML lists no GPU"
     parts = [f"CPU-only mode: no NVIDIA GPU found ({reason}) and a CPU-only llama.cpp build."]
-    bandwidth = host.memory_bandwidth_bytes_s
-    if bandwidth and model.size_bytes:
+    bandwidth = host.memory_bandwidth_bytes_s if host else None
+    if host and bandwidth and model.size_bytes:
         # Decoding reads every weight once per token, so bandwidth / model size bounds it.
         parts.append(
             f"Decoding reads the whole model per token: at most about "
             f"{bandwidth / model.size_bytes:.0f} tokens/s for {model.name} "
-            f"({model.size_bytes / GiB:.2f} GiB) at {bandwidth / 1e9:.0f} GB/s, less where the "
-            f"{host.cpu_cores or '?'} cores are the limit; an 8B Q4_K_M (4.9 GB) at most "
+            f"({gib(model.size_bytes, 2)}) at {bandwidth / 1e9:.0f} GB/s, less where the "
+            f"{host.physical_cores} cores are the limit; an 8B Q4_K_M (4.9 GB) at most "
             f"about {bandwidth / 4.9e9:.0f} tokens/s."
         )
     else:
@@ -543,6 +268,7 @@ def doctor_report(
     build: BuildInfo | None = None,
     gpus: GPUProbe | None = None,
     host: HostInfo | None = None,
+    repack: RepackProbe | None = None,
     venv: Path | None = None,
 ) -> DoctorReport:
     """Probe (unless given the results) and advise.
@@ -555,7 +281,17 @@ def doctor_report(
     )
     build = build if build is not None else probe_build()
     gpus = gpus if gpus is not None else probe_gpus()
-    host = host if host is not None else probe_host()
+    host_error = None
+    if host is None:
+        try:
+            host = probe_host()
+        except Exception as exc:  # doctor reports what broke, whatever it was
+            host_error = f"host probe failed: {type(exc).__name__}: {exc}"
+    if repack is None and build.llama_cpp_version is not None:
+        try:
+            repack = repack_supported()
+        except Exception as exc:
+            repack = RepackProbe(False, "probe", f"probe failed: {type(exc).__name__}: {exc}")
     sources = setting_sources(config_path, frozenset(given))
     values = tuple(
         SettingValue(name, _shown_value(name, getattr(settings, name)), sources[name])
@@ -571,6 +307,8 @@ def doctor_report(
         settings=values,
         model=model,
         advice=advice,
+        repack=repack,
+        host_error=host_error,
     )
 
 
@@ -596,41 +334,37 @@ def format_doctor(report: DoctorReport) -> str:
         lines.append(f"  llama-cpp-python {b.llama_cpp_version}, GPU offload: {offload}")
         lines.append(f"  backends: {', '.join(b.backends) or 'unknown'}")
         for d in b.devices:
-            lines.append(
-                f"  device {d.name} ({d.kind}): {d.description}, {d.total_bytes / GiB:.1f} GiB"
-            )
+            lines.append(f"  device {d.name} ({d.kind}): {d.description}, {gib(d.total_bytes)}")
         if b.error:
             lines.append(f"  {b.error}")
         if b.system_info:
             lines.append(f"  {b.system_info}")
+    if report.repack is not None:
+        state = "on" if report.repack.supported else "off"
+        lines.append(
+            f"  repacked CPU weights: {state} ({report.repack.detail}; {report.repack.source})"
+        )
 
     lines.append("NVIDIA GPUs")
     if not report.gpus.gpus:
         lines.append(f"  none: {report.gpus.error or 'NVML lists no GPU'}")
     for g in report.gpus.gpus:
-        bandwidth = f", {g.bandwidth_bytes_s / 1e9:.0f} GB/s" if g.bandwidth_bytes_s else ""
         driver = f", driver {g.driver}" if g.driver else ""
         lines.append(
-            f"  {g.index}: {g.name}, {g.total_bytes / GiB:.1f} GiB "
-            f"({g.free_bytes / GiB:.1f} GiB free){bandwidth}{driver}"
+            f"  {g.index}: {g.name}, {gib(g.total_bytes)} ({gib(g.free_bytes)} free), "
+            f"{g.bandwidth_bytes_s / 1e9:.0f} GB/s{driver}"
         )
 
     h = report.host
     lines.append("Host")
-    ram = (
-        f"RAM {h.ram_total_bytes / GiB:.1f} GiB ({(h.ram_available_bytes or 0) / GiB:.1f} GiB "
-        "available)"
-        if h.ram_total_bytes
-        else "RAM unknown"
-    )
-    bandwidth = (
-        f"memory bandwidth {h.memory_bandwidth_bytes_s / 1e9:.1f} GB/s (measured)"
-        if h.memory_bandwidth_bytes_s
-        else "memory bandwidth not measured"
-    )
-    lines.append(f"  {ram}, {h.cpu_cores or '?'} cores, {bandwidth}")
-    if h.error and h.memory_bandwidth_bytes_s is None and h.source != "psutil":
-        lines.append(f"  {h.error}")
+    if h is None:
+        lines.append(f"  {report.host_error}")
+    else:
+        lines.append(
+            f"  RAM {gib(h.ram_total_bytes)} ({gib(h.ram_available_bytes)} available), "
+            f"{h.physical_cores} cores, memory bandwidth "
+            f"{h.memory_bandwidth_bytes_s / 1e9:.1f} GB/s (measured, {h.source})"
+        )
 
     lines.append(f"Settings (config file: {report.config_path or 'none'})")
     width = max(len(s.name) for s in report.settings) if report.settings else 0
@@ -641,7 +375,7 @@ def format_doctor(report: DoctorReport) -> str:
     lines.append("Model")
     where = m.path or "-"
     state = "present" if m.present else "not on disk yet"
-    size = f", {m.size_bytes / GiB:.2f} GiB" if m.size_bytes else ""
+    size = f", {gib(m.size_bytes, 2)}" if m.size_bytes else ""
     lines.append(f"  {m.name}: {where} ({state}{size})")
     lines.append(f"  fit: {m.fit}")
     if m.error:
@@ -665,27 +399,3 @@ def _toml_like(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"' if not value.endswith("hidden") else value
     return str(value)
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _text(value: str | bytes) -> str:
-    # nvidia-ml-py returned bytes before 11.5 and str since.
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)

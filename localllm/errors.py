@@ -9,13 +9,16 @@
     ├── SettingsError             a config file, env var or flag has a bad key or value
     ├── HubError                  the model hub could not answer (missing repo, auth, disk)
     │   └── HubUnreachableError   the network or the hub is down (cached data may do)
+    ├── BenchError                `localllm bench` cannot run as asked (e.g. a non-local target)
     └── RequestError              a client request the engine cannot serve
+        ├── ChatTemplateError            the chat template refused the messages, or is hostile
         ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
         ├── QueueFullError               every slot busy and the wait queue full
         └── CancelledError               the client went away or the server is stopping
 
-Every message says what to do next. The CLI turns these into one line and exit code 2; the
-HTTP layer maps the classes (never the text) to OpenAI error envelopes.
+Every message says what to do next. The CLI turns these into one line and an exit code; the
+HTTP layer maps the classes (never the text) to OpenAI error envelopes (`server/errors.py`, whose
+`APIError` is the HTTP edge's own status-carrying error, not part of this tree).
 """
 
 from __future__ import annotations
@@ -67,12 +70,20 @@ class HubUnreachableError(HubError):
     """The hub could not be reached at all; what is cached may still answer."""
 
 
+class BenchError(LocalLLMError):
+    """The load test cannot run as asked."""
+
+
 class RequestError(LocalLLMError):
     """A request the engine cannot serve as asked."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         self.param = param
         super().__init__(message)
+
+
+class ChatTemplateError(RequestError):
+    """The chat template refused the messages, or is broken or hostile."""
 
 
 class ContextLengthExceededError(RequestError):

@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import SettingsError
-
-GIB = 1024**3
-GB = 1000**3
+from localllm.units import GB, GIB
 
 # Bump when the probe changes, so old cached figures are not reused.
 _PROBE_VERSION = 2
@@ -114,6 +112,9 @@ class Hardware:
     host: HostInfo
     threads: int  # CPU threads llama.cpp will use
     notes: tuple[str, ...] = ()
+    # llama.cpp copies some host-side weights into repacked CPU buffers (on by default on x86
+    # with AVX2; off where `localllm.engine.build.repack_supported` found that it crashes).
+    cpu_repack: bool = True
 
     @property
     def n_gpus(self) -> int:
@@ -189,16 +190,29 @@ def parse_vram(value: str) -> tuple[int, ...]:
     return sizes
 
 
+@dataclass(frozen=True)
+class GPUProbe:
+    """What NVML found, and why it found nothing when it did not (doctor prints the reason)."""
+
+    gpus: tuple[GPUInfo, ...]
+    error: str | None = None
+
+
 def detect_gpus() -> tuple[GPUInfo, ...]:
     """NVIDIA GPUs through NVML; `()` when NVML, the driver or the cards are missing."""
+    return probe_gpus().gpus
+
+
+def probe_gpus() -> GPUProbe:
+    """NVIDIA GPUs through NVML, with the reason when there are none; never raises."""
     try:
         import pynvml
     except ImportError:
-        return ()
+        return GPUProbe((), "nvidia-ml-py is not installed")
     try:
         pynvml.nvmlInit()
-    except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: no GPU to plan for
-        return ()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return GPUProbe((), _nvml_reason(pynvml, exc))
     try:
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
@@ -214,14 +228,44 @@ def detect_gpus() -> tuple[GPUInfo, ...]:
             prefill = spec.prefill_flops if spec else bandwidth * 65
             gpus.append(GPUInfo(name, int(memory.total), int(memory.free), bandwidth, prefill,
                                 driver, index, "nvml"))
-        return tuple(gpus)
-    except Exception:
-        return ()
+        return GPUProbe(tuple(gpus), None if gpus else "NVML lists no GPU")
+    except Exception as exc:
+        return GPUProbe((), _nvml_reason(pynvml, exc))
     finally:
         try:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def _nvml_reason(pynvml: Any, exc: Exception) -> str:
+    if isinstance(exc, getattr(pynvml, "NVMLError_LibraryNotFound", ())):
+        return "no NVIDIA driver (libnvidia-ml.so not found)"
+    if isinstance(exc, getattr(pynvml, "NVMLError_DriverNotLoaded", ())):
+        return "the NVIDIA driver is installed but not loaded (try: sudo modprobe nvidia)"
+    if isinstance(exc, getattr(pynvml, "NVMLError_NoPermission", ())):
+        return "no permission to open the NVIDIA devices (/dev/nvidia*)"
+    return f"NVML: {exc}"
+
+
+def process_gpu_bytes() -> dict[str, int]:
+    """VRAM used by this process per GPU (NVML), {} without NVML or GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver: nothing to report
+        return {}
+    used: dict[str, int] = {}
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory:
+                    used[f"CUDA{index}"] = int(proc.usedGpuMemory)
+    finally:
+        pynvml.nvmlShutdown()
+    return used
 
 
 def _text(value: Any) -> str:
@@ -240,12 +284,17 @@ def _nvml_bandwidth(pynvml: Any, handle: Any) -> float | None:
     return float(clock_mhz) * 1e6 * 2 * float(bus_bits) / 8
 
 
+def cache_dir() -> Path:
+    """Where localllm keeps per-machine measurements (host probe, repack probe)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "localllm"
+
+
 def default_cache_path() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return root / "localllm" / "host_probe.json"
+    return cache_dir() / "host_probe.json"
 
 
-def _machine_key() -> str:
+def machine_key() -> str:
+    """This machine's identity for cached measurements: architecture, CPU model, core count."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -294,7 +343,7 @@ def probe_host(refresh: bool = False, cache_path: Path | None = None) -> HostInf
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     logical = psutil.cpu_count(logical=True) or physical
     path = cache_path or default_cache_path()
-    key = _machine_key()
+    key = machine_key()
     cached: dict[str, Any] | None = None
     if not refresh:
         try:

@@ -10,6 +10,7 @@ is given, refuses non-loopback hosts unless told otherwise, and stops by itself.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import json
 import secrets
@@ -24,16 +25,12 @@ from urllib.parse import urlparse
 
 import httpx
 
-from localllm.errors import LocalLLMError
+from localllm.errors import BenchError
 
 WORDS = (
     "the river carried small boats past the old mill while children counted clouds and a baker "
     "sold warm bread to travellers who spoke of distant mountains snow and quiet harbours"
 ).split()
-
-
-class BenchError(LocalLLMError):
-    """The load test cannot run as asked."""
 
 
 @dataclass(frozen=True)
@@ -303,8 +300,15 @@ def format_bench(result: BenchResult) -> str:
     return out.getvalue()
 
 
+def require_chart_support() -> None:
+    """`--chart` needs matplotlib, an optional extra; say so before the load test runs."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("--chart needs matplotlib: pip install 'localllm[chart]'")
+
+
 def plot_bench(result: BenchResult, path: Path) -> Path:
     """A PNG: aggregate and per-stream tok/s, and TTFT / ITL p50 and p95, against concurrency."""
+    require_chart_support()
     import matplotlib
 
     matplotlib.use("Agg")

@@ -90,13 +90,18 @@ def resolve_model(name: str | None, models_dir: Path, allow_outside: bool = True
     )
 
 
+def quality_sidecar_path(model: Path) -> Path:
+    """Where `localllm eval` stores a model's measurements: beside it, `NAME.quality.json`."""
+    return model.with_name(model.name.removesuffix(".gguf") + ".quality.json")
+
+
 def remove_model(path: Path) -> list[Path]:
     """Delete a model's files (a whole split set); returns what was removed."""
     removed = []
     for part in split_set(path):
         part.unlink()
         removed.append(part)
-    sidecar = path.with_suffix(".quality.json")
+    sidecar = quality_sidecar_path(path)
     if sidecar.exists():
         sidecar.unlink()
     return removed

@@ -8,8 +8,6 @@ output buffers), plus the process's peak RSS and, on a GPU, the VRAM NVML says t
 
 from __future__ import annotations
 
-import os
-import re
 import resource
 import time
 from collections.abc import Sequence
@@ -17,14 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localllm.engine.logs import buffer_lines
+from localllm.hardware import process_gpu_bytes
 from localllm.settings import Settings
+from localllm.units import MIB
 
-MIB = 2**20
 KINDS = ("weights", "kv", "compute", "output")
 
 # "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB", "CUDA0 KV buffer size = ...",
 # "CPU  output buffer size", "CUDA0 compute buffer size".
-_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s*([\d.]+) MiB")
 _KIND = {"model": "weights", "KV": "kv", "output": "output", "compute": "compute"}
 
 
@@ -73,38 +72,16 @@ def device_of(buffer: str) -> str:
 def allocated_bytes(load_log: Sequence[str]) -> dict[tuple[str, str], int]:
     """(device, kind) -> bytes, from llama.cpp's `... buffer size = X MiB` lines."""
     totals: dict[tuple[str, str], int] = {}
-    for line in load_log:
-        match = _BUFFER_RE.search(line)
-        if match:
-            key = (device_of(match[1]), _KIND[match[2]])
-            totals[key] = totals.get(key, 0) + round(float(match[3]) * MIB)
+    for line in buffer_lines(load_log):
+        key = (device_of(line.buffer), _KIND[line.kind])
+        totals[key] = totals.get(key, 0) + line.bytes
     return totals
-
-
-def _nvml_process_bytes() -> dict[str, int]:
-    """VRAM used by this process per GPU (NVML), {} without NVML or GPUs."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no library, no driver: nothing to report
-        return {}
-    used: dict[str, int] = {}
-    try:
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == os.getpid() and proc.usedGpuMemory:
-                    used[f"CUDA{index}"] = int(proc.usedGpuMemory)
-    finally:
-        pynvml.nvmlShutdown()
-    return used
 
 
 def profile_model(model_path: Path, settings: Settings, tokens: int = 32) -> ProfileReport:
     from localllm.engine import Engine
     from localllm.fitter import plan_summary_line
-    from localllm.server.loading import plan_for_serving
+    from localllm.loading import plan_for_serving
 
     plan, config, warnings = plan_for_serving(model_path, settings)
     started = time.perf_counter()
@@ -116,7 +93,7 @@ def profile_model(model_path: Path, settings: Settings, tokens: int = 32) -> Pro
         )
         decode_s = time.perf_counter() - decode_started
         actual = allocated_bytes(engine.load_log)
-        gpu_used = _nvml_process_bytes()
+        gpu_used = process_gpu_bytes()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     rows = []

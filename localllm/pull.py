@@ -17,14 +17,14 @@ from localllm.gguf_header import ModelHeader, read_header
 from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select_quant
 from localllm.models import model_files, resolve_model
 from localllm.settings import Settings
+from localllm.units import gib
 
 log = logging.getLogger(__name__)
 
 
 def _fit_choice(headers: list[ModelHeader], settings: Settings) -> Any:
     """The fitter's plan over a ladder of headers for the configured hardware."""
-    from localllm.fit.plan import FitRequest
-    from localllm.fitter import fit_ladder, measured_quality_losses
+    from localllm.fitter import FitRequest, fit_ladder, measured_quality_losses
     from localllm.hardware import hardware_for
 
     request = FitRequest.from_settings(settings)
@@ -62,6 +62,12 @@ def pull(
     quant, plan = recommend(ref, settings, client)
     if plan is not None:
         log.info("fitter's choice for this machine: %s", quant.label)
+    return _download(ref, quant, settings, client, progress)
+
+
+def _download(
+    ref: RepoRef, quant: RemoteQuant, settings: Settings, client: HubClient, progress: bool
+) -> Path:
     if not progress:
         return client.download(ref, quant, settings.models_dir)
 
@@ -91,7 +97,7 @@ def ensure_local(name: str | None, settings: Settings) -> Path:
     local = settings.models_dir / Path(quant.files[0].filename).name
     if local.is_file() and local.stat().st_size == quant.files[0].size:
         return local
-    return pull(name, settings, progress=False, client=client)
+    return _download(ref, quant, settings, client, progress=False)  # the quant chosen above
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ def format_models(entries: list[LocalModel], folder: Path) -> str:
     lines = [f"{'model':<{width}}  {'size':>8}  {'quant':<7}  {'context':>7}  fit on this machine"]
     for e in entries:
         lines.append(
-            f"{e.name:<{width}}  {e.size_bytes / 2**30:>6.2f}Gi  {e.quant or '?':<7}  "
+            f"{e.name:<{width}}  {gib(e.size_bytes, 2, unit=False):>6}Gi  {e.quant or '?':<7}  "
             f"{e.n_ctx_train:>7}  {e.error or e.fits}"
         )
     return "\n".join(lines)

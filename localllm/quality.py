@@ -24,6 +24,7 @@ import numpy as np
 
 from localllm.errors import LocalLLMError, ModelLoadError
 from localllm.gguf_header import ModelHeader, read_header
+from localllm.models import quality_sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ def default_text() -> str:
 
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def sidecar_path(model: Path) -> Path:
-    return model.with_name(model.name.removesuffix(".gguf") + ".quality.json")
 
 
 @dataclass(frozen=True)
@@ -211,7 +208,7 @@ def _pick_reference(headers: dict[Path, ModelHeader]) -> Path | None:
 
 
 def save_result(model: Path, result: QualityResult) -> None:
-    path = sidecar_path(model)
+    path = quality_sidecar_path(model)
     stored: dict[str, Any] = {}
     if path.is_file():
         try:
@@ -220,21 +217,6 @@ def save_result(model: Path, result: QualityResult) -> None:
             stored = {}
     stored[result.text_key] = asdict(result)
     path.write_text(json.dumps(stored, indent=2))
-
-
-def load_quality_loss(model: Path) -> float | None:
-    """The largest measured quality loss (mean KLD) stored for a model, over the texts measured."""
-    path = sidecar_path(model)
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except ValueError:
-        log.warning("ignoring unreadable %s", path)
-        return None
-    losses = [entry.get("mean_kld") for entry in stored.values() if isinstance(entry, dict)]
-    measured = [float(x) for x in losses if x is not None]
-    return max(measured) if measured else None
 
 
 def format_quality(results: Sequence[QualityResult]) -> str:

@@ -25,12 +25,12 @@ from pydantic_settings import (
 )
 
 from localllm.errors import SettingsError
+from localllm.ggml import CacheType
 
 ENV_PREFIX = "LOCALLLM_"
 SYSTEM_CONFIG = Path("/etc/localllm/config.toml")
 USER_CONFIG = Path("~/.config/localllm/config.toml").expanduser()
 
-CacheType = Literal["f16", "q8_0", "q4_0"]
 
 
 def _default_models_dir() -> Path:

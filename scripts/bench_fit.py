@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localllm.fit.dry_run import dry_run  # noqa: E402
+from localllm.engine.dry_run import dry_run  # noqa: E402
 from localllm.fitter import FitRequest, fit, fit_header  # noqa: E402
 from localllm.gguf_header import read_header  # noqa: E402
 from localllm.hardware import TYPICAL_HOST, Hardware, parse_gpu_names, probe_host  # noqa: E402

@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from localllm import doctor
-from localllm.doctor import (
-    GPU,
-    Advice,
-    BackendDevice,
-    BuildInfo,
-    GPUProbe,
-    HostInfo,
-    ModelCheck,
-    advise,
-    doctor_report,
-    format_doctor,
-)
-from localllm.errors import HardwareProbeError
+from localllm.doctor import Advice, ModelCheck, advise, doctor_report, format_doctor
+from localllm.engine import build
+from localllm.engine.build import BackendDevice, BuildInfo, RepackProbe
+from localllm.hardware import GPUInfo, GPUProbe, HostInfo, probe_gpus
 from localllm.settings import load_settings
+from localllm.units import GIB as GiB
 
-GiB = 1024**3
 CPU_DEVICE = BackendDevice("CPU", "Intel(R) Xeon(R)", "cpu", 24 * GiB, 24 * GiB)
 CUDA_DEVICE = BackendDevice("CUDA0", "NVIDIA GeForce RTX 4090", "gpu", 24 * GiB, 23 * GiB)
 CPU_BUILD = BuildInfo("0.3.36", False, ("CPU",), (CPU_DEVICE,), "CPU : AVX2 = 1")
 CUDA_BUILD = BuildInfo("0.3.36", True, ("CUDA", "CPU"), (CUDA_DEVICE, CPU_DEVICE), "CUDA : ...")
-RTX_4090 = GPU(0, "NVIDIA GeForce RTX 4090", 24 * GiB, 23 * GiB, "570.86", 1008e9)
-NO_GPU = GPUProbe((), "nvml", "no NVIDIA driver (libnvidia-ml.so not found)")
-ONE_GPU = GPUProbe((RTX_4090,), "nvml")
-HOST = HostInfo(32 * GiB, 28 * GiB, 8, None, "psutil")
+RTX_4090 = GPUInfo("NVIDIA GeForce RTX 4090", 24 * GiB, 23 * GiB, 1008e9, 110e12, "570.86")
+NO_GPU = GPUProbe((), "no NVIDIA driver (libnvidia-ml.so not found)")
+ONE_GPU = GPUProbe((RTX_4090,))
+HOST = HostInfo(32 * GiB, 28 * GiB, 8, 16, 20e9, 400e9, "probe")
+REPACK_OFF = RepackProbe(False, "cache", "killed by SIGILL")
+FIXED_PROBES = {"build": CPU_BUILD, "gpus": NO_GPU, "host": HOST, "repack": REPACK_OFF}
 MODEL = ModelCheck("embedded Gemma 3 270M Q4_K_M", "/m/gemma.gguf", True, 253 * 2**20, "n/a")
 
 
@@ -60,7 +50,7 @@ def test_report_on_this_machine_says_cpu_only(
     clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("llama_cpp")
-    gpus = doctor.probe_gpus()
+    gpus = probe_gpus()
     if gpus.gpus:
         pytest.skip("this machine has an NVIDIA GPU; the CPU-only assertions do not apply")
     models = tmp_path / "models"
@@ -78,8 +68,10 @@ def test_report_on_this_machine_says_cpu_only(
     assert report.build.devices[0].total_bytes > 0
     assert report.build.system_info.startswith("CPU :")
     assert report.gpus.error  # why there is none, e.g. no libnvidia-ml.so
-    assert report.host.ram_total_bytes and report.host.ram_total_bytes > 0
-    assert report.host.cpu_cores and report.host.cpu_cores >= 1
+    assert report.host is not None and report.host.ram_total_bytes > 0
+    assert report.host.physical_cores >= 1 and report.host.memory_bandwidth_bytes_s > 0
+    # the repack probe ran (or answered from its cache) and is reported either way
+    assert report.repack is not None and report.repack.source in ("probe", "cache")
 
     assert report.ok
     (cpu_only,) = [a for a in report.advice if a.message.startswith("CPU-only mode")]
@@ -96,6 +88,7 @@ def test_report_on_this_machine_says_cpu_only(
     assert "GPU offload: no (CPU-only build)" in text
     assert "NVIDIA GPUs\n  none: " in text
     assert "[info] CPU-only mode" in text
+    assert "repacked CPU weights: " + ("on" if report.repack.supported else "off") in text
     assert "models_dir" in text and "(flag)" in text
 
     data = json.loads(json.dumps(report.to_dict()))
@@ -108,6 +101,8 @@ def test_report_on_this_machine_says_cpu_only(
         "model",
         "advice",
         "ok",
+        "repack",
+        "host_error",
     }
     assert data["build"]["gpu_offload"] is False
     assert data["build"]["devices"][0]["kind"] == "cpu"
@@ -116,10 +111,8 @@ def test_report_on_this_machine_says_cpu_only(
     assert {s["name"]: s["source"] for s in data["settings"]}["models_dir"] == "flag"
 
 
-def test_nvml_without_driver_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "localllm.hardware", None)
-    probe = doctor.probe_gpus()
-    assert probe.source == "nvml"
+def test_nvml_without_driver_is_reported_not_raised() -> None:
+    probe = probe_gpus()
     if probe.gpus:
         pytest.skip("this machine has an NVIDIA driver")
     assert probe.error
@@ -137,7 +130,7 @@ def test_settings_sources_and_hidden_keys(clean_env: pytest.MonkeyPatch, tmp_pat
     clean_env.setenv("LOCALLLM_HOST", "127.0.0.2")
     flags = {"n_ctx": 4096, "threads": None}
     settings = load_settings(config, **flags)
-    report = doctor_report(settings, config, flags, build=CPU_BUILD, gpus=NO_GPU, host=HOST)
+    report = doctor_report(settings, config, flags, **FIXED_PROBES)
     shown = {s.name: (s.value, s.source) for s in report.settings}
     assert shown["port"] == (9000, "config")
     assert shown["n_ctx"] == (4096, "flag")
@@ -152,7 +145,7 @@ def test_settings_sources_and_hidden_keys(clean_env: pytest.MonkeyPatch, tmp_pat
 def test_missing_named_model_is_an_error(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     settings = load_settings(None, models_dir=tmp_path / "models", model="nope")
-    report = doctor_report(settings, None, (), build=CPU_BUILD, gpus=NO_GPU, host=HOST)
+    report = doctor_report(settings, None, (), **FIXED_PROBES)
     assert report.model.error and "nope" in report.model.error
     assert not report.ok
     assert any(a.level == "error" and "nope" in a.message for a in report.advice)
@@ -163,11 +156,11 @@ def test_fit_is_the_plan_serve_would_use_here(
 ) -> None:
     from tests.gguf_factory import LLAMA_7B, write_gguf
 
-    if doctor.probe_build().gpu_offload:
+    if build.gpu_offload():
         pytest.skip("llama-cpp-python here is a GPU build")
     model = write_gguf(tmp_path / "llama-7b.gguf", LLAMA_7B)
     settings = load_settings(None, models_dir=tmp_path, model=str(model), n_ctx=4096)
-    report = doctor_report(settings, None, (), build=CPU_BUILD, gpus=NO_GPU, host=HOST)
+    report = doctor_report(settings, None, (), **FIXED_PROBES)
     assert report.model.fit_ok is True
     # a CPU-only build: the CPU plan, not a hypothetical GPU, and the slow-speed warning
     assert report.model.fit.startswith("Q4_K_M: 0/33 layers on GPU, n_ctx 4096")
@@ -188,9 +181,9 @@ def test_cpu_build_with_nvidia_gpu_gets_the_exact_fix(tmp_path: Path) -> None:
 
 
 def test_fix_for_the_service_venv_uses_sudo_and_restarts() -> None:
-    if doctor.SERVICE_VENV.exists():
+    if build.SERVICE_VENV.exists():
         pytest.skip("a real service venv exists here")
-    fix = doctor.cuda_fix_command(doctor.SERVICE_VENV, "/opt/localllm/scripts/x.sh")
+    fix = build.cuda_fix_command(build.SERVICE_VENV, "/opt/localllm/scripts/x.sh")
     assert fix == (
         "sudo /opt/localllm/scripts/x.sh --venv /opt/localllm/.venv"
         " && sudo systemctl restart localllm"
@@ -199,7 +192,7 @@ def test_fix_for_the_service_venv_uses_sudo_and_restarts() -> None:
 
 def test_fix_names_a_script_that_exists(tmp_path: Path) -> None:
     # From a checkout, the fix points at this repository's script.
-    fix = doctor.cuda_fix_command(tmp_path)
+    fix = build.cuda_fix_command(tmp_path)
     script = Path(fix.split()[0])
     assert script.name == "install-cuda-backend.sh" and script.is_file()
 
@@ -224,14 +217,14 @@ def test_cuda_build_that_registers_no_gpu_warns(tmp_path: Path) -> None:
 
 
 def test_busy_gpu_is_mentioned(tmp_path: Path) -> None:
-    busy = GPU(0, "NVIDIA GeForce RTX 3090", 24 * GiB, 8 * GiB, "570.86")
-    advice = advise(CUDA_BUILD, GPUProbe((busy,), "nvml"), HOST, MODEL, tmp_path)
+    busy = GPUInfo("NVIDIA GeForce RTX 3090", 24 * GiB, 8 * GiB, 936e9, 62e12, "570.86")
+    advice = advise(CUDA_BUILD, GPUProbe((busy,)), HOST, MODEL, tmp_path)
     assert levels(advice) == ["ok", "info"]
     assert "16.0 GiB of 24.0 GiB already in use" in advice[1].message
 
 
 def test_cpu_only_speed_from_measured_bandwidth(tmp_path: Path) -> None:
-    host = HostInfo(32 * GiB, 28 * GiB, 8, 50e9, "localllm.hardware")
+    host = HostInfo(32 * GiB, 28 * GiB, 8, 16, 50e9, 400e9, "probe")
     model = ModelCheck("gemma", "/m/g.gguf", True, GiB, "n/a")
     (advice,) = advise(CPU_BUILD, NO_GPU, host, model, tmp_path)
     assert advice.level == "info"
@@ -253,66 +246,11 @@ def test_does_not_fit_is_an_error(tmp_path: Path) -> None:
     assert levels(advice) == ["ok", "error"]
 
 
-# --- localllm.hardware, when the other module is there ------------------------------------------
-
-
-def _fake_hardware(**functions: object) -> types.ModuleType:
-    module = types.ModuleType("localllm.hardware")
-    for name, function in functions.items():
-        setattr(module, name, function)
-    return module
-
-
-def test_gpus_from_localllm_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    info = types.SimpleNamespace(
-        name="NVIDIA GeForce RTX 5090",
-        total_bytes=32 * GiB,
-        free_bytes=31 * GiB,
-        bandwidth_bytes_s=1792e9,
-        driver="575.51",
-    )
-    monkeypatch.setitem(
-        sys.modules, "localllm.hardware", _fake_hardware(detect_gpus=lambda: [info])
-    )
-    probe = doctor.probe_gpus()
-    assert probe == GPUProbe(
-        (GPU(0, "NVIDIA GeForce RTX 5090", 32 * GiB, 31 * GiB, "575.51", 1792e9),),
-        "localllm.hardware",
-    )
-
-
-def test_hardware_probe_error_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    def detect() -> list[object]:
-        raise HardwareProbeError("NVML: driver/library version mismatch; reboot")
-
-    monkeypatch.setitem(sys.modules, "localllm.hardware", _fake_hardware(detect_gpus=detect))
-    probe = doctor.probe_gpus()
-    assert probe.gpus == () and probe.error == "NVML: driver/library version mismatch; reboot"
-
-
-def test_host_from_localllm_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    host = types.SimpleNamespace(
-        ram_total_bytes=64 * GiB,
-        ram_available_bytes=60 * GiB,
-        cpu_cores=16,
-        memory_bandwidth_bytes_s=80e9,
-    )
-    monkeypatch.setitem(sys.modules, "localllm.hardware", _fake_hardware(probe_host=lambda: host))
-    assert doctor.probe_host() == HostInfo(64 * GiB, 60 * GiB, 16, 80e9, "localllm.hardware")
-
-
-def test_host_without_localllm_hardware_counts_with_psutil(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "localllm.hardware", None)
-    host = doctor.probe_host()
-    assert host.source == "psutil" and host.memory_bandwidth_bytes_s is None
-    assert host.ram_total_bytes and host.ram_total_bytes > 0
-    assert host.error and "not measured" in host.error
-
-
 def test_format_shows_fix_lines(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     settings = load_settings(None, models_dir=tmp_path)
     report = doctor_report(
-        settings, None, (), build=CPU_BUILD, gpus=ONE_GPU, host=HOST, venv=tmp_path
+        settings, None, (), build=CPU_BUILD, gpus=ONE_GPU, host=HOST, repack=REPACK_OFF,
+        venv=tmp_path,
     )
     text = format_doctor(report)
     assert (
@@ -320,4 +258,5 @@ def test_format_shows_fix_lines(clean_env: pytest.MonkeyPatch, tmp_path: Path) -
     )
     assert "[error] llama.cpp here is a CPU-only build" in text
     assert "      fix: " in text and f"--venv {tmp_path}" in text
+    assert "repacked CPU weights: off (killed by SIGILL; cache)" in text
     assert not report.ok

@@ -11,7 +11,6 @@ import pytest
 
 from localllm.engine import (
     ChatTemplate,
-    ChatTemplateError,
     EngineConfig,
     FinishEvent,
     GenerationRequest,
@@ -23,6 +22,7 @@ from localllm.engine.grammar import json_object_grammar, json_schema_grammar
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.errors import (
     CancelledError,
+    ChatTemplateError,
     ContextLengthExceededError,
     QueueFullError,
     RequestError,

@@ -9,8 +9,8 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from localllm.errors import DoesNotFitError, SettingsError
-from localllm.fit.memory import HeaderFacts, compute_phases, context_shape, kv_layer_bytes
 from localllm.fitter import FitRequest, Plan, fit, fit_header, fit_ladder, format_plan
+from localllm.fitter.memory import HeaderFacts, compute_phases, context_shape, kv_layer_bytes
 from localllm.gguf_header import ModelHeader, read_header
 from localllm.hardware import GIB, Hardware, HostInfo, parse_gpu_names
 from localllm.models import embedded_model_path
@@ -92,7 +92,7 @@ def test_swa_full_differs_by_the_sliding_layers_cells(headers: dict[str, ModelHe
     assert "--swa-full" not in small.llama_server_command()
 
 
-# ---- the real embedded model against NOTES.md ------------------------------------------------
+# ---- the real embedded model against llama.cpp's own figures ---------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +112,7 @@ def test_embedded_model_kv_and_compute_match_notes(embedded: ModelHeader) -> Non
 
 def test_embedded_model_against_a_llama_cpp_dry_run(embedded: ModelHeader) -> None:
     pytest.importorskip("llama_cpp")
-    from localllm.fit.dry_run import dry_run
+    from localllm.engine.dry_run import dry_run
 
     measured = dry_run(embedded.path, n_ctx=2048, n_parallel=2, n_ubatch=256, swa_full=False)
     hardware = Hardware((), HOST, 2)
@@ -122,6 +122,20 @@ def test_embedded_model_against_a_llama_cpp_dry_run(embedded: ModelHeader) -> No
     assert plan.host.output_bytes == measured.total_output_bytes
     assert abs(plan.host.compute_bytes - measured.total_compute_bytes) <= 0.10 * (
         measured.total_compute_bytes)
+
+
+def test_repacked_host_weights_are_counted(embedded: ModelHeader) -> None:
+    """With repacking on, llama.cpp copies the host's Q4_K matrices into a CPU_REPACK buffer:
+    12.66 MiB for this model (its load log), on top of the 235.16 MiB mapped file."""
+    q4k = sum(t.n_bytes for t in embedded.tensors if t.ggml_type == "Q4_K")
+    assert round(q4k / MIB, 2) == 12.66
+    request = FitRequest(n_ctx=2048)
+    off = fit_header(embedded, Hardware((), HOST, 2, cpu_repack=False), request)
+    on = fit_header(embedded, Hardware((), HOST, 2, cpu_repack=True), request)
+    assert on.host.weights_bytes - off.host.weights_bytes == q4k
+    # Layers on a GPU are not repacked: all offloaded, the host holds only the embedding.
+    gpu = Hardware(parse_gpu_names("rtx3090"), HOST, 2, cpu_repack=True)
+    assert fit_header(embedded, gpu, request).host.weights_bytes == embedded.token_embd_bytes
 
 
 # ---- choices ---------------------------------------------------------------------------------

@@ -189,3 +189,25 @@ def test_serve_reference_pulls_once(
     assert hub.total_sent() == sent  # already local: nothing downloaded again
     # a plain local name still resolves without the hub
     assert ensure_local(model_file.stem, settings) == path
+
+
+def test_serve_reference_fits_the_ladder_once(
+    hub: FakeHub, tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localllm import pull as pull_module
+    from localllm.settings import Settings
+
+    fits: list[int] = []
+    real_fit = pull_module._fit_choice
+
+    def counting_fit(headers: list[object], settings: Settings) -> object:
+        fits.append(len(headers))
+        return real_fit(headers, settings)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pull_module, "_fit_choice", counting_fit)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = Settings(models_dir=tmp_path / "models")
+    path = pull_module.ensure_local("google/gemma-3-270m-GGUF", settings)
+    assert path.name == model_file.name and path.stat().st_size == model_file.stat().st_size
+    assert fits == [1]  # the choice is made once, then downloaded as chosen

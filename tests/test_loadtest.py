@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from localllm.loadtest import BenchError, check_target, format_bench, plot_bench, run_bench
+from localllm.errors import BenchError
+from localllm.loadtest import check_target, format_bench, plot_bench, run_bench
 from tests.conftest import API_KEY
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from localllm.engine.build import gpu_offload
+from localllm.loading import plan_engine_config
 from localllm.profile import allocated_bytes, device_of
-from localllm.server.loading import build_supports_gpu, plan_engine_config
 from localllm.settings import Settings
 
 
@@ -35,7 +36,7 @@ def test_buffer_lines_are_attributed_to_devices() -> None:
 
 
 def test_cpu_only_build_plans_for_the_cpu_and_says_so_loudly(embedded_model_path: Path) -> None:
-    assert not build_supports_gpu()  # this machine's llama.cpp is a CPU build
+    assert not gpu_offload()  # this machine's llama.cpp is a CPU build
     settings = Settings(n_gpu_layers=10, n_ctx=2048, parallel=2, threads=1)
     config, summary, warnings = plan_engine_config(embedded_model_path, settings)
     assert config.n_gpu_layers == 0

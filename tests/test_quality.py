@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from localllm.fitter import load_quality_loss
 from localllm.gguf_header import read_header
-from localllm.quality import (
-    QualityResult,
-    default_text,
-    evaluate,
-    format_quality,
-    load_quality_loss,
-    quantize,
-    sidecar_path,
-)
+from localllm.models import quality_sidecar_path
+from localllm.quality import QualityResult, default_text, evaluate, format_quality, quantize
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def test_eval_measures_perplexity_and_kl_divergence(
     assert q2.ppl_ratio is not None and q2.ppl_ratio > 1.1
     assert q2.top1_agreement is not None and 0.3 < q2.top1_agreement < 0.99
     # stored beside the model for the fitter
-    stored = json.loads(sidecar_path(low).read_text())
+    stored = json.loads(quality_sidecar_path(low).read_text())
     assert next(iter(stored.values()))["mean_kld"] == pytest.approx(q2.mean_kld)
     assert load_quality_loss(low) == pytest.approx(q2.mean_kld)
     assert load_quality_loss(base) == 0.0
@@ -78,8 +72,7 @@ def test_default_text_ships_with_the_package() -> None:
 def test_max_quality_loss_changes_the_fitters_choice(
     ladder: list[Path], evaluated: list[QualityResult]
 ) -> None:
-    from localllm.fit.plan import FitRequest
-    from localllm.fitter import fit
+    from localllm.fitter import FitRequest, fit
     from localllm.hardware import hardware_for, parse_gpu_names
 
     folder = ladder[0].parent

@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from localllm.errors import SettingsError
-from localllm.server import create_app, plan_engine_config
+from localllm.loading import plan_engine_config
+from localllm.server import create_app
 from localllm.server.app import WARNING_HEADER
 from localllm.server.run import check_bind, is_loopback
 from localllm.settings import Settings

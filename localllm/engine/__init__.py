@@ -1,6 +1,6 @@
 """The llama.cpp engine: continuous batching over n_parallel slots, prompt cache reuse."""
 
-from localllm.engine.chat import ChatTemplate, ChatTemplateError
+from localllm.engine.chat import ChatTemplate
 from localllm.engine.config import EngineConfig
 from localllm.engine.core import Engine, memory_summary
 from localllm.engine.handle import RequestHandle
@@ -19,7 +19,6 @@ from localllm.engine.types import (
 
 __all__ = [
     "ChatTemplate",
-    "ChatTemplateError",
     "Completion",
     "Engine",
     "EngineConfig",

@@ -18,15 +18,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from localllm.engine import logs
+from localllm.engine import build, logs
 from localllm.engine.config import EngineConfig
 from localllm.engine.types import SamplingParams
 from localllm.errors import ModelLoadError, RequestError
+from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
 
 log = logging.getLogger(__name__)
 
-_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # enum ggml_type
-_FLASH_ATTN = {None: -1, False: 0, True: 1}  # enum llama_flash_attn_type
 
 
 def _llama() -> Any:
@@ -49,36 +48,6 @@ class _TensorOverride(ctypes.Structure):
     # struct llama_model_tensor_buft_override { const char * pattern;
     #                                           ggml_backend_buffer_type_t buft; }
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def _buffer_type(name: str) -> int | None:
-    """A ggml buffer type by device name ("CPU", "CUDA0"), via ggml's device registry."""
-    lib_dir = Path(_llama().__file__).parent / "lib"
-    for candidate in ("libggml-base.so", "libggml.so", "libggml-base.dylib", "libggml.dylib"):
-        path = lib_dir / candidate
-        if not path.exists():
-            continue
-        lib = ctypes.CDLL(str(path))
-        try:
-            by_name = lib.ggml_backend_dev_by_name
-            buft_of = lib.ggml_backend_dev_buffer_type
-        except AttributeError:
-            continue
-        by_name.argtypes, by_name.restype = [ctypes.c_char_p], ctypes.c_void_p
-        buft_of.argtypes, buft_of.restype = [ctypes.c_void_p], ctypes.c_void_p
-        device = by_name(name.encode())
-        if device:
-            buft: int | None = buft_of(device)
-            return buft
-    return None
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return "amx_tile" in cpuinfo.read()
-    except OSError:
-        return False
 
 
 class LlamaBackend:
@@ -117,9 +86,10 @@ class LlamaBackend:
         llama.llama_backend_init()
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
-        mparams.use_extra_bufts = (
-            config.use_extra_bufts if config.use_extra_bufts is not None else not _cpu_has_amx()
-        )
+        use_extra_bufts = config.use_extra_bufts
+        if use_extra_bufts is None:
+            use_extra_bufts = build.repack_supported().supported
+        mparams.use_extra_bufts = use_extra_bufts
         if config.tensor_split:
             n_devices = llama.llama_max_devices()
             split = (ctypes.c_float * n_devices)(*config.tensor_split[:n_devices])
@@ -143,9 +113,9 @@ class LlamaBackend:
         threads = config.n_threads or os.cpu_count() or 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.type_k = _GGML_TYPES[config.type_k]
-        cparams.type_v = _GGML_TYPES[config.type_v]
-        cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+        cparams.type_k = ggml_type_id(config.type_k)
+        cparams.type_v = ggml_type_id(config.type_v)
+        cparams.flash_attn_type = FLASH_ATTN_TYPE[config.flash_attn]
         cparams.swa_full = config.swa_full
         # One KV stream per slot: a slot's context is its own, like llama-server's default.
         cparams.kv_unified = False
@@ -164,7 +134,7 @@ class LlamaBackend:
     def _set_tensor_overrides(self, mparams: Any) -> None:
         entries: list[tuple[bytes, int]] = []
         for pattern, device in self.config.tensor_overrides:
-            buft = _buffer_type(device)
+            buft = build.buffer_type(device)
             if buft is None:
                 log.warning("tensor override %r -> %s ignored: no such device", pattern, device)
                 continue

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from localllm.errors import RequestError
+from localllm.errors import ChatTemplateError
 
 Message = Mapping[str, Any]
 
@@ -52,10 +52,6 @@ FALLBACK_BY_ARCHITECTURE = {
     "gemma2": GEMMA_TEMPLATE,
     "gemma3": GEMMA_TEMPLATE,
 }
-
-
-class ChatTemplateError(RequestError):
-    """The chat template refused the messages, or is broken or hostile."""
 
 
 def _raise_exception(message: str) -> None:

@@ -1,12 +1,11 @@
-"""How to load a model into the engine: one frozen record, built by `server.loading`."""
+"""How to load a model into the engine: one frozen record, built by `localllm.loading`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-CacheType = Literal["f16", "q8_0", "q4_0"]
+from localllm.ggml import CacheType
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,8 @@ class EngineConfig:
     tensor_split: tuple[float, ...] | None = None
     # (regex, buffer type) pairs, e.g. (r"\.ffn_.*_exps\.", "CPU") to keep MoE experts in RAM.
     tensor_overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    # Repacked weight buffers (CPU_REPACK, AMX). None: on, except on CPUs with AMX, where
-    # llama.cpp's AMX path crashed in llama_decode on our (virtualised) machines.
+    # Repacked CPU weight buffers (CPU_REPACK, AMX). None: as the machine's probe says
+    # (`engine.build.repack_supported`): some VMs advertise instructions they do not grant.
     use_extra_bufts: bool | None = None
     seed: int | None = None  # default seed for requests that give none (None: random)
     max_tokens_default: int | None = None  # cap when a request gives no max_tokens

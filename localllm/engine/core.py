@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import re
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from localllm.engine import logs
 from localllm.engine.backend import BatchItem, LlamaBackend, Sampler
 from localllm.engine.chat import ChatTemplate
 from localllm.engine.config import EngineConfig
@@ -59,10 +59,10 @@ from localllm.errors import (
     QueueFullError,
     RequestError,
 )
+from localllm.units import MIB
 
 log = logging.getLogger(__name__)
 
-_SIZE_RE = re.compile(r"^(?P<what>.*?)\s*(?:buffer )?size\s*=\s*(?P<mib>[\d.]+) MiB")
 
 
 class Backend(Protocol):
@@ -554,27 +554,14 @@ class Engine:
 
 def memory_summary(load_log: Sequence[str]) -> dict[str, float]:
     """MiB per buffer from llama.cpp's load log: model, KV cache, compute, output."""
+    names = {"model": "model_mib", "output": "output_mib", "compute": "compute_mib"}
     summary: dict[str, float] = {}
+    for buffer in logs.buffer_lines(load_log):
+        if buffer.kind in names:  # KV buffers are counted from the cache's own size lines
+            key = names[buffer.kind]
+            summary[key] = round(summary.get(key, 0.0) + buffer.bytes / MIB, 2)
     for line in load_log:
         if "llama_kv_cache: size" in line:
             mib = float(line.split("=", 1)[1].split("MiB", 1)[0])
             summary["kv_cache_mib"] = summary.get("kv_cache_mib", 0.0) + mib
-            continue
-        if "buffer size" not in line or "KV buffer" in line:
-            continue
-        match = _SIZE_RE.search(line.split(":", 1)[-1].strip())
-        if match is None:
-            continue
-        what = match["what"].lower()
-        kind = (
-            "model"
-            if "model" in what
-            else "compute"
-            if "compute" in what
-            else "output"
-            if "output" in what
-            else "other"
-        )
-        key = f"{kind}_mib"
-        summary[key] = summary.get(key, 0.0) + float(match["mib"])
     return summary

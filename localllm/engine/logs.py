@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from localllm.units import MIB
 
 logger = logging.getLogger("localllm.llama")
 
@@ -78,3 +82,30 @@ def capture() -> Iterator[list[str]]:
     finally:
         with _lock:
             _captures.remove(lines)
+
+
+# "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB", "llama_kv_cache:   CUDA0 KV buffer
+# size = 24.00 MiB", "llama_context:  CUDA_Host  output buffer size = 4.00 MiB",
+# "sched_reserve:  CUDA0 compute buffer size = 514.50 MiB" (llama-model.cpp, llama-kv-cache.cpp,
+# llama-context.cpp): the buffer's name, what it holds, and its size, rounded to 0.01 MiB.
+_BUFFER_LINE = re.compile(
+    r"(?P<buffer>\S+)\s+(?P<kind>model|KV|output|compute) buffer size =\s*(?P<mib>[\d.]+) MiB"
+)
+BufferKind = Literal["model", "KV", "output", "compute"]
+
+
+@dataclass(frozen=True)
+class BufferLine:
+    buffer: str  # "CPU_Mapped", "CPU_REPACK", "CUDA0", "CUDA_Host", ...
+    kind: BufferKind
+    bytes: int
+
+
+def buffer_lines(lines: Iterable[str]) -> list[BufferLine]:
+    """Every `... buffer size = X MiB` line of a load log, in order."""
+    found = []
+    for line in lines:
+        if match := _BUFFER_LINE.search(line):
+            kind = cast(BufferKind, match["kind"])
+            found.append(BufferLine(match["buffer"], kind, round(float(match["mib"]) * MIB)))
+    return found

@@ -22,9 +22,9 @@ from typing import Any
 import uvicorn
 
 from localllm.errors import ModelLoadError, SettingsError
+from localllm.loading import plan_engine_config
 from localllm.pull import ensure_local
 from localllm.server.app import AppState, create_app
-from localllm.server.loading import plan_engine_config
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,13 @@
-"""A plan as readable, aligned plain text (the CLI prints it; `--json` prints `to_dict()`)."""
+"""A plan as text: aligned for the CLI (`--json` prints `Plan.to_dict()`), one line for logs."""
 
 from __future__ import annotations
 
-from localllm.fit.plan import Plan
-
-GIB = 1024**3
+from localllm.fitter.records import Plan
+from localllm.units import gib
 
 
 def _gib(n_bytes: int) -> str:
-    return f"{n_bytes / GIB:.2f}"
+    return gib(n_bytes, digits=2, unit=False)
 
 
 def format_plan(plan: Plan) -> str:
@@ -59,3 +58,12 @@ def format_plan(plan: Plan) -> str:
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def plan_summary_line(plan: Plan) -> str:
+    """One line for logs: quant, layers, context, speed."""
+    return (
+        f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, n_ctx "
+        f"{plan.n_ctx} x{plan.n_parallel}, ~{plan.decode_tok_s:.0f} tok/s decode, "
+        f"~{plan.prompt_tok_s:.0f} tok/s prompt"
+    )

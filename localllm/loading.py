@@ -1,9 +1,10 @@
-"""Settings -> engine configuration: the ONE place that decides how the model is loaded.
+"""Settings -> plan -> engine configuration: the ONE place that decides how a model is loaded.
 
 The fitter plans the model for the hardware this process can actually use: the GPUs NVML sees
 when the llama.cpp build can offload, else the CPU alone. Settings given explicitly (n_ctx,
 n_gpu_layers, cache types, --gpu/--vram) flow into the plan's request, so the plan and the engine
 never disagree. A user asking for GPU layers on a CPU-only build is told loudly, with the fix.
+`serve` loads with this plan, and `doctor` and `profile` report it.
 """
 
 from __future__ import annotations
@@ -12,34 +13,23 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from localllm.engine.build import cuda_fix_command, gpu_offload, repack_supported
 from localllm.engine.config import EngineConfig
+from localllm.fitter import FitRequest, Plan, fit, plan_summary_line
+from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
 from localllm.settings import Settings
-
-if TYPE_CHECKING:
-    from localllm.fit.plan import Plan
-    from localllm.hardware import Hardware
 
 log = logging.getLogger(__name__)
 
 
-def build_supports_gpu() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
 def serving_hardware(settings: Settings, gpu_build: bool) -> tuple[Hardware, list[str]]:
     """The hardware to plan a real load for, and warnings about a build/GPU mismatch."""
-    from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
-
     warnings: list[str] = []
     gpus = detect_gpus()
     if not gpu_build:
         if gpus:
-            from localllm.doctor import cuda_fix_command
-
             warnings.append(
                 f"this llama.cpp build is CPU-only but {gpus[0].name} is installed: everything "
                 f"runs on the CPU; rebuild with CUDA: {cuda_fix_command(Path(sys.prefix))}"
@@ -53,16 +43,16 @@ def serving_hardware(settings: Settings, gpu_build: bool) -> tuple[Hardware, lis
         host = probe_host()
         threads = settings.threads or host.logical_cores
         note = "CPU-only llama.cpp build: planning for the CPU alone"
-        return Hardware(gpus=(), host=host, threads=threads, notes=(note,)), warnings
-    return hardware_for(settings, gpus=gpus or None), warnings
+        hardware = Hardware(gpus=(), host=host, threads=threads, notes=(note,))
+    else:
+        hardware = hardware_for(settings, gpus=gpus or None)
+    # The engine repacks host weights exactly when the machine's probe allows it.
+    return replace(hardware, cpu_repack=repack_supported().supported), warnings
 
 
 def plan_for_serving(model_path: Path, settings: Settings) -> tuple[Plan, EngineConfig, list[str]]:
     """The fitter's plan for this machine, the engine config that follows it, and warnings."""
-    from localllm.fit.plan import FitRequest
-    from localllm.fitter import fit
-
-    gpu_build = build_supports_gpu()
+    gpu_build = gpu_offload()
     hardware, warnings = serving_hardware(settings, gpu_build)
     request = FitRequest.from_settings(settings)
     if not gpu_build and request.n_gpu_layers:
@@ -93,8 +83,6 @@ def plan_engine_config(
     model_path: Path, settings: Settings
 ) -> tuple[EngineConfig, dict[str, Any], list[str]]:
     """The engine config to load model_path with, a plan summary, and warnings for users."""
-    from localllm.fitter import plan_summary_line
-
     plan, config, warnings = plan_for_serving(model_path, settings)
     summary: dict[str, Any] = {
         "source": "fit",
@@ -111,7 +99,7 @@ def plan_engine_config(
         "decode_tok_s_predicted": round(plan.decode_tok_s, 1),
         "prompt_tok_s_predicted": round(plan.prompt_tok_s, 1),
         "devices": [device.to_dict() for device in plan.devices],
-        "gpu_build": build_supports_gpu(),
+        "gpu_build": gpu_offload(),
         "llama_server_command": plan.llama_server_command(),
     }
     log.info("plan: %s", summary["plan"])

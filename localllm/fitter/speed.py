@@ -6,7 +6,8 @@ Decode, one token at the start of a conversation (like llama-bench's tg128):
   RTX 4090 131, 8B F16 47 / 55);
 - host-side layers cost their weights' elements over the CPU's quantized dot-product rate
   (threads x per-core rate) plus half (the part not overlapped) of their bytes over the host's
-  measured copy bandwidth: on few cores the CPU is compute-bound (shared/NOTES.md). The rate is
+  measured copy bandwidth: on few cores the CPU is compute-bound (2 threads decode Gemma 3 270M
+  about twice as fast as 1, which bandwidth alone would not explain). The rate is
   CPU_ELEMENTS_PER_FLOP x the probe's float32 matmul FLOP/s per core. Both constants are
   calibrated on one 2-core AVX-512 VM against llama.cpp decoding Gemma 3 270M Q4_K_M with 1 and
   2 threads; on many-core desktops the CPU term is likely pessimistic.

@@ -1,7 +1,8 @@
 """How many bytes llama.cpp allocates, per device, for one configuration (pure arithmetic).
 
-Follows llama.cpp's own rules (llama-context.cpp, llama-kv-cache*.cpp, llama-model.cpp; see
-shared/NOTES.md), checked against its dry-run figures by `scripts/bench_fit.py`:
+Follows llama.cpp's own rules (llama-context.cpp, llama-kv-cache.cpp, llama-kv-cache-iswa.cpp,
+llama-model.cpp), checked against its dry-run figures by `scripts/bench_fit.py` (weights and KV
+exact, compute within 8% over 25 configurations of five architectures):
 
 - weights: each tensor's bytes from the header; the token embedding in host memory; layer il on
   the GPU when il >= n_layer + 1 - n_gpu_layers; the output layer (and, for tied embeddings, a
@@ -28,13 +29,23 @@ from localllm.gguf_header import ModelHeader
 
 KV_PAD = 256
 F32_BYTES = 4
-MIB = 1024 * 1024
 
 
 def row_bytes(type_name: str, n_elements: int) -> int:
     """Bytes of `n_elements` values of a ggml type (ggml_row_size)."""
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
     return n_elements // block * size
+
+
+# ggml-cpu's repack (ggml/src/ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type): on x86
+# with AVX2 the matrix weights of these types held in host memory are copied into an interleaved
+# CPU_REPACK buffer of the same size when their row count is a multiple of 8, while the mmap'd
+# file stays mapped (Gemma 3 270M Q4_K_M: its Q4_K tensors, 12.66 MiB, measured).
+REPACK_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
+
+
+def repacked_bytes(ggml_type: str, shape: tuple[int, ...], n_bytes: int) -> int:
+    return n_bytes if ggml_type in REPACK_TYPES and len(shape) == 2 and shape[1] % 8 == 0 else 0
 
 
 def pad(value: int, to: int = KV_PAD) -> int:
@@ -48,10 +59,11 @@ class HeaderFacts:
         self.header = header
         n = header.n_layer
         layer_bytes = [0] * n
+        repack_bytes = [0] * n
         expert_bytes = [0] * n
         layer_elements = [0] * n
         expert_elements = [0] * n
-        token_embd_bytes = output_bytes = other_bytes = 0
+        token_embd_bytes = output_bytes = other_bytes = output_repack_bytes = 0
         output_elements = 0
         has_output = False
         token_embd_elements = 0
@@ -63,16 +75,27 @@ class HeaderFacts:
                 if "_exps" in tensor.name:
                     expert_bytes[layer] += tensor.n_bytes
                     expert_elements[layer] += tensor.n_elements
+                else:  # expert tensors (3-D, MUL_MAT_ID) are not repacked
+                    repack_bytes[layer] += repacked_bytes(
+                        tensor.ggml_type, tensor.shape, tensor.n_bytes
+                    )
             elif tensor.name == "token_embd.weight":
                 token_embd_bytes += tensor.n_bytes
                 token_embd_elements += tensor.n_elements
             elif tensor.name.startswith("output"):  # output.weight, output_norm.*
                 output_bytes += tensor.n_bytes
                 output_elements += tensor.n_elements
-                has_output = has_output or tensor.name == "output.weight"
+                if tensor.name == "output.weight":
+                    has_output = True
+                    output_repack_bytes = repacked_bytes(
+                        tensor.ggml_type, tensor.shape, tensor.n_bytes
+                    )
             else:
                 other_bytes += tensor.n_bytes
         self.layer_bytes = tuple(layer_bytes)
+        # The extra CPU_REPACK copy a layer (or the output layer) costs when it stays on the host.
+        self.layer_repack_bytes = tuple(repack_bytes)
+        self.output_repack_bytes = output_repack_bytes
         self.expert_bytes = tuple(expert_bytes)
         self.layer_elements = tuple(layer_elements)
         self.expert_elements = tuple(expert_elements)

@@ -1,20 +1,14 @@
-"""The fitter: which quant, how many GPU layers, what context, and how fast, on this machine.
-
-Pure core (no I/O; tests hand it built headers and hardware):
+"""The search: which quant, how many GPU layers, what context, and how fast (pure: no I/O).
 
     fit_header(header, hardware, request) -> Plan        one file
     fit_ladder(headers, hardware, request) -> Plan       several quants of one model: the choice,
                                                          with `rejected` saying why not the others
 
-and a thin wrapper that reads headers and probes hardware:
-
-    fit(model, hardware=None, request=None, settings=None) -> Plan
-
-Memory follows llama.cpp's allocation rules per device (`localllm.fit.memory`), speed a bandwidth
-and compute model (`localllm.fit.speed`). In auto mode a plan puts every layer on the GPU(s) if it
-can; if the wanted context keeps it from fitting and the user did not fix the context, the context
-is halved (not below 4096) first; then whole layers move to host memory, or for MoE models
-the expert tensors of the first layers (`--n-cpu-moe`), whichever decodes faster. Explicit mode
+Memory follows llama.cpp's allocation rules per device (`memory.py`), speed a bandwidth and
+compute model (`speed.py`). In auto mode a plan puts every layer on the GPU(s) if it can; if the
+wanted context keeps it from fitting and the user did not fix the context, the context is halved
+(not below 4096) first; then whole layers move to host memory, or for MoE models the expert
+tensors of the first layers (`--n-cpu-moe`), whichever decodes faster. Explicit mode
 (request.n_gpu_layers given) predicts exactly that configuration.
 """
 
@@ -27,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import DoesNotFitError, SettingsError
-from localllm.fit.memory import (
+from localllm.fitter.memory import (
     ContextShape,
     HeaderFacts,
     compute_phases,
@@ -35,7 +29,7 @@ from localllm.fit.memory import (
     kv_layer_bytes,
     output_buffer_bytes,
 )
-from localllm.fit.plan import (
+from localllm.fitter.records import (
     DEFAULT_CTX_CAP,
     GPU_CONTEXT_OVERHEAD_BYTES,
     HOST_OVERHEAD_BYTES,
@@ -44,8 +38,7 @@ from localllm.fit.plan import (
     FitRequest,
     Plan,
 )
-from localllm.fit.render import format_plan
-from localllm.fit.speed import (
+from localllm.fitter.speed import (
     CPU_ELEMENTS_PER_FLOP,
     CPU_PREFILL_EFFICIENCY,
     DeviceWork,
@@ -54,30 +47,13 @@ from localllm.fit.speed import (
 )
 from localllm.gguf_header import ModelHeader
 from localllm.hardware import Hardware
+from localllm.units import gib
 
-__all__ = [
-    "DeviceMemory",
-    "FitRequest",
-    "Plan",
-    "fit",
-    "fit_header",
-    "fit_ladder",
-    "format_plan",
-    "plan_for_settings",
-    "plan_summary_line",
-    "read_headers",
-]
-
-GIB = 1024**3
 EXPERT_PATTERN = r"\.ffn_(up|down|gate)_exps"
 MODELLED_NOTE = (
     "memory follows llama.cpp's allocation rules, checked against its dry-run figures on CPU; "
     "GPU-side compute buffers and the CUDA context (300 MiB) are modelled, not measured"
 )
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB"
 
 
 def quant_name(header: ModelHeader) -> str:
@@ -195,6 +171,12 @@ class _Fitter:
         )
         weights[out_dev] += facts.output_bytes if out_dev >= 0 else host_output_bytes
         weights[-1] += facts.token_embd_bytes + facts.other_bytes
+        if hardware.cpu_repack:
+            weights[-1] += sum(
+                facts.layer_repack_bytes[il]
+                for il, dev in enumerate(layout.layer_device)
+                if dev < 0
+            ) + (facts.output_repack_bytes if out_dev < 0 else 0)
         read[out_dev] += facts.output_bytes
         elements[out_dev] += facts.output_elements
         prefill_elements[out_dev] += facts.output_elements
@@ -339,7 +321,7 @@ def _speed_warning(plan: Plan, header: ModelHeader, request: FitRequest) -> str:
     host_weights = plan.host.weights_bytes
     return (
         f"predicted {plan.decode_tok_s:.1f} tok/s is below the {request.min_speed_tok_s:g} tok/s "
-        f"floor: {_gib(host_weights)} of weights stay in host memory "
+        f"floor: {gib(host_weights)} of weights stay in host memory "
         f"({plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU"
         + (f", experts of {plan.n_cpu_moe} layers in RAM" if plan.n_cpu_moe else "")
         + f"); {_advice(plan, header, request)}"
@@ -353,10 +335,10 @@ def _does_not_fit(plan: Plan, header: ModelHeader, request: FitRequest) -> DoesN
     available = gpu_free + host.capacity_bytes
     return DoesNotFitError(
         f"{quant_name(header)} ({header.path.name}) does not fit at n_ctx {plan.n_ctx}: needs "
-        f"{_gib(needed)} of GPU + host memory ({_gib(host.total_bytes)} in host RAM with "
-        f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU), has {_gib(gpu_free)} of GPU "
-        f"memory (after a {_gib(request.gpu_margin_bytes)} margin per GPU) and "
-        f"{_gib(host.capacity_bytes)} of available RAM; {_advice(plan, header, request)}",
+        f"{gib(needed)} of GPU + host memory ({gib(host.total_bytes)} in host RAM with "
+        f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU), has {gib(gpu_free)} of GPU "
+        f"memory (after a {gib(request.gpu_margin_bytes)} margin per GPU) and "
+        f"{gib(host.capacity_bytes)} of available RAM; {_advice(plan, header, request)}",
         needed_bytes=needed,
         available_bytes=available,
     )
@@ -398,8 +380,8 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
         for device in plan.devices:
             if not device.fits:
                 warnings.append(
-                    f"does not fit {device.name}: needs {_gib(device.total_bytes)}"
-                    f" + {_gib(device.margin_bytes)} margin, has {_gib(device.capacity_bytes)}"
+                    f"does not fit {device.name}: needs {gib(device.total_bytes)}"
+                    f" + {gib(device.margin_bytes)} margin, has {gib(device.capacity_bytes)}"
                 )
         if plan.decode_tok_s < request.min_speed_tok_s:
             warnings.append(_speed_warning(plan, header, request))
@@ -442,7 +424,7 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
         if chosen.n_gpu_layers < n_layer_all:
             warnings.append(
                 f"partial offload: {chosen.n_gpu_layers}/{n_layer_all} layers on the GPU, "
-                f"{_gib(chosen.host.weights_bytes)} of weights in host memory"
+                f"{gib(chosen.host.weights_bytes)} of weights in host memory"
             )
     if chosen.decode_tok_s < request.min_speed_tok_s:
         warnings.append(_speed_warning(chosen, header, request))
@@ -548,86 +530,3 @@ def fit_ladder(
         warnings.append(_speed_warning(chosen, ordered[0], request))
     rejected = tuple((q, reasons[q]) for q in ladder if q in reasons)
     return replace(chosen, rejected=rejected, ladder=ladder, warnings=tuple(warnings))
-
-
-def read_headers(model: Path | str) -> list[ModelHeader]:
-    """Headers of a file, a split set (any part), a folder of quants, or a glob."""
-    from localllm.gguf_header import read_header
-    from localllm.models import model_files
-
-    text = str(model)
-    path = Path(text).expanduser()
-    if any(ch in text for ch in "*?["):
-        paths = sorted(p for p in path.parent.glob(path.name) if p.suffix == ".gguf")
-        first_parts = [p for p in paths if "-of-" not in p.name or "-00001-of-" in p.name]
-        paths = first_parts
-    elif path.is_dir():
-        paths = model_files(path)
-    else:
-        paths = [path]
-    if not paths:
-        raise DoesNotFitError(f"no GGUF files match {text}")
-    return [read_header(p) for p in paths]
-
-
-def fit(
-    model: Path | str | ModelHeader | Sequence[ModelHeader],
-    hardware: Hardware | None = None,
-    request: FitRequest | None = None,
-    settings: Any = None,
-) -> Plan:
-    """Plan a model: a path (file, folder or glob of quants -> ladder) or header(s).
-
-    `hardware` defaults to `localllm.hardware.hardware_for(settings)` (NVML, the host probe,
-    --gpu / --vram); `request` to `FitRequest.from_settings(settings)` or the defaults.
-    """
-    if isinstance(model, ModelHeader):
-        headers: list[ModelHeader] = [model]
-    elif isinstance(model, (str, Path)):
-        headers = read_headers(model)
-    else:
-        headers = list(model)
-    if hardware is None:
-        from localllm.hardware import hardware_for
-
-        hardware = hardware_for(settings)
-    if request is None:
-        request = FitRequest.from_settings(settings) if settings is not None else FitRequest()
-    if len(headers) == 1 and request.max_quality_loss is None:
-        return fit_header(headers[0], hardware, request)
-    if request.n_gpu_layers is not None and len(headers) > 1:
-        raise SettingsError("--n-gpu-layers plans one file; name a file, not a folder of quants")
-    return fit_ladder(headers, hardware, request, measured_quality_losses(headers))
-
-
-def measured_quality_losses(headers: Sequence[ModelHeader]) -> dict[Path, float]:
-    """Quality losses `localllm eval` stored beside local model files (none for hub headers)."""
-    from localllm.quality import load_quality_loss
-
-    losses = {}
-    for header in headers:
-        if header.path.is_file():
-            loss = load_quality_loss(header.path)
-            if loss is not None:
-                losses[header.path] = loss
-    return losses
-
-
-def plan_for_settings(settings: Any, model: Path | str | None = None) -> Plan:
-    """The plan for the configured model (or `model`) on the configured hardware: what the
-    server's loader and `localllm doctor` call."""
-    from localllm.models import resolve_model
-
-    target = model if model is not None else settings.model
-    if target is None or not Path(target).expanduser().exists():
-        target = resolve_model(None if target is None else str(target), Path(settings.models_dir))
-    return fit(target, settings=settings)
-
-
-def plan_summary_line(plan: Plan) -> str:
-    """One line for logs: quant, layers, context, speed."""
-    return (
-        f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, n_ctx "
-        f"{plan.n_ctx} x{plan.n_parallel}, ~{plan.decode_tok_s:.0f} tok/s decode, "
-        f"~{plan.prompt_tok_s:.0f} tok/s prompt"
-    )

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from localllm.ggml import CACHE_TYPES
+from localllm.units import MIB
+
 Objective = Literal["balanced", "quality", "speed"]
 OBJECTIVES: tuple[str, ...] = ("balanced", "quality", "speed")
-CACHE_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0")
-MIB = 1024 * 1024
 
 # The context the fitter plans for when none is asked: the model's training context, capped here.
 DEFAULT_CTX_CAP = 8192

@@ -3,10 +3,11 @@
 `llama_model_params.no_alloc` with load mode NONE makes llama.cpp build the model and context
 exactly as a real load would, read no tensor data and allocate nothing: the `... buffer size`
 lines read 0, but the KV cache, output buffer and compute buffer lines carry the real figures
-(see shared/NOTES.md). About a second for any model size, so it is how the fitter's memory
-model is checked (`scripts/bench_fit.py`, the tests) and how a user can check a plan.
+(llama.h `llama_model_params.no_alloc`; llama-model-loader.cpp skips the data reads). About a
+second for any model size, so it is how the fitter's memory model is checked
+(`scripts/bench_fit.py`, the tests) and how `localllm fit --check` checks a plan.
 
-This module does I/O (it loads the llama.cpp library); the fitter itself never imports it.
+Like every llama.cpp caller it lives in the engine package; the fitter never imports it.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localllm.engine import logs
 from localllm.errors import ModelLoadError
+from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
+from localllm.units import MIB
 
-MIB = 1024 * 1024
-_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # enum ggml_type
-_FLASH_ATTN = {None: -1, False: 0, True: 1}  # enum llama_flash_attn_type
 _LOAD_MODE_NONE = 0  # enum llama_load_mode: required by no_alloc
 
 _KV_RE = re.compile(
     r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\)"
 )
-_BUFFER_RE = re.compile(r"(\S+)\s+(output|compute) buffer size =\s*([\d.]+) MiB")
 _FLASH_RE = re.compile(r"Flash Attention (enabled|disabled)")
 _FILE_SIZE_RE = re.compile(r"print_info: file size\s*=\s*([\d.]+) (MiB|GiB)")
 
@@ -73,13 +73,14 @@ def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
     for line in lines:
         if m := _KV_RE.search(line):
             kv.append(KVCacheLine(round(float(m[1]) * MIB), int(m[2]), int(m[3]), int(m[5])))
-        elif m := _BUFFER_RE.search(line):
-            target = output if m[2] == "output" else compute
-            target[m[1]] = target.get(m[1], 0) + round(float(m[3]) * MIB)
         elif m := _FLASH_RE.search(line):
             flash = m[1] == "enabled"
         elif m := _FILE_SIZE_RE.search(line):
             weights = round(float(m[1]) * (MIB if m[2] == "MiB" else 1024 * MIB))
+    for buffer in logs.buffer_lines(lines):
+        target = {"output": output, "compute": compute}.get(buffer.kind)
+        if target is not None:
+            target[buffer.buffer] = target.get(buffer.buffer, 0) + buffer.bytes
     return DryRunResult(tuple(kv), output, compute, flash, weights, tuple(lines))
 
 
@@ -100,8 +101,6 @@ def dry_run(
     """Load `path` with no_alloc and build a context; return what llama.cpp says it would use."""
     import llama_cpp
 
-    from localllm.engine import logs
-
     llama: Any = llama_cpp
     with logs.capture() as lines:
         llama.llama_backend_init()
@@ -118,9 +117,9 @@ def dry_run(
             cparams.n_seq_max = n_parallel
             cparams.n_batch = n_batch
             cparams.n_ubatch = min(n_ubatch, n_batch)
-            cparams.type_k = _GGML_TYPES[type_k]
-            cparams.type_v = _GGML_TYPES[type_v]
-            cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+            cparams.type_k = ggml_type_id(type_k)
+            cparams.type_v = ggml_type_id(type_v)
+            cparams.flash_attn_type = FLASH_ATTN_TYPE[flash_attn]
             cparams.swa_full = swa_full
             cparams.kv_unified = kv_unified
             ctx = llama.llama_init_from_model(model, cparams)
