@@ -14,7 +14,7 @@ from typing import Any
 
 from localllm.errors import LocalLLMError
 from localllm.gguf_header import ModelHeader, read_header
-from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select_quant
+from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select
 from localllm.models import model_files, resolve_model
 from localllm.settings import Settings
 
@@ -37,10 +37,9 @@ def recommend(
     """The quantization of a repo to download: the one named, else the fitter's choice."""
     client = client or HubClient()
     pairs = client.read_headers(ref)
-    quants = [quant for quant, _ in pairs]
-    if ref.quant:
-        quant = select_quant(quants, ref.quant, ref.repo_id)
-        return quant, None
+    named = select([quant for quant, _ in pairs], ref)
+    if named is not None:
+        return named, None
     plan = _fit_choice([header for _, header in pairs], settings)
     chosen = str(plan.file)
     for quant, header in pairs:
@@ -88,9 +87,12 @@ def ensure_local(name: str | None, settings: Settings) -> Path:
     ref = RepoRef.parse(name)
     client = HubClient()
     quant, _ = recommend(ref, settings, client)
-    local = settings.models_dir / Path(quant.files[0].filename).name
-    if local.is_file() and local.stat().st_size == quant.files[0].size:
-        return local
+    local = [settings.models_dir / Path(remote.filename).name for remote in quant.files]
+    if all(
+        path.is_file() and path.stat().st_size == remote.size
+        for path, remote in zip(local, quant.files, strict=True)
+    ):
+        return local[0]
     return pull(name, settings, progress=False, client=client)
 
 
