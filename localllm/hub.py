@@ -375,11 +375,16 @@ class HubClient:
                 )
             commit, files = self._fetch_listing(ref)
         except HubUnreachableError as exc:
-            if not cache.is_file():
-                raise
-            log.warning("hub unreachable (%s); using the listing cached at %s", exc, cache)
-            cached = json.loads(cache.read_text())
-            commit, files = cached["commit"], [RemoteFile(**f) for f in cached["files"]]
+            if cache.is_file():
+                log.warning("hub unreachable (%s); using the listing cached at %s", exc, cache)
+                cached = json.loads(cache.read_text())
+                commit, files = cached["commit"], [RemoteFile(**f) for f in cached["files"]]
+            else:
+                snapshot = self._hf_cache_listing(ref)
+                if snapshot is None:
+                    raise
+                log.warning("hub unreachable (%s); using the Hugging Face cache's copy", exc)
+                commit, files = snapshot
         else:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"commit": commit, "files": [asdict(f) for f in files]}))
@@ -387,6 +392,28 @@ class HubClient:
         if not quants:
             raise HubError(f"{ref.repo_id} holds no GGUF files; localllm serves GGUF models only")
         return commit, quants
+
+    def _hf_cache_listing(self, ref: RepoRef) -> tuple[str, list[RemoteFile]] | None:
+        """The GGUFs of a repo's snapshot in huggingface-hub's cache (what `hf download` left),
+        so a repo fetched with other tools can be fitted and served offline."""
+        repo_dir = self.hf_cache_dir / f"models--{ref.repo_id.replace('/', '--')}"
+        revision = ref.revision or "main"
+        ref_file = repo_dir / "refs" / revision
+        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+        snapshot = repo_dir / "snapshots" / commit
+        if not snapshot.is_dir():
+            return None
+        files = []
+        for path in sorted(snapshot.rglob("*.gguf")):
+            try:
+                blob = path.resolve(strict=True)
+            except OSError:
+                continue  # a link to a blob that was cleaned up
+            sha = blob.name if re.fullmatch(r"[0-9a-f]{64}", blob.name) else None
+            files.append(
+                RemoteFile(path.relative_to(snapshot).as_posix(), blob.stat().st_size, sha)
+            )
+        return (commit, files) if files else None
 
     def _fetch_listing(self, ref: RepoRef) -> tuple[str, list[RemoteFile]]:
         from huggingface_hub import HfApi

@@ -15,7 +15,7 @@ from typing import Any
 from localllm.errors import LocalLLMError
 from localllm.gguf_header import ModelHeader, read_header
 from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select
-from localllm.models import model_files, resolve_model
+from localllm.models import gguf_stem, model_files, quant_label, resolve_model
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,19 @@ def list_models(settings: Settings) -> list[LocalModel]:
                 name=path.stem,
                 path=str(path),
                 size_bytes=sum(p.stat().st_size for p in header.paths),
-                quant=header.file_type,
+                quant=_quant_name(path, header),
                 n_ctx_train=header.n_ctx_train,
                 fits=_verdict(header, settings),
             )
         )
     return entries
+
+
+def _quant_name(path: Path, header: ModelHeader) -> str | None:
+    """The quantization as the file name gives it (UD-Q4_K_XL, i1-IQ4_XS), else as the GGUF
+    declares it (unsloth's UD-Q4_K_XL declares Q4_K_M)."""
+    label = quant_label(path.name)
+    return header.file_type if label == gguf_stem(path.name) else label
 
 
 def _verdict(header: ModelHeader, settings: Settings) -> str:

@@ -309,7 +309,7 @@ def test_two_models_in_one_repo_get_distinct_labels() -> None:
 def test_pull_unsloth_dynamic_and_split_quants(
     publishers: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from localllm.pull import pull
+    from localllm.pull import list_models, pull
     from localllm.settings import Settings
 
     monkeypatch.setenv("HF_ENDPOINT", publishers.url)
@@ -327,6 +327,9 @@ def test_pull_unsloth_dynamic_and_split_quants(
     assert _sha256(models / "Model-Q8_0-00002-of-00003.gguf") == _sha256(
         tmp_path / "unsloth" / "Q8_0" / "Model-Q8_0-00002-of-00003.gguf"
     )
+    # `models` shows the quantization the file name gives, not the type the GGUF declares
+    listed = {Path(m.path).name: m.quant for m in list_models(settings)}
+    assert listed == {"Model-UD-Q4_K_XL.gguf": "UD-Q4_K_XL", first.name: "Q8_0"}
 
 
 def test_references_as_users_type_them() -> None:
@@ -440,6 +443,17 @@ def test_files_in_the_hugging_face_cache_are_reused(publishers: FakeHub, tmp_pat
     other = select_quant(hub_client.list_quants(ref)[1], "IQ4_XS", UNSLOTH)
     hub_client.download(ref, other, tmp_path / "models")
     assert publishers.total_sent() - sent == other.size
+    # the hub is down and localllm never listed the repo: the Hugging Face cache's snapshot
+    # still names the files, and serves their headers and bytes
+    offline = HubClient(
+        endpoint="http://127.0.0.1:9", cache_dir=tmp_path / "fresh", hf_cache_dir=hf_cache
+    )
+    _, cached = offline.list_quants(RepoRef.parse(UNSLOTH))
+    assert sorted(q.label for q in cached) == ["Q4_K_M", "Q8_0"]
+    [(quant, header)] = offline.read_headers(RepoRef.parse(f"{UNSLOTH}:Q8_0"))
+    assert len(header.paths) == 3
+    again = offline.download(RepoRef.parse(UNSLOTH), quant, tmp_path / "offline-models")
+    assert again.stat().st_size == quant.files[0].size
 
 
 def _run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
