@@ -186,6 +186,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             groups = group_by_model(read_headers(target))
             if len(groups) > 1:
                 return _fit_each_model(groups, hardware, request, args.json)
+            model = groups[0]
     plan = fit(model, hardware, request)
     if args.json:
         result = plan.to_dict()
@@ -198,9 +199,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(format_plan(plan))
     if sizes:
         print("\nrepo files (headers read by range requests; nothing downloaded):")
+        width = max(len(quant) for quant, *_ in sizes)
         for quant, size, files, path in sizes:
             mark = "*" if path == str(plan.file) else " "
-            print(f" {mark} {quant:<8} {size / 1e9:7.2f} GB  {files}")
+            print(f" {mark} {quant:<{width}} {size / 1e9:7.2f} GB  {files}")
     print(f"\nllama-server equivalent:\n  {plan.llama_server_command()}")
     return 0
 
