@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.verbose:  # per-request and llama.cpp chatter only with -v
-        for noisy in ("httpx", "localllm.llama"):
+        for noisy in ("httpx", "httpx2", "localllm.llama"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     handler: Handler = args.handler
     try:

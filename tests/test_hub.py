@@ -396,6 +396,15 @@ def test_fit_names_a_missing_file_before_the_hub(publishers: FakeHub, tmp_path: 
     fitted = _run_cli(tmp_path, env, "fit", f"hf.co/{UNSLOTH}", "--vram", "8GiB", "--json")
     assert fitted.returncode == 0, fitted.stderr
     assert {f["quant"] for f in json.loads(fitted.stdout)["files"]} >= {"UD-Q4_K_XL", "Q8_0"}
+    pulled = _run_cli(
+        tmp_path, env, "pull", f"https://hf.co/{UNSLOTH}:ud-q2_k_xl", "--quiet",
+        "--models-dir", str(tmp_path / "models"),
+    )  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip() == str(tmp_path / "models" / "Model-UD-Q2_K_XL.gguf")
+    missing = _run_cli(tmp_path, env, "pull", f"hf.co/{UNSLOTH}:Q5_K_M", "--quiet")
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "has no quantization 'Q5_K_M'" in missing.stderr and "UD-Q4_K_XL" in missing.stderr
 
 
 def test_fit_folder_chooses_once_per_model(tmp_path: Path) -> None:
