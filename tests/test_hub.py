@@ -476,3 +476,21 @@ def _run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.Completed
         cwd=cwd,
         env={**os.environ, "XDG_CACHE_HOME": str(cwd / "cache"), **env},
     )
+
+
+def test_ladder_labels_are_distinct_per_file(tmp_path: Path) -> None:
+    from localllm.gguf_header import read_header
+    from localllm.models import ladder_labels
+
+    # unsloth's UD-Q4_K_XL declares Q4_K_M in its header, as the plain Q4_K_M file does
+    names = ("Model-Q4_K_M.gguf", "Model-UD-Q4_K_XL.gguf", "model.gguf", "other-Q8_0.gguf")
+    quants = ("Q4_K_M", "Q4_K_M", "Q6_K", "Q8_0")
+    headers = [
+        read_header(write_gguf(tmp_path / name, TINY, quant=quant))
+        for name, quant in zip(names, quants, strict=True)
+    ]
+    assert [h.file_type for h in headers[:2]] == ["Q4_K_M", "Q4_K_M"]
+    labels = ladder_labels(headers)
+    assert [labels[h.path] for h in headers] == ["Q4_K_M", "UD-Q4_K_XL", "Q6_K", "Q8_0"]
+    twins = [read_header(write_gguf(tmp_path / f"{m}-Q4_K_M.gguf", TINY)) for m in ("a", "b")]
+    assert sorted(ladder_labels(twins).values()) == ["a-Q4_K_M", "b-Q4_K_M"]
