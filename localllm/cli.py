@@ -162,36 +162,76 @@ def cmd_fit(args: argparse.Namespace) -> int:
         changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
     hardware = hardware_for(settings)
-    sizes: list[tuple[str, int, str]] = []
+    sizes: list[tuple[str, int, str, str]] = []
     model: Any
     if args.model and looks_like_repo(args.model):
         pairs = HubClient().read_headers(RepoRef.parse(args.model, args.revision))
         model = [header for _, header in pairs]
-        sizes = [(q.label, q.size, ", ".join(f.filename for f in q.files)) for q, _ in pairs]
+        sizes = [
+            (q.label, q.size, ", ".join(f.filename for f in q.files), str(header.path))
+            for q, header in pairs
+        ]
     else:
-        from localllm.models import resolve_model
+        from localllm.fitter import read_headers
+        from localllm.models import group_by_model, resolve_model
 
         target = args.model
         is_glob = target is not None and any(ch in target for ch in "*?[")
         if target is None or (not is_glob and not Path(target).exists()):
             target = str(resolve_model(target, settings.models_dir))
         model = target
+        if is_glob or Path(target).is_dir():
+            groups = group_by_model(read_headers(target))
+            if len(groups) > 1:
+                return _fit_each_model(groups, hardware, request, args.json)
+            model = groups[0]
     plan = fit(model, hardware, request)
     if args.json:
         result = plan.to_dict()
         result["llama_params"] = plan.llama_params()
         result["llama_server_command"] = plan.llama_server_command()
         if sizes:
-            result["files"] = [{"quant": q, "size_bytes": n, "files": f} for q, n, f in sizes]
+            result["files"] = [{"quant": q, "size_bytes": n, "files": f} for q, n, f, _ in sizes]
         print(json.dumps(result, indent=2, default=str))
         return 0
     print(format_plan(plan))
     if sizes:
         print("\nrepo files (headers read by range requests; nothing downloaded):")
-        for quant, size, files in sizes:
-            mark = "*" if quant == plan.quant else " "
-            print(f" {mark} {quant:<8} {size / 1e9:7.2f} GB  {files}")
+        width = max(len(quant) for quant, *_ in sizes)
+        for quant, size, files, path in sizes:
+            mark = "*" if path == str(plan.file) else " "
+            print(f" {mark} {quant:<{width}} {size / 1e9:7.2f} GB  {files}")
     print(f"\nllama-server equivalent:\n  {plan.llama_server_command()}")
+    return 0
+
+
+def _fit_each_model(groups: list[Any], hardware: Any, request: Any, as_json: bool) -> int:
+    """`fit FOLDER` holding several models: one choice per model, each among its own quants."""
+    from localllm.errors import DoesNotFitError
+    from localllm.fitter import fit, format_plan
+    from localllm.models import model_stem
+
+    results: list[dict[str, Any]] = []
+    texts: list[str] = []
+    failures: list[DoesNotFitError] = []
+    for headers in groups:
+        name = model_stem(headers[0].path.name)
+        files = [str(h.path) for h in headers]
+        try:
+            plan = fit(headers, hardware, request)
+        except DoesNotFitError as exc:
+            failures.append(exc)
+            results.append({"model": name, "files": files, "error": str(exc)})
+            texts.append(f"== {name} ({len(files)} files)\ndoes not fit: {exc}")
+            continue
+        results.append({"model": name, "files": files, "plan": plan.to_dict()})
+        texts.append(f"== {name} ({len(files)} files)\n{format_plan(plan)}")
+    if len(failures) == len(groups):
+        raise failures[0]
+    if as_json:
+        print(json.dumps({"models": results}, indent=2, default=str))
+    else:
+        print("\n\n".join(texts))
     return 0
 
 
@@ -439,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.verbose:  # per-request and llama.cpp chatter only with -v
-        for noisy in ("httpx", "localllm.llama"):
+        for noisy in ("httpx", "httpx2", "localllm.llama"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     handler: Handler = args.handler
     try:

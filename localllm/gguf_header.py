@@ -12,6 +12,7 @@ gguf-py's own tables.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from gguf.constants import (
     LlamaFileType,
 )
 
-from localllm.errors import GGUFError
+from localllm.errors import GGUFError, ModelNotFoundError
 
 SUPPORTED_VERSIONS = (2, 3)
 GGML_MAX_DIMS = 4
@@ -669,6 +670,27 @@ def build_header(raws: Sequence[_RawFile], paths: Sequence[Path]) -> ModelHeader
     )
 
 
+# llama.cpp's split files (llama.h llama_split_path): NAME-00001-of-00003.gguf
+SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
+def split_set(path: Path) -> list[Path]:
+    """All files of a split GGUF given any one of them, in order; [path] for a plain file."""
+    match = SPLIT_RE.match(path.name)
+    if not match:
+        return [path]
+    count = int(match["count"])
+    parts = [
+        path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
+    ]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise ModelNotFoundError(
+            f"split model {match['stem']} is incomplete: missing {', '.join(missing)}"
+        )
+    return parts
+
+
 def read_sources(sources: Iterable[ByteSource], paths: Sequence[Path]) -> ModelHeader:
     """A ModelHeader from already-open sources (one per split file, in order)."""
     raws = [parse_source(source, index) for index, source in enumerate(sources)]
@@ -677,8 +699,6 @@ def read_sources(sources: Iterable[ByteSource], paths: Sequence[Path]) -> ModelH
 
 def read_header(path: Path | str, opener: Callable[[Path], FileSource] = FileSource) -> ModelHeader:
     """Read a local GGUF's header; given any file of a split set, read the whole set."""
-    from localllm.models import split_set
-
     path = Path(path)
     if not path.is_file():
         raise GGUFError(path, "no such file")

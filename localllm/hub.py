@@ -8,6 +8,14 @@ and sha256 match what the hub says.
 
 huggingface-hub does the hub's parts (endpoint and `HF_ENDPOINT`, auth tokens, repo listing, error
 classes); the byte transfers are ours because its downloader restarts interrupted files from zero.
+A file that huggingface-hub (or `hf download`) already put in its own cache is linked from there
+instead of being downloaded again, and its header is read from that copy.
+
+A repo is named the way users type it for llama.cpp's `-hf` and Ollama: `ORG/REPO[:QUANT]`,
+`hf.co/ORG/REPO[:QUANT]`, or a browser address (`https://huggingface.co/ORG/REPO`, with
+`/tree/REV` or `/blob/REV/FILE.gguf`). QUANT picks a file as llama.cpp does: a label equal to
+the one `quant_label` reads from a file name, else the file names that contain QUANT followed by
+`.` or `-`, ignoring case (so `Q4_K_M` finds mradermacher's `Model.i1-Q4_K_M.gguf`).
 """
 
 from __future__ import annotations
@@ -24,17 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import HubError, HubUnreachableError, LocalLLMError
-from localllm.gguf_header import ModelHeader, read_sources
-from localllm.models import SPLIT_RE, free_disk_bytes
+from localllm.gguf_header import SPLIT_RE, FileSource, ModelHeader, read_sources
+from localllm.models import (
+    free_disk_bytes,
+    gguf_stem,
+    is_model_file,
+    looks_like_path,
+    quant_label,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_RE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
-QUANT_RE = re.compile(
-    r"(?<![A-Za-z0-9])(IQ\d_(?:XXS|XS|NL|S|M)|Q\d_K(?:_[SML])?|Q\d_[01]|TQ\d_0|MXFP4(?:_MOE)?"
-    r"|BF16|F16|F32)(?![A-Za-z0-9])",
-    re.IGNORECASE,
+# How Ollama users and browsers write a repo: hf.co/ORG/REPO:QUANT, https://huggingface.co/...
+HUB_PREFIX_RE = re.compile(
+    r"^(?:https?://)?(?:www\.)?(?:hf\.co|huggingface\.co)/(?P<rest>.+)$", re.IGNORECASE
 )
+# Ollama's tag for "the default quantization": here, the fitter's choice.
+DEFAULT_TAGS = ("latest",)
 CHUNK_BYTES = 1 << 20
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -45,9 +60,26 @@ def default_cache_dir() -> Path:
     return base / "localllm" / "hub"
 
 
+def default_hf_cache_dir() -> Path:
+    """huggingface-hub's cache, from the environment now (huggingface-hub reads it at import)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface" / "hub"
+
+
 def looks_like_repo(name: str) -> bool:
-    """ORG/REPO[:QUANT] that is not an existing local path."""
-    return REPO_RE.match(name) is not None and not Path(name).expanduser().exists()
+    """A hub reference rather than a local file: hf.co/... and huggingface.co/... always; a bare
+    ORG/REPO[:QUANT] unless it exists here or reads as a path (a .gguf name, or a first folder
+    that exists), which then gets "no such file" instead of a hub lookup."""
+    if HUB_PREFIX_RE.match(name):
+        return True
+    if REPO_RE.match(name) is None or Path(name).expanduser().exists():
+        return False
+    return not looks_like_path(name.partition(":")[0])
 
 
 @dataclass(frozen=True)
@@ -55,13 +87,40 @@ class RepoRef:
     repo_id: str
     quant: str | None = None
     revision: str | None = None
+    filename: str | None = None  # one file named in a /blob/ or /resolve/ address
 
     @classmethod
     def parse(cls, text: str, revision: str | None = None) -> RepoRef:
-        match = REPO_RE.match(text)
+        """ORG/REPO[:QUANT], hf.co/ORG/REPO[:QUANT], or a hub address in a browser's form."""
+        usage = (
+            f"{text!r} is not a hub reference; expected ORG/REPO[:QUANT], hf.co/ORG/REPO[:QUANT] "
+            "or https://huggingface.co/ORG/REPO"
+        )
+        body = text.strip()
+        prefixed = HUB_PREFIX_RE.match(body)
+        filename = None
+        if prefixed:
+            rest = prefixed["rest"].split("?", 1)[0].split("#", 1)[0].rstrip("/")
+            parts = rest.split("/")
+            if len(parts) > 2:  # ORG/REPO/tree/REV[/DIR], ORG/REPO/blob|resolve/REV/FILE
+                kind, tail = parts[2], parts[3:]
+                if kind not in ("tree", "blob", "resolve") or not tail:
+                    raise HubError(usage)
+                revision = revision or (tail[0] if tail[0] != "main" else None)
+                if kind != "tree":
+                    filename = "/".join(tail[1:]) or None
+                    if filename is None:
+                        raise HubError(usage)
+                body = "/".join(parts[:2])
+            else:
+                body = rest
+        match = REPO_RE.match(body)
         if not match:
-            raise HubError(f"{text!r} is not a hub reference; expected ORG/REPO or ORG/REPO:QUANT")
-        return cls(match["repo"], match["quant"], revision)
+            raise HubError(usage)
+        quant = match["quant"]
+        if quant is not None and quant.lower() in DEFAULT_TAGS:
+            quant = None
+        return cls(match["repo"], quant, revision, filename)
 
 
 @dataclass(frozen=True)
@@ -83,30 +142,28 @@ class RemoteQuant:
         return sum(f.size for f in self.files)
 
 
-def quant_label(filename: str) -> str:
-    """The quantization named in a file name ('Q4_K_M'), else the file's stem."""
-    stem = Path(filename).name.removesuffix(".gguf")
-    split = SPLIT_RE.match(Path(filename).name)
-    if split:
-        stem = split["stem"]
-    found = QUANT_RE.findall(filename)
-    return found[-1].upper() if found else stem
-
-
 def group_quants(files: list[RemoteFile]) -> list[RemoteQuant]:
-    """Group GGUFs into quantizations: a split set counts once; mmproj files are skipped."""
+    """Group GGUFs into quantizations: a split set counts once; projector, imatrix and draft
+    files are skipped. Labels are unique within a repo: where two groups would share one (two
+    models in one repo), each is labelled by its file name instead."""
     groups: dict[str, list[RemoteFile]] = {}
     for remote in files:
-        name = Path(remote.filename).name
-        if not name.endswith(".gguf") or "mmproj" in name.lower():
+        if not is_model_file(remote.filename):
             continue
-        split = SPLIT_RE.match(name)
+        split = SPLIT_RE.match(Path(remote.filename).name)
         key = str(Path(remote.filename).parent / split["stem"]) if split else remote.filename
         groups.setdefault(key, []).append(remote)
-    quants = []
-    for members in groups.values():
+    labelled = []
+    for key, members in groups.items():
         members.sort(key=lambda f: f.filename)
-        quants.append(RemoteQuant(quant_label(members[0].filename), tuple(members)))
+        labelled.append((key, quant_label(members[0].filename), members))
+    counts: dict[str, int] = {}
+    for _, label, _ in labelled:
+        counts[label.upper()] = counts.get(label.upper(), 0) + 1
+    quants = [
+        RemoteQuant(label if counts[label.upper()] == 1 else gguf_stem(key), tuple(members))
+        for key, label, members in labelled
+    ]
     return sorted(quants, key=lambda q: q.size)
 
 
@@ -242,6 +299,7 @@ class HubClient:
         endpoint: str | None = None,
         token: str | bool | None = None,
         cache_dir: Path | None = None,
+        hf_cache_dir: Path | None = None,
     ) -> None:
         from huggingface_hub import constants
 
@@ -251,6 +309,7 @@ class HubClient:
         )
         self.token = token
         self.cache_dir = cache_dir or default_cache_dir()
+        self.hf_cache_dir = hf_cache_dir or default_hf_cache_dir()
         self.offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         self.bytes_received = 0
 
@@ -274,6 +333,27 @@ class HubClient:
         )
         return url
 
+    def hf_cached(self, ref: RepoRef, remote: RemoteFile, commit: str) -> Path | None:
+        """This version of a file in huggingface-hub's cache, if a complete copy is there."""
+        from huggingface_hub import try_to_load_from_cache
+
+        for revision in dict.fromkeys((commit, ref.revision or "main")):
+            found = try_to_load_from_cache(
+                ref.repo_id, remote.filename, cache_dir=self.hf_cache_dir, revision=revision
+            )
+            if not isinstance(found, str):
+                continue
+            try:
+                blob = Path(found).resolve(strict=True)
+                size = blob.stat().st_size
+            except OSError:
+                continue
+            # The cache names an LFS blob by its sha256: a match proves the content without
+            # hashing gigabytes (a cache without symlinks, as on Windows, is not reused).
+            if size == remote.size and (remote.sha256 is None or blob.name == remote.sha256):
+                return blob
+        return None
+
     # -- listing ---------------------------------------------------------------------------
 
     def _listing_cache(self, ref: RepoRef) -> Path:
@@ -294,11 +374,16 @@ class HubClient:
                 )
             commit, files = self._fetch_listing(ref)
         except HubUnreachableError as exc:
-            if not cache.is_file():
-                raise
-            log.warning("hub unreachable (%s); using the listing cached at %s", exc, cache)
-            cached = json.loads(cache.read_text())
-            commit, files = cached["commit"], [RemoteFile(**f) for f in cached["files"]]
+            if cache.is_file():
+                log.warning("hub unreachable (%s); using the listing cached at %s", exc, cache)
+                cached = json.loads(cache.read_text())
+                commit, files = cached["commit"], [RemoteFile(**f) for f in cached["files"]]
+            else:
+                snapshot = self._hf_cache_listing(ref)
+                if snapshot is None:
+                    raise
+                log.warning("hub unreachable (%s); using the Hugging Face cache's copy", exc)
+                commit, files = snapshot
         else:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"commit": commit, "files": [asdict(f) for f in files]}))
@@ -306,6 +391,28 @@ class HubClient:
         if not quants:
             raise HubError(f"{ref.repo_id} holds no GGUF files; localllm serves GGUF models only")
         return commit, quants
+
+    def _hf_cache_listing(self, ref: RepoRef) -> tuple[str, list[RemoteFile]] | None:
+        """The GGUFs of a repo's snapshot in huggingface-hub's cache (what `hf download` left),
+        so a repo fetched with other tools can be fitted and served offline."""
+        repo_dir = self.hf_cache_dir / f"models--{ref.repo_id.replace('/', '--')}"
+        revision = ref.revision or "main"
+        ref_file = repo_dir / "refs" / revision
+        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+        snapshot = repo_dir / "snapshots" / commit
+        if not snapshot.is_dir():
+            return None
+        files = []
+        for path in sorted(snapshot.rglob("*.gguf")):
+            try:
+                blob = path.resolve(strict=True)
+            except OSError:
+                continue  # a link to a blob that was cleaned up
+            sha = blob.name if re.fullmatch(r"[0-9a-f]{64}", blob.name) else None
+            files.append(
+                RemoteFile(path.relative_to(snapshot).as_posix(), blob.stat().st_size, sha)
+            )
+        return (commit, files) if files else None
 
     def _fetch_listing(self, ref: RepoRef) -> tuple[str, list[RemoteFile]]:
         from huggingface_hub import HfApi
@@ -328,28 +435,38 @@ class HubClient:
 
     def read_header(self, ref: RepoRef, quant: RemoteQuant, commit: str) -> ModelHeader:
         """The quantization's header, from the cache or by range requests (never the weights)."""
-        sources: list[HttpRangeSource | CachedPrefixSource] = []
+        sources: list[HttpRangeSource | CachedPrefixSource | FileSource] = []
         fresh: list[tuple[HttpRangeSource, Path]] = []
-        for remote in quant.files:
-            cache = self._header_cache(remote, commit)
-            url = self.file_url(ref, remote.filename, commit)
-            if cache.is_file():
-                sources.append(CachedPrefixSource(url, cache.read_bytes(), remote.size))
-            elif self.offline:
-                raise HubError(
-                    f"{ref.repo_id}/{remote.filename}: header not cached and HF_HUB_OFFLINE is set"
-                )
-            else:
-                source = HttpRangeSource(self._session(), url, remote.size, self._headers())
-                sources.append(source)
-                fresh.append((source, cache))
-        paths = [Path(f"{ref.repo_id}/{remote.filename}") for remote in quant.files]
         try:
-            header = read_sources(sources, paths)
-        except LookupError:  # a cache entry too short for this parser: refetch it
             for remote in quant.files:
-                self._header_cache(remote, commit).unlink(missing_ok=True)
-            return self.read_header(ref, quant, commit)
+                cache = self._header_cache(remote, commit)
+                url = self.file_url(ref, remote.filename, commit)
+                local = self.hf_cached(ref, remote, commit)
+                if local is not None:
+                    sources.append(FileSource(local))
+                elif cache.is_file():
+                    sources.append(CachedPrefixSource(url, cache.read_bytes(), remote.size))
+                elif self.offline:
+                    raise HubError(
+                        f"{ref.repo_id}/{remote.filename}: header not cached and HF_HUB_OFFLINE "
+                        "is set"
+                    )
+                else:
+                    remote_source = HttpRangeSource(
+                        self._session(), url, remote.size, self._headers()
+                    )
+                    sources.append(remote_source)
+                    fresh.append((remote_source, cache))
+            paths = [Path(f"{ref.repo_id}/{remote.filename}") for remote in quant.files]
+            try:
+                header = read_sources(sources, paths)
+            except LookupError:  # a cache entry too short for this parser: refetch it
+                for remote in quant.files:
+                    self._header_cache(remote, commit).unlink(missing_ok=True)
+                return self.read_header(ref, quant, commit)
+        finally:
+            for opened in sources:
+                opened.close()
         for source, cache in fresh:
             self.bytes_received += source.bytes_received
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +475,9 @@ class HubClient:
 
     def read_headers(self, ref: RepoRef) -> list[tuple[RemoteQuant, ModelHeader]]:
         commit, quants = self.list_quants(ref)
-        if ref.quant:
-            quants = [select_quant(quants, ref.quant, ref.repo_id)]
+        named = select(quants, ref)
+        if named is not None:
+            quants = [named]
         return [(quant, self.read_header(ref, quant, commit)) for quant in quants]
 
     # -- downloads -------------------------------------------------------------------------
@@ -371,6 +489,11 @@ class HubClient:
         commit, _ = self.list_quants(ref)
         models_dir.mkdir(parents=True, exist_ok=True)
         targets = [models_dir / Path(remote.filename).name for remote in quant.files]
+        for remote, target in zip(quant.files, targets, strict=True):
+            cached = None if _complete(target, remote) else self.hf_cached(ref, remote, commit)
+            if cached is not None:
+                _link(cached, target)
+                log.info("%s: reusing the copy in the Hugging Face cache", remote.filename)
         missing = [(r, t) for r, t in zip(quant.files, targets, strict=True) if not _complete(t, r)]
         partial_bytes = sum(_partial(t).stat().st_size for _, t in missing if _partial(t).exists())
         needed = sum(r.size for r, _ in missing) - partial_bytes
@@ -448,6 +571,17 @@ class HubClient:
         partial.replace(target)
 
 
+def _link(source: Path, target: Path) -> None:
+    """Put a cached file into the models folder without copying it: a hard link (it outlives a
+    cache clean-up), or a symbolic link across file systems."""
+    target.unlink(missing_ok=True)
+    _partial(target).unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        target.symlink_to(source)
+
+
 def _partial(target: Path) -> Path:
     return target.with_name(target.name + ".partial")
 
@@ -457,8 +591,42 @@ def _complete(target: Path, remote: RemoteFile) -> bool:
 
 
 def select_quant(quants: list[RemoteQuant], label: str, repo_id: str) -> RemoteQuant:
+    """The quantization QUANT names, as llama.cpp's `-hf ORG/REPO:QUANT` picks it.
+
+    A label equal to QUANT (any case) wins; else the files whose path contains QUANT followed by
+    '.' or '-' (so `Q4_K_XL` finds `Model-UD-Q4_K_XL.gguf` and `Q4_K_M` finds
+    `Model.i1-Q4_K_M.gguf`, while `Q2_K` never finds `UD-Q2_K_XL`). Where that names several,
+    llama.cpp would take the first listed; here the user is asked to choose.
+    """
     for quant in quants:
         if quant.label.upper() == label.upper():
             return quant
+    pattern = re.compile(re.escape(label) + r"[.-]", re.IGNORECASE)
+    found = [q for q in quants if any(pattern.search(f.filename) for f in q.files)]
+    if len(found) == 1:
+        return found[0]
     available = ", ".join(q.label for q in quants)
+    if found:
+        raise HubError(
+            f"{repo_id}: {label!r} matches several files ({', '.join(q.label for q in found)}); "
+            "name one of them after the ':'"
+        )
     raise HubError(f"{repo_id} has no quantization {label!r} (it has: {available})")
+
+
+def select_file(quants: list[RemoteQuant], filename: str, repo_id: str) -> RemoteQuant:
+    """The quantization holding one file (any part of a split set), named in a hub address."""
+    for quant in quants:
+        if any(f.filename.lower() == filename.lower() for f in quant.files):
+            return quant
+    available = ", ".join(q.label for q in quants)
+    raise HubError(f"{repo_id} has no model file {filename!r} (its quantizations: {available})")
+
+
+def select(quants: list[RemoteQuant], ref: RepoRef) -> RemoteQuant | None:
+    """What a reference names: a file, a quantization, or nothing (the fitter chooses)."""
+    if ref.filename:
+        return select_file(quants, ref.filename, ref.repo_id)
+    if ref.quant:
+        return select_quant(quants, ref.quant, ref.repo_id)
+    return None

@@ -14,8 +14,8 @@ from typing import Any
 
 from localllm.errors import LocalLLMError
 from localllm.gguf_header import ModelHeader, read_header
-from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select_quant
-from localllm.models import model_files, resolve_model
+from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select
+from localllm.models import gguf_stem, model_files, quant_label, resolve_model
 from localllm.settings import Settings
 from localllm.units import gib
 
@@ -37,10 +37,9 @@ def recommend(
     """The quantization of a repo to download: the one named, else the fitter's choice."""
     client = client or HubClient()
     pairs = client.read_headers(ref)
-    quants = [quant for quant, _ in pairs]
-    if ref.quant:
-        quant = select_quant(quants, ref.quant, ref.repo_id)
-        return quant, None
+    named = select([quant for quant, _ in pairs], ref)
+    if named is not None:
+        return named, None
     plan = _fit_choice([header for _, header in pairs], settings)
     chosen = str(plan.file)
     for quant, header in pairs:
@@ -94,9 +93,12 @@ def ensure_local(name: str | None, settings: Settings) -> Path:
     ref = RepoRef.parse(name)
     client = HubClient()
     quant, _ = recommend(ref, settings, client)
-    local = settings.models_dir / Path(quant.files[0].filename).name
-    if local.is_file() and local.stat().st_size == quant.files[0].size:
-        return local
+    local = [settings.models_dir / Path(remote.filename).name for remote in quant.files]
+    if all(
+        path.is_file() and path.stat().st_size == remote.size
+        for path, remote in zip(local, quant.files, strict=True)
+    ):
+        return local[0]
     return _download(ref, quant, settings, client, progress=False)  # the quant chosen above
 
 
@@ -130,12 +132,19 @@ def list_models(settings: Settings) -> list[LocalModel]:
                 name=path.stem,
                 path=str(path),
                 size_bytes=sum(p.stat().st_size for p in header.paths),
-                quant=header.file_type,
+                quant=_quant_name(path, header),
                 n_ctx_train=header.n_ctx_train,
                 fits=_verdict(header, settings),
             )
         )
     return entries
+
+
+def _quant_name(path: Path, header: ModelHeader) -> str | None:
+    """The quantization as the file name gives it (UD-Q4_K_XL, i1-IQ4_XS), else as the GGUF
+    declares it (unsloth's UD-Q4_K_XL declares Q4_K_M)."""
+    label = quant_label(path.name)
+    return header.file_type if label == gguf_stem(path.name) else label
 
 
 def _verdict(header: ModelHeader, settings: Settings) -> str:

@@ -3,6 +3,8 @@
 It answers what huggingface-hub asks the real hub (`/api/models/ORG/REPO[/revision/REV]` with
 `siblings` and LFS sha256, `/ORG/REPO/resolve/REV/FILE` with Range, ETag and X-Repo-Commit), counts
 the body bytes it sends per file, and can cut a download short to simulate an interruption.
+`publish_like_unsloth` and `publish_like_mradermacher` lay out repos the way those publishers name
+their files (UD- dynamic quants, split sets in per-quant folders, i1- imatrix quants, sidecars).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+import gguf
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES
+
+from tests.gguf_factory import ArchSpec, _add_metadata, tensor_bytes, tensor_plan, write_gguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -184,3 +192,68 @@ def running_hub(hub: FakeHub) -> Iterator[FakeHub]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Repos laid out as publishers lay them out
+
+
+def write_split_gguf(folder: Path, stem: str, spec: ArchSpec, quant: str, count: int) -> list[Path]:
+    """A split set as `llama-gguf-split` writes it: metadata in the first file, the tensor
+    infos shared out, `split.*` keys in each (headers only: no tensor data)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = tensor_plan(spec, quant)
+    per_file = -(-len(plan) // count)
+    paths = []
+    for index in range(count):
+        path = folder / f"{stem}-{index + 1:05d}-of-{count:05d}.gguf"
+        writer = gguf.GGUFWriter(str(path), spec.arch)
+        if index == 0:
+            _add_metadata(writer, spec, quant)
+        writer.add_uint16("split.no", index)
+        writer.add_uint16("split.count", count)
+        writer.add_int32("split.tensors.count", len(plan))
+        for name, shape, qtype in plan[index * per_file : (index + 1) * per_file]:
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            byte_shape = (*reversed(shape[1:]), shape[0] // block * type_size)
+            writer.add_tensor_info(
+                name, byte_shape, np.dtype(np.uint8), tensor_bytes(qtype, shape), raw_dtype=qtype
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        paths.append(path)
+    return paths
+
+
+# unsloth's names -> the llama.cpp mix the stand-in file is written with (bits per weight rise
+# down the list, as they do in the real repos: UD-Q2_K_XL sits above Q2_K, UD-Q4_K_XL above
+# Q4_K_M)
+UNSLOTH_FILES = {
+    "Model-Q2_K.gguf": "Q2_K",
+    "Model-UD-Q2_K_XL.gguf": "Q3_K_M",
+    "Model-IQ4_XS.gguf": "IQ4_XS",
+    "Model-Q4_K_M.gguf": "Q4_K_M",
+    "Model-UD-Q4_K_XL.gguf": "Q5_K_M",
+}
+
+
+def publish_like_unsloth(hub: FakeHub, repo: str, folder: Path, spec: ArchSpec) -> None:
+    """UD- dynamic quants beside plain ones, a Q8_0 split set in its own folder, an mmproj and
+    an imatrix GGUF (not models)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, quant in UNSLOTH_FILES.items():
+        hub.add(repo, write_gguf(folder / name, spec, quant=quant))
+    for path in write_split_gguf(folder / "Q8_0", "Model-Q8_0", spec, "Q8_0", 3):
+        hub.add(repo, path, name=f"Q8_0/{path.name}")
+    sidecar = write_gguf(folder / "mmproj-F16.gguf", spec, quant="F16", sparse=False)
+    hub.add(repo, sidecar)
+    hub.add(repo, sidecar, name="imatrix_unsloth.gguf")
+
+
+def publish_like_mradermacher(hub: FakeHub, repo: str, folder: Path, spec: ArchSpec) -> None:
+    """An imatrix ("-i1-GGUF") repo: `Model.i1-QUANT.gguf` files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for quant in ("Q4_K_M", "IQ4_XS", "Q6_K"):
+        hub.add(repo, write_gguf(folder / f"Model.i1-{quant}.gguf", spec, quant=quant))

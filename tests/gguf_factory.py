@@ -87,6 +87,7 @@ QUANT_MIX: dict[str, tuple[Q, Q]] = {
     "Q8_0": (Q.Q8_0, Q.Q8_0),
     "F16": (Q.F16, Q.F16),
     "Q4_0": (Q.Q4_0, Q.Q6_K),
+    "IQ4_XS": (Q.IQ4_XS, Q.Q6_K),
 }
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from localllm.errors import ModelNotFoundError
-from localllm.models import model_files, resolve_model, split_set
+from localllm.gguf_header import split_set
+from localllm.models import model_files, resolve_model
 
 
 def test_names_cannot_escape_the_models_folder(tmp_path: Path) -> None:
