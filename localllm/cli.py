@@ -138,8 +138,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from localllm.fitter import FitRequest, fit, format_plan
-    from localllm.hardware import hardware_for
     from localllm.hub import HubClient, RepoRef, looks_like_repo
+    from localllm.loading import planning_hardware
 
     flags = {
         "n_ctx": args.ctx,
@@ -161,7 +161,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.swa_full is not None:
         changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
-    hardware = hardware_for(settings)
+    hardware, _ = planning_hardware(settings)
     sizes: list[tuple[str, int, str, str]] = []
     model: Any
     if args.model and looks_like_repo(args.model):

@@ -7,8 +7,8 @@ All I/O the fitter needs lives here; `localllm.fitter` only reads these frozen r
 - `CONSUMER_GPUS` holds public spec-sheet figures for `--gpu rtx4090` and friends.
 - `probe_host()` reads RAM and cores (psutil) and runs a short (~1 s) probe of host memory
   bandwidth (a large numpy copy) and CPU compute (a float32 matmul), cached in a JSON file.
-- `hardware_for(settings)` combines detection with the `gpu` / `vram` overrides. With nothing
-  detected and nothing given it plans for a 24 GB card with RTX 3090 figures and says so.
+- `hardware_for(settings)` combines detection with the `gpu` / `vram` / `cpu_only` overrides.
+  With nothing detected and nothing given it plans for the CPU alone and says so.
 """
 
 from __future__ import annotations
@@ -120,6 +120,11 @@ class Hardware:
     def n_gpus(self) -> int:
         return len(self.gpus)
 
+    @property
+    def assumed(self) -> bool:
+        """Some GPU was named (--gpu / --vram) rather than detected on this machine."""
+        return any(g.source != "nvml" for g in self.gpus)
+
 
 def gpu_from_spec(spec: GPUSpec, index: int = 0, source: str = "table") -> GPUInfo:
     return GPUInfo(
@@ -182,9 +187,11 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _UNITS[unit])
 
 
-def parse_vram(value: str) -> tuple[int, ...]:
-    """'24GiB,24GiB' -> (bytes, bytes): one entry per GPU."""
+def parse_vram(value: str, allow_zero: bool = False) -> tuple[int, ...]:
+    """'24GiB,24GiB' -> (bytes, bytes): one entry per GPU; '0' (allow_zero) -> (0,): no GPU."""
     sizes = tuple(parse_size(part) for part in value.split(",") if part.strip())
+    if allow_zero and sizes and not any(sizes):
+        return sizes
     if not sizes or any(size <= 0 for size in sizes):
         raise SettingsError(f"--vram {value!r} names no usable GPU memory")
     return sizes
@@ -377,14 +384,22 @@ def hardware_for(
     """The hardware to plan for: detected, or as `settings.gpu` / `settings.vram` say.
 
     `settings` is a `localllm.settings.Settings` (or anything with `gpu`, `vram`, `threads`).
-    Precedence: `--gpu` names the cards; `--vram` overrides their memory (or, alone, the detected
-    cards' memory, or describes cards of unknown make with RTX 3090 bandwidth); else NVML; else
-    one 24 GB card with RTX 3090 figures.
+    Precedence: `cpu_only` (or `--vram 0`) plans for the CPU alone; `--gpu` names the cards;
+    `--vram` overrides their memory (or, alone, the detected cards' memory, or describes cards of
+    unknown make with RTX 3090 bandwidth); else NVML; else the CPU alone. Cards that were named
+    rather than detected are marked `assumed` (GPUInfo.source), and plans say so.
+
+    This does not know the llama.cpp build: `localllm.loading.planning_hardware` is what the
+    commands use, since a CPU-only build runs on the CPU whatever cards are installed.
     """
     notes: list[str] = []
     gpu_names = getattr(settings, "gpu", None)
     vram = getattr(settings, "vram", None)
-    if gpus is None:
+    vram_zero = isinstance(vram, str) and not any(parse_vram(vram, allow_zero=True))
+    if getattr(settings, "cpu_only", False) or vram_zero:
+        gpus, gpu_names, vram = (), None, None
+        notes.append("--cpu: planning for the CPU alone")
+    elif gpus is None:
         if gpu_names:
             gpus = parse_gpu_names(gpu_names)
         else:
@@ -400,13 +415,14 @@ def hardware_for(
         )
         if not gpu_names and all(g.source == "vram" and g.name == base[0].name for g in gpus):
             notes.append(f"--vram given: speed figures assume {base[0].name} bandwidth")
-    if not gpus:
-        spec = CONSUMER_GPUS[DEFAULT_GPU_KEY]
-        gpus = (gpu_from_spec(spec, source="default"),)
+    if not gpus and not notes:
         notes.append(
-            f"no GPU detected (NVML) and none given: planning for one 24 GB card "
-            f"({spec.name} figures); use --gpu or --vram to plan for yours"
+            "no GPU detected (NVML): planning for the CPU alone; --gpu rtx4090 or --vram 24GiB "
+            "plans for a card this machine does not have"
         )
+    elif any(g.source != "nvml" for g in gpus):
+        named = ", ".join(sorted({g.name for g in gpus}))
+        notes.append(f"planning for {len(gpus)} assumed GPU(s) ({named}), not detected here")
     if host is None:
         host = probe_host(refresh=refresh)
     threads = getattr(settings, "threads", None) or host.logical_cores

@@ -11,51 +11,70 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from localllm.engine.build import cuda_fix_command, gpu_offload, repack_supported
 from localllm.engine.config import EngineConfig
+from localllm.engine.dry_run import dry_run
+from localllm.errors import SettingsError
 from localllm.fitter import FitRequest, Plan, fit, plan_summary_line
+from localllm.gguf_header import read_header
 from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def serving_hardware(settings: Settings, gpu_build: bool) -> tuple[Hardware, list[str]]:
-    """The hardware to plan a real load for, and warnings about a build/GPU mismatch."""
+def planning_hardware(
+    settings: Settings, *, serving: bool = False
+) -> tuple[Hardware, list[str]]:
+    """The hardware every command plans for, and warnings about a build/GPU mismatch.
+
+    What `serve` would load on this machine with this llama.cpp build: the GPUs NVML sees when
+    the build can offload to them, else the CPU alone. `--cpu` (or `--vram 0`) plans for the CPU;
+    `--gpu` / `--vram` name hardware to plan for instead (marked assumed), except when serving
+    on a CPU-only build, which cannot use them.
+    """
     warnings: list[str] = []
-    gpus = detect_gpus()
-    if not gpu_build:
-        if gpus:
+    gpu_build = gpu_offload()
+    named = bool(settings.gpu or settings.vram)
+    if settings.cpu_only or (named and not serving) or (named and gpu_build):
+        hardware = hardware_for(settings)
+    else:
+        gpus = detect_gpus()
+        if not gpu_build and gpus:
             warnings.append(
                 f"this llama.cpp build is CPU-only but {gpus[0].name} is installed: everything "
                 f"runs on the CPU; rebuild with CUDA: {cuda_fix_command(Path(sys.prefix))}"
             )
-        if settings.n_gpu_layers not in (None, 0):
+        if serving and not gpu_build and settings.n_gpu_layers not in (None, 0):
             warnings.append(
                 f"n_gpu_layers={settings.n_gpu_layers} asked for, but this llama.cpp build has no "
                 "GPU backend: the model runs on the CPU (see `localllm doctor`)"
             )
-        # Plan for the CPU alone: --gpu/--vram describe hardware this build cannot use.
-        host = probe_host()
-        threads = settings.threads or host.logical_cores
-        note = "CPU-only llama.cpp build: planning for the CPU alone"
-        hardware = Hardware(gpus=(), host=host, threads=threads, notes=(note,))
-    else:
-        hardware = hardware_for(settings, gpus=gpus or None)
+        if gpu_build and gpus:
+            hardware = hardware_for(settings, gpus=gpus)
+        else:
+            host = probe_host()
+            note = (
+                "CPU-only llama.cpp build: planning for the CPU alone"
+                if not gpu_build
+                else "no GPU detected (NVML): planning for the CPU alone"
+            )
+            hardware = Hardware(
+                gpus=(), host=host, threads=settings.threads or host.logical_cores, notes=(note,)
+            )
     # The engine repacks host weights exactly when the machine's probe allows it.
     return replace(hardware, cpu_repack=repack_supported().supported), warnings
 
 
 def plan_for_serving(model_path: Path, settings: Settings) -> tuple[Plan, EngineConfig, list[str]]:
     """The fitter's plan for this machine, the engine config that follows it, and warnings."""
-    gpu_build = gpu_offload()
-    hardware, warnings = serving_hardware(settings, gpu_build)
+    hardware, warnings = planning_hardware(settings, serving=True)
     request = FitRequest.from_settings(settings)
-    if not gpu_build and request.n_gpu_layers:
+    if not hardware.gpus and request.n_gpu_layers:
         request = replace(request, n_gpu_layers=0)
     plan = fit(model_path, hardware, request)
     params = plan.llama_params()
@@ -91,6 +110,7 @@ def plan_engine_config(
         "n_ctx": config.n_ctx,
         "n_parallel": config.n_parallel,
         "n_ctx_per_slot": config.n_ctx_slot,
+        "tokens_per_conversation": config.n_ctx_slot,
         "n_gpu_layers": config.n_gpu_layers,
         "n_layer": plan.n_layer,
         "type_k": config.type_k,
@@ -104,3 +124,55 @@ def plan_engine_config(
     }
     log.info("plan: %s", summary["plan"])
     return config, summary, warnings
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """One buffer: what the fitter predicted and what llama.cpp's dry run says it allocates."""
+
+    what: str
+    predicted_bytes: int
+    llama_cpp_bytes: int
+
+    @property
+    def gap_percent(self) -> float:
+        if not self.llama_cpp_bytes:
+            return 0.0 if not self.predicted_bytes else 100.0
+        return 100.0 * (self.predicted_bytes - self.llama_cpp_bytes) / self.llama_cpp_bytes
+
+
+def check_plan(plan: Plan) -> list[CheckRow]:
+    """Run llama.cpp's own dry run (no_alloc: nothing read or allocated) for exactly this plan."""
+    if plan.gpus and not gpu_offload():
+        raise SettingsError(
+            "--check runs llama.cpp's dry run, and this llama.cpp build is CPU-only: it can check "
+            "CPU plans here (add --cpu), or GPU plans on a machine with a GPU build"
+        )
+    measured = dry_run(
+        plan.file,
+        n_ctx=plan.n_ctx,
+        n_parallel=plan.n_parallel,
+        n_ubatch=plan.n_ubatch,
+        n_batch=plan.n_batch,
+        type_k=plan.type_k,
+        type_v=plan.type_v,
+        flash_attn=plan.flash_attn,
+        swa_full=plan.swa_full,
+        kv_unified=plan.kv_unified,
+        n_gpu_layers=plan.n_gpu_layers,
+    )
+    # The dry run's weights are the file's tensors; the fitter's host figure adds the CPU_REPACK
+    # copy and, with a GPU, the output layer's duplicate: compare like with like.
+    rows = [
+        CheckRow("weights (all tensors)", read_header(plan.file).total_bytes,
+                 measured.weights_bytes),
+        CheckRow("KV cache", sum(d.kv_bytes for d in plan.devices), measured.kv_bytes),
+        CheckRow("output buffer", sum(d.output_bytes for d in plan.devices),
+                 measured.total_output_bytes),
+    ]
+    for device in plan.devices:
+        # llama.cpp names the host's compute buffer CPU, or CUDA_Host (pinned) beside a GPU.
+        names = ("CPU", "CUDA_Host") if device.name == "host" else (device.name,)
+        actual = sum(measured.compute_bytes.get(name, 0) for name in names)
+        rows.append(CheckRow(f"compute buffer {device.name}", device.compute_bytes, actual))
+    return rows

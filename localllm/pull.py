@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 def _fit_choice(headers: list[ModelHeader], settings: Settings) -> Any:
     """The fitter's plan over a ladder of headers for the configured hardware."""
     from localllm.fitter import FitRequest, fit_ladder, measured_quality_losses
-    from localllm.hardware import hardware_for
+    from localllm.loading import planning_hardware
 
     request = FitRequest.from_settings(settings)
-    return fit_ladder(headers, hardware_for(settings), request, measured_quality_losses(headers))
+    hardware, _ = planning_hardware(settings)
+    return fit_ladder(headers, hardware, request, measured_quality_losses(headers))
 
 
 def recommend(

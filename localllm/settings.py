@@ -80,8 +80,18 @@ class Settings(BaseSettings):
     )
 
     # How to load it; None lets the fitter choose.
-    n_ctx: int | None = Field(None, ge=256, description="Context length per model (all slots).")
-    parallel: int = Field(4, ge=1, le=64, description="Slots: requests decoded at once.")
+    n_ctx: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens per conversation (each slot has its own); 0: the model's training "
+        "context; unset: up to 8192, shortened only if the GPU needs it.",
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Conversations decoded at once (slots); unset: up to 4, as many as fit.",
+    )
     n_gpu_layers: int | None = Field(
         None, ge=-1, description="Layers on the GPU; unset lets the fitter choose, -1 means all."
     )
@@ -112,6 +122,9 @@ class Settings(BaseSettings):
         None, description="Override detected VRAM, e.g. '24GiB' or '24GiB,24GiB' for two cards."
     )
     gpu: str | None = Field(None, description="Plan for a named consumer GPU, e.g. 'rtx4090'.")
+    cpu_only: bool = Field(
+        False, description="Plan and run on the CPU alone, GPUs or not (--vram 0 means the same)."
+    )
 
     # Serving limits.
     queue_size: int = Field(16, ge=0, description="Requests that may wait for a slot before 503.")
@@ -140,6 +153,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+
+    @field_validator("n_ctx")
+    @classmethod
+    def _context(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < 256:
+            raise ValueError("must be 0 (the model's training context) or at least 256 tokens")
+        return value
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

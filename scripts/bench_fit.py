@@ -76,7 +76,8 @@ def memory_table(models: dict[str, Path], quick: bool) -> list[float]:
     for name in ("llama-7b", "llama-70b", "mixtral-8x7b", "gemma3-27b"):
         rows += [(name, r) for r in (big_rows[:2] if quick else big_rows)]
     rows += [("gemma3-27b", {"n_ctx": 8192, "swa_full": False})]
-    cpu_only = Hardware((), TYPICAL_HOST, 2)
+    # llama.cpp's dry run reports the file's tensor bytes; the CPU_REPACK copy is not in it.
+    cpu_only = Hardware((), TYPICAL_HOST, 2, cpu_repack=False)
     print("## Memory: fitter prediction vs llama.cpp dry run (MiB; error = predicted vs llama.cpp)")
     print()
     print(f"| {'model':13} | {'settings':38} | {'weights':>9} | {'err':>6} | {'KV':>8} | "
@@ -93,7 +94,8 @@ def memory_table(models: dict[str, Path], quick: bool) -> list[float]:
             measured = dry_run(models[name], n_gpu_layers=0, **params)
         finally:
             _restore_stderr(saved)
-        request = FitRequest(n_ctx=params["n_ctx"], n_parallel=params["n_parallel"],
+        request = FitRequest(n_ctx=params["n_ctx"] // params["n_parallel"],
+                             n_parallel=params["n_parallel"],
                              n_ubatch=params["n_ubatch"], type_k=params["type_k"],
                              type_v=params["type_v"], flash_attn=params["flash_attn"],
                              swa_full=params["swa_full"], n_gpu_layers=0)

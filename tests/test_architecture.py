@@ -79,8 +79,9 @@ def test_fit_is_a_function_however_it_is_reached(tmp_path: Path) -> None:
 import localllm
 from localllm import fit
 import localllm.fitter
-first = localllm.fit({str(model)!r}, localllm.hardware_for(None, gpus=()))
-second = localllm.fit({str(model)!r}, localllm.hardware_for(None, gpus=()))
+card = localllm.hardware_for(None, gpus=localllm.hardware.parse_gpu_names("rtx3090"))
+first = localllm.fit({str(model)!r}, card)
+second = localllm.fit({str(model)!r}, card)
 assert fit is localllm.fit and callable(fit)
 assert first.quant == second.quant == "Q4_K_M"
 assert first.n_gpu_layers == second.n_gpu_layers == 33

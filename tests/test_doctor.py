@@ -163,7 +163,7 @@ def test_fit_is_the_plan_serve_would_use_here(
     report = doctor_report(settings, None, (), **FIXED_PROBES)
     assert report.model.fit_ok is True
     # a CPU-only build: the CPU plan, not a hypothetical GPU, and the slow-speed warning
-    assert report.model.fit.startswith("Q4_K_M: 0/33 layers on GPU, n_ctx 4096")
+    assert report.model.fit.startswith("Q4_K_M: 0/33 layers on GPU, 4096 tokens per conversation")
     assert "below the 10 tok/s floor" in report.model.fit
 
 

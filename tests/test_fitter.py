@@ -116,7 +116,7 @@ def test_embedded_model_against_a_llama_cpp_dry_run(embedded: ModelHeader) -> No
 
     measured = dry_run(embedded.path, n_ctx=2048, n_parallel=2, n_ubatch=256, swa_full=False)
     hardware = Hardware((), HOST, 2)
-    plan = fit_header(embedded, hardware, FitRequest(n_ctx=2048, n_parallel=2, n_ubatch=256,
+    plan = fit_header(embedded, hardware, FitRequest(n_ctx=1024, n_parallel=2, n_ubatch=256,
                                                      swa_full=False))
     assert plan.host.kv_bytes == measured.kv_bytes
     assert plan.host.output_bytes == measured.total_output_bytes
@@ -299,3 +299,58 @@ def test_request_from_settings() -> None:
         16384, 2, "q8_0", 256)
     assert request.gpu_margin_bytes == 512 * MIB and request.min_speed_tok_s == 5.0
     assert request.objective == "quality"
+
+
+# ---- context per conversation, slots -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def big_headers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelHeader]:
+    folder = tmp_path_factory.mktemp("ctx")
+    return {key: read_header(gf.write_gguf(folder / f"{key}.gguf", spec))
+            for key, spec in {"13b": gf.LLAMA_13B, "gemma27b": gf.GEMMA3_27B}.items()}
+
+
+def test_one_conversation_gets_8k_before_slots_are_added(
+    big_headers: dict[str, ModelHeader]
+) -> None:
+    """Gemma 3 27B Q4_K_M on a 24 GB card: one slot of 8192 tokens with every layer on the
+    GPU, not four slots of 2048 (the old split of one context over four slots)."""
+    plan = fit_header(big_headers["gemma27b"], RTX3090, FitRequest(n_parallel=None))
+    assert (plan.n_ctx_slot, plan.n_parallel, plan.full_offload) == (8192, 1, True)
+    assert plan.n_ctx == 8192 and "8192 tokens per conversation, 1 at once" in format_plan(plan)
+    assert any("1 slot(s): more parallel conversations would not fit" in n for n in plan.notes)
+
+
+def test_slots_are_added_while_they_fit(big_headers: dict[str, ModelHeader],
+                                        headers: dict[str, ModelHeader]) -> None:
+    # Llama 7B (trained on 4096) on a 24 GB card: four conversations of its full context.
+    plan = fit_header(headers["7b"], RTX3090, FitRequest(n_parallel=None))
+    assert (plan.n_ctx_slot, plan.n_parallel, plan.n_ctx) == (4096, 4, 16384)
+    assert sum(d.kv_bytes for d in plan.devices) == 4 * 2 * GIB  # a 4096-cell stream each
+    # Llama 13B on a 16 GB card: two fit, four do not.
+    card = Hardware(parse_gpu_names("rtx4060ti-16gb"), HOST, 16)
+    plan = fit_header(big_headers["13b"], card, FitRequest(n_parallel=None))
+    assert (plan.n_ctx_slot, plan.n_parallel, plan.full_offload) == (4096, 2, True)
+    four = fit_header(big_headers["13b"], card, FitRequest(n_parallel=4, n_gpu_layers=-1))
+    assert not four.fits
+
+
+def test_fixed_slots_keep_their_context_and_offload_less(
+    big_headers: dict[str, ModelHeader]
+) -> None:
+    plan = fit_header(big_headers["gemma27b"], RTX3090, FitRequest(n_parallel=4, n_ctx=8192))
+    assert (plan.n_ctx_slot, plan.n_parallel) == (8192, 4)
+    assert not plan.full_offload and plan.fits
+
+
+def test_ctx_zero_is_the_training_context_and_above_it_warns(
+    headers: dict[str, ModelHeader]
+) -> None:
+    header = headers["7b"]
+    plan = fit_header(header, RTX3090, FitRequest(n_ctx=0))
+    assert plan.n_ctx_slot == header.n_ctx_train == 4096
+    assert any("training context" in n for n in plan.notes)
+    longer = fit_header(header, RTX3090, FitRequest(n_ctx=16384))
+    assert longer.n_ctx_slot == 16384
+    assert any("above the model's training context (4096)" in w for w in longer.warnings)

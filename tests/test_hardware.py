@@ -90,10 +90,12 @@ def test_hardware_for_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         threads: int | None = 4
 
     hw = hardware_for(S(), host=TYPICAL_HOST)
-    assert len(hw.gpus) == 1 and hw.gpus[0].total_bytes == 24 * GIB
-    assert any("24 GB" in n for n in hw.notes) and hw.threads == 4
+    # nothing detected, nothing named: the CPU alone, and the note says how to plan for a card
+    assert hw.gpus == () and not hw.assumed and hw.threads == 4
+    assert any("planning for the CPU alone" in n and "--gpu" in n for n in hw.notes)
     S.gpu = "rtx4090"
-    assert hardware_for(S(), host=TYPICAL_HOST).gpus[0].name.endswith("RTX 4090")
+    named = hardware_for(S(), host=TYPICAL_HOST)
+    assert named.gpus[0].name.endswith("RTX 4090") and named.assumed
     S.vram = "16GiB,8GiB"
     hw = hardware_for(S(), host=TYPICAL_HOST)
     assert [g.free_bytes for g in hw.gpus] == [16 * GIB, 8 * GIB]

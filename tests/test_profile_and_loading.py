@@ -37,10 +37,10 @@ def test_buffer_lines_are_attributed_to_devices() -> None:
 
 def test_cpu_only_build_plans_for_the_cpu_and_says_so_loudly(embedded_model_path: Path) -> None:
     assert not gpu_offload()  # this machine's llama.cpp is a CPU build
-    settings = Settings(n_gpu_layers=10, n_ctx=2048, parallel=2, threads=1)
+    settings = Settings(n_gpu_layers=10, n_ctx=1024, parallel=2, threads=1)
     config, summary, warnings = plan_engine_config(embedded_model_path, settings)
     assert config.n_gpu_layers == 0
-    assert config.n_ctx == 2048 and config.n_parallel == 2
+    assert config.n_ctx == 2048 and config.n_parallel == 2 and config.n_ctx_slot == 1024
     assert summary["source"] == "fit" and summary["gpu_build"] is False
     assert any("n_gpu_layers=10 asked for" in w and "no GPU backend" in w for w in warnings)
 

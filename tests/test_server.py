@@ -406,7 +406,7 @@ def test_plan_engine_config_follows_the_fitter(tmp_path: Path) -> None:
     from tests.gguf_factory import LLAMA_7B, write_gguf
 
     model = write_gguf(tmp_path / "m.gguf", LLAMA_7B)
-    settings = Settings(n_ctx=4096, parallel=2, type_k="q8_0", threads=3, queue_size=5)
+    settings = Settings(n_ctx=2048, parallel=2, type_k="q8_0", threads=3, queue_size=5)
     config, summary, warnings = plan_engine_config(model, settings)
     assert config.n_ctx == 4096 and config.n_ctx_slot == 2048
     assert config.n_gpu_layers == 0  # this machine's llama.cpp build is CPU-only

@@ -35,7 +35,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         "from localllm.server.run import serve\n"
         "from localllm.settings import Settings\n"
         f"serve(Settings(port={port}, models_dir={str(embedded_model_path.parent)!r}, "
-        "n_ctx=1024, parallel=2, threads=1, n_batch=256, n_ubatch=256, shutdown_grace_s=20))\n"
+        "n_ctx=512, parallel=2, threads=1, n_batch=256, n_ubatch=256, shutdown_grace_s=20))\n"
     )
     env = {**os.environ, "LOCALLLM_CONFIG": str(tmp_path / "none.toml")}
     (tmp_path / "none.toml").write_text("")

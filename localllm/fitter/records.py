@@ -13,8 +13,12 @@ from localllm.units import MIB
 Objective = Literal["balanced", "quality", "speed"]
 OBJECTIVES: tuple[str, ...] = ("balanced", "quality", "speed")
 
-# The context the fitter plans for when none is asked: the model's training context, capped here.
+# Tokens per conversation the fitter plans for when none is asked: the model's training context,
+# capped here (a desktop conversation with documents pasted in).
 DEFAULT_CTX_CAP = 8192
+# Parallel slots tried, most first, when --parallel is not given: as many conversations at once as
+# fit beside the full context each (llama-server's default is 4 slots).
+AUTO_SLOTS = (4, 2, 1)
 # When the wanted context keeps layers off the GPU, the fitter tries halving it down to this.
 MIN_SHRUNK_CTX = 4096
 # Host memory beyond the buffers: the process, the CUDA runtime's host side, Python.
@@ -27,8 +31,8 @@ GPU_CONTEXT_OVERHEAD_BYTES = 300 * MIB
 class FitRequest:
     """What the user asks of a fit; None lets the fitter choose."""
 
-    n_ctx: int | None = None
-    n_parallel: int = 1
+    n_ctx: int | None = None  # tokens per conversation; None: up to DEFAULT_CTX_CAP; 0: trained
+    n_parallel: int | None = 1  # conversations at once; None: the most of AUTO_SLOTS that fit
     n_gpu_layers: int | None = None  # given: explicit mode; -1 means all
     type_k: str = "f16"
     type_v: str = "f16"
@@ -50,7 +54,9 @@ class FitRequest:
             raise ValueError(f"cache types must be one of {', '.join(CACHE_TYPES)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
-        if self.n_parallel < 1 or self.n_ubatch < 1 or self.n_batch < 1:
+        if (self.n_parallel is not None and self.n_parallel < 1) or self.n_ubatch < 1 or (
+            self.n_batch < 1
+        ):
             raise ValueError("n_parallel, n_ubatch and n_batch must be positive")
 
     @classmethod
@@ -87,6 +93,7 @@ class DeviceMemory:
     margin_bytes: int  # kept free on purpose (GPUs)
     capacity_bytes: int  # free GPU memory / available RAM before loading
     n_layers: int = 0  # repeating layers whose weights live here
+    assumed: bool = False  # a card named by --gpu / --vram, not one detected on this machine
 
     @property
     def total_bytes(self) -> int:
@@ -122,6 +129,7 @@ class DeviceMemory:
             "free_bytes": self.free_bytes,
             "n_layers": self.n_layers,
             "fits": self.fits,
+            "assumed": self.assumed,
         }
 
 
@@ -173,7 +181,8 @@ class Plan:
 
     @property
     def n_ctx_slot(self) -> int:
-        return self.n_ctx // self.n_parallel
+        """Tokens one conversation may hold (prompt and answer)."""
+        return self.n_ctx if self.kv_unified else self.n_ctx // self.n_parallel
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -183,6 +192,7 @@ class Plan:
             "n_layer": self.n_layer,
             "n_gpu_layers": self.n_gpu_layers,
             "n_ctx": self.n_ctx,
+            "n_ctx_slot": self.n_ctx_slot,
             "n_parallel": self.n_parallel,
             "type_k": self.type_k,
             "type_v": self.type_v,

@@ -12,14 +12,21 @@ def _gib(n_bytes: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     lines = [f"Plan: {plan.quant}  ({plan.file})"]
-    offload = ("all layers on the GPU" if plan.full_offload else
-               f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU")
+    if not plan.gpus:
+        offload = "on the CPU (no GPU in this plan)"
+    elif plan.full_offload:
+        offload = "all layers on the GPU"
+    else:
+        offload = f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU"
     if plan.n_cpu_moe:
         offload += f", experts of the first {plan.n_cpu_moe} layers in host memory"
-    lines.append(f"  {offload}")
-    cache = plan.type_k if plan.type_k == plan.type_v else f"K {plan.type_k} / V {plan.type_v}"
     lines.append(
-        f"  context {plan.n_ctx} tokens, {plan.n_parallel} slot(s) of {plan.n_ctx_slot}; "
+        f"  {plan.n_ctx_slot} tokens per conversation, {plan.n_parallel} at once; {offload}"
+    )
+    cache = plan.type_k if plan.type_k == plan.type_v else f"K {plan.type_k} / V {plan.type_v}"
+    streams = "one shared KV stream" if plan.kv_unified else "a KV stream per slot"
+    lines.append(
+        f"  n_ctx {plan.n_ctx} ({streams}); "
         f"KV cache {cache}; flash attention {'on' if plan.flash_attn else 'off'}; "
         f"swa_full {'on' if plan.swa_full else 'off'}; n_ubatch {plan.n_ubatch}"
     )
@@ -33,7 +40,8 @@ def format_plan(plan: Plan) -> str:
     rows = [header]
     for d in plan.devices:
         rows.append((
-            d.name if d.name == "host" else f"{d.name} {d.description}",
+            d.name if d.name == "host" else
+            f"{d.name} {d.description}" + (" (assumed)" if d.assumed else ""),
             _gib(d.weights_bytes), _gib(d.kv_bytes), _gib(d.compute_bytes),
             _gib(d.output_bytes), _gib(d.overhead_bytes), _gib(d.total_bytes),
             _gib(d.capacity_bytes), _gib(d.free_bytes - d.margin_bytes),
@@ -63,7 +71,8 @@ def format_plan(plan: Plan) -> str:
 def plan_summary_line(plan: Plan) -> str:
     """One line for logs: quant, layers, context, speed."""
     return (
-        f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, n_ctx "
-        f"{plan.n_ctx} x{plan.n_parallel}, ~{plan.decode_tok_s:.0f} tok/s decode, "
+        f"{plan.quant}: {plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU, "
+        f"{plan.n_ctx_slot} tokens per conversation x{plan.n_parallel}, "
+        f"~{plan.decode_tok_s:.0f} tok/s decode, "
         f"~{plan.prompt_tok_s:.0f} tok/s prompt"
     )

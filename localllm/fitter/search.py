@@ -30,6 +30,7 @@ from localllm.fitter.memory import (
     output_buffer_bytes,
 )
 from localllm.fitter.records import (
+    AUTO_SLOTS,
     DEFAULT_CTX_CAP,
     GPU_CONTEXT_OVERHEAD_BYTES,
     HOST_OVERHEAD_BYTES,
@@ -120,7 +121,7 @@ class _Fitter:
                 "drop --flash-attn off, or use --cache-type f16 for values"
             )
         self.split = _split_weights(hardware, request) if hardware.gpus else []
-        self._shapes: dict[int, tuple[ContextShape, tuple[int, ...], Any]] = {}
+        self._shapes: dict[tuple[int, int], tuple[ContextShape, tuple[int, ...], Any]] = {}
         n_expert = header.n_expert
         self.expert_read_share = header.n_expert_used / n_expert if n_expert else 1.0
         host = hardware.host
@@ -128,19 +129,24 @@ class _Fitter:
         self.host_rate = CPU_ELEMENTS_PER_FLOP * host.matmul_flops_per_core * cores
         self.host_prefill_flops = CPU_PREFILL_EFFICIENCY * host.matmul_flops_per_core * cores
 
-    def shape(self, n_ctx: int) -> tuple[ContextShape, tuple[int, ...], Any]:
-        if n_ctx not in self._shapes:
+    def shape(self, n_ctx_slot: int, n_seq: int) -> tuple[ContextShape, tuple[int, ...], Any]:
+        """The context for n_seq conversations of n_ctx_slot tokens each (one KV stream each,
+        or one shared stream of n_ctx_slot cells when the cache is unified)."""
+        key = (n_ctx_slot, n_seq)
+        if key not in self._shapes:
             r = self.request
+            n_ctx = n_ctx_slot if r.kv_unified else n_ctx_slot * n_seq
             shape = context_shape(
-                self.header, n_ctx, r.n_parallel, r.n_ubatch, r.n_batch, r.swa_full, r.kv_unified
+                self.header, n_ctx, n_seq, r.n_ubatch, r.n_batch, r.swa_full, r.kv_unified
             )
             kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v)
-            self._shapes[n_ctx] = (shape, kv, compute_phases(self.facts, shape, self.flash_attn))
-        return self._shapes[n_ctx]
+            self._shapes[key] = (shape, kv, compute_phases(self.facts, shape, self.flash_attn))
+        return self._shapes[key]
 
-    def plan(self, n_ctx: int, n_gpu_layers: int, n_cpu_moe: int = 0) -> Plan:
+    def plan(self, ctx: tuple[int, int], n_gpu_layers: int, n_cpu_moe: int = 0) -> Plan:
+        """ctx: (tokens per conversation, conversations at once)."""
         header, facts, hardware, request = self.header, self.facts, self.hardware, self.request
-        shape, kv, phases = self.shape(n_ctx)
+        shape, kv, phases = self.shape(*ctx)
         layout = _layout(header.n_layer, n_gpu_layers, n_cpu_moe, self.split)
         n_gpus = len(hardware.gpus)
         weights = [0] * (n_gpus + 1)  # index -1: host
@@ -203,6 +209,7 @@ class _Fitter:
                     margin_bytes=request.gpu_margin_bytes,
                     capacity_bytes=gpu.free_bytes,
                     n_layers=layers_on[g],
+                    assumed=gpu.source != "nvml",
                 )
             )
         if not hardware.gpus:
@@ -274,7 +281,7 @@ class _Fitter:
     def gpus_fit(self, plan: Plan) -> bool:
         return all(d.fits for d in plan.gpus)
 
-    def most_layers(self, n_ctx: int) -> Plan:
+    def most_layers(self, n_ctx: tuple[int, int]) -> Plan:
         """The plan with the most GPU layers whose GPUs fit (binary search: fits shrink with
         more layers)."""
         low, high = 0, self.header.n_layer + 1  # low always fits the GPUs (nothing but overhead)
@@ -288,7 +295,7 @@ class _Fitter:
                 high = mid - 1
         return best
 
-    def fewest_cpu_moe(self, n_ctx: int) -> Plan | None:
+    def fewest_cpu_moe(self, n_ctx: tuple[int, int]) -> Plan | None:
         """Every layer on the GPU, experts of the first N layers in host memory, smallest N."""
         n_layer = self.header.n_layer
         last = self.plan(n_ctx, n_layer + 1, n_layer)
@@ -307,8 +314,8 @@ class _Fitter:
 
 def _advice(plan: Plan, header: ModelHeader, request: FitRequest) -> str:
     hints = ["a smaller quant"]
-    if plan.n_ctx > MIN_SHRUNK_CTX:
-        hints.append(f"a shorter context (--ctx {max(MIN_SHRUNK_CTX, plan.n_ctx // 2)})")
+    if plan.n_ctx_slot > MIN_SHRUNK_CTX:
+        hints.append(f"a shorter context (--ctx {max(MIN_SHRUNK_CTX, plan.n_ctx_slot // 2)})")
     if request.type_k == "f16" or request.type_v == "f16":
         hints.append("a quantized KV cache (--cache-type q8_0; q8_0 for V needs flash attention)")
     if plan.n_parallel > 1:
@@ -334,7 +341,8 @@ def _does_not_fit(plan: Plan, header: ModelHeader, request: FitRequest) -> DoesN
     needed = sum(d.total_bytes for d in plan.devices)
     available = gpu_free + host.capacity_bytes
     return DoesNotFitError(
-        f"{quant_name(header)} ({header.path.name}) does not fit at n_ctx {plan.n_ctx}: needs "
+        f"{quant_name(header)} ({header.path.name}) does not fit with {plan.n_ctx_slot} tokens per "
+        f"conversation x {plan.n_parallel}: needs "
         f"{gib(needed)} of GPU + host memory ({gib(host.total_bytes)} in host RAM with "
         f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU), has {gib(gpu_free)} of GPU "
         f"memory (after a {gib(request.gpu_margin_bytes)} margin per GPU) and "
@@ -344,69 +352,88 @@ def _does_not_fit(plan: Plan, header: ModelHeader, request: FitRequest) -> DoesN
     )
 
 
-def _default_ctx(header: ModelHeader) -> int:
+def _wanted_ctx(header: ModelHeader, request: FitRequest, notes: list[str],
+                warnings: list[str]) -> int:
+    """Tokens per conversation: asked for, the training context (0), or up to DEFAULT_CTX_CAP."""
     trained = header.n_ctx_train or DEFAULT_CTX_CAP
-    return min(trained, DEFAULT_CTX_CAP)
+    if request.n_ctx == 0:
+        notes.append(f"context: the model's training context, {trained} tokens (--ctx 0)")
+        return trained
+    if request.n_ctx is None:
+        wanted = min(trained, DEFAULT_CTX_CAP)
+        notes.append(
+            f"{wanted} tokens per conversation: the model's training context ({trained}) capped "
+            f"at {DEFAULT_CTX_CAP}; --ctx N asks for more, --ctx 0 for all of it"
+        )
+        return wanted
+    if header.n_ctx_train and request.n_ctx > header.n_ctx_train:
+        warnings.append(
+            f"--ctx {request.n_ctx} is above the model's training context ({header.n_ctx_train}):"
+            " answers degrade past it unless the model was trained for RoPE scaling"
+        )
+    return request.n_ctx
 
 
 def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | None = None) -> Plan:
-    """The plan for one model file; raises DoesNotFitError when no configuration fits."""
+    """The plan for one model file; raises DoesNotFitError when no configuration fits.
+
+    Context comes first: each conversation gets the context asked for (by default up to 8192
+    tokens), each in its own KV stream so no user's context is taken by another's; then as many
+    parallel slots (AUTO_SLOTS, unless --parallel fixes them) as fit with every layer on the GPU;
+    only then, if the context was not fixed, is it halved (not below 4096); last, layers (or MoE
+    experts) move to host memory, with one slot.
+    """
     request = request or FitRequest()
     fitter = _Fitter(header, hardware, request)
     notes = [MODELLED_NOTE, *hardware.notes]
     warnings: list[str] = []
-    n_ctx = request.n_ctx or _default_ctx(header)
-    if request.n_ctx is None:
-        notes.append(
-            f"n_ctx {n_ctx}: the model's training context ({header.n_ctx_train}) capped at "
-            f"{DEFAULT_CTX_CAP}; give --ctx for more"
-        )
-    if request.n_parallel > 1:
-        notes.append(
-            f"{request.n_parallel} parallel slots share the context: {n_ctx // request.n_parallel}"
-            " tokens each"
-        )
+    wanted = _wanted_ctx(header, request, notes, warnings)
+    slot_options = (request.n_parallel,) if request.n_parallel else AUTO_SLOTS
     if header.sliding_window and request.swa_full:
         notes.append(
             "full-size SWA cache (swa_full, llama-cpp-python's default); "
             "--swa-full off shrinks the sliding-window layers' cache"
         )
+    full = n_layer_all = header.n_layer + 1
 
     if request.n_gpu_layers is not None:  # explicit mode: exactly this configuration
         n_gpu_layers = request.n_gpu_layers
-        if n_gpu_layers < 0 or n_gpu_layers > header.n_layer + 1:
-            n_gpu_layers = header.n_layer + 1
-        plan = fitter.plan(n_ctx, n_gpu_layers)
+        if n_gpu_layers < 0 or n_gpu_layers > full:
+            n_gpu_layers = full
+        candidates = [fitter.plan((wanted, n), n_gpu_layers) for n in slot_options]
+        plan = next((p for p in candidates if p.fits), candidates[-1])
         for device in plan.devices:
             if not device.fits:
                 warnings.append(
                     f"does not fit {device.name}: needs {gib(device.total_bytes)}"
                     f" + {gib(device.margin_bytes)} margin, has {gib(device.capacity_bytes)}"
                 )
-        if plan.decode_tok_s < request.min_speed_tok_s:
-            warnings.append(_speed_warning(plan, header, request))
-        return replace(plan, warnings=tuple(warnings), notes=tuple(notes))
+        return _finish(plan, header, request, warnings, notes)
 
-    full = n_layer_all = header.n_layer + 1
-    candidates = [n_ctx]
+    contexts = [wanted]
     if request.n_ctx is None:
-        while candidates[-1] // 2 >= MIN_SHRUNK_CTX:
-            candidates.append(candidates[-1] // 2)
+        while contexts[-1] // 2 >= MIN_SHRUNK_CTX:
+            contexts.append(contexts[-1] // 2)
     chosen: Plan | None = None
-    for ctx in candidates:
-        plan = fitter.plan(ctx, full)
-        if plan.fits:
-            chosen = plan
-            if ctx != n_ctx:
+    for ctx in contexts:
+        for n_seq in slot_options:
+            plan = fitter.plan((ctx, n_seq), full)
+            if plan.fits:
+                chosen = plan
+                break
+        if chosen is not None:
+            if ctx != wanted:
                 notes.append(
-                    f"context shrunk from {n_ctx} to {plan.n_ctx} so that every layer "
-                    "fits on the GPU; --ctx keeps a longer one with fewer GPU layers"
+                    f"context shrunk from {wanted} to {chosen.n_ctx_slot} tokens per conversation "
+                    "so that every layer fits on the GPU; --ctx keeps a longer one with fewer "
+                    "GPU layers"
                 )
             break
     if chosen is None:
-        options = [fitter.most_layers(n_ctx)]
+        one = (wanted, min(slot_options))
+        options = [fitter.most_layers(one)]
         if header.is_moe and request.cpu_moe is not False:
-            moe = fitter.fewest_cpu_moe(n_ctx)
+            moe = fitter.fewest_cpu_moe(one)
             if moe is not None:
                 options.append(moe)
         fitting = [p for p in options if p.fits]
@@ -426,9 +453,20 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
                 f"partial offload: {chosen.n_gpu_layers}/{n_layer_all} layers on the GPU, "
                 f"{gib(chosen.host.weights_bytes)} of weights in host memory"
             )
-    if chosen.decode_tok_s < request.min_speed_tok_s:
-        warnings.append(_speed_warning(chosen, header, request))
-    return replace(chosen, warnings=tuple(warnings), notes=tuple(notes))
+    if request.n_parallel is None and chosen.n_parallel < max(AUTO_SLOTS):
+        notes.append(
+            f"{chosen.n_parallel} slot(s): more parallel conversations would not fit beside "
+            f"{chosen.n_ctx_slot} tokens each with this offload; --parallel N sets them"
+        )
+    return _finish(chosen, header, request, warnings, notes)
+
+
+def _finish(
+    plan: Plan, header: ModelHeader, request: FitRequest, warnings: list[str], notes: list[str]
+) -> Plan:
+    if plan.decode_tok_s < request.min_speed_tok_s:
+        warnings.append(_speed_warning(plan, header, request))
+    return replace(plan, warnings=tuple(warnings), notes=tuple(notes))
 
 
 def _quality_key(header: ModelHeader) -> float:
