@@ -9,10 +9,12 @@
     ├── SettingsError             a config file, env var or flag has a bad key or value
     ├── HubError                  the model hub could not answer (missing repo, auth, disk)
     │   └── HubUnreachableError   the network or the hub is down (cached data may do)
-    └── RequestError              a client request the engine cannot serve
-        ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
-        ├── QueueFullError               every slot busy and the wait queue full
-        └── CancelledError               the client went away or the server is stopping
+    ├── RequestError              a client request the engine cannot serve
+    │   ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
+    │   ├── QueueFullError               every slot busy and the wait queue full
+    │   └── CancelledError               the client went away or the server is stopping
+    └── APIError                  the HTTP layer refuses a request itself (status, type, code)
+        └── BodyTooLargeError     the body is over max_body_bytes
 
 Every message says what to do next. The CLI turns these into one line and exit code 2; the
 HTTP layer maps the classes (never the text) to OpenAI error envelopes.
@@ -89,3 +91,37 @@ class QueueFullError(RequestError):
 
 class CancelledError(RequestError):
     """The request was cancelled: the client disconnected or the server is stopping."""
+
+
+class APIError(LocalLLMError):
+    """A request the HTTP layer answers itself (auth, body size, bad JSON, loading): it carries
+    the status and the OpenAI envelope's type, code and param."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class BodyTooLargeError(APIError):
+    """The request body is larger than max_body_bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body is larger than {limit} bytes (max_body_bytes)",
+            code="request_too_large",
+        )

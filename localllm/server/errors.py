@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from localllm.errors import (
+    APIError,
     CancelledError,
     ContextLengthExceededError,
     LocalLLMError,
@@ -26,37 +27,6 @@ from localllm.errors import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error the HTTP layer raises itself (auth, body size, bad JSON, loading)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        retry_after_s: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.param = param
-        self.retry_after_s = retry_after_s
-
-
-class BodyTooLargeError(APIError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"request body is larger than {limit} bytes (max_body_bytes)",
-            code="request_too_large",
-        )
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class _Sampling(_Request):
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -86,7 +87,6 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
@@ -96,7 +96,6 @@ class CompletionRequest(_Sampling):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(_Request):
