@@ -12,7 +12,8 @@
     ├── RequestError              a client request the engine cannot serve
     │   ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
     │   ├── QueueFullError               every slot busy and the wait queue full
-    │   └── CancelledError               the client went away or the server is stopping
+    │   ├── CancelledError               the client went away or the server is stopping
+    │   └── RequestTimeoutError          the request ran past request_timeout_s
     └── APIError                  the HTTP layer refuses a request itself (status, type, code)
         └── BodyTooLargeError     the body is over max_body_bytes
 
@@ -93,6 +94,10 @@ class CancelledError(RequestError):
     """The request was cancelled: the client disconnected or the server is stopping."""
 
 
+class RequestTimeoutError(RequestError):
+    """The request was still queued or running at its deadline (request_timeout_s)."""
+
+
 class APIError(LocalLLMError):
     """A request the HTTP layer answers itself (auth, body size, bad JSON, loading): it carries
     the status and the OpenAI envelope's type, code and param."""
@@ -106,6 +111,7 @@ class APIError(LocalLLMError):
         code: str | None = None,
         param: str | None = None,
         retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -113,7 +119,9 @@ class APIError(LocalLLMError):
         self.type = type_
         self.code = code
         self.param = param
-        self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(retry_after_s)
 
 
 class BodyTooLargeError(APIError):

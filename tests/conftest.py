@@ -163,7 +163,7 @@ class FakeEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return " ".join("x" * t for t in tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return " ".join(f"{m['role']}: {m['content']}" for m in messages)
 
     def stats(self) -> EngineStats:

@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from localllm.server.auth import allowed_hosts
 from localllm.server.chat.api_router import router as chat_router
 from localllm.server.chat.serving import ChatServing
 from localllm.server.completions.api_router import router as completions_router
@@ -91,6 +92,7 @@ def create_app(
         warnings=list(warnings or []),
         metrics=Metrics(lambda: state_holder[0].stats()),
         api_keys=settings.all_api_keys(),
+        allowed_hosts=allowed_hosts(settings),
         engine=engine,
     )
     state_holder.append(state)

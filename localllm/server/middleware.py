@@ -1,10 +1,12 @@
-"""The ASGI edge every request passes: body size limit, request metrics, warning header."""
+"""The ASGI edge every request passes: Host check, body size limit, request metrics, warning
+header, and the envelope for anything that escaped the handlers (a bug: 500, counted)."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localllm.errors import APIError, BodyTooLargeError
+from localllm.server.auth import host_allowed
 from localllm.server.errors import error_response
 from localllm.server.state import AppState
 
@@ -16,17 +18,21 @@ _ENDPOINTS = {
     "/tokenize",
     "/detokenize",
     "/v1/models",
+    "/v1/models/{model}",
     "/v1/chat/completions",
     "/v1/completions",
 }
 
 
 def endpoint_label(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
     return path if path in _ENDPOINTS else "other"  # bounded label values
 
 
 class EdgeMiddleware:
-    """Body size limit (Content-Length and counted bytes), request metrics, warning header."""
+    """Host check, body size limit (Content-Length and counted bytes), request metrics, warning
+    header, 500 envelope."""
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
@@ -41,15 +47,10 @@ class EdgeMiddleware:
         status_holder = [0]
         started = [False]
 
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._reply(scope, receive, send, BodyTooLargeError(limit), endpoint)
-                    return
+        refusal = self._refusal(scope["headers"], limit)
+        if refusal is not None:
+            await self._reply(scope, receive, send, refusal, endpoint)
+            return
 
         received = [0]
 
@@ -73,20 +74,44 @@ class EdgeMiddleware:
 
         try:
             await self.app(scope, limited_receive, counting_send)
-        except BodyTooLargeError as exc:
+        except Exception as exc:
             if started[0]:
+                self.state.metrics.requests.labels(endpoint, str(status_holder[0])).inc()
                 raise
             await self._reply(scope, receive, send, exc, endpoint)
             return
         self.state.metrics.requests.labels(endpoint, str(status_holder[0])).inc()
 
+    def _refusal(self, headers: list[tuple[bytes, bytes]], limit: int) -> APIError | None:
+        """What to refuse before reading anything: a foreign Host, a declared oversized body."""
+        host: str | None = None
+        for name, value in headers:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        return BodyTooLargeError(limit)
+                except ValueError:
+                    pass
+        allowed = self.state.allowed_hosts
+        if allowed is not None and host is not None and not host_allowed(host, allowed):
+            return APIError(
+                403,
+                f"this server listens on loopback and does not answer to Host {host[:100]!r} "
+                "(a DNS-rebinding page would send that); add the name to allowed_hosts if it "
+                "is yours",
+                code="host_not_allowed",
+            )
+        return None
+
     async def _reply(
-        self, scope: Scope, receive: Receive, send: Send, exc: APIError, endpoint: str
+        self, scope: Scope, receive: Receive, send: Send, exc: Exception, endpoint: str
     ) -> None:
         response = error_response(exc)
-        response.headers["Connection"] = "close"  # the rest of the body is not read
+        response.headers["Connection"] = "close"  # the rest of the body may be unread
         await response(scope, receive, send)
-        self.state.metrics.requests.labels(endpoint, str(exc.status)).inc()
+        self.state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
 
 
 def _header_text(state: AppState) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import sys
@@ -24,19 +23,11 @@ import uvicorn
 from localllm.errors import ModelLoadError, SettingsError
 from localllm.pull import ensure_local
 from localllm.server.app import AppState, create_app
+from localllm.server.auth import is_loopback
 from localllm.server.loading import plan_engine_config
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def check_bind(settings: Settings) -> None:

@@ -3,7 +3,9 @@ handlers (engine lookup, model name check, sampling parameters, limits, usage)."
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 from typing import Any, TypeVar
 
@@ -22,18 +24,73 @@ from localllm.server.streaming import Shaper, respond
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
+MAX_JSON_DEPTH = 128  # nesting of a request body; deeper is refused before validation
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 async def parse_body(request: Request, model: type[_Body]) -> _Body:
-    """The JSON object body validated into `model` (a ValidationError becomes a 400)."""
+    """The JSON object body validated into `model` (a ValidationError becomes a 400).
+
+    Only `application/json` is read: the content types a web page may POST without a CORS
+    preflight (text/plain, forms, none) are refused before the body is read.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            f"the request body must be sent as Content-Type: application/json "
+            f"(got {media_type or 'none'!r})",
+            code="unsupported_media_type",
+        )
     body = await request.body()
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
+    except RecursionError:
+        data = None  # nested beyond Python's parser: refused below like any deep body
     if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        raise APIError(
+            400,
+            f"the request body must be a JSON object nested at most {MAX_JSON_DEPTH} deep",
+            code="invalid_json",
+        )
+    _check_json(data)
     return model.model_validate(data)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_json(data: dict[str, Any]) -> None:
+    """Refuse what Python's parser lets through but nothing downstream can handle: nesting
+    deeper than MAX_JSON_DEPTH and lone UTF-16 surrogates (escapes like "\\ud800")."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise APIError(
+                    400,
+                    "the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                    "which is not text; send valid Unicode",
+                    code="invalid_json",
+                )
+            continue
+        if depth > MAX_JSON_DEPTH and isinstance(value, dict | list):
+            raise APIError(
+                400,
+                f"the request body is nested more than {MAX_JSON_DEPTH} deep",
+                code="invalid_json",
+            )
+        if isinstance(value, dict):
+            stack.extend((key, depth) for key in value)
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
 
 
 class Serving:
@@ -99,18 +156,32 @@ class Serving:
             frequency_penalty=body.frequency_penalty,
             seed=body.seed,
             grammar=_grammar(body.response_format),
+            logit_bias=_logit_bias(body.logit_bias),
         )
 
-    def submit(
+    async def submit(
         self,
         engine: ServingEngine,
         body: t._Sampling,
         **request: Any,
     ) -> RequestHandle:
-        """Queue the generation; `request` holds the GenerationRequest fields of the family."""
-        return engine.submit(
-            GenerationRequest(stop=body.stop_list(), sampling=self.sampling(body), **request)
-        )
+        """Queue the generation; `request` holds the GenerationRequest fields of the family.
+
+        On a worker thread: turning a schema into a grammar, compiling it and tokenizing a long
+        prompt each take up to seconds, and the event loop must keep answering meanwhile.
+        """
+
+        def submit() -> RequestHandle:
+            return engine.submit(
+                GenerationRequest(
+                    stop=body.stop_list(),
+                    sampling=self.sampling(body),
+                    timeout_s=self.state.settings.request_timeout_s,
+                    **request,
+                )
+            )
+
+        return await asyncio.to_thread(submit)
 
     def response_ids(self, prefix: str, handle: RequestHandle) -> dict[str, Any]:
         """The fields every response body of this request repeats (a shaper's first four)."""
@@ -132,6 +203,21 @@ class Serving:
     def extra(self) -> dict[str, Any] | None:
         """The `localllm` field of responses: the plan's warnings, when there are any."""
         return {"warnings": self.state.warnings} if self.state.warnings else None
+
+
+def _logit_bias(biases: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias}; the engine checks the ids against the vocabulary."""
+    pairs = []
+    for key, bias in (biases or {}).items():
+        if not key.isdigit():
+            raise APIError(
+                400,
+                f"logit_bias keys are token ids (see POST /tokenize), not {key[:40]!r}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        pairs.append((int(key), bias))
+    return tuple(pairs)
 
 
 def _grammar(response_format: t.ResponseFormat | None) -> str | None:

@@ -23,7 +23,7 @@ class ServingEngine(Protocol):
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]: ...
     def detokenize(self, tokens: list[int]) -> str: ...
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str: ...
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str | tuple[int, ...]: ...
     def submit(self, request: GenerationRequest) -> RequestHandle: ...
     def stats(self) -> EngineStats: ...
     def close(self) -> None: ...
@@ -40,11 +40,17 @@ class AppState:
     warnings: list[str]
     metrics: Metrics
     api_keys: list[str]
+    allowed_hosts: frozenset[str] | None = None  # None: any Host (a public bind)
     engine: ServingEngine | None = None
     own_engine: bool = False  # close it on shutdown (it was loaded by this app)
     load_error: str | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def public(self) -> bool:
+        """Bound beyond loopback: say nothing about this machine to unauthenticated callers."""
+        return self.allowed_hosts is None
 
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None

@@ -3,6 +3,7 @@ chat response bodies (`chat.completion`, `chat.completion.chunk`)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,15 @@ class ChatServing(Serving):
             body.max_completion_tokens if uses_completion_tokens else body.max_tokens,
             "max_completion_tokens" if uses_completion_tokens else "max_tokens",
         )
-        prompt = engine.apply_chat_template(self.template_messages(body))
-        handle = self.submit(
+        # Rendering a template and tokenizing a long chat take time: not on the event loop.
+        prompt = await asyncio.to_thread(engine.chat_prompt, self.template_messages(body))
+        handle = await self.submit(
             engine,
             body,
             prompt=prompt,
             max_tokens=max_tokens,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             add_special=False,  # the template wrote BOS where the model wants it
-            parse_special=True,
         )
         shaper = ChatShaper(**self.response_ids("chatcmpl", handle), logprobs=body.logprobs)
         return await self.respond(request, body, handle, shaper)

@@ -21,7 +21,7 @@ class CompletionServing(Serving):
         engine = self.check_common(body)
         max_tokens = self.max_tokens(body.max_tokens, "max_tokens")
         prompt = _prompt(body)
-        handle = self.submit(
+        handle = await self.submit(
             engine,
             body,
             prompt=prompt,

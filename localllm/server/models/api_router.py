@@ -36,13 +36,18 @@ async def list_models(request: Request) -> JSONResponse:
     return JSONResponse(models(request).list_models().model_dump())
 
 
+@router.get("/v1/models/{model:path}", dependencies=auth)
+async def retrieve_model(request: Request, model: str) -> JSONResponse:
+    return JSONResponse(models(request).model(model).model_dump())
+
+
 @router.post("/tokenize", dependencies=auth)
 async def tokenize(request: Request) -> JSONResponse:
     body = await parse_body(request, TokenizeRequest)
-    return JSONResponse({"tokens": models(request).tokenize(body)})
+    return JSONResponse({"tokens": await models(request).tokenize(body)})
 
 
 @router.post("/detokenize", dependencies=auth)
 async def detokenize(request: Request) -> JSONResponse:
     body = await parse_body(request, DetokenizeRequest)
-    return JSONResponse({"content": models(request).detokenize(body)})
+    return JSONResponse({"content": await models(request).detokenize(body)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from localllm.server import types as t
@@ -14,24 +15,32 @@ class ModelsServing(Serving):
         state = self.state
         if state.engine is None:
             body: dict[str, Any] = {"status": "error" if state.load_error else "loading"}
-            if state.load_error:
+            if state.load_error and not state.public:
                 body["error"] = state.load_error
             return 503, body
         stats = state.engine.stats()
-        return 200, {
+        body = {
             "status": "ok",
             "model": state.model_id,
             "slots_idle": stats.n_slots - stats.busy_slots,
             "slots_processing": stats.busy_slots,
             "queue_length": stats.queue_length,
-            "plan": state.plan_summary,
-            "warnings": state.warnings,
         }
+        if not state.public:  # the plan names file paths and this machine's memory
+            body.update(plan=state.plan_summary, warnings=state.warnings)
+        return 200, body
 
     def metrics(self) -> bytes:
         return self.state.metrics.render()
 
     def list_models(self) -> t.ModelList:
+        return t.ModelList(data=[self._card()])
+
+    def model(self, name: str) -> t.ModelCard:
+        self.check_model(name)
+        return self._card()
+
+    def _card(self) -> t.ModelCard:
         state = self.state
         extra: dict[str, Any] = {
             "loaded": state.engine is not None,
@@ -40,11 +49,13 @@ class ModelsServing(Serving):
         }
         if state.engine is not None:
             extra["n_ctx_slot"] = state.engine.n_ctx_slot
-        card = t.ModelCard(id=state.model_id, created=state.created, localllm=extra)
-        return t.ModelList(data=[card])
+        return t.ModelCard(id=state.model_id, created=state.created, localllm=extra)
 
-    def tokenize(self, body: t.TokenizeRequest) -> list[int]:
-        return self.engine().tokenize(body.content, body.add_special, body.parse_special)
+    async def tokenize(self, body: t.TokenizeRequest) -> list[int]:
+        engine = self.engine()  # a 4 MiB text takes seconds: not on the event loop
+        return await asyncio.to_thread(
+            engine.tokenize, body.content, body.add_special, body.parse_special
+        )
 
-    def detokenize(self, body: t.DetokenizeRequest) -> str:
-        return self.engine().detokenize(body.tokens)
+    async def detokenize(self, body: t.DetokenizeRequest) -> str:
+        return await asyncio.to_thread(self.engine().detokenize, body.tokens)
