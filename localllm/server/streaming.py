@@ -112,7 +112,7 @@ async def _events(
             state.metrics.ttft.observe(event.time_to_first_token_s)
             if include_usage:
                 yield sse(shaper.usage_chunk(event))
-    except LocalLLMError as exc:
+    except Exception as exc:  # a timeout, shutdown, engine failure, or a bug (logged as such)
         # The status line is gone already; report in-band like OpenAI does.
         yield sse(json.loads(bytes(error_response(exc).body)))
     finally:
