@@ -10,15 +10,17 @@
     ├── HubError                  the model hub could not answer (missing repo, auth, disk)
     │   └── HubUnreachableError   the network or the hub is down (cached data may do)
     ├── BenchError                `localllm bench` cannot run as asked (e.g. a non-local target)
-    └── RequestError              a client request the engine cannot serve
-        ├── ChatTemplateError            the chat template refused the messages, or is hostile
-        ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
-        ├── QueueFullError               every slot busy and the wait queue full
-        └── CancelledError               the client went away or the server is stopping
+    ├── RequestError              a client request the engine cannot serve
+    │   ├── ChatTemplateError            the chat template refused the messages, or is hostile
+    │   ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
+    │   ├── QueueFullError               every slot busy and the wait queue full
+    │   ├── CancelledError               the client went away or the server is stopping
+    │   └── RequestTimeoutError          the request ran past request_timeout_s
+    └── APIError                  the HTTP layer refuses a request itself (status, type, code)
+        └── BodyTooLargeError     the body is over max_body_bytes
 
 Every message says what to do next. The CLI turns these into one line and an exit code; the
-HTTP layer maps the classes (never the text) to OpenAI error envelopes (`server/errors.py`, whose
-`APIError` is the HTTP edge's own status-carrying error, not part of this tree).
+HTTP layer maps the classes (never the text) to OpenAI error envelopes (`server/errors.py`).
 """
 
 from __future__ import annotations
@@ -100,3 +102,44 @@ class QueueFullError(RequestError):
 
 class CancelledError(RequestError):
     """The request was cancelled: the client disconnected or the server is stopping."""
+
+
+class RequestTimeoutError(RequestError):
+    """The request was still queued or running at its deadline (request_timeout_s)."""
+
+
+class APIError(LocalLLMError):
+    """A request the HTTP layer answers itself (auth, body size, bad JSON, loading): it carries
+    the status and the OpenAI envelope's type, code and param."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(retry_after_s)
+
+
+class BodyTooLargeError(APIError):
+    """The request body is larger than max_body_bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body is larger than {limit} bytes (max_body_bytes)",
+            code="request_too_large",
+        )

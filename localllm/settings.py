@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Browser origins allowed to call the API."
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names a loopback bind answers to besides localhost and its address "
+        "(others get 403: DNS rebinding).",
+    )
     allow_public_bind: bool = Field(
         False, description="Allow a non-loopback bind without an API key (not recommended)."
     )
@@ -161,7 +166,7 @@ class Settings(BaseSettings):
             raise ValueError("must be 0 (the model's training context) or at least 256 tokens")
         return value
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         # Env vars carry lists as "a,b" (or as JSON, which pydantic-settings would expect).

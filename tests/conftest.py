@@ -22,7 +22,7 @@ from localllm.engine.types import (
     TokenLogprob,
     Usage,
 )
-from localllm.errors import ContextLengthExceededError, QueueFullError
+from localllm.errors import CancelledError, ContextLengthExceededError, QueueFullError
 from localllm.models import embedded_model_path as _embedded_model_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,11 +163,15 @@ class FakeEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return " ".join("x" * t for t in tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return " ".join(f"{m['role']}: {m['content']}" for m in messages)
 
     def stats(self) -> EngineStats:
         return EngineStats(4, self.busy, 0, 10, 256, 1, 2, 3, 4, 0.5, 0.5, 0.01)
+
+    def cancel_all(self) -> None:
+        for handle in self.handles:
+            handle._fail(CancelledError("the server is shutting down"))
 
     def close(self) -> None:
         self.closed = True

@@ -21,6 +21,7 @@ from tests.conftest import FakeEngine
 
 KEY = "sekrit"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 WARNING = "expect ~3 tok/s: 10 layers on the CPU"
 
 
@@ -45,7 +46,7 @@ def client(fake_engine: FakeEngine) -> Iterator[TestClient]:
         plan_summary={"n_gpu_layers": 0},
         warnings=[WARNING],
     )
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         yield test_client
 
 
@@ -226,7 +227,7 @@ def test_metrics_are_prometheus_text_on_a_private_registry(client: TestClient) -
     assert 'localllm_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
     # A second app has its own registry: no duplicate-registration error, its own counts.
     other = create_app(_settings(api_keys=[]), FakeEngine())
-    with TestClient(other) as other_client:
+    with TestClient(other, base_url="http://localhost") as other_client:
         assert "localllm_requests_total{" not in other_client.get("/metrics").text
 
 
@@ -240,7 +241,7 @@ def test_malformed_json_is_400(client: TestClient) -> None:
         headers={**AUTH, "Content-Type": "application/json"},
     )
     _assert_envelope(response, 400, "invalid_json")
-    response = client.post("/v1/chat/completions", content=b"[1, 2]", headers=AUTH)
+    response = client.post("/v1/chat/completions", content=b"[1, 2]", headers=JSON_AUTH)
     _assert_envelope(response, 400, "invalid_json")
 
 
@@ -295,15 +296,14 @@ def test_queue_full_is_503_with_retry_after(client: TestClient, fake_engine: Fak
 
 def test_body_over_the_limit_is_413_by_length_and_by_counted_bytes(client: TestClient) -> None:
     big = json.dumps(_chat(messages=[{"role": "user", "content": "x" * 5000}])).encode()
-    _assert_envelope(
-        client.post("/v1/chat/completions", content=big, headers=AUTH), 413, "request_too_large"
-    )
+    response = client.post("/v1/chat/completions", content=big, headers=JSON_AUTH)
+    _assert_envelope(response, 413, "request_too_large")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
         for i in range(0, len(big), 500):
             yield big[i : i + 500]
 
-    response = client.post("/v1/chat/completions", content=chunks(), headers=AUTH)
+    response = client.post("/v1/chat/completions", content=chunks(), headers=JSON_AUTH)
     _assert_envelope(response, 413, "request_too_large")
 
 
@@ -336,7 +336,7 @@ def test_cors_allows_only_configured_origins(client: TestClient) -> None:
 
 
 def test_server_still_answers_after_errors(client: TestClient) -> None:
-    client.post("/v1/chat/completions", content=b"{", headers=AUTH)
+    client.post("/v1/chat/completions", content=b"{", headers=JSON_AUTH)
     client.post("/v1/chat/completions", json=_chat(model="x"), headers=AUTH)
     assert client.post("/v1/chat/completions", json=_chat(), headers=AUTH).status_code == 200
 
@@ -352,7 +352,7 @@ def test_health_is_503_while_loading_then_200() -> None:
         return FakeEngine()
 
     app = create_app(_settings(api_keys=[]), engine_factory=factory, model_id="slow")
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         assert test_client.get("/health").status_code == 503
         response = test_client.post("/v1/chat/completions", json=_chat(model="slow"))
         _assert_envelope(response, 503, "model_loading")
@@ -374,7 +374,7 @@ def test_a_failed_load_is_reported() -> None:
         raise ModelLoadError("no such file")
 
     app = create_app(_settings(api_keys=[]), engine_factory=factory)
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         for _ in range(200):
             if app.state.localllm.loaded.is_set():
                 break

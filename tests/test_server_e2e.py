@@ -278,7 +278,13 @@ def test_bad_inputs_answer_their_status_with_the_envelope(live_server: UvicornTh
     chat = url + "/v1/chat/completions"
     ok = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with httpx.Client(timeout=30) as client:
-        _envelope(client.post(chat, content=b"{nope", headers=AUTH), 400, "invalid_json")
+        _envelope(
+            client.post(
+                chat, content=b"{nope", headers={**AUTH, "Content-Type": "application/json"}
+            ),
+            400,
+            "invalid_json",
+        )
         error = _envelope(client.post(chat, json={**ok, "temperature": "warm"}, headers=AUTH), 400)
         assert error["param"] == "temperature"
         _envelope(

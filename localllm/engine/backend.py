@@ -50,6 +50,11 @@ class _TensorOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
+def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    shifted = logits - np.float32(logits.max())
+    return shifted - np.float32(np.log(np.exp(shifted).sum()))
+
+
 class LlamaBackend:
     """A loaded model and its context. Not thread-safe beyond the vocabulary calls."""
 
@@ -78,6 +83,7 @@ class LlamaBackend:
         self.eos_id: int = llama.llama_vocab_eos(self.vocab)
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self._pieces: dict[int, bytes] = {}
+        self._control: npt.NDArray[np.bool_] | None = None
 
     def _load(self, llama: Any) -> None:
         config = self.config
@@ -171,6 +177,20 @@ class LlamaBackend:
             )
         return list(buf[:n])
 
+    def control_tokens(self) -> npt.NDArray[np.bool_]:
+        """Which token ids llama.cpp reads from text only when parsing specials (control and
+        unknown tokens); computed once, on first use (a pass over the vocabulary)."""
+        if self._control is None:
+            llama = _llama()
+            flags = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_UNKNOWN
+            self._control = np.array(
+                [
+                    bool(llama.llama_vocab_get_attr(self.vocab, t) & flags)
+                    for t in range(self.n_vocab)
+                ]
+            )
+        return self._control
+
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         """A token's bytes; control tokens are empty unless special."""
         key = token if not special else -1 - token
@@ -212,17 +232,24 @@ class LlamaBackend:
 
     def logprobs(self, batch_index: int) -> npt.NDArray[np.float32]:
         """Log-softmax of the raw logits of one output of the last decode."""
-        pointer = _llama().llama_get_logits_ith(self.ctx, batch_index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float32)
-        peak = float(logits.max())
-        shifted = logits - peak
-        return shifted - np.float32(np.log(np.exp(shifted).sum()))
+        return log_softmax(self.logits_row(batch_index))
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(_llama().llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
-    def new_sampler(self, params: SamplingParams, seed: int) -> Sampler:
-        return Sampler(self, params, seed)
+    def new_sampler(
+        self, params: SamplingParams, seed: int, grammar: Grammar | None = None
+    ) -> Sampler:
+        return Sampler(self, params, seed, grammar)
+
+    def compile_grammar(self, text: str) -> Grammar:
+        """Any thread: llama.cpp only reads the vocabulary while compiling."""
+        return Grammar(self, text)
+
+    def logits_row(self, batch_index: int) -> npt.NDArray[np.float32]:
+        """A copy of one output's raw logits of the last decode."""
+        pointer = _llama().llama_get_logits_ith(self.ctx, batch_index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float32)
 
     def close(self) -> None:
         llama = _llama()
@@ -238,15 +265,61 @@ class LlamaBackend:
         self._keepalive.clear()
 
 
-class Sampler:
-    """One request's llama.cpp sampler chain; free() it exactly once."""
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
-    def __init__(self, backend: LlamaBackend, params: SamplingParams, seed: int) -> None:
+
+class Grammar:
+    """A GBNF grammar compiled by llama.cpp into a sampler. Compiling a big grammar takes seconds,
+    so it happens on the submitting thread, never on the scheduler; free() it unless a Sampler
+    took it over."""
+
+    def __init__(self, backend: LlamaBackend, text: str) -> None:
+        self.handle: Any = _llama().llama_sampler_init_grammar(
+            backend.vocab, text.encode("utf-8"), b"root"
+        )
+        if not self.handle:
+            raise RequestError("the grammar does not parse", param="response_format")
+
+    def free(self) -> None:
+        if self.handle is not None:
+            _llama().llama_sampler_free(self.handle)
+            self.handle = None
+
+
+class Sampler:
+    """One request's llama.cpp sampler chain (and grammar); free() it exactly once.
+
+    Without a grammar, `sample()` samples straight from the context's logits. With one, the
+    scheduler copies the logits row and `sample_row()` runs on a worker thread: a grammar can cost
+    seconds a token over a 262k vocabulary, and the other slots must not wait for it.
+    """
+
+    def __init__(
+        self,
+        backend: LlamaBackend,
+        params: SamplingParams,
+        seed: int,
+        grammar: Grammar | None = None,
+    ) -> None:
         llama = _llama()
         self._backend = backend
+        self.grammar: Any = None
         self.chain: Any = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = llama.llama_sampler_chain_add
         try:
+            if grammar is not None:
+                self.grammar, grammar.handle = grammar.handle, None
+            if params.logit_bias:
+                biases = (llama.llama_logit_bias * len(params.logit_bias))()
+                for i, (token, bias) in enumerate(params.logit_bias):
+                    biases[i].token = token
+                    biases[i].bias = bias
+                add(
+                    self.chain,
+                    llama.llama_sampler_init_logit_bias(
+                        backend.n_vocab, len(params.logit_bias), biases
+                    ),
+                )
             if (
                 params.repeat_penalty != 1.0
                 or params.presence_penalty != 0.0
@@ -262,13 +335,8 @@ class Sampler:
                         params.presence_penalty,
                     ),
                 )
-            if params.grammar:
-                grammar = llama.llama_sampler_init_grammar(
-                    backend.vocab, params.grammar.encode("utf-8"), b"root"
-                )
-                if not grammar:
-                    raise RequestError("the grammar does not parse", param="response_format")
-                add(self.chain, grammar)
+            if params.grammar and self.grammar is None:
+                self.grammar = Grammar(backend, params.grammar).handle
             if params.temperature <= 0:
                 add(self.chain, llama.llama_sampler_init_greedy())
             else:
@@ -284,12 +352,57 @@ class Sampler:
             self.free()
             raise
 
+    @property
+    def needs_row(self) -> bool:
+        """Sample with `sample_row` from a copy of the logits (off the scheduler thread)."""
+        return self.grammar is not None
+
     def sample(self, batch_index: int) -> int:
         """Sample from one output of the last decode and accept the token into the chain."""
         token: int = _llama().llama_sampler_sample(self.chain, self._backend.ctx, batch_index)
         return token
 
+    def sample_row(self, logits: npt.NDArray[np.float32]) -> int:
+        """Sample from a copied logits row under the grammar, as llama.cpp's common sampler does:
+        sample freely, keep the token if the grammar accepts it (one check), else constrain
+        every candidate and sample again. Any thread; one call at a time."""
+        llama = _llama()
+        candidates, array = self._candidates(logits)
+        llama.llama_sampler_apply(self.chain, ctypes.byref(array))
+        token = int(candidates["id"][array.selected])
+        single = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+        one = llama.llama_token_data_array(
+            data=single.ctypes.data_as(llama.llama_token_data_p), size=1, selected=-1, sorted=False
+        )
+        llama.llama_sampler_apply(self.grammar, ctypes.byref(one))
+        if not np.isfinite(single["logit"][0]):
+            candidates, array = self._candidates(logits)
+            llama.llama_sampler_apply(self.grammar, ctypes.byref(array))
+            llama.llama_sampler_apply(self.chain, ctypes.byref(array))
+            token = int(candidates["id"][array.selected])
+        llama.llama_sampler_accept(self.grammar, token)
+        llama.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _candidates(self, logits: npt.NDArray[np.float32]) -> tuple[Any, Any]:
+        llama = _llama()
+        candidates = np.empty(len(logits), dtype=_TOKEN_DATA)
+        candidates["id"] = np.arange(len(logits), dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = llama.llama_token_data_array(
+            data=candidates.ctypes.data_as(llama.llama_token_data_p),
+            size=len(logits),
+            selected=-1,
+            sorted=False,
+        )
+        return candidates, array
+
     def free(self) -> None:
+        llama = _llama()
         if self.chain is not None:
-            _llama().llama_sampler_free(self.chain)
+            llama.llama_sampler_free(self.chain)
             self.chain = None
+        if self.grammar is not None:
+            llama.llama_sampler_free(self.grammar)
+            self.grammar = None

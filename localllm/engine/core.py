@@ -16,7 +16,14 @@ Limits (checked in `submit`, before anything is queued):
   ContextLengthExceededError (OpenAI's behaviour, rather than silently truncating);
 - without max_tokens a request may generate up to the end of the slot's context (capped by
   EngineConfig.max_tokens_default), finishing with "length" there;
-- at most queue_size requests wait for a slot beyond the free ones, else QueueFullError.
+- at most queue_size requests wait for a slot beyond the free ones, else QueueFullError;
+- a request with `timeout_s` that is still queued or running after it fails with
+  RequestTimeoutError, and its slot is free for the next.
+
+What can take long happens off the scheduler thread, so that one request never delays the
+others: tokenizing and compiling a grammar run on the thread that calls `submit`, and sampling
+under a grammar (a full pass over the vocabulary per token when the grammar refuses the model's
+choice) runs on a worker thread while the other slots keep decoding.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from localllm.engine import logs
-from localllm.engine.backend import BatchItem, LlamaBackend, Sampler
+from localllm.engine.backend import BatchItem, Grammar, LlamaBackend, Sampler, log_softmax
 from localllm.engine.chat import ChatTemplate
 from localllm.engine.config import EngineConfig
 from localllm.engine.handle import RequestHandle
@@ -58,6 +66,7 @@ from localllm.errors import (
     LocalLLMError,
     QueueFullError,
     RequestError,
+    RequestTimeoutError,
 )
 from localllm.units import MIB
 
@@ -76,13 +85,18 @@ class Backend(Protocol):
     chat_template: str | None
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
+    def control_tokens(self) -> Any: ...
     def token_bytes(self, token: int, special: bool = False) -> bytes: ...
     def detokenize(self, tokens: Sequence[int]) -> str: ...
     def is_eog(self, token: int) -> bool: ...
     def decode(self, items: Sequence[BatchItem]) -> int: ...
     def logprobs(self, batch_index: int) -> Any: ...
+    def logits_row(self, batch_index: int) -> Any: ...
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool: ...
-    def new_sampler(self, params: SamplingParams, seed: int) -> Sampler: ...
+    def compile_grammar(self, text: str) -> Grammar: ...
+    def new_sampler(
+        self, params: SamplingParams, seed: int, grammar: Grammar | None = None
+    ) -> Sampler: ...
     def close(self) -> None: ...
 
 
@@ -95,7 +109,11 @@ class _Job:
     prompt: list[int]
     max_new_tokens: int
     submitted_at: float
+    deadline: float | None = None  # time.perf_counter() after which the request fails
+    grammar: Grammar | None = None  # compiled by submit(); the sampler takes it over
     sampler: Sampler | None = None
+    pending: Future[int] | None = None  # a sample under a grammar, on the sampling worker
+    pending_row: Any = None  # the logits that sample is drawn from
     n_prompt_done: int = 0  # prompt tokens in the slot's KV cells (cached + decoded)
     n_cached: int = 0
     n_generated: int = 0
@@ -138,6 +156,8 @@ class Engine:
             backend.architecture,
             bos_token=self._special_text(backend.bos_id),
             eos_token=self._special_text(backend.eos_id),
+            # A prompt beyond this cannot fit the context: no token is 64 characters on average.
+            max_chars=max(1 << 20, 64 * config.n_ctx),
         )
         self._slots = [_Slot(seq_id=i) for i in range(config.n_parallel)]
         self._queue: deque[_Job] = deque()
@@ -154,6 +174,8 @@ class Engine:
         self._prompt_seconds = 0.0
         self._decode_seconds = 0.0
         self._last_ttft: float | None = None
+        # One worker: grammar samples queue behind each other, never in front of the batch.
+        self._sampling = ThreadPoolExecutor(1, thread_name_prefix="localllm-grammar")
         self._thread = threading.Thread(target=self._run, name="localllm-scheduler", daemon=True)
         self._thread.start()
 
@@ -188,6 +210,36 @@ class Engine:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         return self.chat_template.render(messages, add_generation_prompt=True)
 
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+        """The chat's prompt tokens: the template's markers as control tokens, the messages'
+        text as plain text, so a user writing "<start_of_turn>" cannot open a turn.
+
+        Blocking (render and tokenize): call it from a worker thread.
+        """
+        text = self.apply_chat_template(messages)
+        contents = [m.get("content") for m in messages]
+        if not any(isinstance(c, str) and self._has_control_text(c) for c in contents):
+            return tuple(self.backend.tokenize(text, False, True))
+        parts = self.chat_template.render_parts(messages)
+        if parts is None:
+            raise RequestError(
+                "a message holds the text of one of the model's control tokens, and this "
+                "model's chat template reshapes messages too much to keep it plain text; "
+                "remove the control-token text from the message",
+                param="messages",
+            )
+        tokens: list[int] = []
+        for part, is_content in parts:
+            tokens.extend(self.backend.tokenize(part, False, not is_content))
+        return tuple(tokens)
+
+    def _has_control_text(self, text: str) -> bool:
+        if not text:
+            return False
+        tokens = self.backend.tokenize(text, False, True)
+        control = self.backend.control_tokens()
+        return bool(tokens) and bool(control[np.asarray(tokens)].any())
+
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises ContextLengthExceededError, QueueFullError, CancelledError."""
         if isinstance(request.prompt, str):
@@ -201,17 +253,46 @@ class Engine:
                 raise RequestError(f"token id {bad[0]} is not in the vocabulary", param="prompt")
         if not prompt:
             raise RequestError("the prompt is empty", param="prompt")
+        for token, _ in request.sampling.logit_bias:
+            if not 0 <= token < self.backend.n_vocab:
+                raise RequestError(
+                    f"logit_bias names token {token}; this model's ids are 0 to "
+                    f"{self.backend.n_vocab - 1}",
+                    param="logit_bias",
+                )
         max_new = self._max_new_tokens(len(prompt), request.max_tokens)
+        self._check_admission()  # before compiling a grammar for a request that cannot wait
+        grammar = (
+            self.backend.compile_grammar(request.sampling.grammar)
+            if request.sampling.grammar
+            else None
+        )
         request_id = f"{next(self._ids):x}-{uuid.uuid4().hex[:12]}"
         handle = RequestHandle(request_id, len(prompt), self._notify)
+        now = time.perf_counter()
         job = _Job(
             handle=handle,
             request=request,
             prompt=prompt,
             max_new_tokens=max_new,
-            submitted_at=time.perf_counter(),
+            submitted_at=now,
+            deadline=now + request.timeout_s if request.timeout_s else None,
+            grammar=grammar,
             stops=StopMatcher(request.stop),
         )
+        try:
+            with self._cond:
+                self._check_admission()
+                self._queue.append(job)
+                self._wake = True
+                self._cond.notify_all()
+        except BaseException:
+            if grammar is not None:
+                grammar.free()
+            raise
+        return handle
+
+    def _check_admission(self) -> None:
         with self._cond:
             if self._closing:
                 raise CancelledError("the server is shutting down; retry on another instance")
@@ -222,10 +303,6 @@ class Engine:
                     "requests are already waiting; retry shortly",
                     retry_after_s=1,
                 )
-            self._queue.append(job)
-            self._wake = True
-            self._cond.notify_all()
-        return handle
 
     def generate(
         self,
@@ -275,14 +352,19 @@ class Engine:
 
     def close(self) -> None:
         """Cancel everything still running, stop the scheduler, free the model."""
+        self.cancel_all()
+        self._thread.join()
+        self._sampling.shutdown(wait=True)  # a grammar sample reads the vocabulary
+        if self.backend is not None:
+            self.backend.close()
+
+    def cancel_all(self) -> None:
+        """Fail every queued and running request with CancelledError ("shutting down") and
+        refuse new ones; the model stays loaded until close()."""
         with self._cond:
-            if self._closing and not self._thread.is_alive():
-                return
             self._closing = True
             self._wake = True
             self._cond.notify_all()
-        self._thread.join()
-        self.backend.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -325,18 +407,25 @@ class Engine:
             while True:
                 with self._cond:
                     while not self._wake and not self._has_work():
-                        self._cond.wait()
+                        # Poll while requests exist: their deadlines pass without a wake-up.
+                        self._cond.wait(0.1 if self._queue or self._busy() else None)
+                        if self._expired():
+                            break
                     self._wake = False
                     closing = self._closing
-                    queued_cancelled = [j for j in self._queue if j.handle.cancelled]
-                    for job in queued_cancelled:
+                    now = time.perf_counter()
+                    dropped = [
+                        (j, self._queued_error(j, now))
+                        for j in self._queue
+                        if closing or j.handle.cancelled or self._past(j, now)
+                    ]
+                    for job, _ in dropped:
                         self._queue.remove(job)
                     assign = self._take_assignable() if not closing else []
-                    if closing:
-                        queued_cancelled.extend(self._queue)
-                        self._queue.clear()
-                for job in queued_cancelled:
-                    job.handle._fail(CancelledError("cancelled before it started"))
+                for job, error in dropped:
+                    if job.grammar is not None:
+                        job.grammar.free()
+                    job.handle._fail(error)
                 if closing:
                     for slot in self._slots:
                         if slot.job is not None:
@@ -344,10 +433,18 @@ class Engine:
                     return
                 for slot, job in assign:
                     self._start(slot, job)
+                now = time.perf_counter()
                 for slot in self._slots:
-                    if slot.job is not None and slot.job.handle.cancelled:
+                    running = slot.job
+                    if running is None:
+                        continue
+                    if running.handle.cancelled:
                         self._release(slot, CancelledError("cancelled by the client"))
-                if any(slot.job is not None for slot in self._slots):
+                    elif self._past(running, now):
+                        self._release(slot, self._timeout_error(running))
+                    elif running.pending is not None and running.pending.done():
+                        self._sampled(slot)
+                if any(s.job is not None and s.job.pending is None for s in self._slots):
                     self._step()
         except BaseException as exc:  # a bug: fail every request rather than hang them
             log.exception("scheduler thread died")
@@ -364,8 +461,39 @@ class Engine:
     def _has_work(self) -> bool:
         return (
             self._closing
-            or any(s.job is not None for s in self._slots)
+            or any(
+                s.job is not None and (s.job.pending is None or s.job.pending.done())
+                for s in self._slots
+            )
             or bool(self._queue and any(s.job is None for s in self._slots))
+        )
+
+    def _busy(self) -> bool:
+        return any(s.job is not None for s in self._slots)
+
+    @staticmethod
+    def _past(job: _Job, now: float) -> bool:
+        return job.deadline is not None and now > job.deadline
+
+    def _expired(self) -> bool:
+        now = time.perf_counter()
+        return any(self._past(j, now) for j in self._queue) or any(
+            s.job is not None and self._past(s.job, now) for s in self._slots
+        )
+
+    def _queued_error(self, job: _Job, now: float) -> RequestError:
+        if self._closing:
+            return CancelledError("the server is shutting down")
+        if job.handle.cancelled:
+            return CancelledError("cancelled before it started")
+        return self._timeout_error(job)
+
+    @staticmethod
+    def _timeout_error(job: _Job) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"the request ran longer than this server's limit of "
+            f"{job.request.timeout_s:g} s (request_timeout_s) and was stopped; ask for fewer "
+            "tokens, or retry when the server is less busy"
         )
 
     def _take_assignable(self) -> list[tuple[_Slot, _Job]]:
@@ -393,8 +521,9 @@ class Engine:
         seed = job.request.sampling.seed
         if seed is None:
             seed = self._rng.getrandbits(32)
+        grammar, job.grammar = job.grammar, None
         try:
-            job.sampler = self.backend.new_sampler(job.request.sampling, seed)
+            job.sampler = self.backend.new_sampler(job.request.sampling, seed, grammar)
         except RequestError as exc:
             slot.job = None
             job.handle._fail(exc)
@@ -414,7 +543,7 @@ class Engine:
         prefilling: list[tuple[_Slot, int]] = []
         for slot in self._slots:
             job = slot.job
-            if job is None or job.next_token is not None or budget <= 0:
+            if job is None or job.next_token is not None or job.pending is not None or budget <= 0:
                 continue
             take = min(len(job.prompt) - job.n_prompt_done, budget)
             start = job.n_prompt_done
@@ -467,11 +596,37 @@ class Engine:
     def _sample(self, slot: _Slot, now: float) -> None:
         job = slot.job
         assert job is not None and job.sampler is not None
-        logprob = None
+        if job.sampler.needs_row:
+            row = self.backend.logits_row(job.batch_index)
+            job.pending_row = row
+            job.pending = self._sampling.submit(job.sampler.sample_row, row)
+            job.pending.add_done_callback(lambda _: self._notify())
+            return
+        logprob_row = None
         if job.request.logprobs is not None:
             logprob_row = self.backend.logprobs(job.batch_index)
-        token = job.sampler.sample(job.batch_index)
-        if job.request.logprobs is not None:
+        self._accept(slot, job.sampler.sample(job.batch_index), logprob_row, now)
+
+    def _sampled(self, slot: _Slot) -> None:
+        """A grammar sample came back from the worker."""
+        job = slot.job
+        assert job is not None and job.pending is not None
+        future, row = job.pending, job.pending_row
+        job.pending = job.pending_row = None
+        try:
+            token = future.result()
+        except Exception as exc:  # llama.cpp refused the grammar state: fail this one only
+            log.exception("grammar sampling failed")
+            self._release(slot, LocalLLMError(f"sampling under the grammar failed: {exc}"))
+            return
+        logprob_row = log_softmax(row) if job.request.logprobs is not None else None
+        self._accept(slot, token, logprob_row, time.perf_counter())
+
+    def _accept(self, slot: _Slot, token: int, logprob_row: Any, now: float) -> None:
+        job = slot.job
+        assert job is not None
+        logprob = None
+        if logprob_row is not None and job.request.logprobs is not None:
             logprob = self._token_logprob(logprob_row, token, job.request.logprobs)
         job.n_generated += 1
         self._generated_tokens_total += 1
@@ -542,9 +697,13 @@ class Engine:
         job = slot.job
         if job is None:
             return
-        if job.sampler is not None:
-            job.sampler.free()
-            job.sampler = None
+        sampler, job.sampler = job.sampler, None
+        if sampler is not None and job.pending is not None:
+            # The worker may be inside it: free it when the sample is done.
+            job.pending.add_done_callback(lambda _: sampler.free())
+            job.pending = job.pending_row = None
+        elif sampler is not None:
+            sampler.free()
         slot.job = None
         slot.last_used = time.perf_counter()
         self._requests_total += 1

@@ -22,6 +22,7 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int | None = None  # None: the engine's default seed, else random
     grammar: str | None = None  # GBNF with a `root` rule
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the top k
     add_special: bool = True  # BOS etc. as the model wants; False when a chat template wrote it
     parse_special: bool = True  # "<start_of_turn>" in the text becomes the control token
+    timeout_s: float | None = None  # fail with RequestTimeoutError when still running after
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from localllm.errors import (
+    APIError,
     CancelledError,
     ContextLengthExceededError,
     LocalLLMError,
@@ -23,40 +24,10 @@ from localllm.errors import (
     ModelNotFoundError,
     QueueFullError,
     RequestError,
+    RequestTimeoutError,
 )
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error the HTTP layer raises itself (auth, body size, bad JSON, loading)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        retry_after_s: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.param = param
-        self.retry_after_s = retry_after_s
-
-
-class BodyTooLargeError(APIError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"request body is larger than {limit} bytes (max_body_bytes)",
-            code="request_too_large",
-        )
 
 
 @dataclass(frozen=True)
@@ -71,6 +42,7 @@ _BY_CLASS: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (ContextLengthExceededError, _Mapping(400, "invalid_request_error", "context_length_exceeded")),
     (QueueFullError, _Mapping(503, "server_error", "queue_full")),
     (CancelledError, _Mapping(503, "server_error", "cancelled")),
+    (RequestTimeoutError, _Mapping(408, "server_error", "timeout")),
     (RequestError, _Mapping(400, "invalid_request_error", "invalid_request")),
     (ModelNotFoundError, _Mapping(404, "invalid_request_error", "model_not_found")),
     (ModelLoadError, _Mapping(503, "server_error", "model_not_loaded")),
@@ -87,9 +59,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, APIError):
         body = envelope(exc.message, exc.type, exc.code, exc.param)
-        if exc.retry_after_s is not None:
-            headers["Retry-After"] = str(exc.retry_after_s)
-        return JSONResponse(body, status_code=exc.status, headers=headers)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
     for cls, mapping in _BY_CLASS:
         if isinstance(exc, cls):
             param = exc.param if isinstance(exc, RequestError) else None

@@ -3,15 +3,17 @@
 Startup order: bind the socket and answer /health with 503 while the model loads; send systemd
 READY=1 only once the model is loaded AND the socket listens; then ping the watchdog from the
 event loop. On SIGTERM uvicorn stops accepting, in-flight requests get `shutdown_grace_s` to
-finish, the rest are cancelled, the engine is closed, and serve() returns (exit status 0).
+finish, the rest are cancelled by the engine (a stream ends with an error event saying so and
+`data: [DONE]`, an unstreamed request with a 503 envelope), uvicorn gets one more second to send
+those ends, the engine is closed, and serve() returns (exit status 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
+import math
 import signal
 import sys
 import threading
@@ -25,18 +27,10 @@ from localllm.errors import ModelLoadError, SettingsError
 from localllm.loading import plan_engine_config
 from localllm.pull import ensure_local
 from localllm.server.app import AppState, create_app
+from localllm.server.auth import is_loopback
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def check_bind(settings: Settings) -> None:
@@ -124,7 +118,8 @@ def serve(settings: Settings) -> None:
         log_config=None,  # our logging, to stderr
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=max(int(round(settings.shutdown_grace_s)), 1),
+        # One second past the grace: the engine's cancellations are sent before uvicorn cuts.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 1,
         lifespan="on",
     )
     server = uvicorn.Server(uv_config)
@@ -173,7 +168,12 @@ async def _supervise(
         while not server.should_exit:
             await asyncio.sleep(0.1)
         _notify(service, "notify_stopping")
-        log.info("shutting down: in-flight requests have %.0f s", state.settings.shutdown_grace_s)
+        grace = state.settings.shutdown_grace_s
+        log.info("shutting down: in-flight requests have %.0f s", grace)
+        await asyncio.sleep(grace)
+        if state.engine is not None:
+            log.info("grace period over: cancelling the requests still running")
+            state.engine.cancel_all()
     finally:
         if watchdog is not None:
             watchdog.cancel()

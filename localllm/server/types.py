@@ -1,7 +1,8 @@
 """OpenAI-compatible request and response bodies (the subset localllm serves).
 
 Requests forbid nothing extra (clients send many optional fields we ignore) but validate the
-fields we use; responses are plain pydantic models serialised with `model_dump(exclude_none=...)`.
+fields we use strictly: `"stream": "yes"` is not a boolean and `1e999` is not a finite number.
+Responses are plain pydantic models serialised with `model_dump(exclude_none=...)`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class ChatMessage(_Request):
@@ -50,11 +51,12 @@ class ResponseFormat(_Request):
 
 
 Stop = str | list[str] | None
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Sampling(_Request):
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: int | None = None  # -1: no limit but the slot's context (llama-server's)
     # None: the engine's defaults (llama-server's: 0.8, 0.95, 40, 0.05).
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
@@ -62,13 +64,24 @@ class _Sampling(_Request):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    repeat_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    logit_bias: Annotated[dict[str, LogitBias], Field(max_length=1024)] | None = None
     stop: Stop = None
     seed: int | None = None
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, value: int | None) -> int | None:
+        if value == -1:
+            return None
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1, or -1 for as many as the context allows")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -86,17 +99,15 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(_Request):

@@ -1,0 +1,1 @@
+"""POST /v1/completions: the route (`api_router`) and its handler (`serving`)."""
