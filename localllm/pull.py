@@ -15,7 +15,7 @@ from typing import Any
 from localllm.errors import LocalLLMError
 from localllm.gguf_header import ModelHeader, read_header
 from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select
-from localllm.models import gguf_stem, model_files, quant_label, resolve_model
+from localllm.models import gguf_stem, ladder_labels, model_files, quant_label, resolve_model
 from localllm.settings import Settings
 from localllm.units import gib
 
@@ -29,7 +29,8 @@ def _fit_choice(headers: list[ModelHeader], settings: Settings) -> Any:
 
     request = FitRequest.from_settings(settings)
     hardware, _ = planning_hardware(settings)
-    return fit_ladder(headers, hardware, request, measured_quality_losses(headers))
+    losses = measured_quality_losses(headers)
+    return fit_ladder(headers, hardware, request, losses, ladder_labels(headers))
 
 
 def recommend(

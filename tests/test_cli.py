@@ -108,7 +108,8 @@ def test_fit_folder_json(tmp_path: Path) -> None:
     ):
         assert key in plan, key
     assert plan["quant"] == "Q4_K_M"  # Q8_0 would need the CPU on an 8 GiB card
-    assert "Q8_0" in plan["rejected"] and "Q2_K" in plan["rejected"]
+    rejected = {entry["quant"] for entry in plan["rejected"].values()}
+    assert {"Q8_0", "Q2_K"} <= rejected and all(k.endswith(".gguf") for k in plan["rejected"])
     assert plan["n_ctx"] == 4096 and plan["n_parallel"] == 1
     for device in plan["devices"]:
         assert {

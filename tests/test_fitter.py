@@ -260,7 +260,9 @@ def test_ladder_prefers_a_smaller_quant_fully_on_the_gpu(ladder_13b: list[ModelH
     assert plan.ladder == ("F16", "Q8_0", "Q4_K_M")
     text = format_plan(plan)
     assert "-> Q8_0" in text and "F16" in text
-    assert plan.to_dict()["rejected"]["F16"] == rejected["F16"]
+    by_file = plan.to_dict()["rejected"]  # keyed by file: two files may declare one type
+    f16 = next(str(h.path) for h in ladder_13b if h.file_type == "F16")
+    assert by_file[f16] == {"quant": "F16", "reason": rejected["F16"]}
     # at the default 10 tok/s floor the partial F16 is rejected for its speed
     floor = dict(fit_ladder(ladder_13b, RTX3090, FitRequest()).rejected)
     assert "below the 10 tok/s floor" in floor["F16"]
@@ -354,3 +356,17 @@ def test_ctx_zero_is_the_training_context_and_above_it_warns(
     longer = fit_header(header, RTX3090, FitRequest(n_ctx=16384))
     assert longer.n_ctx_slot == 16384
     assert any("above the model's training context (4096)" in w for w in longer.warnings)
+
+
+def test_ladder_tells_apart_files_that_declare_the_same_type(tmp_path: Path) -> None:
+    """unsloth's UD-Q4_K_XL declares Q4_K_M inside: labels come from the file names."""
+    from localllm.fitter import fit
+    from localllm.hardware import Hardware
+
+    for name in ("m-Q4_K_M.gguf", "m-UD-Q4_K_XL.gguf"):
+        gf.write_gguf(tmp_path / name, gf.LLAMA_7B, quant="Q4_K_M")
+    plan = fit(tmp_path, Hardware(parse_gpu_names("rtx3090"), HOST, 16))
+    assert sorted(plan.ladder) == ["Q4_K_M", "UD-Q4_K_XL"]
+    rejected = plan.to_dict()["rejected"]
+    assert len(rejected) == 1 and set(rejected) <= {str(tmp_path / n) for n in
+                                                    ("m-Q4_K_M.gguf", "m-UD-Q4_K_XL.gguf")}

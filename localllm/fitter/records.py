@@ -160,7 +160,8 @@ class Plan:
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     rejected: tuple[tuple[str, str], ...] = ()  # (quant, reason) for the other ladder entries
-    ladder: tuple[str, ...] = ()  # every quant considered, best quality first
+    ladder: tuple[str, ...] = ()  # every quant considered (distinct labels), best quality first
+    ladder_files: tuple[str, ...] = ()  # the file of each ladder entry
     has_swa: bool = False  # the model has sliding-window layers (swa_full matters)
 
     @property
@@ -210,7 +211,12 @@ class Plan:
             "fits": self.fits,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
-            "rejected": {quant: reason for quant, reason in self.rejected},
+            # by file: two files may carry the same declared type
+            "rejected": {
+                file: {"quant": quant, "reason": reasons[quant]}
+                for quant, file in zip(self.ladder, self.ladder_files, strict=True)
+                if quant in (reasons := dict(self.rejected))
+            },
             "ladder": list(self.ladder),
         }
 

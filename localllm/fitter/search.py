@@ -478,6 +478,7 @@ def fit_ladder(
     hardware: Hardware,
     request: FitRequest | None = None,
     quality_losses: Mapping[Path, float] | None = None,
+    labels: Mapping[Path, str] | None = None,
 ) -> Plan:
     """Choose among quants of one model (see the module docstring for the rules).
 
@@ -487,13 +488,22 @@ def fit_ladder(
     meets the floor, partial offload allowed. speed: the fastest plan.
     Nothing meets the floor: the fastest plan (quality: the best quant that fits), with a warning.
     With request.max_quality_loss, quants whose measured loss (quality_losses, by path) exceeds
-    it are rejected before anything else.
+    it are rejected before anything else. `labels` names each file's quant where the declared
+    type is ambiguous (unsloth's UD-Q4_K_XL declares Q4_K_M): `models.ladder_labels`.
     """
     request = request or FitRequest()
     if not headers:
         raise ValueError("fit_ladder needs at least one header")
+    names = {h.path: (labels or {}).get(h.path) or quant_name(h) for h in headers}
+    if len(set(names.values())) < len(names):  # still ambiguous: the file names tell them apart
+        names = {path: path.name.removesuffix(".gguf") for path in names}
+
+    def label(header: ModelHeader) -> str:
+        return names[header.path]
+
     ordered = sorted(headers, key=_quality_key, reverse=True)
-    ladder = tuple(quant_name(h) for h in ordered)
+    ladder = tuple(label(h) for h in ordered)
+    files = tuple(str(h.path) for h in ordered)
     plans: list[tuple[ModelHeader, Plan]] = []
     reasons: dict[str, str] = {}
     errors: list[DoesNotFitError] = []
@@ -503,11 +513,11 @@ def fit_ladder(
         for header in ordered:
             loss = losses.get(header.path)
             if loss is not None and loss > limit:
-                reasons[quant_name(header)] = (
+                reasons[label(header)] = (
                     f"measured quality loss {loss:.4f} (mean KL divergence) exceeds "
                     f"--max-quality-loss {limit:g}"
                 )
-        ordered = [h for h in ordered if quant_name(h) not in reasons]
+        ordered = [h for h in ordered if label(h) not in reasons]
         if not ordered:
             raise DoesNotFitError(
                 f"every quant exceeds --max-quality-loss {limit:g} "
@@ -516,10 +526,11 @@ def fit_ladder(
             )
     for header in ordered:
         try:
-            plans.append((header, fit_header(header, hardware, request)))
+            plan = fit_header(header, hardware, request)
+            plans.append((header, replace(plan, quant=label(header))))
         except DoesNotFitError as exc:
             errors.append(exc)
-            reasons[quant_name(header)] = f"does not fit: {exc}"
+            reasons[label(header)] = f"does not fit: {exc}"
     if not plans:
         smallest = errors[-1]
         raise DoesNotFitError(
@@ -567,4 +578,6 @@ def fit_ladder(
     if not fast and not any("below" in w for w in warnings):
         warnings.append(_speed_warning(chosen, ordered[0], request))
     rejected = tuple((q, reasons[q]) for q in ladder if q in reasons)
-    return replace(chosen, rejected=rejected, ladder=ladder, warnings=tuple(warnings))
+    return replace(
+        chosen, rejected=rejected, ladder=ladder, ladder_files=files, warnings=tuple(warnings)
+    )

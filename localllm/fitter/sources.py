@@ -17,7 +17,7 @@ from localllm.fitter.records import FitRequest, Plan
 from localllm.fitter.search import fit_header, fit_ladder
 from localllm.gguf_header import ModelHeader, read_header
 from localllm.hardware import Hardware, hardware_for
-from localllm.models import model_files, quality_sidecar_path
+from localllm.models import ladder_labels, model_files, quality_sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def fit(
         return fit_header(headers[0], hardware, request)
     if request.n_gpu_layers is not None and len(headers) > 1:
         raise SettingsError("--n-gpu-layers plans one file; name a file, not a folder of quants")
-    return fit_ladder(headers, hardware, request, measured_quality_losses(headers))
+    losses = measured_quality_losses(headers)
+    return fit_ladder(headers, hardware, request, losses, ladder_labels(headers))
 
 
 def load_quality_loss(model: Path) -> float | None:
