@@ -170,6 +170,7 @@ class FakeEngine:
         return EngineStats(4, self.busy, 0, 10, 256, 1, 2, 3, 4, 0.5, 0.5, 0.01)
 
     def cancel_all(self) -> None:
+        self.hold = False
         for handle in self.handles:
             handle._fail(CancelledError("the server is shutting down"))
 

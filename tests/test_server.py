@@ -416,3 +416,30 @@ def test_plan_engine_config_follows_the_fitter(tmp_path: Path) -> None:
     assert any("below the 10 tok/s floor" in w for w in warnings)
     host = summary["devices"][-1]
     assert host["weights_bytes"] > 3.5e9 and host["kv_bytes"] > 0
+
+
+def test_a_bug_is_a_500_envelope_and_counted(
+    client: TestClient, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(request: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fake_engine, "submit", broken)
+    response = client.post("/v1/chat/completions", json=_chat(), headers=AUTH)
+    _assert_envelope(response, 500, "internal_error")
+    assert "a bug" not in response.text  # details stay in the log
+    text = client.get("/metrics", headers=AUTH).text
+    assert 'localllm_requests_total{endpoint="/v1/chat/completions",status="500"} 1.0' in text
+
+
+def test_a_stream_cancelled_by_shutdown_ends_with_an_event_and_done(
+    client: TestClient, fake_engine: FakeEngine
+) -> None:
+    fake_engine.hold = True
+    threading.Timer(0.3, fake_engine.cancel_all).start()
+    with client.stream(
+        "POST", "/v1/chat/completions", json=_chat(stream=True), headers=AUTH
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "cancelled"
