@@ -4,6 +4,11 @@ small fake engine for HTTP-layer tests that need no model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -76,6 +81,52 @@ class UvicornThread:
         if self.server is not None and self.thread is not None:
             self.server.should_exit = True
             self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def served_process(
+    settings: str, model_path: Path, config_dir: Path
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`serve(Settings(<settings>, port=<free>))` in a child process, no config file; yields
+    (process, base URL) once /health answers 200, and kills what is left at the end."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        "from localllm.server.run import serve\n"
+        "from localllm.settings import Settings\n"
+        f"serve(Settings({settings}, port={port}, models_dir={str(model_path.parent)!r}))\n"
+    )
+    (config_dir / "none.toml").write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "LOCALLLM_CONFIG": str(config_dir / "none.toml")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 @pytest.fixture(scope="session")

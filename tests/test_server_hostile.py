@@ -4,11 +4,7 @@ adversarial round found, a fuzz run, and the delay one hostile request imposes o
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +18,7 @@ from hypothesis import strategies as st
 
 from localllm.engine.chat import ChatTemplate
 from localllm.server.auth import is_loopback
-from tests.conftest import API_KEY, REPO, UvicornThread
+from tests.conftest import API_KEY, UvicornThread, served_process
 
 pytestmark = pytest.mark.model
 
@@ -359,38 +355,11 @@ def test_crash_schema_answers_and_shutdown_ends_streams_in_a_served_process(
     """`serve()` in its own process, bound to 127.1 (loopback by its short name): the schemas
     that killed it with SIGSEGV get answers and it stays up; SIGTERM with a stream running past
     the 1 s grace ends that stream with an error event and [DONE], and the process exits 0."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    code = (
-        "from localllm.server.run import serve\n"
-        "from localllm.settings import Settings\n"
-        f"serve(Settings(host='127.1', port={port}, "
-        f"models_dir={str(embedded_model_path.parent)!r}, n_ctx=1024, parallel=2, threads=1, "
-        "n_batch=256, n_ubatch=256, shutdown_grace_s=1))\n"
+    settings = (
+        "host='127.1', n_ctx=1024, parallel=2, threads=1, n_batch=256, n_ubatch=256, "
+        "shutdown_grace_s=1"
     )
-    (tmp_path / "none.toml").write_text("")
-    process = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**os.environ, "LOCALLLM_CONFIG": str(tmp_path / "none.toml")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.1)
-
+    with served_process(settings, embedded_model_path, tmp_path) as (process, url):
         for max_length in (20_000, 100_000):
             schema = {"type": "string", "maxLength": max_length}
             body = {
@@ -426,12 +395,6 @@ def test_crash_schema_answers_and_shutdown_ends_streams_in_a_served_process(
         assert "shutting down" in events[-2]["error"]["message"]
         log = process.stdout.read() if process.stdout else ""
         assert "Traceback" not in log, log[-3000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 # ---------------------------------------------------------------------------- fuzz

@@ -3,63 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import served_process
 
 pytestmark = pytest.mark.model
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(
     embedded_model_path: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    code = (
-        "from localllm.server.run import serve\n"
-        "from localllm.settings import Settings\n"
-        f"serve(Settings(port={port}, models_dir={str(embedded_model_path.parent)!r}, "
-        "n_ctx=512, parallel=2, threads=1, n_batch=256, n_ubatch=256, shutdown_grace_s=20))\n"
-    )
-    env = {**os.environ, "LOCALLLM_CONFIG": str(tmp_path / "none.toml")}
-    (tmp_path / "none.toml").write_text("")
-    process = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.1)
-
+    settings = "n_ctx=512, parallel=2, threads=1, n_batch=256, n_ubatch=256, shutdown_grace_s=20"
+    with served_process(settings, embedded_model_path, tmp_path) as (process, url):
         events: list[str] = []
         first = threading.Event()
 
@@ -87,9 +47,3 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         assert "length" in finishes
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=1)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()

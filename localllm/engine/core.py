@@ -355,8 +355,7 @@ class Engine:
         self.cancel_all()
         self._thread.join()
         self._sampling.shutdown(wait=True)  # a grammar sample reads the vocabulary
-        if self.backend is not None:
-            self.backend.close()
+        self.backend.close()
 
     def cancel_all(self) -> None:
         """Fail every queued and running request with CancelledError ("shutting down") and
