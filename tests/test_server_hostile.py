@@ -229,13 +229,20 @@ def _health_while(url: str, work: Any) -> tuple[Any, float]:
 
 
 def test_a_huge_prompt_is_tokenized_off_the_event_loop(roomy_server: UvicornThread) -> None:
-    prompt = "lorem ipsum dolor " * 190_000  # 3.4 MB (before: /health took 2.7 s meanwhile)
+    # 0.9 MB: under the engine's size check, so it is tokenized (before: a 3.5 MB prompt held
+    # the event loop, /health took 2.7 s meanwhile); 3.4 MB is refused before tokenizing.
+    prompt = "lorem ipsum dolor " * 50_000
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
     response, slowest = _health_while(
         roomy_server.url, lambda: _post(roomy_server.url, body, "/v1/completions")
     )
     _envelope(response, 400, "context_length_exceeded")
+    print(f"/health beside a 0.9 MB prompt: slowest {slowest:.2f} s")
     assert slowest < 1.0
+    started = time.monotonic()
+    body["prompt"] = prompt * 4
+    error = _envelope(_post(roomy_server.url, body, "/v1/completions"), 400)
+    assert "characters" in error["message"] and time.monotonic() - started < 2
 
 
 # ---------------------------------------------------------------------------- 4: templates
@@ -256,6 +263,7 @@ def test_a_hostile_template_is_stopped_and_health_keeps_answering(
     started = time.monotonic()
     response, slowest = _health_while(live_server.url, lambda: _post(live_server.url, HI))
     _envelope(response, 400, "invalid_request")
+    print(f"/health beside a hostile template: slowest {slowest:.2f} s")
     assert time.monotonic() - started < 6
     assert slowest < 1.0  # the render runs off the event loop
 

@@ -27,7 +27,6 @@ from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
 log = logging.getLogger(__name__)
 
 
-
 def _llama() -> Any:
     # Imported lazily: importing llama_cpp loads the shared library; the HTTP layer and its tests
     # must not need it.

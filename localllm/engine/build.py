@@ -278,8 +278,13 @@ def repack_supported(refresh: bool = False, model_path: Path | None = None) -> R
         return RepackProbe(False, "probe", f"exit {child.returncode}: {tail}", seconds)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"version": _REPACK_PROBE_VERSION, "key": key, "supported": result.supported,
-                  "detail": result.detail, "measured_at": time.time()}
+        record = {
+            "version": _REPACK_PROBE_VERSION,
+            "key": key,
+            "supported": result.supported,
+            "detail": result.detail,
+            "measured_at": time.time(),
+        }
         path.write_text(json.dumps(record, indent=1))
     except OSError:
         pass  # a read-only home: the answer still holds for this run

@@ -73,7 +73,6 @@ from localllm.units import MIB
 log = logging.getLogger(__name__)
 
 
-
 class Backend(Protocol):
     """What the scheduler needs from llama.cpp (LlamaBackend; a fake in tests)."""
 
@@ -151,13 +150,15 @@ class Engine:
         self.n_ctx_slot = config.n_ctx_slot
         self.load_log: list[str] = list(backend.load_log)
         self.memory: dict[str, float] = memory_summary(self.load_log)
+        # A prompt longer than this cannot fit: no text averages 64 characters a token. Checked
+        # before tokenizing, which takes about a second per MB.
+        self.max_prompt_chars = max(1 << 20, 64 * config.n_ctx)
         self.chat_template = ChatTemplate.for_model(
             backend.chat_template,
             backend.architecture,
             bos_token=self._special_text(backend.bos_id),
             eos_token=self._special_text(backend.eos_id),
-            # A prompt beyond this cannot fit the context: no token is 64 characters on average.
-            max_chars=max(1 << 20, 64 * config.n_ctx),
+            max_chars=self.max_prompt_chars,
         )
         self._slots = [_Slot(seq_id=i) for i in range(config.n_parallel)]
         self._queue: deque[_Job] = deque()
@@ -243,6 +244,12 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises ContextLengthExceededError, QueueFullError, CancelledError."""
         if isinstance(request.prompt, str):
+            if len(request.prompt) > self.max_prompt_chars:
+                raise ContextLengthExceededError(
+                    f"the prompt is {len(request.prompt)} characters, more than a context of "
+                    f"{self.config.n_ctx} tokens can hold; shorten it",
+                    param="prompt",
+                )
             prompt = self.backend.tokenize(
                 request.prompt, request.add_special, request.parse_special
             )
