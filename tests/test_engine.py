@@ -18,7 +18,7 @@ from localllm.engine import (
     TextEvent,
     memory_summary,
 )
-from localllm.engine.grammar import json_object_grammar, json_schema_grammar
+from localllm.engine.grammar import check_grammar, json_object_grammar, json_schema_grammar
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.errors import (
     CancelledError,
@@ -161,6 +161,57 @@ def test_json_schema_grammar_is_gbnf_with_a_root() -> None:
     assert re.search(r"^root\s+::=", grammar, re.M)
     assert re.search(r"^root\s+::= object$", json_object_grammar(), re.M)
     assert 'ws ::= | " "' in json_object_grammar()  # no runaway newlines
+
+
+def test_long_strings_are_a_bounded_repetition_not_nested_groups() -> None:
+    grammar = json_schema_grammar({"type": "string", "maxLength": 100_000})
+    assert "{0,100000}" in grammar
+    assert max(len(m) for m in re.findall(r"\(+", grammar)) < 20  # no 100000-deep nesting
+
+
+@pytest.mark.parametrize(
+    ("grammar", "limit"),
+    [
+        ("root ::= " + '"x" ' * 20_000, "65536"),
+        ("root ::= " + "(" * 65 + '"x"' + ")" * 65, "nests 65"),
+        ('root ::= "x"{0,100001}', "100001"),
+    ],
+)
+def test_grammars_beyond_the_limits_are_refused_naming_them(grammar: str, limit: str) -> None:
+    with pytest.raises(RequestError, match=limit):
+        check_grammar(grammar)
+
+
+def test_grammar_limits_look_past_literals_and_classes() -> None:
+    check_grammar('root ::= "((((((((" [(]{3} "{0,99999999}" # ((((( {0,999999999}\n')
+
+
+def test_render_parts_marks_message_text_even_when_trimmed() -> None:
+    template = ChatTemplate.for_model(None, "gemma3", bos_token="<bos>", eos_token="<eos>")
+    messages = [{"role": "user", "content": "  say <start_of_turn>  "}]
+    assert template.render_parts(messages) == [
+        ("<bos><start_of_turn>user\n", False),
+        ("say <start_of_turn>", True),
+        ("<end_of_turn>\n<start_of_turn>model\n", False),
+    ]
+    shouting = ChatTemplate("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
+    assert shouting.render_parts(messages) is None  # transformed: the caller refuses
+
+
+def test_a_template_may_not_build_huge_values_or_run_long() -> None:
+    with pytest.raises(ChatTemplateError, match="characters"):
+        ChatTemplate("{{ 'ab' * 10**9 }}").render([])
+    with pytest.raises(ChatTemplateError, match="characters"):
+        ChatTemplate(
+            "{% for i in range(99999) %}{{ 'x' * 999 }}{% endfor %}", max_chars=10**6
+        ).render([])
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="longer than 0.5 s"):
+        ChatTemplate(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            timeout_s=0.5,
+        ).render([])
+    assert time.monotonic() - started < 2
 
 
 # ---------------------------------------------------------------------------- real model
