@@ -10,6 +10,11 @@
     ├── HubError                  the model hub could not answer (missing repo, auth, disk)
     │   └── HubUnreachableError   the network or the hub is down (cached data may do)
     ├── BenchError                `localllm bench` cannot run as asked (e.g. a non-local target)
+    ├── RpcError                  a llama.cpp RPC host (rpc-server) problem, naming the host
+    │   ├── RpcAddressError       a public address, refused: RPC is unauthenticated
+    │   ├── RpcUnreachableError   no answer: down, firewalled, or busy with another client
+    │   ├── RpcProtocolError      not an rpc-server of this build's protocol version
+    │   └── RpcHostLostError      a host went away while the model was loaded on it
     ├── RequestError              a client request the engine cannot serve
     │   ├── ChatTemplateError            the chat template refused the messages, or is hostile
     │   ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
@@ -74,6 +79,31 @@ class HubUnreachableError(HubError):
 
 class BenchError(LocalLLMError):
     """The load test cannot run as asked."""
+
+
+class RpcError(LocalLLMError):
+    """A llama.cpp RPC host (rpc-server) could not be used; `endpoint` names it."""
+
+    def __init__(self, endpoint: str, problem: str) -> None:
+        self.endpoint = endpoint
+        self.problem = problem
+        super().__init__(f"RPC host {endpoint}: {problem}")
+
+
+class RpcAddressError(RpcError):
+    """A host with a public address, refused because the RPC protocol is unauthenticated."""
+
+
+class RpcUnreachableError(RpcError):
+    """A host did not answer: down, firewalled, or serving another client."""
+
+
+class RpcProtocolError(RpcError):
+    """A host answered, but not as an rpc-server of this build's protocol version."""
+
+
+class RpcHostLostError(RpcError):
+    """A host went away while the model was loaded on it; the engine cannot go on."""
 
 
 class RequestError(LocalLLMError):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from localllm.engine import build, logs
+from localllm.engine import build, logs, rpc
 from localllm.engine.config import EngineConfig
 from localllm.engine.types import SamplingParams
 from localllm.errors import ModelLoadError, RequestError
@@ -61,6 +61,7 @@ class LlamaBackend:
         llama = _llama()
         self.config = config
         self._keepalive: list[Any] = []  # ctypes buffers the model params point into
+        self.rpc: rpc.RpcAttachment | None = None
         self.model: Any = None
         self.ctx: Any = None
         self.batch: Any = None
@@ -91,6 +92,9 @@ class LlamaBackend:
         llama.llama_backend_init()
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
+        if config.rpc_servers:
+            self.rpc = rpc.attach(config.rpc_servers, config.rpc_allow_public)
+            mparams.devices = ctypes.addressof(self.rpc.model_devices)
         use_extra_bufts = config.use_extra_bufts
         if use_extra_bufts is None:
             use_extra_bufts = build.repack_supported().supported

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localllm.ggml import CacheType
+from localllm.rpc import RpcEndpoint
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class EngineConfig:
     # Repacked CPU weight buffers (CPU_REPACK, AMX). None: as the machine's probe says
     # (`engine.build.repack_supported`): some VMs advertise instructions they do not grant.
     use_extra_bufts: bool | None = None
+    # llama.cpp rpc-server hosts whose devices take layers (before local GPUs, in this order).
+    rpc_servers: tuple[RpcEndpoint, ...] = ()
+    rpc_allow_public: bool = False  # RPC is unauthenticated: private addresses only by default
     seed: int | None = None  # default seed for requests that give none (None: random)
     max_tokens_default: int | None = None  # cap when a request gives no max_tokens
 

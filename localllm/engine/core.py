@@ -164,6 +164,7 @@ class Engine:
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._failure: LocalLLMError | None = None  # set when the engine cannot go on
         self._wake = False  # something changed (submit, cancel, close): re-check before waiting
         self._ids = itertools.count(1)
         self._rng = random.Random(config.seed)
@@ -179,6 +180,9 @@ class Engine:
         self._sampling = ThreadPoolExecutor(1, thread_name_prefix="localllm-grammar")
         self._thread = threading.Thread(target=self._run, name="localllm-scheduler", daemon=True)
         self._thread.start()
+        attachment = getattr(backend, "rpc", None)
+        if attachment is not None:
+            attachment.on_host_lost(self._host_lost)
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -301,6 +305,8 @@ class Engine:
 
     def _check_admission(self) -> None:
         with self._cond:
+            if self._failure is not None:
+                raise self._failure
             if self._closing:
                 raise CancelledError("the server is shutting down; retry on another instance")
             free = sum(1 for slot in self._slots if slot.job is None)
@@ -454,15 +460,26 @@ class Engine:
                     self._step()
         except BaseException as exc:  # a bug: fail every request rather than hang them
             log.exception("scheduler thread died")
-            for slot in self._slots:
-                if slot.job is not None:
-                    slot.job.handle._fail(LocalLLMError(f"engine failure: {exc}"))
-                    slot.job = None
-            with self._cond:
-                self._closing = True
-                for job in self._queue:
-                    job.handle._fail(LocalLLMError(f"engine failure: {exc}"))
-                self._queue.clear()
+            self._fail_all(LocalLLMError(f"engine failure: {exc}"))
+
+    def _fail_all(self, error: LocalLLMError) -> None:
+        """Fail every running and queued request and refuse new ones (the engine is done)."""
+        for slot in self._slots:
+            job = slot.job
+            if job is not None:
+                job.handle._fail(error)
+                slot.job = None
+        with self._cond:
+            self._closing = True
+            for job in self._queue:
+                job.handle._fail(error)
+            self._queue.clear()
+
+    def _host_lost(self, error: LocalLLMError) -> None:
+        # Called from llama.cpp's RPC thread while the scheduler is stuck in llama_decode.
+        with self._cond:
+            self._failure = error
+        self._fail_all(error)
 
     def _has_work(self) -> bool:
         return (

@@ -25,6 +25,7 @@ from localllm.errors import (
     QueueFullError,
     RequestError,
     RequestTimeoutError,
+    RpcError,
 )
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ _BY_CLASS: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (RequestError, _Mapping(400, "invalid_request_error", "invalid_request")),
     (ModelNotFoundError, _Mapping(404, "invalid_request_error", "model_not_found")),
     (ModelLoadError, _Mapping(503, "server_error", "model_not_loaded")),
+    (RpcError, _Mapping(503, "server_error", "rpc_host_unavailable")),
     (LocalLLMError, _Mapping(500, "server_error", "internal_error")),
 )
 

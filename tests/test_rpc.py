@@ -1,0 +1,385 @@
+"""llama.cpp RPC: the host parser and address policy, the protocol client, and a model split over
+two real rpc-server processes on loopback plus the local host.
+
+The split tests need the RPC build of scripts/build-rpc.sh (rpc-server plus an RPC-enabled
+libllama); where it is absent they skip and say how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from localllm.engine import Engine, EngineConfig
+from localllm.errors import (
+    ModelLoadError,
+    RpcAddressError,
+    RpcProtocolError,
+    RpcUnreachableError,
+    SettingsError,
+)
+from localllm.hardware import GIB
+from localllm.rpc import (
+    RPC_PROTO_MAJOR,
+    RpcEndpoint,
+    check_address,
+    is_private_address,
+    parse_rpc_servers,
+    query_server,
+    resolve_servers,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).resolve().parent / "rpc_child.py"
+
+
+# ------------------------------------------------------------------ parsing and address policy
+
+
+def test_parse_hosts_ports_and_memory_given_by_hand() -> None:
+    endpoints = parse_rpc_servers("192.168.1.20:50052, gpu-box:6000=24GiB,10.0.0.7")
+    assert endpoints == (
+        RpcEndpoint("192.168.1.20", 50052),
+        RpcEndpoint("gpu-box", 6000, 24 * GIB),
+        RpcEndpoint("10.0.0.7", 50052),  # rpc-server's default port
+    )
+    assert endpoints[1].address == "gpu-box:6000"
+    assert parse_rpc_servers(["a:1", "b:2=512MiB"])[1].memory_bytes == 512 * 1024**2
+    assert parse_rpc_servers("") == () and parse_rpc_servers(None) == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("host:0", "port"),
+        ("host:70000", "port"),
+        ("host:http", "port"),
+        (":50052", "cannot read"),
+        ("[::1]:50052", "IPv6"),
+        ("fe80::1:50052", "cannot read"),
+        ("a:1=lots", "size"),
+        ("a:1=0GiB", "more than zero"),
+        ("a:1,a:1", "twice"),
+    ],
+)
+def test_parse_rejects_what_llama_cpp_could_not_use(text: str, complaint: str) -> None:
+    with pytest.raises(SettingsError, match=complaint):
+        parse_rpc_servers(text)
+
+
+@pytest.mark.parametrize(
+    ("address", "private"),
+    [
+        ("127.0.0.1", True),
+        ("10.1.2.3", True),
+        ("172.16.0.9", True),
+        ("192.168.178.20", True),
+        ("169.254.10.1", True),  # link-local
+        ("100.101.102.103", True),  # CGNAT: Tailscale and similar VPNs
+        ("8.8.8.8", False),
+        ("172.32.0.1", False),  # just outside 172.16/12
+        ("1.1.1.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_private_addresses(address: str, private: bool) -> None:
+    assert is_private_address(address) is private
+
+
+def test_a_public_host_is_refused_unless_allowed() -> None:
+    public = RpcEndpoint("8.8.8.8", 50052)
+    with pytest.raises(RpcAddressError, match="8.8.8.8.*unauthenticated.*rpc_allow_public"):
+        check_address(public)
+    check_address(public, allow_public=True)  # the setting lets it through
+    check_address(RpcEndpoint("localhost", 50052))
+    with pytest.raises(RpcAddressError):
+        query_server(public, timeout_s=0.5)  # refused before any packet is sent
+
+
+def test_unknown_host_name_is_unreachable() -> None:
+    with pytest.raises(RpcUnreachableError, match="does not resolve"):
+        check_address(RpcEndpoint("no-such-host.invalid", 50052))
+
+
+# ------------------------------------------------------------------ the protocol client's errors
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_nothing_listening_is_unreachable_and_names_the_host() -> None:
+    port = _free_port()
+    with pytest.raises(RpcUnreachableError, match=f"127.0.0.1:{port}.*connection refused"):
+        query_server(RpcEndpoint("127.0.0.1", port), timeout_s=1)
+
+
+def test_a_host_that_accepts_but_never_answers_times_out() -> None:
+    # rpc-server serves one client at a time: a held host looks exactly like this.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(RpcUnreachableError, match="one client at a time"):
+            query_server(RpcEndpoint("127.0.0.1", port), timeout_s=0.5)
+        assert time.monotonic() - started < 5
+
+
+def _answer_once(listener: socket.socket, reply: bytes) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.recv(1 + 8 + 24)
+        conn.sendall(reply)
+
+
+def test_another_protocol_version_is_refused() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        # A HELLO reply of protocol major+1: size 28, then major, minor, patch, pad, caps.
+        reply = (28).to_bytes(8, "little") + bytes([RPC_PROTO_MAJOR + 1, 0, 0, 0]) + bytes(24)
+        server = threading.Thread(target=_answer_once, args=(listener, reply))
+        server.start()
+        with pytest.raises(RpcProtocolError, match=f"protocol {RPC_PROTO_MAJOR + 1}.0.0"):
+            query_server(RpcEndpoint("127.0.0.1", port), timeout_s=2)
+        server.join()
+
+
+def test_memory_given_by_hand_plans_an_unreachable_host() -> None:
+    port = _free_port()
+    (info,) = resolve_servers([RpcEndpoint("127.0.0.1", port, 24 * GIB)], timeout_s=0.5)
+    assert info.version is None
+    assert [(d.total_bytes, d.reported) for d in info.devices] == [(24 * GIB, False)]
+    with pytest.raises(RpcUnreachableError, match=f"127.0.0.1:{port}=24GiB"):
+        resolve_servers([RpcEndpoint("127.0.0.1", port)], timeout_s=0.5)
+
+
+def test_engine_refuses_rpc_cleanly_on_a_build_or_host_that_cannot(
+    embedded_model_path: Path,
+) -> None:
+    # In this process llama_cpp is the stock build (no RPC): a clear load error, not an abort.
+    # With an RPC build installed instead, the dead host is named before llama.cpp connects.
+    port = _free_port()
+    config = EngineConfig(
+        model_path=embedded_model_path,
+        n_ctx=256,
+        n_parallel=1,
+        n_gpu_layers=-1,
+        rpc_servers=(RpcEndpoint("127.0.0.1", port),),
+    )
+    with pytest.raises((ModelLoadError, RpcUnreachableError)) as caught:
+        Engine.load(config)
+    if isinstance(caught.value, RpcUnreachableError):
+        assert f"127.0.0.1:{port}" in str(caught.value)
+    else:
+        assert "build-rpc.sh" in str(caught.value)
+
+
+# ------------------------------------------------------------------ real rpc-servers (RPC build)
+
+
+def _rpc_build_dir() -> Path:
+    if os.environ.get("LOCALLLM_RPC_BUILD"):
+        return Path(os.environ["LOCALLLM_RPC_BUILD"])
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build-rpc.sh"), "--print-dir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+@dataclass
+class RpcBuild:
+    server: Path
+    lib: Path
+
+
+@pytest.fixture(scope="module")
+def rpc_build() -> RpcBuild:
+    build = _rpc_build_dir()
+    server, lib = build / "bin" / "rpc-server", build / "lib"
+    if not (server.is_file() and (lib / "libggml-rpc.so").is_file()):
+        pytest.skip(
+            f"no RPC build at {build}: run scripts/build-rpc.sh once (about 15 minutes on two "
+            "cores, then cached) to run the split-model tests"
+        )
+    return RpcBuild(server, lib)
+
+
+@dataclass
+class RpcServer:
+    endpoint: RpcEndpoint
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def allocated_bytes(self) -> int:
+        """The buffers this server allocated for its client, from its GGML_RPC_DEBUG log."""
+        total = 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            # [alloc_buffer] device: 0, size: N -> remote_ptr: ..., remote_size: N
+            if "[alloc_buffer]" in line and "remote_size:" in line:
+                total += int(line.rsplit("remote_size:", 1)[1].strip())
+        return total
+
+
+def _start_rpc_server(build: RpcBuild, tmp: Path, name: str) -> RpcServer:
+    port = _free_port()
+    log_path = tmp / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(build.server), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GGML_RPC_DEBUG": "1"},
+        )
+    endpoint = RpcEndpoint("127.0.0.1", port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            query_server(endpoint, timeout_s=2)
+            break
+        except RpcUnreachableError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"rpc-server did not start: {log_path.read_text()}") from None
+            time.sleep(0.1)
+    return RpcServer(endpoint, process, log_path)
+
+
+@pytest.fixture
+def rpc_servers(rpc_build: RpcBuild, tmp_path: Path) -> Iterator[list[RpcServer]]:
+    servers = [_start_rpc_server(rpc_build, tmp_path, f"rpc{i}") for i in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _child(build: RpcBuild, spec: dict[str, object]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LLAMA_CPP_LIB_PATH": str(build.lib)},
+    )
+
+
+def _generate(build: RpcBuild, spec: dict[str, object]) -> dict[str, object]:
+    child = _child(build, spec)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_rpc_server_reports_its_memory(rpc_servers: list[RpcServer]) -> None:
+    # A CPU rpc-server's device is the host's RAM: ggml reports physical pages x page size.
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for server in rpc_servers:
+        info = query_server(server.endpoint)
+        assert info.version is not None and info.version[0] == RPC_PROTO_MAJOR
+        assert [(d.index, d.total_bytes, d.free_bytes) for d in info.devices] == [(0, ram, ram)]
+
+
+def _mib_by_device(lines: list[str]) -> dict[str, float]:
+    # "load_tensors:   RPC0[127.0.0.1:4242] model buffer size =    81.52 MiB" and the KV and
+    # compute lines alike; the device is the first word before "[" or " ".
+    found: dict[str, float] = {}
+    for line in lines:
+        body = line.split(":", 1)[-1].strip()
+        if "buffer size" not in body or "=" not in body:
+            continue
+        device = body.split()[0].split("[")[0].split("_")[0]
+        mib = float(body.rsplit("=", 1)[1].split("MiB")[0])
+        found[device] = found.get(device, 0.0) + mib
+    return found
+
+
+def test_split_three_ways_gives_the_local_text(
+    rpc_build: RpcBuild, rpc_servers: list[RpcServer], embedded_model_path: Path
+) -> None:
+    """Gemma 3 270M: 18 layers; 12 of the 19 positions (with the output) go to the two hosts,
+    6 per host, and the token embedding plus 7 layers stay on this host."""
+    base = {"model": str(embedded_model_path), "max_tokens": 24}
+    local = _generate(rpc_build, base)
+    rpc = ",".join(s.endpoint.address for s in rpc_servers)
+    split = _generate(
+        rpc_build, {**base, "rpc": rpc, "n_gpu_layers": 12, "tensor_split": [1, 1]}
+    )
+    assert split["text"] == local["text"] and local["text"]
+
+    per_device = _mib_by_device(split["memory_lines"])  # type: ignore[arg-type]
+    assert per_device.get("RPC0", 0) > 0 and per_device.get("RPC1", 0) > 0, per_device
+    assert per_device.get("CPU", 0) > 0, per_device
+    for name, server in zip(("RPC0", "RPC1"), rpc_servers, strict=True):
+        # What this host's llama.cpp says it put on the device is what the server allocated
+        # (within rounding of the MiB figures in the log).
+        assert abs(server.allocated_bytes() / 1024**2 - per_device[name]) < 0.05, (
+            name,
+            server.allocated_bytes(),
+            per_device,
+        )
+
+
+def test_losing_a_host_mid_stream_fails_cleanly(
+    rpc_build: RpcBuild, rpc_servers: list[RpcServer], embedded_model_path: Path
+) -> None:
+    first, doomed = rpc_servers
+    spec = {
+        "model": str(embedded_model_path),
+        "rpc": f"{first.endpoint.address},{doomed.endpoint.address}",
+        "n_gpu_layers": -1,
+        "tensor_split": [1, 1],
+        "max_tokens": 400,
+        "mode": "stream",
+    }
+    child = _child(rpc_build, spec)
+    assert child.stdout is not None and child.stderr is not None
+    try:
+        tokens = 0
+        while tokens < 3:
+            line = child.stdout.readline()
+            assert line, f"the stream ended early: {child.stderr.read()[-3000:]}"
+            tokens += line.startswith("token")
+        doomed.stop()
+        killed_at = time.monotonic()
+        rest = child.stdout.read()  # until the process ends
+        returncode = child.wait(timeout=60)
+        took = time.monotonic() - killed_at
+        err = child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    from localllm.engine.rpc import EXIT_HOST_LOST
+
+    assert returncode == EXIT_HOST_LOST, err[-3000:]
+    assert took < 30
+    error_line = next(line for line in rest.splitlines() if line.startswith("error"))
+    assert "RpcHostLostError" in error_line
+    assert doomed.endpoint.address in error_line
+    assert first.endpoint.address not in error_line  # the host still up is not blamed
+    assert f"RPC host {doomed.endpoint.address}" in err  # and the log names it too
