@@ -327,9 +327,7 @@ def test_split_three_ways_gives_the_local_text(
     base = {"model": str(embedded_model_path), "max_tokens": 24}
     local = _generate(rpc_build, base)
     rpc = ",".join(s.endpoint.address for s in rpc_servers)
-    split = _generate(
-        rpc_build, {**base, "rpc": rpc, "n_gpu_layers": 12, "tensor_split": [1, 1]}
-    )
+    split = _generate(rpc_build, {**base, "rpc": rpc, "n_gpu_layers": 12, "tensor_split": [1, 1]})
     assert split["text"] == local["text"] and local["text"]
 
     per_device = _mib_by_device(split["memory_lines"])  # type: ignore[arg-type]
