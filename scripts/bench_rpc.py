@@ -122,7 +122,7 @@ def main() -> None:
                     {"rpc": f"{a.address},{b.address}", "n_gpu_layers": -1, "tensor_split": [1, 1]},
                 ),
                 (
-                    "3 ways: local 7 + 6 + 6 layers",
+                    "3 ways: 7 local, 6 + 5 remote layers",
                     3,
                     {"rpc": f"{a.address},{b.address}", "n_gpu_layers": 12, "tensor_split": [1, 1]},
                 ),
