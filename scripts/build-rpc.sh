@@ -9,6 +9,7 @@
 #   scripts/build-rpc.sh --install .venv          # and install the RPC wheel into a venv
 #   scripts/build-rpc.sh --cmake-arg -DGGML_CUDA=on --cache DIR   # a GPU rpc-server host
 #   scripts/build-rpc.sh --print-dir              # just the cache folder (for scripts and tests)
+#   scripts/build-rpc.sh --serve 192.168.1.20:50052 [-- rpc-server flags]   # build, then run it
 #
 # Cached under ${LOCALLLM_RPC_CACHE:-~/.cache/localllm/rpc}/<version>[-<args hash>]/; a second run
 # with the same version and CMake arguments returns in seconds. The build never goes through pip's
@@ -23,7 +24,9 @@ SDIST=""
 INSTALL_VENV=""
 PRINT_DIR=0
 FORCE=0
+SERVE=""
 EXTRA_CMAKE_ARGS=()
+SERVER_ARGS=()
 
 usage() {
     cat <<EOF
@@ -36,6 +39,8 @@ usage: $0 [options]
   --install VENV     also install the RPC-enabled wheel into this venv
   --force            rebuild even when the cache is complete
   --print-dir        print the cache folder for these options and exit
+  --serve HOST:PORT  after building (or finding the cache), run rpc-server there; arguments
+                     after -- go to rpc-server (e.g. -- --threads 8 --device CUDA0)
   -h, --help         this help
 EOF
 }
@@ -53,6 +58,8 @@ while [ $# -gt 0 ]; do
         --install) INSTALL_VENV=$2; shift ;;
         --force) FORCE=1 ;;
         --print-dir) PRINT_DIR=1 ;;
+        --serve) SERVE=$2; shift ;;
+        --) shift; SERVER_ARGS=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -77,21 +84,37 @@ STAMP=$CACHE/.complete
 RPC_SERVER=$CACHE/bin/rpc-server
 LIB=$CACHE/lib
 
+the_wheel() {
+    local wheels=("$CACHE"/wheel/llama_cpp_python-*.whl)
+    [ -f "${wheels[0]}" ] || die "no wheel in $CACHE/wheel"
+    echo "${wheels[0]}"
+}
+
 install_wheel() {
     [ -n "$INSTALL_VENV" ] || return 0
     local py=$INSTALL_VENV/bin/python wheel
     [ -x "$py" ] || die "$INSTALL_VENV is not a virtual environment (no $py)"
-    wheel=$(ls "$CACHE"/wheel/llama_cpp_python-*.whl | head -n 1)
+    wheel=$(the_wheel)
     note "installing $wheel into $INSTALL_VENV"
     "$py" -m pip install --quiet --no-cache-dir --no-deps --force-reinstall "$wheel"
     "$py" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)' \
         || die "the installed llama-cpp-python reports no RPC support"
 }
 
+serve() {
+    [ -n "$SERVE" ] || return 0
+    local host=${SERVE%:*} port=${SERVE##*:}
+    if [ -z "$host" ] || [ "$port" = "$SERVE" ]; then
+        die "--serve wants HOST:PORT, e.g. 192.168.1.20:50052"
+    fi
+    note "RPC is unauthenticated: keep $SERVE on a trusted network"
+    exec "$RPC_SERVER" --host "$host" --port "$port" ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"}
+}
+
 report() {
     echo "rpc-server:         $RPC_SERVER"
     echo "RPC-enabled libs:   $LIB  (LLAMA_CPP_LIB_PATH=$LIB)"
-    echo "RPC-enabled wheel:  $(ls "$CACHE"/wheel/llama_cpp_python-*.whl | head -n 1)"
+    echo "RPC-enabled wheel:  $(the_wheel)"
     [ -f "$CACHE/build-times" ] && sed 's/^/  /' "$CACHE/build-times"
     return 0
 }
@@ -101,6 +124,7 @@ if [ "$FORCE" -eq 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$CMAKE_ARGS_V
     note "cached: llama-cpp-python $VERSION with $CMAKE_ARGS_VALUE in $CACHE"
     install_wheel
     report
+    serve
     exit 0
 fi
 
@@ -141,7 +165,7 @@ CMAKE_ARGS=$CMAKE_ARGS_VALUE FORCE_CMAKE=1 \
     > "$CACHE/wheel.log" 2>&1 \
     || { tail -n 30 "$CACHE/wheel.log" >&2; die "the wheel build failed (log: $CACHE/wheel.log)"; }
 wheel_s=$(( $(date +%s) - wheel_start ))
-WHEEL=$(ls "$CACHE"/wheel/llama_cpp_python-*.whl | head -n 1)
+WHEEL=$(the_wheel)
 
 rm -rf "$LIB" "$CACHE/unpacked"
 "$PYTHON" -m zipfile -e "$WHEEL" "$CACHE/unpacked"
@@ -155,6 +179,7 @@ rm -rf "$CACHE/unpacked"
 server_start=$(date +%s)
 mkdir -p "$CACHE/bin"
 GGML_SRC=$SRC/vendor/llama.cpp
+# shellcheck disable=SC2016 # $ORIGIN is for the dynamic loader, not the shell
 nice -n 19 "$CXX" -std=c++17 -O2 -pthread -I"$GGML_SRC/ggml/include" \
     "$GGML_SRC/tools/rpc/rpc-server.cpp" -o "$RPC_SERVER" \
     -L"$LIB" -lggml -lggml-base -Wl,-rpath,'$ORIGIN/../lib'
@@ -169,3 +194,4 @@ total_s=$(( $(date +%s) - start ))
 printf '%s' "$CMAKE_ARGS_VALUE" > "$STAMP"
 install_wheel
 report
+serve

@@ -312,14 +312,18 @@ def test_rpc_server_reports_its_memory(rpc_servers: list[RpcServer]) -> None:
 
 
 def _mib_by_device(lines: list[str]) -> dict[str, float]:
-    # "load_tensors:   RPC0[127.0.0.1:4242] model buffer size =    81.52 MiB" and the KV and
-    # compute lines alike; the device is the first word before "[" or " ".
+    """MiB per device from llama.cpp's load log: "CPU", or a remote host's "host:port".
+
+    Remote buffers are named after the device index on their server and the server:
+    "load_tensors: RPC0[127.0.0.1:4242] model buffer size =    81.52 MiB".
+    """
     found: dict[str, float] = {}
     for line in lines:
         body = line.split(":", 1)[-1].strip()
         if "buffer size" not in body or "=" not in body:
             continue
-        device = body.split()[0].split("[")[0].split("_")[0]
+        label = body.split()[0]
+        device = label.split("[", 1)[1].rstrip("]") if "[" in label else label.split("_")[0]
         mib = float(body.rsplit("=", 1)[1].split("MiB")[0])
         found[device] = found.get(device, 0.0) + mib
     return found
@@ -338,13 +342,12 @@ def test_split_three_ways_gives_the_local_text(
     assert split["text"] == local["text"] and local["text"]
 
     per_device = _mib_by_device(split["memory_lines"])  # type: ignore[arg-type]
-    assert per_device.get("RPC0", 0) > 0 and per_device.get("RPC1", 0) > 0, per_device
-    assert per_device.get("CPU", 0) > 0, per_device
-    for name, server in zip(("RPC0", "RPC1"), rpc_servers, strict=True):
-        # What this host's llama.cpp says it put on the device is what the server allocated
-        # (within rounding of the MiB figures in the log).
-        allocated = server.peak_allocated_bytes()
-        assert abs(allocated / 1024**2 - per_device[name]) < 0.05, (name, allocated, per_device)
+    assert set(per_device) == {"CPU"} | {s.endpoint.address for s in rpc_servers}, per_device
+    for server in rpc_servers:
+        # What this host's llama.cpp says it put on a remote device (weights, KV cache, compute
+        # buffer) is what that rpc-server allocated, to the rounding of the log's MiB figures.
+        allocated = server.peak_allocated_bytes() / 1024**2
+        assert abs(allocated - per_device[server.endpoint.address]) < 0.05, (allocated, per_device)
 
 
 def test_losing_a_host_mid_stream_fails_cleanly(
@@ -383,5 +386,5 @@ def test_losing_a_host_mid_stream_fails_cleanly(
     error_line = next(line for line in rest.splitlines() if line.startswith("error"))
     assert "RpcHostLostError" in error_line
     assert doomed.endpoint.address in error_line
-    assert first.endpoint.address not in error_line  # the host still up is not blamed
+    assert first.endpoint.address not in error_line, err[-2000:]  # the live host is not blamed
     assert f"RPC host {doomed.endpoint.address}" in err  # and the log names it too

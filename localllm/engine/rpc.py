@@ -125,7 +125,18 @@ class RpcAttachment:
             os._exit(EXIT_HOST_LOST)
         self._lost.set()
         endpoints = [server.endpoint for server in self.servers]
-        lost = [e for e in endpoints if not _accepts_connections(e)] or endpoints
+        # A host that just died may still hold its listening socket for a moment: ask twice.
+        for wait_s in (0.2, 0.5):
+            time.sleep(wait_s)
+            states = {e: _connect_state(e) for e in endpoints}
+            if "refused" in states.values():
+                break
+        # Refused is certain (nothing listens); a timeout may be a host that is off, or a live
+        # one whose one-deep listen queue is full while it serves us; blame those only if no
+        # host refused, and every host if none looks gone.
+        lost = [e for e in endpoints if states[e] == "refused"]
+        lost = lost or [e for e in endpoints if states[e] == "timeout"] or endpoints
+        log.error("RPC hosts after the failure: %s", ", ".join(f"{e} {states[e]}" for e in states))
         error = RpcHostLostError(
             ", ".join(e.address for e in lost),
             "went away while the model was loaded on it; localllm stops (exit status "
@@ -210,11 +221,13 @@ def _install_abort_guard(lib: ctypes.CDLL, box: list[RpcAttachment]) -> None:
         _installed.append(callback)
 
 
-def _accepts_connections(endpoint: RpcEndpoint, timeout_s: float = 1.0) -> bool:
-    # A TCP connect, not a HELLO: a live rpc-server busy with our own connection still accepts
-    # into its listen queue, where a handshake would wait.
+def _connect_state(endpoint: RpcEndpoint, timeout_s: float = 1.0) -> str:
+    """"open", "refused" or "timeout": a TCP connect, not a handshake, which a live rpc-server
+    busy with our own connection would leave waiting."""
     try:
         with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s):
-            return True
+            return "open"
+    except ConnectionRefusedError:
+        return "refused"
     except OSError:
-        return False
+        return "timeout"
