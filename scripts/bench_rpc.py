@@ -133,7 +133,7 @@ def main() -> None:
                 f"embedded Gemma 3 270M Q4_K_M, {args.tokens} greedy tokens,"
                 f" median of {args.repeats}"
             )
-            print(f"{'placement':34} {'boundaries':>10} {'decode tok/s':>13} {'vs local':>9}  runs")
+            print(f"{'placement':38} {'boundaries':>10} {'decode tok/s':>13} {'vs local':>9}  runs")
             local_speed = 0.0
             texts = set()
             for name, hops, extra in rows:
@@ -145,7 +145,7 @@ def main() -> None:
                 speed = statistics.median(speeds)
                 local_speed = local_speed or speed
                 runs = " ".join(f"{s:.1f}" for s in speeds)
-                print(f"{name:34} {hops:>10} {speed:>13.1f} {speed / local_speed:>8.2f}x  {runs}")
+                print(f"{name:38} {hops:>10} {speed:>13.1f} {speed / local_speed:>8.2f}x  {runs}")
             print(f"greedy text identical in every run: {len(texts) == 1}")
         finally:
             for _, process in servers:
