@@ -28,9 +28,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from localllm.engine import build
 from localllm.errors import ModelLoadError, RpcHostLostError
 from localllm.rpc import RpcEndpoint, RpcServerInfo, query_server
 
@@ -45,41 +45,21 @@ _ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 _ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 
 
-def ggml_library_dir() -> Path:
-    """The folder of the ggml libraries the loaded llama_cpp uses (LLAMA_CPP_LIB_PATH honoured)."""
-    import llama_cpp.llama_cpp as bindings
-
-    base = getattr(bindings, "_base_path", None)
-    return Path(base) if base is not None else Path(bindings.__file__).parent / "lib"
-
-
-def _ggml() -> ctypes.CDLL:
-    # The same file llama_cpp loaded, so the same (already mapped) ggml and its registry.
-    lib = ctypes.CDLL(str(ggml_library_dir() / "libggml.so"))
-    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_name.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_count.argtypes = []
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_type.restype = ctypes.c_int
-    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-    lib.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
-    lib.ggml_set_abort_callback.restype = ctypes.c_void_p
+def _ggml() -> Any:
+    """The libggml llama.cpp loaded (engine.build's), with the RPC-side calls declared too."""
+    lib = build.ggml_library()
+    ptr, size, text = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+    signatures: dict[str, tuple[Any, list[Any]]] = {
+        "ggml_backend_reg_by_name": (ptr, [text]),
+        "ggml_backend_reg_get_proc_address": (ptr, [ptr, text]),
+        "ggml_backend_reg_dev_count": (size, [ptr]),
+        "ggml_backend_reg_dev_get": (ptr, [ptr, size]),
+        "ggml_backend_dev_backend_reg": (ptr, [ptr]),
+        "ggml_set_abort_callback": (ptr, [_ABORT_CALLBACK]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
     return lib
 
 
@@ -207,7 +187,7 @@ _guard_lock = threading.Lock()
 _installed: list[Any] = []
 
 
-def _install_abort_guard(lib: ctypes.CDLL, box: list[RpcAttachment]) -> None:
+def _install_abort_guard(lib: Any, box: list[RpcAttachment]) -> None:
     def on_abort(message: bytes | None) -> None:
         text = (message or b"").decode("utf-8", "replace")
         if box:
