@@ -151,6 +151,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "min_speed": args.min_speed,
         "vram": args.vram,
         "gpu": args.gpu,
+        "rpc": args.rpc,
+        "rpc_device": args.rpc_device,
         "max_quality_loss": args.max_quality_loss,
         "models_dir": args.models_dir,
         "type_k": args.cache_type,
@@ -371,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", type=Path, help="TOML config file to read.")
     fit.add_argument("--vram", help="Plan for this much VRAM, e.g. 24GiB or 24GiB,24GiB.")
     fit.add_argument("--gpu", help="Plan for a named card, e.g. rtx4090 or 2xrtx3090.")
+    fit.add_argument(
+        "--rpc",
+        help="llama.cpp rpc-server hosts that take layers too: HOST:PORT[,HOST:PORT]; "
+        "HOST:PORT=24GiB gives a host's memory by hand (planning ahead).",
+    )
+    fit.add_argument(
+        "--rpc-device", help="What the RPC hosts lend, for speed: a card (rtx4090) or 'cpu'."
+    )
     fit.add_argument("--ctx", type=int, help="Context length (default: training context, capped).")
     fit.add_argument("--parallel", type=int, help="Slots (parallel sequences).")
     fit.add_argument(

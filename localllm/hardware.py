@@ -76,7 +76,10 @@ class GPUInfo:
     prefill_flops: float
     driver: str | None = None
     index: int = 0
-    source: str = "nvml"  # "nvml", "table" (--gpu), "vram" (--vram), "default"
+    source: str = "nvml"  # "nvml", "table" (--gpu), "vram" (--vram), "default", "rpc"
+    # A device on another machine, through llama.cpp's rpc-server: its "host:port"; None: local.
+    endpoint: str | None = None
+    is_cpu: bool = False  # an rpc-server without a GPU lends its RAM and cores
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,13 @@ class Hardware:
     # llama.cpp copies some host-side weights into repacked CPU buffers (on by default on x86
     # with AVX2; off where `localllm.engine.build.repack_supported` found that it crashes).
     cpu_repack: bool = True
+    # The network to remote (RPC) devices: a round trip, and bytes per second.
+    link_latency_s: float = 0.0005
+    link_bytes_s: float = 125e6
+
+    @property
+    def remote_gpus(self) -> tuple[GPUInfo, ...]:
+        return tuple(g for g in self.gpus if g.endpoint is not None)
 
     @property
     def n_gpus(self) -> int:

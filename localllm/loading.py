@@ -22,6 +22,7 @@ from localllm.errors import SettingsError
 from localllm.fitter import FitRequest, Plan, fit, plan_summary_line
 from localllm.gguf_header import read_header
 from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
+from localllm.rpc import hardware_for_settings, parse_rpc_servers
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def planning_hardware(
     the build can offload to them, else the CPU alone. `--cpu` (or `--vram 0`) plans for the CPU;
     `--gpu` / `--vram` name hardware to plan for instead (marked assumed), except when serving
     on a CPU-only build, which cannot use them.
+    RPC hosts (`settings.rpc`) come first, as llama.cpp orders devices; serving needs them to
+    answer, planning takes memory given by hand for a host that does not.
     """
     warnings: list[str] = []
     gpu_build = gpu_offload()
@@ -49,7 +52,8 @@ def planning_hardware(
                 f"this llama.cpp build is CPU-only but {gpus[0].name} is installed: everything "
                 f"runs on the CPU; rebuild with CUDA: {cuda_fix_command(Path(sys.prefix))}"
             )
-        if serving and not gpu_build and settings.n_gpu_layers not in (None, 0):
+        asked_layers = settings.n_gpu_layers not in (None, 0)
+        if serving and not gpu_build and asked_layers and not settings.rpc:
             warnings.append(
                 f"n_gpu_layers={settings.n_gpu_layers} asked for, but this llama.cpp build has no "
                 "GPU backend: the model runs on the CPU (see `localllm doctor`)"
@@ -66,6 +70,7 @@ def planning_hardware(
             hardware = Hardware(
                 gpus=(), host=host, threads=settings.threads or host.logical_cores, notes=(note,)
             )
+    hardware, _ = hardware_for_settings(hardware, settings, must_answer=serving)
     # The engine repacks host weights exactly when the machine's probe allows it.
     return replace(hardware, cpu_repack=repack_supported().supported), warnings
 
@@ -94,6 +99,8 @@ def plan_for_serving(model_path: Path, settings: Settings) -> tuple[Plan, Engine
         tensor_split=params["tensor_split"],
         tensor_overrides=tuple(params["tensor_overrides"]),
         max_tokens_default=settings.max_tokens_limit,
+        rpc_servers=parse_rpc_servers(settings.rpc),
+        rpc_allow_public=settings.rpc_allow_public,
     )
     return plan, config, warnings + list(plan.warnings)
 

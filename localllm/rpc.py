@@ -23,8 +23,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from localllm.errors import (
     RpcAddressError,
@@ -32,13 +34,14 @@ from localllm.errors import (
     RpcUnreachableError,
     SettingsError,
 )
-from localllm.hardware import parse_size
+from localllm.hardware import GPUInfo, Hardware, lookup_gpu, parse_size
 
 # ggml-rpc.h of the vendored llama.cpp: a server answers with its version; the client accepts the
 # same major and a minor no newer than its own.
 RPC_PROTO_MAJOR = 7
 RPC_PROTO_MINOR = 0
 DEFAULT_PORT = 50052  # rpc-server's default
+DEFAULT_LATENCY_S = 0.0005  # a gigabit LAN's round trip, when nothing was measured or given
 
 _CMD_GET_DEVICE_MEMORY = 11
 _CMD_HELLO = 14  # fixed across versions ("RPC_CMD_HELLO must be always 14")
@@ -86,6 +89,7 @@ class RpcServerInfo:
     endpoint: RpcEndpoint
     version: tuple[int, int, int] | None  # None: not contacted
     devices: tuple[RpcDevice, ...]
+    round_trip_s: float | None = None  # one request and its reply, as measured by the query
 
 
 def parse_rpc_servers(text: str | Sequence[str] | None) -> tuple[RpcEndpoint, ...]:
@@ -211,22 +215,29 @@ def query_server(
             if not 0 < count <= _MAX_DEVICES:
                 raise _Malformed(f"it claims {count} devices")
             devices = []
+            round_trips = []
             for index in range(count):
+                started = time.perf_counter()
                 reply = _call(sock, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", index), 16)
+                round_trips.append(time.perf_counter() - started)
                 free, total = struct.unpack("<QQ", reply)
                 devices.append(RpcDevice(endpoint, index, free, total))
         except (OSError, _Malformed) as exc:
             raise RpcProtocolError(endpoint.address, f"a memory query failed ({exc})") from exc
-    return RpcServerInfo(endpoint, version, tuple(devices))
+    return RpcServerInfo(endpoint, version, tuple(devices), min(round_trips))
 
 
 def resolve_servers(
-    endpoints: Iterable[RpcEndpoint], timeout_s: float = 5.0, allow_public: bool = False
+    endpoints: Iterable[RpcEndpoint],
+    timeout_s: float = 5.0,
+    allow_public: bool = False,
+    must_answer: bool = False,
 ) -> tuple[RpcServerInfo, ...]:
     """Every host's devices for planning: memory given by hand wins, else the host is asked.
 
     A host with memory given by hand that cannot be reached is planned as one device of that
-    size (planning ahead); one without fails with RpcUnreachableError naming it.
+    size (planning ahead) unless `must_answer` (serving); one without fails with
+    RpcUnreachableError naming it.
     """
     infos: list[RpcServerInfo] = []
     for endpoint in endpoints:
@@ -235,9 +246,11 @@ def resolve_servers(
             try:
                 asked = query_server(endpoint, timeout_s, allow_public)
             except RpcUnreachableError:
+                if must_answer:
+                    raise
                 infos.append(RpcServerInfo(endpoint, None, (given,)))
                 continue
-            infos.append(RpcServerInfo(endpoint, asked.version, (given,)))
+            infos.append(RpcServerInfo(endpoint, asked.version, (given,), asked.round_trip_s))
             continue
         try:
             infos.append(query_server(endpoint, timeout_s, allow_public))
@@ -280,3 +293,87 @@ def _connect_hint(exc: OSError) -> str:
     if isinstance(exc, TimeoutError):
         return "the connection timed out: the host is down or a firewall drops the port"
     return f"cannot connect ({exc})"
+
+
+def hardware_with_rpc(
+    hardware: Hardware,
+    servers: Sequence[RpcServerInfo],
+    device: str = "rtx3090",
+    latency_s: float | None = None,
+    link_bytes_s: float = 125e6,
+) -> Hardware:
+    """`hardware` with every RPC host's devices placed before its local GPUs (llama.cpp's order).
+
+    `device` says what the hosts lend, for speed (the protocol reports memory only): a card in
+    localllm.hardware's table, or "cpu" for an rpc-server without GPU (priced like this host's
+    CPU). The link's round trip is `latency_s`, else the slowest measured one, else 0.5 ms.
+    """
+    spec = None if device.lower() == "cpu" else lookup_gpu(device)
+    if spec is None and device.lower() != "cpu":
+        raise SettingsError(f"rpc_device {device!r} is neither 'cpu' nor a known card")
+    remote: list[GPUInfo] = []
+    for server in servers:
+        for rpc_device in server.devices:
+            remote.append(
+                GPUInfo(
+                    name=spec.name if spec else "CPU",
+                    total_bytes=rpc_device.total_bytes,
+                    free_bytes=rpc_device.free_bytes,
+                    bandwidth_bytes_s=(
+                        spec.bandwidth_bytes_s if spec else hardware.host.memory_bandwidth_bytes_s
+                    ),
+                    # A CPU device's prompt rate is the fitter's host CPU rate (it prices it).
+                    prefill_flops=spec.prefill_flops if spec else hardware.host.matmul_flops,
+                    index=len(remote),
+                    source="rpc",
+                    endpoint=server.endpoint.address,
+                    is_cpu=spec is None,
+                )
+            )
+    if latency_s is None:
+        measured = [s.round_trip_s for s in servers if s.round_trip_s is not None]
+        latency_s = max(measured) if measured else DEFAULT_LATENCY_S
+    notes = list(hardware.notes)
+    given = [s.endpoint.address for s in servers if any(not d.reported for d in s.devices)]
+    if given:
+        notes.append(f"RPC memory given by hand for {', '.join(given)}")
+    notes.append(
+        f"RPC devices priced as {spec.name if spec else 'this host CPU'} (rpc_device); network "
+        f"{latency_s * 1000:.2f} ms round trip, {link_bytes_s * 8 / 1e6:.0f} Mbit/s"
+    )
+    return replace(
+        hardware,
+        gpus=(*remote, *(g for g in hardware.gpus if g.endpoint is None)),
+        link_latency_s=latency_s,
+        link_bytes_s=link_bytes_s,
+        notes=tuple(notes),
+    )
+
+
+def hardware_for_settings(
+    hardware: Hardware, settings: Any, must_answer: bool = False
+) -> tuple[Hardware, tuple[RpcServerInfo, ...]]:
+    """`hardware` plus the RPC hosts `settings.rpc` names (unchanged when it names none)."""
+    endpoints = parse_rpc_servers(getattr(settings, "rpc", None))
+    if not endpoints:
+        return hardware, ()
+    servers = resolve_servers(
+        endpoints, allow_public=settings.rpc_allow_public, must_answer=must_answer
+    )
+    if any(g.source == "default" for g in hardware.gpus):
+        # No GPU here and none described: plan the remote devices and this host, not the
+        # stand-in card hardware_for assumes when it has nothing else to plan for.
+        hardware = replace(
+            hardware,
+            gpus=tuple(g for g in hardware.gpus if g.source != "default"),
+            notes=tuple(n for n in hardware.notes if not n.startswith("no GPU detected")),
+        )
+    latency_ms = settings.rpc_latency_ms
+    combined = hardware_with_rpc(
+        hardware,
+        servers,
+        settings.rpc_device,
+        latency_ms / 1000 if latency_ms is not None else None,
+        settings.rpc_bandwidth_mbit * 1e6 / 8,
+    )
+    return combined, servers

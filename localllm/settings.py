@@ -126,6 +126,28 @@ class Settings(BaseSettings):
         False, description="Plan and run on the CPU alone, GPUs or not (--vram 0 means the same)."
     )
 
+    # Other machines' devices, through llama.cpp's rpc-server (unauthenticated: trusted LAN only).
+    rpc: str | None = Field(
+        None,
+        description="llama.cpp rpc-server hosts that take layers, 'HOST:PORT[,HOST:PORT]'; "
+        "'HOST:PORT=24GiB' gives a host's memory by hand.",
+    )
+    rpc_allow_public: bool = Field(
+        False, description="Allow an RPC host with a public address (RPC is unauthenticated)."
+    )
+    rpc_device: str = Field(
+        "rtx3090",
+        description="What the RPC hosts' devices are, for speed: a card name, or 'cpu'.",
+    )
+    rpc_latency_ms: float | None = Field(
+        None,
+        ge=0,
+        description="Round trip to the RPC hosts in ms (default: measured, else 0.5).",
+    )
+    rpc_bandwidth_mbit: float = Field(
+        1000, gt=0, description="Network bandwidth to the RPC hosts, Mbit/s."
+    )
+
     # Serving limits.
     queue_size: int = Field(16, ge=0, description="Requests that may wait for a slot before 503.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
@@ -158,6 +180,26 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+
+    @field_validator("rpc")
+    @classmethod
+    def _check_rpc(cls, value: str | None) -> str | None:
+        from localllm.rpc import parse_rpc_servers
+
+        try:
+            parse_rpc_servers(value)
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("rpc_device")
+    @classmethod
+    def _check_rpc_device(cls, value: str) -> str:
+        from localllm.hardware import lookup_gpu
+
+        if value.lower() != "cpu" and lookup_gpu(value) is None:
+            raise ValueError(f"{value!r} is neither 'cpu' nor a known card (e.g. rtx4090)")
+        return value
 
     @field_validator("n_ctx")
     @classmethod

@@ -83,8 +83,8 @@ class FitRequest:
 class DeviceMemory:
     """Bytes one device (a GPU or the host) holds under a plan."""
 
-    name: str  # "CUDA0", ..., "host"
-    description: str  # the card's name, or "host RAM"
+    name: str  # "CUDA0", ..., "RPC0" (a remote device), ..., "host"
+    description: str  # the card's name (after "host:port" for a remote one), or "host RAM"
     weights_bytes: int
     kv_bytes: int
     compute_bytes: int
@@ -163,6 +163,9 @@ class Plan:
     ladder: tuple[str, ...] = ()  # every quant considered (distinct labels), best quality first
     ladder_files: tuple[str, ...] = ()  # the file of each ladder entry
     has_swa: bool = False  # the model has sliding-window layers (swa_full matters)
+    link_transfers: int = 0  # network transfers per token to and from RPC hosts
+    link_seconds: float = 0.0  # their share of a token's time
+    rpc_servers: tuple[str, ...] = ()  # "host:port" of each rpc-server, in llama.cpp's order
 
     @property
     def file(self) -> Path:
@@ -218,6 +221,9 @@ class Plan:
                 if quant in (reasons := dict(self.rejected))
             },
             "ladder": list(self.ladder),
+            "link_transfers_per_token": self.link_transfers,
+            "link_ms_per_token": round(self.link_seconds * 1000, 3),
+            "rpc_servers": list(self.rpc_servers),
         }
 
     def llama_params(self) -> dict[str, Any]:
@@ -270,6 +276,8 @@ class Plan:
             args.append("--kv-unified")
         else:
             args.append("--no-kv-unified")
+        if self.rpc_servers:
+            args += ["--rpc", ",".join(self.rpc_servers)]
         if self.tensor_split:
             args += ["-ts", ",".join(f"{x:g}" for x in self.tensor_split)]
         if self.n_cpu_moe:

@@ -12,12 +12,13 @@ def _gib(n_bytes: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     lines = [f"Plan: {plan.quant}  ({plan.file})"]
+    gpu = "GPUs and RPC hosts" if plan.rpc_servers else "GPU"
     if not plan.gpus:
         offload = "on the CPU (no GPU in this plan)"
     elif plan.full_offload:
-        offload = "all layers on the GPU"
+        offload = f"all layers on the {gpu}"
     else:
-        offload = f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the GPU"
+        offload = f"{plan.n_gpu_layers}/{plan.n_layer + 1} layers on the {gpu}"
     if plan.n_cpu_moe:
         offload += f", experts of the first {plan.n_cpu_moe} layers in host memory"
     lines.append(
@@ -34,6 +35,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  tensor split {', '.join(f'{s:g}' for s in plan.tensor_split)}")
     lines.append(f"  predicted: {plan.decode_tok_s:.1f} tok/s decode, "
                  f"{plan.prompt_tok_s:.0f} tok/s prompt")
+    if plan.link_transfers:
+        token_ms = 1000 / plan.decode_tok_s if plan.decode_tok_s > 0 else 0.0
+        lines.append(f"  network: {plan.link_transfers} transfers per token to RPC hosts, "
+                     f"{plan.link_seconds * 1000:.2f} of {token_ms:.1f} ms per token")
     lines.append("")
     header = ("device", "weights", "KV", "compute", "output", "overhead", "total", "capacity",
               "free")

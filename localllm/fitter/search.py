@@ -44,6 +44,7 @@ from localllm.fitter.speed import (
     CPU_PREFILL_EFFICIENCY,
     DeviceWork,
     decode_seconds_per_token,
+    link_seconds_per_token,
     prompt_tokens_per_second,
 )
 from localllm.gguf_header import ModelHeader
@@ -190,6 +191,7 @@ class _Fitter:
         any_gpu_layers = any(d >= 0 for d in layout.layer_device) or out_dev >= 0
         all_on_gpu = all(d >= 0 for d in layout.layer_device) and out_dev >= 0
         devices: list[DeviceMemory] = []
+        n_remote = n_local = 0
         for g, gpu in enumerate(hardware.gpus):
             if g == (out_dev if out_dev >= 0 else 0):
                 compute = phases.peak_bytes  # holds the logits (op offload when on host)
@@ -197,15 +199,24 @@ class _Fitter:
                 compute = phases.layer_bytes
             else:
                 compute = 0
+            if gpu.endpoint is not None:
+                # llama.cpp's names, in the order the hosts were added; an rpc-server reports
+                # its memory after its own CUDA context, so none is counted here.
+                name, description, overhead = f"RPC{n_remote}", f"{gpu.endpoint} {gpu.name}", 0
+                n_remote += 1
+            else:
+                name, description = f"CUDA{n_local}", gpu.name
+                overhead = GPU_CONTEXT_OVERHEAD_BYTES
+                n_local += 1
             devices.append(
                 DeviceMemory(
-                    name=f"CUDA{g}",
-                    description=gpu.name,
+                    name=name,
+                    description=description,
                     weights_bytes=weights[g],
                     kv_bytes=kv_on[g],
                     compute_bytes=compute,
                     output_bytes=0,
-                    overhead_bytes=GPU_CONTEXT_OVERHEAD_BYTES,
+                    overhead_bytes=overhead,
                     margin_bytes=request.gpu_margin_bytes,
                     capacity_bytes=gpu.free_bytes,
                     n_layers=layers_on[g],
@@ -237,14 +248,30 @@ class _Fitter:
         gpu_work = [
             (DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s)
             for g, gpu in enumerate(hardware.gpus)
+            if not gpu.is_cpu
         ]
         host_work = DeviceWork(int(read[-1]), int(elements[-1]))
         seconds = decode_seconds_per_token(
             gpu_work, host_work, host.memory_bandwidth_bytes_s, self.host_rate
         )
+        for g, gpu in enumerate(hardware.gpus):
+            if gpu.is_cpu:  # an rpc-server lending its CPU: priced like this host's CPU
+                work = DeviceWork(int(read[g]), int(elements[g]))
+                seconds += decode_seconds_per_token([], work, gpu.bandwidth_bytes_s, self.host_rate)
+        transfers = self._link_transfers(layout)
+        link_seconds = link_seconds_per_token(
+            transfers, hardware.link_latency_s, hardware.link_bytes_s
+        )
+        seconds += link_seconds
         decode = 1.0 / seconds if seconds > 0 else 0.0
         prompt = prompt_tokens_per_second(
-            [(int(prefill_elements[g]), gpu.prefill_flops) for g, gpu in enumerate(hardware.gpus)],
+            [
+                (
+                    int(prefill_elements[g]),
+                    self.host_prefill_flops if gpu.is_cpu else gpu.prefill_flops,
+                )
+                for g, gpu in enumerate(hardware.gpus)
+            ],
             DeviceWork(int(weights[-1] - facts.token_embd_bytes), int(prefill_elements[-1])),
             self.host_prefill_flops,
             shape.n_ubatch,
@@ -276,7 +303,27 @@ class _Fitter:
             prompt_tok_s=prompt,
             fits=all(d.fits for d in devices),
             has_swa=bool(header.sliding_window) and any(header.swa_layers),
+            link_transfers=len(transfers),
+            link_seconds=link_seconds,
+            rpc_servers=tuple(dict.fromkeys(g.endpoint or "" for g in hardware.remote_gpus)),
         )
+
+    def _link_transfers(self, layout: _Layout) -> list[int]:
+        """Bytes of each network transfer of one token: every change between this host and a
+        remote device along input -> layers -> output, then the logits back if remote."""
+        remote = {g for g, gpu in enumerate(self.hardware.gpus) if gpu.endpoint is not None}
+        if not remote:
+            return []
+        activation = 4 * self.header.n_embd  # f32 hidden state of one token
+        stages = [-1, *layout.layer_device, layout.output_device]
+        transfers = [
+            activation
+            for before, after in zip(stages, stages[1:], strict=False)
+            if before != after and (before in remote or after in remote)
+        ]
+        if layout.output_device in remote:
+            transfers.append(4 * self.header.n_vocab)  # the logits come back to this host
+        return transfers
 
     def gpus_fit(self, plan: Plan) -> bool:
         return all(d.fits for d in plan.gpus)
@@ -333,6 +380,22 @@ def _speed_warning(plan: Plan, header: ModelHeader, request: FitRequest) -> str:
         + (f", experts of {plan.n_cpu_moe} layers in RAM" if plan.n_cpu_moe else "")
         + f"); {_advice(plan, header, request)}"
     )
+
+
+def _link_warning(plan: Plan, hardware: Hardware) -> list[str]:
+    """The network, not the devices, sets the pace: say so, with the numbers."""
+    if not plan.link_transfers or plan.decode_tok_s <= 0:
+        return []
+    token_s = 1.0 / plan.decode_tok_s
+    if plan.link_seconds < token_s - plan.link_seconds:
+        return []
+    return [
+        f"the network sets the pace: {plan.link_transfers} transfers per token to RPC hosts at "
+        f"{hardware.link_latency_s * 1000:.2f} ms round trip and "
+        f"{hardware.link_bytes_s * 8 / 1e6:.0f} Mbit/s take {plan.link_seconds * 1000:.1f} of "
+        f"{token_s * 1000:.1f} ms per token; a faster link, fewer hosts, or more layers on "
+        "each host would help"
+    ]
 
 
 def _does_not_fit(plan: Plan, header: ModelHeader, request: FitRequest) -> DoesNotFitError:
@@ -408,7 +471,7 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
                     f"does not fit {device.name}: needs {gib(device.total_bytes)}"
                     f" + {gib(device.margin_bytes)} margin, has {gib(device.capacity_bytes)}"
                 )
-        return _finish(plan, header, request, warnings, notes)
+        return _finish(plan, header, request, warnings, notes, hardware)
 
     contexts = [wanted]
     if request.n_ctx is None:
@@ -458,14 +521,20 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
             f"{chosen.n_parallel} slot(s): more parallel conversations would not fit beside "
             f"{chosen.n_ctx_slot} tokens each with this offload; --parallel N sets them"
         )
-    return _finish(chosen, header, request, warnings, notes)
+    return _finish(chosen, header, request, warnings, notes, hardware)
 
 
 def _finish(
-    plan: Plan, header: ModelHeader, request: FitRequest, warnings: list[str], notes: list[str]
+    plan: Plan,
+    header: ModelHeader,
+    request: FitRequest,
+    warnings: list[str],
+    notes: list[str],
+    hardware: Hardware,
 ) -> Plan:
     if plan.decode_tok_s < request.min_speed_tok_s:
         warnings.append(_speed_warning(plan, header, request))
+    warnings += _link_warning(plan, hardware)
     return replace(plan, warnings=tuple(warnings), notes=tuple(notes))
 
 

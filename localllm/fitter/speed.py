@@ -12,6 +12,11 @@ Decode, one token at the start of a conversation (like llama-bench's tg128):
   calibrated on one 2-core AVX-512 VM against llama.cpp decoding Gemma 3 270M Q4_K_M with 1 and
   2 threads; on many-core desktops the CPU term is likely pessimistic.
 - MoE layers read only n_expert_used of n_expert experts per token.
+- Remote devices (llama.cpp's RPC backend) compute like local ones of their kind, and a token
+  pays the network for every change between this host and a remote device along the layers:
+  a round trip plus the activations (n_embd floats), and the logits (n_vocab floats) when the
+  output layer is remote. llama.cpp's scheduler waits for each remote result before the next
+  device starts, so these add up rather than overlap.
 
 Prompt processing (compute bound, per micro-batch of n_ubatch tokens): 2 FLOP per weight per
 token at the GPU's effective prefill throughput; layers kept in host memory are copied to the GPU
@@ -55,6 +60,14 @@ def decode_seconds_per_token(
         seconds += HOST_BANDWIDTH_OVERLAP * host_work.read_bytes / host_bandwidth_bytes_s
         seconds += host_work.elements / host_rate_elements_s
     return seconds
+
+
+def link_seconds_per_token(
+    transfers: list[int], latency_s: float, link_bytes_s: float
+) -> float:
+    """Network time of one token: each transfer between this host and a remote device (or
+    between two remote devices, through this host) is one round trip plus its bytes."""
+    return sum(latency_s + n_bytes / link_bytes_s for n_bytes in transfers)
 
 
 def prompt_tokens_per_second(
