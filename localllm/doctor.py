@@ -8,6 +8,7 @@ Without loading a model it gathers
   (`localllm.hardware`, the only prober);
 - the settings in force and where each value came from (flag, env, config, default);
 - the model that would be served and the plan `serve` would load it with;
+- whether the build has llama.cpp's RPC backend, and whether each RPC host (`rpc`) answers;
 
 then turns them into advice, each with the exact command that fixes it where there is one.
 
@@ -33,11 +34,12 @@ from localllm.engine.build import (
     probe_build,
     repack_supported,
 )
-from localllm.errors import DoesNotFitError, LocalLLMError
+from localllm.errors import DoesNotFitError, LocalLLMError, RpcError
 from localllm.fitter import plan_summary_line
 from localllm.hardware import GPUProbe, HostInfo, probe_gpus, probe_host
 from localllm.loading import plan_for_serving
 from localllm.models import EMBEDDED_MODEL_FILE, resolve_model
+from localllm.rpc import parse_rpc_servers, query_server
 from localllm.settings import Settings, setting_sources
 from localllm.units import gib
 
@@ -65,6 +67,35 @@ class ModelCheck:
 
 
 @dataclass(frozen=True)
+class RpcHostCheck:
+    """One rpc-server named by the `rpc` setting, as the memory query found it."""
+
+    address: str
+    reachable: bool
+    version: str | None = None
+    devices: tuple[str, ...] = ()  # "device 0: 23.5 GiB free of 24.0 GiB"
+    error: str | None = None
+
+
+def check_rpc_hosts(settings: Settings, timeout_s: float = 3.0) -> tuple[RpcHostCheck, ...]:
+    """Ask every host the `rpc` setting names for its version and memory; never raises."""
+    checks = []
+    for endpoint in parse_rpc_servers(settings.rpc):
+        try:
+            info = query_server(endpoint, timeout_s, settings.rpc_allow_public)
+        except RpcError as exc:
+            checks.append(RpcHostCheck(endpoint.address, False, error=str(exc)))
+            continue
+        version = ".".join(map(str, info.version)) if info.version else None
+        devices = tuple(
+            f"device {d.index}: {gib(d.free_bytes)} free of {gib(d.total_bytes)}"
+            for d in info.devices
+        )
+        checks.append(RpcHostCheck(endpoint.address, True, version, devices))
+    return tuple(checks)
+
+
+@dataclass(frozen=True)
 class Advice:
     level: Level
     message: str
@@ -82,6 +113,7 @@ class DoctorReport:
     advice: tuple[Advice, ...] = field(default=())
     repack: RepackProbe | None = None  # None: not probed (llama.cpp not importable)
     host_error: str | None = None
+    rpc_hosts: tuple[RpcHostCheck, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -158,6 +190,7 @@ def advise(
     model: ModelCheck,
     venv: Path,
     cuda_script: Path | str | None = None,
+    rpc_hosts: tuple[RpcHostCheck, ...] = (),
 ) -> tuple[Advice, ...]:
     """What to tell the user, most important first. Pure: every fact comes in as an argument."""
     advice: list[Advice] = []
@@ -218,11 +251,37 @@ def advise(
                 )
             )
 
+    advice.extend(_rpc_advice(build, rpc_hosts, venv))
     if model.error:
         advice.append(Advice("error", f"model {model.name}: {model.error}"))
     elif model.fit_ok is False:
         advice.append(Advice("error", f"model {model.name} does not fit: {model.fit}"))
     return tuple(advice)
+
+
+def _rpc_advice(
+    build: BuildInfo, hosts: tuple[RpcHostCheck, ...], venv: Path
+) -> list[Advice]:
+    if not hosts:
+        return []
+    advice: list[Advice] = []
+    if build.llama_cpp_version is not None and "RPC" not in build.backends:
+        advice.append(
+            Advice(
+                "error",
+                "RPC hosts are set (rpc) but this llama.cpp build has no RPC backend: serve "
+                "cannot use them. Build one from the same llama-cpp-python sources.",
+                f"scripts/build-rpc.sh --install {venv}",
+            )
+        )
+    for host in hosts:
+        if host.reachable:
+            advice.append(
+                Advice("ok", f"RPC host {host.address} answers (protocol {host.version}).")
+            )
+        else:
+            advice.append(Advice("error", host.error or f"RPC host {host.address} is down"))
+    return advice
 
 
 def _cpu_only_message(gpus: GPUProbe, host: HostInfo | None, model: ModelCheck) -> str:
@@ -270,6 +329,7 @@ def doctor_report(
     host: HostInfo | None = None,
     repack: RepackProbe | None = None,
     venv: Path | None = None,
+    rpc_hosts: tuple[RpcHostCheck, ...] | None = None,
 ) -> DoctorReport:
     """Probe (unless given the results) and advise.
 
@@ -297,8 +357,10 @@ def doctor_report(
         SettingValue(name, _shown_value(name, getattr(settings, name)), sources[name])
         for name in Settings.model_fields
     )
+    if rpc_hosts is None:
+        rpc_hosts = check_rpc_hosts(settings)
     model = check_model(settings)
-    advice = advise(build, gpus, host, model, venv or Path(sys.prefix))
+    advice = advise(build, gpus, host, model, venv or Path(sys.prefix), rpc_hosts=rpc_hosts)
     return DoctorReport(
         build=build,
         gpus=gpus,
@@ -309,6 +371,7 @@ def doctor_report(
         advice=advice,
         repack=repack,
         host_error=host_error,
+        rpc_hosts=rpc_hosts,
     )
 
 
@@ -365,6 +428,15 @@ def format_doctor(report: DoctorReport) -> str:
             f"{h.physical_cores} cores, memory bandwidth "
             f"{h.memory_bandwidth_bytes_s / 1e9:.1f} GB/s (measured, {h.source})"
         )
+
+    if report.rpc_hosts:
+        has_rpc = "RPC" in b.backends
+        lines.append(f"RPC hosts (this build's RPC backend: {'yes' if has_rpc else 'no'})")
+        for r in report.rpc_hosts:
+            if r.reachable:
+                lines.append(f"  {r.address}: protocol {r.version}; {'; '.join(r.devices)}")
+            else:
+                lines.append(f"  {r.address}: {r.error}")
 
     lines.append(f"Settings (config file: {report.config_path or 'none'})")
     width = max(len(s.name) for s in report.settings) if report.settings else 0

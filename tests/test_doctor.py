@@ -103,6 +103,7 @@ def test_report_on_this_machine_says_cpu_only(
         "ok",
         "repack",
         "host_error",
+        "rpc_hosts",
     }
     assert data["build"]["gpu_offload"] is False
     assert data["build"]["devices"][0]["kind"] == "cpu"
