@@ -29,18 +29,25 @@ from localllm.errors import (
     RpcUnreachableError,
     SettingsError,
 )
-from localllm.hardware import GIB
+from localllm.fitter import FitRequest, fit_header, format_plan
+from localllm.gguf_header import ModelHeader, read_header
+from localllm.hardware import GIB, Hardware, HostInfo, parse_gpu_names
 from localllm.rpc import (
     RPC_PROTO_MAJOR,
     RpcEndpoint,
+    RpcServerInfo,
     check_address,
+    hardware_with_rpc,
     is_private_address,
     parse_rpc_servers,
     query_server,
     resolve_servers,
 )
+from localllm.settings import load_settings
+from tests import gguf_factory as gf
 
 REPO = Path(__file__).resolve().parent.parent
+MIB = 1024**2
 CHILD = Path(__file__).resolve().parent / "rpc_child.py"
 
 
@@ -190,6 +197,91 @@ def test_engine_refuses_rpc_cleanly_on_a_build_or_host_that_cannot(
         assert f"127.0.0.1:{port}" in str(caught.value)
     else:
         assert "build-rpc.sh" in str(caught.value)
+
+
+# ------------------------------------------------------------------ planning across hosts
+
+HOST = HostInfo(64 * GIB, 56 * GIB, 8, 16, 60e9, 1e12, "assumed")
+
+
+def _given(address: str, memory: int) -> RpcServerInfo:
+    (info,) = resolve_servers(parse_rpc_servers(f"{address}={memory // GIB}GiB"), timeout_s=0.2)
+    return info
+
+
+@pytest.fixture(scope="module")
+def llama70b(tmp_path_factory: pytest.TempPathFactory) -> ModelHeader:
+    path = gf.write_gguf(tmp_path_factory.mktemp("rpc") / "70b.gguf", gf.LLAMA_70B)
+    return read_header(path)
+
+
+def test_remote_devices_come_first_and_take_layers_by_memory(llama70b: ModelHeader) -> None:
+    """A 70B Q4_K_M (~40 GiB) on one local 24 GiB card does not fit; with two RPC hosts of
+    24 and 12 GiB it does, split like llama.cpp: remote devices first, by free memory."""
+    local = Hardware(parse_gpu_names("rtx3090"), HOST, 16)
+    request = FitRequest(n_ctx=4096)
+    alone = fit_header(llama70b, local, request)
+    assert not alone.full_offload  # most of it stays in host memory
+    a, b = _given("10.0.0.2:50052", 24 * GIB), _given("10.0.0.3:50052", 12 * GIB)
+    hardware = hardware_with_rpc(local, [a, b], "rtx4090", latency_s=0.0005)
+    plan = fit_header(llama70b, hardware, request)
+    assert plan.full_offload and plan.fits
+    names = [(d.name, d.description) for d in plan.devices]
+    assert names == [
+        ("RPC0", "10.0.0.2:50052 NVIDIA GeForce RTX 4090"),
+        ("RPC1", "10.0.0.3:50052 NVIDIA GeForce RTX 4090"),
+        ("CUDA0", "NVIDIA GeForce RTX 3090"),
+        ("host", "host RAM"),
+    ]
+    rpc0, rpc1, cuda0, _ = plan.devices
+    assert rpc0.overhead_bytes == rpc1.overhead_bytes == 0  # the server's own, not counted
+    assert cuda0.overhead_bytes > 0
+    assert rpc0.n_layers + rpc1.n_layers + cuda0.n_layers == 80
+    assert rpc0.n_layers > cuda0.n_layers > rpc1.n_layers  # 24 GiB, 24 GiB local, 12 GiB
+    assert all(d.kv_bytes > 0 for d in plan.gpus)  # each device holds its layers' cache
+    assert plan.tensor_split is not None and len(plan.tensor_split) == 3
+    assert plan.rpc_servers == ("10.0.0.2:50052", "10.0.0.3:50052")
+    assert "--rpc 10.0.0.2:50052,10.0.0.3:50052" in plan.llama_server_command()
+    # host -> RPC0 -> RPC1 -> CUDA0 (which holds the output layer): three network transfers.
+    assert plan.link_transfers == 3
+    text = format_plan(plan)
+    assert "RPC0 10.0.0.2:50052" in text and "3 transfers per token" in text
+
+
+def test_link_latency_adds_per_transfer_and_warns_when_it_dominates(
+    llama70b: ModelHeader,
+) -> None:
+    a, b = _given("10.0.0.2:50052", 24 * GIB), _given("10.0.0.3:50052", 24 * GIB)
+    base = Hardware((), HOST, 16)
+    request = FitRequest(n_ctx=4096, n_gpu_layers=-1)
+    lan = fit_header(llama70b, hardware_with_rpc(base, [a, b], "rtx4090", 0.0005), request)
+    wan = fit_header(llama70b, hardware_with_rpc(base, [a, b], "rtx4090", 0.0505), request)
+    # host -> RPC0 -> RPC1 (output) -> logits back: three transfers of 50 ms more each.
+    assert lan.link_transfers == wan.link_transfers == 3
+    extra = 1 / wan.decode_tok_s - 1 / lan.decode_tok_s
+    assert extra == pytest.approx(3 * 0.05, rel=1e-6)
+    assert not any("network sets the pace" in w for w in lan.warnings)
+    assert any("network sets the pace" in w for w in wan.warnings)
+
+
+def test_fit_cli_plans_hosts_given_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    from localllm.cli import main
+
+    port = _free_port()  # nothing listens: the memory given by hand is planned
+    assert main(["fit", "--rpc", f"127.0.0.1:{port}=8GiB", "--rpc-device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    remote = [d for d in data["devices"] if d["name"].startswith("RPC")]
+    assert [(d["name"], d["capacity_bytes"]) for d in remote] == [("RPC0", 8 * GIB)]
+    assert data["rpc_servers"] == [f"127.0.0.1:{port}"]
+    assert f"--rpc 127.0.0.1:{port}" in data["llama_server_command"]
+
+
+def test_rpc_settings_are_checked_at_start() -> None:
+    with pytest.raises(SettingsError, match="rpc"):
+        load_settings(rpc="10.0.0.2:http")
+    with pytest.raises(SettingsError, match="rpc_device"):
+        load_settings(rpc_device="voodoo5")
+    assert load_settings(rpc="10.0.0.2:50052=24GiB").rpc == "10.0.0.2:50052=24GiB"
 
 
 # ------------------------------------------------------------------ real rpc-servers (RPC build)
@@ -343,11 +435,29 @@ def test_split_three_ways_gives_the_local_text(
 
     per_device = _mib_by_device(split["memory_lines"])  # type: ignore[arg-type]
     assert set(per_device) == {"CPU"} | {s.endpoint.address for s in rpc_servers}, per_device
-    for server in rpc_servers:
+    # The fitter's plan for the same load: the hosts as their memory query reports them.
+    hardware = hardware_with_rpc(
+        Hardware((), HOST, 1, cpu_repack=False),
+        [query_server(s.endpoint) for s in rpc_servers],
+        "cpu",
+    )
+    request = FitRequest(n_ctx=512, n_parallel=1, n_gpu_layers=12, n_ubatch=512, n_batch=512)
+    plan = fit_header(read_header(embedded_model_path), hardware, request)
+    assert plan.tensor_split == (0.5, 0.5)
+    for server, device in zip(rpc_servers, plan.gpus, strict=True):
         # What this host's llama.cpp says it put on a remote device (weights, KV cache, compute
         # buffer) is what that rpc-server allocated, to the rounding of the log's MiB figures.
-        allocated = server.peak_allocated_bytes() / 1024**2
+        allocated = server.peak_allocated_bytes() / MIB
         assert abs(allocated - per_device[server.endpoint.address]) < 0.05, (allocated, per_device)
+        # The fitter: weights and KV cache exact, the compute buffer (modelled) within 3 MiB.
+        assert device.description.startswith(server.endpoint.address)
+        log_lines = [line for line in split["memory_lines"] if server.endpoint.address in line]  # type: ignore[union-attr]
+        weights = _mib_by_device([line for line in log_lines if "model buffer" in line])
+        assert device.weights_bytes / MIB == pytest.approx(
+            weights[server.endpoint.address], abs=0.01
+        )
+        planned = (device.total_bytes - device.overhead_bytes) / MIB
+        assert abs(planned - allocated) < 3.0, (device, allocated)
 
 
 def test_losing_a_host_mid_stream_fails_cleanly(
