@@ -498,3 +498,70 @@ def test_losing_a_host_mid_stream_fails_cleanly(
     assert doomed.endpoint.address in error_line
     assert first.endpoint.address not in error_line, err[-2000:]  # the live host is not blamed
     assert f"RPC host {doomed.endpoint.address}" in err  # and the log names it too
+
+
+def test_serve_across_hosts_and_a_host_that_goes_away(
+    rpc_build: RpcBuild, rpc_servers: list[RpcServer], embedded_model_path: Path
+) -> None:
+    """`localllm serve --rpc` loads with the fitter's plan over both hosts; when one dies
+    mid-stream the stream ends with a 503-class error naming it and the server exits 75."""
+    import httpx
+
+    from localllm.engine.rpc import EXIT_HOST_LOST
+
+    first, doomed = rpc_servers
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "localllm", "serve", str(embedded_model_path),
+        "--rpc", f"{first.endpoint.address},{doomed.endpoint.address}", "--rpc-device", "cpu",
+        "--port", str(port), "--parallel", "1", "--n-ctx", "512", "--threads", "1",
+        "--n-batch", "512",
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LLAMA_CPP_LIB_PATH": str(rpc_build.lib)},
+    )
+    assert server.stderr is not None
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.5)
+        body = {"prompt": "The three primary colours are", "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
+
+        events: list[str] = []
+        stream_body = {**body, "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=stream_body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    doomed.stop()
+        returncode = server.wait(timeout=60)
+        log = server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    errors = [json.loads(e)["error"] for e in events if e.startswith('{"error"')]
+    assert errors, events[-5:]
+    assert errors[0]["code"] == "rpc_host_unavailable"
+    assert doomed.endpoint.address in errors[0]["message"]
+    assert first.endpoint.address not in errors[0]["message"]
+    assert events[-1] == "[DONE]"
+    assert returncode == EXIT_HOST_LOST
+    assert f"RPC host {doomed.endpoint.address}" in log
