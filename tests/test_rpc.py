@@ -31,7 +31,7 @@ from localllm.errors import (
 )
 from localllm.fitter import FitRequest, fit_header, format_plan
 from localllm.gguf_header import ModelHeader, read_header
-from localllm.hardware import GIB, Hardware, HostInfo, parse_gpu_names
+from localllm.hardware import GIB, GPUProbe, Hardware, HostInfo, parse_gpu_names
 from localllm.rpc import (
     RPC_PROTO_MAJOR,
     RpcEndpoint,
@@ -565,3 +565,36 @@ def test_serve_across_hosts_and_a_host_that_goes_away(
     assert events[-1] == "[DONE]"
     assert returncode == EXIT_HOST_LOST
     assert f"RPC host {doomed.endpoint.address}" in log
+
+
+def test_doctor_reports_rpc_build_and_each_host(
+    rpc_servers: list[RpcServer], tmp_path: Path
+) -> None:
+    from localllm.doctor import doctor_report, format_doctor
+    from localllm.engine.build import BackendDevice, BuildInfo, RepackProbe
+
+    cpu = BackendDevice("CPU", "x86", "cpu", 24 * GIB, 24 * GIB)
+    stock = BuildInfo("0.3.36", False, ("CPU",), (cpu,))
+    rpc_backend = BuildInfo("0.3.36", False, ("CPU", "RPC"), (cpu,))
+    up, dead = rpc_servers[0].endpoint.address, f"127.0.0.1:{_free_port()}"
+    settings = load_settings(None, models_dir=tmp_path / "models", rpc=f"{up},{dead}")
+    probes = {
+        "gpus": GPUProbe((), "none"),
+        "host": HOST,
+        "repack": RepackProbe(False, "cache", "fixed"),
+    }
+
+    report = doctor_report(settings, None, (), build=stock, **probes)  # type: ignore[arg-type]
+    first, second = report.rpc_hosts
+    assert (first.address, first.reachable, first.version) == (up, True, f"{RPC_PROTO_MAJOR}.0.0")
+    assert first.devices and "free of" in first.devices[0]
+    assert (second.address, second.reachable) == (dead, False)
+    assert second.error is not None and "connection refused" in second.error
+    errors = [a for a in report.advice if a.level == "error"]
+    assert any("no RPC backend" in a.message and "build-rpc.sh" in (a.fix or "") for a in errors)
+    assert any(dead in a.message for a in errors) and not report.ok
+    assert "RPC hosts (this build's RPC backend: no)" in format_doctor(report)
+
+    with_rpc = doctor_report(settings, None, (), build=rpc_backend, **probes)  # type: ignore[arg-type]
+    assert not any("no RPC backend" in a.message for a in with_rpc.advice)
+    assert any(a.level == "ok" and up in a.message for a in with_rpc.advice)
