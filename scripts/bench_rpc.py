@@ -6,7 +6,9 @@ all on one host, all on two hosts, and split three ways (this host + two). Each 
 greedy tokens and reports llama.cpp's decode speed. "Boundaries" counts the device changes a
 token's activations cross on the way through the layers and back, each a network transfer.
 Every process uses one thread, so the rows differ by where the layers sit and how often a token
-crosses the network, not by core counts. It also times the protocol's handshake round trip.
+crosses the network, not by core counts. It also times the protocol's handshake round trip,
+and prints what the fitter predicts for each placement (with the link it measured: the memory
+query's round trip and TCP throughput over loopback).
 
     .venv/bin/python scripts/bench_rpc.py [--tokens 128] [--repeats 3]
 """
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,8 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localllm.errors import RpcUnreachableError  # noqa: E402
+from localllm.fitter import FitRequest, fit_header  # noqa: E402
+from localllm.gguf_header import read_header  # noqa: E402
+from localllm.hardware import Hardware, probe_host  # noqa: E402
 from localllm.models import embedded_model_path  # noqa: E402
-from localllm.rpc import RpcEndpoint, query_server  # noqa: E402
+from localllm.rpc import RpcEndpoint, RpcServerInfo, hardware_with_rpc, query_server  # noqa: E402
 
 CHILD = ROOT / "tests" / "rpc_child.py"
 
@@ -88,6 +94,43 @@ def _handshake_ms(endpoint: RpcEndpoint, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
+def _loopback_bytes_s(n_bytes: int = 256 * 1024**2) -> float:
+    """TCP throughput over 127.0.0.1: what the RPC link is here."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        received = [0]
+
+        def drain() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    received[0] += len(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        block = bytes(1 << 20)
+        started = time.perf_counter()
+        with socket.create_connection(listener.getsockname()) as sender:
+            for _ in range(n_bytes // len(block)):
+                sender.sendall(block)
+        reader.join()
+        return received[0] / (time.perf_counter() - started)
+
+
+def _predicted(
+    model: Path, infos: list[RpcServerInfo], n_gpu_layers: int, latency_s: float, bytes_s: float
+) -> float:
+    """The fitter's decode tok/s for this placement (one thread everywhere, no repacking)."""
+    hardware = Hardware((), probe_host(), 1, cpu_repack=False)
+    if infos:
+        hardware = hardware_with_rpc(hardware, infos, "cpu", latency_s, bytes_s)
+    request = FitRequest(
+        n_ctx=512, n_parallel=1, n_gpu_layers=n_gpu_layers, n_ubatch=512, n_batch=512
+    )
+    return fit_header(read_header(model), hardware, request).decode_tok_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128, help="greedy tokens per run")
@@ -128,13 +171,26 @@ def main() -> None:
                 ),
             ]
             latency = _handshake_ms(a)
+            infos = {e.address: query_server(e) for e, _ in servers}
+            round_trip_s = max(i.round_trip_s or 0.0 for i in infos.values())
+            link_bytes_s = _loopback_bytes_s()
             print(f"loopback RPC handshake round trip (connect + HELLO + memory): {latency:.2f} ms")
+            print(
+                f"link for the fitter: {round_trip_s * 1e6:.0f} us round trip (memory query), "
+                f"{link_bytes_s * 8 / 1e9:.1f} Gbit/s (TCP over loopback)"
+            )
             print(
                 f"embedded Gemma 3 270M Q4_K_M, {args.tokens} greedy tokens,"
                 f" median of {args.repeats}"
             )
-            print(f"{'placement':38} {'boundaries':>10} {'decode tok/s':>13} {'vs local':>9}  runs")
-            local_speed = 0.0
+            # "fitter" is the plan's absolute figure (its CPU rate comes from the host probe);
+            # "scaled" is the measured local speed times the fitter's ratio to its local figure,
+            # which isolates what the RPC placement and link cost in the model.
+            print(
+                f"{'placement':38} {'boundaries':>10} {'decode tok/s':>13} {'vs local':>9} "
+                f"{'fitter':>7} {'scaled':>7}  runs"
+            )
+            local_speed = local_predicted = 0.0
             texts = set()
             for name, hops, extra in rows:
                 speeds = []
@@ -144,8 +200,16 @@ def main() -> None:
                     texts.add(result["text"])
                 speed = statistics.median(speeds)
                 local_speed = local_speed or speed
+                used = [infos[h] for h in str(extra.get("rpc", "")).split(",") if h]
+                ngl = int(extra.get("n_gpu_layers", 0))  # type: ignore[call-overload]
+                predicted = _predicted(model, used, ngl, round_trip_s, link_bytes_s)
+                local_predicted = local_predicted or predicted
+                scaled = local_speed * predicted / local_predicted
                 runs = " ".join(f"{s:.1f}" for s in speeds)
-                print(f"{name:38} {hops:>10} {speed:>13.1f} {speed / local_speed:>8.2f}x  {runs}")
+                print(
+                    f"{name:38} {hops:>10} {speed:>13.1f} {speed / local_speed:>8.2f}x "
+                    f"{predicted:>7.1f} {scaled:>7.1f}  {runs}"
+                )
             print(f"greedy text identical in every run: {len(texts) == 1}")
         finally:
             for _, process in servers:
