@@ -76,7 +76,7 @@ class GPUInfo:
     prefill_flops: float
     driver: str | None = None
     index: int = 0
-    source: str = "nvml"  # "nvml", "table" (--gpu), "vram" (--vram), "default", "rpc"
+    source: str = "nvml"  # "nvml", "table" (--gpu), "vram" (--vram), "rpc" (an rpc-server)
     # A device on another machine, through llama.cpp's rpc-server: its "host:port"; None: local.
     endpoint: str | None = None
     is_cpu: bool = False  # an rpc-server without a GPU lends its RAM and cores

@@ -360,14 +360,6 @@ def hardware_for_settings(
     servers = resolve_servers(
         endpoints, allow_public=settings.rpc_allow_public, must_answer=must_answer
     )
-    if any(g.source == "default" for g in hardware.gpus):
-        # No GPU here and none described: plan the remote devices and this host, not the
-        # stand-in card hardware_for assumes when it has nothing else to plan for.
-        hardware = replace(
-            hardware,
-            gpus=tuple(g for g in hardware.gpus if g.source != "default"),
-            notes=tuple(n for n in hardware.notes if not n.startswith("no GPU detected")),
-        )
     latency_ms = settings.rpc_latency_ms
     combined = hardware_with_rpc(
         hardware,
