@@ -190,7 +190,7 @@ total_s=$(( $(date +%s) - start ))
 {
     echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores: wheel ${wheel_s}s," \
         "rpc-server ${server_s}s, total ${total_s}s"
-} > "$CACHE/build-times"
+} >> "$CACHE/build-times"
 printf '%s' "$CMAKE_ARGS_VALUE" > "$STAMP"
 install_wheel
 report

@@ -5,7 +5,9 @@ reaches ggml's RPC backend the way llama.cpp's `--rpc` flag does (common/arg.cpp
 add_rpc_devices): `ggml_backend_reg_by_name("RPC")`, then `ggml_backend_rpc_add_server` through
 `ggml_backend_reg_get_proc_address`. The devices of each host go to the model explicitly
 (`llama_model_params.devices`) instead of into ggml's global registry, in llama.cpp's own default
-order: RPC hosts first (in the order given), then the local GPUs. `tensor_split` follows that order.
+order: RPC hosts first (in the order given), then the local GPUs (every non-RPC device of GPU type;
+llama.cpp's own selection also drops duplicate and integrated GPUs). `tensor_split` follows that
+order.
 
 llama.cpp's RPC client aborts the process when it cannot reach a host (ggml-rpc.cpp:
 GGML_ABORT("Failed to connect ..."), RPC_STATUS_ASSERT after any failed send or receive). Two
@@ -99,7 +101,10 @@ class RpcAttachment:
         self._listeners.append(listener)
 
     def handle_abort(self, message: str) -> None:
-        """ggml is about to abort: name the host, fail what waits, end the process cleanly."""
+        """ggml is about to abort: if its RPC client failed, name the host, fail what waits and
+        end the process cleanly; any other abort (a bug elsewhere) is not ours to dress up."""
+        if "ggml-rpc" not in message:  # the message starts with the aborting source file
+            return
         if self._lost.is_set():  # a second thread aborting too: the first one reports
             time.sleep(HOST_LOST_GRACE_S * 4)
             os._exit(EXIT_HOST_LOST)
@@ -191,8 +196,8 @@ def _install_abort_guard(lib: Any, box: list[RpcAttachment]) -> None:
     def on_abort(message: bytes | None) -> None:
         text = (message or b"").decode("utf-8", "replace")
         if box:
-            box[-1].handle_abort(text)
-        # Not ours to handle (no model on RPC yet): llama.cpp's own abort follows.
+            box[-1].handle_abort(text)  # ends the process when an RPC host went away
+        # Not a lost host (or no model on RPC yet): llama.cpp's own abort follows.
         log.critical("llama.cpp aborted: %s", text)
 
     with _guard_lock:
