@@ -264,6 +264,7 @@ class _Fitter:
         )
         seconds += link_seconds
         decode = 1.0 / seconds if seconds > 0 else 0.0
+        first_local = next((g for g in hardware.gpus if g.endpoint is None), None)
         prompt = prompt_tokens_per_second(
             [
                 (
@@ -275,7 +276,9 @@ class _Fitter:
             DeviceWork(int(weights[-1] - facts.token_embd_bytes), int(prefill_elements[-1])),
             self.host_prefill_flops,
             shape.n_ubatch,
-            hardware.gpus[0].prefill_flops if hardware.gpus and any_gpu_layers else None,
+            # op offload ships host weights to the first local GPU; RPC devices take none
+            # (ggml-rpc.cpp has no offload_op).
+            first_local.prefill_flops if first_local is not None and any_gpu_layers else None,
         )
         overrides: tuple[tuple[str, str], ...] = ()
         if n_cpu_moe:
