@@ -35,6 +35,10 @@ class EngineConfig:
     # Repacked CPU weight buffers (CPU_REPACK, AMX). None: as the machine's probe says
     # (`engine.build.repack_supported`): some VMs advertise instructions they do not grant.
     use_extra_bufts: bool | None = None
+    # False reads the file into the buffers instead of mapping it. A sparse file (a header and a
+    # hole, as the GPU check loads) then reads as zeros quickly, where a mapping would fault in
+    # every page of the hole.
+    use_mmap: bool = True
     seed: int | None = None  # default seed for requests that give none (None: random)
     max_tokens_default: int | None = None  # cap when a request gives no max_tokens
 
