@@ -358,11 +358,19 @@ note "building llama-cpp-python $VERSION with CUDA; this takes a while"
 CMAKE_ARGS=$CMAKE_ARGS_VALUE FORCE_CMAKE=1 CUDACXX=$NVCC \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${PIP_CMD[@]}"
 
-if "$PY" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)'
-then
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+CUDA_LIB=$SITE/llama_cpp/lib/libggml-cuda.so
+[ -f "$CUDA_LIB" ] || die "the build has no $CUDA_LIB: it was built without CUDA; see above"
+if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    "$PY" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' \
+        || die "the rebuilt llama-cpp-python reports no GPU offload; see the build output above"
     echo "llama-cpp-python $VERSION now offloads to the GPU."
 else
-    die "the rebuilt llama-cpp-python still reports no GPU offload; see the build output above"
+    # No driver here (a build machine): it cannot load, but every other library must resolve.
+    MISSING=$(ldd "$CUDA_LIB" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)
+    [ -z "$MISSING" ] || die "built, but $CUDA_LIB cannot find: $MISSING"
+    echo "llama-cpp-python $VERSION is built with CUDA (cuBLAS and the runtime resolve without"
+    echo "LD_LIBRARY_PATH); this machine has no NVIDIA driver (libcuda.so.1) to run it."
 fi
 if [ "$VENV" = /opt/localllm/.venv ]; then
     echo "Restart the service: sudo systemctl restart localllm"
