@@ -501,19 +501,28 @@ def grid_jobs(mode: str, work: Path, real: Hardware) -> list[Job]:
     return jobs
 
 
+def _expected_speeds(job: Job) -> tuple[float, float]:
+    """Decode and prompt tok/s to expect: for the card at hand, else the plan card's figures."""
+    plan = job.predicted_speed or job.predicted_memory
+    return max(plan.decode_tok_s, 0.5), max(plan.prompt_tok_s, 5.0)
+
+
 def estimate_s(job: Job, mode: str) -> float:
     """A pessimistic guess of a job's time, to stop before the budget runs out."""
-    size = job.path.stat().st_size
-    decode = job.predicted_speed.decode_tok_s if job.predicted_speed else 2.0
-    prompt = job.predicted_speed.prompt_tok_s if job.predicted_speed else 50.0
-    read_rate = 1.5e9 if mode == "gpu" else 0.5e9
-    seconds = 6 + size / read_rate + 48 / max(decode, 0.5) + PROMPT_TOKENS / max(prompt, 5.0)
+    decode, prompt = _expected_speeds(job)
+    read_rate = 1.5e9 if mode == "gpu" else 0.5e9  # bytes/s of a sparse file read as zeros
+    seconds = (
+        5  # a fresh process: Python, llama.cpp, the CUDA context
+        + job.path.stat().st_size / read_rate
+        + (n_decode(job) + WARMUP_TOKENS + 16) / decode
+        + (PROMPT_TOKENS + 32) / prompt
+    )
     return seconds * (2 if job.compare_llama else 1)
 
 
 def n_decode(job: Job) -> int:
-    decode = job.predicted_speed.decode_tok_s if job.predicted_speed else 4.0
-    return max(16, min(128, int(decode * 1.5)))
+    """About 1.5 s of decoding, at least 16 tokens and at most 128."""
+    return max(16, min(128, int(_expected_speeds(job)[0] * 1.5)))
 
 
 def run_job(job: Job, mode: str, real: Hardware, timeout_s: float, log: Path) -> dict[str, Any]:
@@ -682,7 +691,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"llama-cpp-python {env['llama_cpp_python']}; CPU {env['cpu']}; "
                  f"{report['elapsed_s']} s of a {report['budget_s']:.0f} s budget.")
     lines += ["", "MiB predicted / measured (error). Device: the GPU (CUDA0), or the host on a "
-              "CPU-only run. Speeds: predicted for the card the load ran on / measured.", ""]
+              "CPU-only run. Speeds: predicted for the card the load ran on / measured."]
+    if report["mode"] == "cpu":
+        lines.append("A CPU run proves the script and the memory rules; its speeds swing by "
+                     "several times on a machine whose cores other jobs share.")
+    lines.append("")
     lines.append("| row | device | weights | KV | compute | overhead | total used | "
                  "decode tok/s | prompt tok/s | Llama loop tok/s |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
