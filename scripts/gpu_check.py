@@ -61,6 +61,11 @@ from localllm.hardware import (  # noqa: E402
 )
 from tests import gguf_factory as gf  # noqa: E402
 
+try:  # where the engine's dry run lives after the fitter's restructuring
+    from localllm.engine.dry_run import parse_load_log  # type: ignore[import-not-found]
+except ImportError:
+    from localllm.fit.dry_run import parse_load_log
+
 SCHEMA = 1
 MIB = 1024 * 1024
 GIB = 1024**3
@@ -74,7 +79,8 @@ PROMPT_TOKENS = 512
 DECODE_PROMPT = "Count from one to one thousand in words: one, two, three, four, five,"
 WARMUP_TOKENS = 8
 
-_BUFFER_RE = re.compile(r"\b(\S+) (model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
+# llama.cpp's "%10s KV buffer size = %8.2f MiB" lines (two spaces before "output").
+_BUFFER_RE = re.compile(r"\b(\S+)\s+(model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
 
 
 # --------------------------------------------------------------------------- models and plans
@@ -327,6 +333,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             result["device_used_after_load"] = free_before - probe.free()  # type: ignore[operator]
         result["host_rss_after_load"] = rss.memory_info().rss - rss_before
         result["buffers"] = parse_buffers(engine.load_log)
+        logged = parse_load_log(engine.load_log)
+        result["kv_caches"] = [dataclasses.asdict(kv) for kv in logged.kv_caches]
+        result["flash_attn"] = logged.flash_attn
         result["buffer_lines"] = [line.strip() for line in engine.load_log
                                   if _BUFFER_RE.search(line) or "llama_kv_cache: size" in line]
         result.update(_engine_speeds(engine, job["n_decode"], random.Random(job["seed"])))

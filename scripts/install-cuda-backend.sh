@@ -48,7 +48,8 @@ usage: $0 [options]
                       toolkit has no cuBLAS; the default), always, or never
   --cmake-arg ARG     one more CMake argument (repeatable)
   --configure-only    download the sdist and run only CMake's configure step of the CUDA build
-  --build-dir DIR     where --configure-only works (default: a new temporary folder)
+  --build-dir DIR     CMake's build folder: kept, so a stopped build resumes where it was
+                      (default: a new temporary folder)
   --sdist FILE|DIR    build this llama-cpp-python sdist (or unpacked source) instead of PyPI's
   --dry-run           print the commands instead of running them
   -h, --help          this help
@@ -351,6 +352,8 @@ PACKAGE="llama-cpp-python==$VERSION"
 [ -z "$SDIST" ] || PACKAGE=$SDIST
 PIP_CMD=("$PY" -m pip install --no-cache-dir --force-reinstall --no-deps
     --no-binary llama-cpp-python "$PACKAGE")
+# A kept build folder (and unpacked sources, which pip builds in place) make a rerun resume.
+[ -z "$BUILD_DIR" ] || PIP_CMD+=(--config-settings "build-dir=$BUILD_DIR")
 echo "+ CMAKE_ARGS=\"$CMAKE_ARGS_VALUE\" FORCE_CMAKE=1 CUDACXX=$NVCC ${PIP_CMD[*]}"
 if [ "$DRY_RUN" -eq 1 ]; then exit 0; fi
 

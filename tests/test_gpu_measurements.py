@@ -240,3 +240,25 @@ def test_cpu_check_fails_a_wrong_prediction(headers: Any) -> None:
     plan = fitter_now(tampered, headers(tampered), "plan_hardware")
     with pytest.raises(AssertionError, match="kv on host"):
         _check_memory(tampered, plan, gpu=False)
+
+
+def test_buffer_lines_are_read_per_device() -> None:
+    """llama.cpp's own format strings (llama-model.cpp, llama-kv-cache.cpp, llama-context.cpp),
+    as a CUDA load with part of the model in host memory logs them."""
+    lines = [
+        f"load_tensors: {'CUDA0':>12} model buffer size = {4403.49:8.2f} MiB",
+        f"load_tensors: {'CUDA_Host':>12} model buffer size = {281.81:8.2f} MiB",
+        f"llama_kv_cache: {'CUDA0':>10} KV buffer size = {512.0:8.2f} MiB",
+        f"llama_kv_cache: {'CPU':>10} KV buffer size = {64.0:8.2f} MiB",
+        f"llama_context: {'CUDA_Host':>10}  output buffer size = {0.49:8.2f} MiB",
+        f"sched_reserve: {'CUDA0':>10} compute buffer size = {258.5:8.2f} MiB",
+        f"sched_reserve: {'CUDA_Host':>10} compute buffer size = {16.01:8.2f} MiB",
+    ]
+
+    def b(mib: float) -> int:
+        return round(mib * MIB)
+
+    assert gpu_check.parse_buffers(lines) == {
+        "CUDA0": {"weights": b(4403.49), "kv": b(512.0), "compute": b(258.5), "output": 0},
+        "host": {"weights": b(281.81), "kv": b(64.0), "compute": b(16.01), "output": b(0.49)},
+    }
