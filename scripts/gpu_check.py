@@ -670,9 +670,9 @@ def _mib(n: float | None) -> str:
 def _pair(pred: float | None, meas: float | None, fmt: str = "{:,.0f}") -> str:
     p = "-" if pred is None else fmt.format(pred)
     m = "-" if meas is None else fmt.format(meas)
-    if pred is None or meas in (None, 0):
+    if pred is None or meas is None or meas == 0:
         return f"{p} / {m}"
-    return f"{p} / {m} ({100 * (pred - meas) / meas:+.0f}%)"  # type: ignore[operator]
+    return f"{p} / {m} ({100 * (pred - meas) / meas:+.0f}%)"
 
 
 def device_comparison(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
