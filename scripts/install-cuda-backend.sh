@@ -32,6 +32,7 @@ CUBLAS_ROOT=""
 CUDA_WHEELS=auto
 DRY_RUN=0
 EXTRA_CMAKE_ARGS=()
+EXTRA_PIP_ARGS=()
 
 usage() {
     cat <<EOF
@@ -47,6 +48,8 @@ usage: $0 [options]
   --cuda-wheels WHEN  take cuBLAS and the CUDA runtime from NVIDIA's PyPI wheels: auto (when the
                       toolkit has no cuBLAS; the default), always, or never
   --cmake-arg ARG     one more CMake argument (repeatable)
+  --pip-arg ARG       one more argument to pip install (repeatable; e.g. --no-build-isolation
+                      on a machine without network, with scikit-build-core installed)
   --configure-only    download the sdist and run only CMake's configure step of the CUDA build
   --build-dir DIR     CMake's build folder: kept, so a stopped build resumes where it was
                       (default: a new temporary folder)
@@ -68,6 +71,7 @@ while [ $# -gt 0 ]; do
         --cublas-root) CUBLAS_ROOT=$2; shift ;;
         --cuda-wheels) CUDA_WHEELS=$2; shift ;;
         --cmake-arg) EXTRA_CMAKE_ARGS+=("$2"); shift ;;
+        --pip-arg) EXTRA_PIP_ARGS+=("$2"); shift ;;
         --configure-only) CONFIGURE_ONLY=1 ;;
         --build-dir) BUILD_DIR=$2; shift ;;
         --sdist) SDIST=$2; shift ;;
@@ -354,6 +358,7 @@ PIP_CMD=("$PY" -m pip install --no-cache-dir --force-reinstall --no-deps
     --no-binary llama-cpp-python "$PACKAGE")
 # A kept build folder (and unpacked sources, which pip builds in place) make a rerun resume.
 [ -z "$BUILD_DIR" ] || PIP_CMD+=(--config-settings "build-dir=$BUILD_DIR")
+PIP_CMD+=(${EXTRA_PIP_ARGS[@]+"${EXTRA_PIP_ARGS[@]}"})
 echo "+ CMAKE_ARGS=\"$CMAKE_ARGS_VALUE\" FORCE_CMAKE=1 CUDACXX=$NVCC ${PIP_CMD[*]}"
 if [ "$DRY_RUN" -eq 1 ]; then exit 0; fi
 
