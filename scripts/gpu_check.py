@@ -379,6 +379,7 @@ def environment(mode: str) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        **_ggml_version(llama_cpp),
     }
     if mode == "gpu":
         import pynvml
@@ -394,6 +395,19 @@ def environment(mode: str) -> dict[str, Any]:
             cuda_runtime=_cudart_version(),
         )
     return env
+
+
+def _ggml_version(llama_cpp: Any) -> dict[str, str]:
+    """The vendored llama.cpp's ggml version and commit (libggml-base sits next to libllama)."""
+    import ctypes
+
+    folder = Path(llama_cpp.llama_cpp._lib._name).parent
+    for path in sorted(folder.glob("libggml-base.*")):
+        lib = ctypes.CDLL(str(path))
+        lib.ggml_version.restype = lib.ggml_commit.restype = ctypes.c_char_p
+        return {"ggml_version": lib.ggml_version().decode(),
+                "ggml_commit": lib.ggml_commit().decode()}
+    return {}
 
 
 def _text(value: Any) -> str:
@@ -697,7 +711,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"Card: {env['card']} ({env['card_memory_bytes'] / GIB:.1f} GiB), driver "
                      f"{env['driver']}, CUDA driver {env['cuda_driver']}, runtime "
                      f"{env['cuda_runtime']}; ")
-    lines.append(f"llama-cpp-python {env['llama_cpp_python']}; CPU {env['cpu']}; "
+    lines.append(f"llama-cpp-python {env['llama_cpp_python']} (ggml {env.get('ggml_version')}, "
+                 f"commit {env.get('ggml_commit')}); CPU {env['cpu']}; "
                  f"{report['elapsed_s']} s of a {report['budget_s']:.0f} s budget.")
     lines += ["", "MiB predicted / measured (error). Device: the GPU (CUDA0), or the host on a "
               "CPU-only run. Speeds: predicted for the card the load ran on / measured."]
