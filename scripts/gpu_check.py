@@ -644,7 +644,13 @@ def main(argv: list[str] | None = None) -> int:
         jobs += grid_jobs(mode, work, real)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+    probe = DeviceMemoryProbe() if mode == "gpu" else None
+    idle_free = probe.free() if probe else 0
     for job in jobs:
+        if probe:  # the last worker's memory goes back when its process is gone; wait for it
+            deadline = time.monotonic() + 10
+            while probe.free() < idle_free - 64 * MIB and time.monotonic() < deadline:
+                time.sleep(0.2)
         elapsed = time.monotonic() - started
         left = args.budget_s - elapsed
         if estimate_s(job, mode) > left:
