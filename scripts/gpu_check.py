@@ -48,6 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from localllm.engine.dry_run import parse_load_log  # noqa: E402
 from localllm.fitter import FitRequest, Plan, fit_header, fit_ladder  # noqa: E402
 from localllm.gguf_header import ModelHeader, read_header  # noqa: E402
 from localllm.hardware import (  # noqa: E402
@@ -58,13 +59,9 @@ from localllm.hardware import (  # noqa: E402
     detect_gpus,
     parse_gpu_names,
     probe_host,
+    process_gpu_bytes,
 )
 from tests import gguf_factory as gf  # noqa: E402
-
-try:  # where the engine's dry run lives after the fitter's restructuring
-    from localllm.engine.dry_run import parse_load_log  # type: ignore[import-not-found]
-except ImportError:
-    from localllm.fit.dry_run import parse_load_log
 
 SCHEMA = 1
 MIB = 1024 * 1024
@@ -107,7 +104,7 @@ def plan_hardware() -> Hardware:
 def request_for(config: dict[str, Any]) -> FitRequest:
     """The explicit FitRequest that predicts exactly `config` (a row's load configuration)."""
     return FitRequest(
-        n_ctx=config["n_ctx"],
+        n_ctx=config["n_ctx"] // config["n_parallel"],  # the request counts per conversation
         n_parallel=config["n_parallel"],
         n_gpu_layers=config["n_gpu_layers"],
         type_k=config["type_k"],
@@ -140,6 +137,7 @@ def hardware_record(hardware: Hardware) -> dict[str, Any]:
         "gpus": [dataclasses.asdict(g) for g in hardware.gpus],
         "host": dataclasses.asdict(hardware.host),
         "threads": hardware.threads,
+        "cpu_repack": hardware.cpu_repack,
     }
 
 
@@ -148,6 +146,7 @@ def hardware_from_record(record: dict[str, Any]) -> Hardware:
         gpus=tuple(GPUInfo(**g) for g in record["gpus"]),
         host=HostInfo(**record["host"]),
         threads=int(record["threads"]),
+        cpu_repack=bool(record["cpu_repack"]),
     )
 
 
@@ -241,7 +240,7 @@ def _engine_speeds(engine: Any, n_decode: int, rng: random.Random) -> dict[str, 
 
 
 def _llama_loop_decode(path: Path, config: dict[str, Any], threads: int, n_decode: int,
-                       use_extra_bufts: bool) -> float:
+                       use_extra_bufts: bool, use_mmap: bool) -> float:
     """llama-cpp-python's own `Llama.generate` loop (greedy) on the same file and configuration."""
     import llama_cpp
     import llama_cpp.llama_cpp as bindings
@@ -269,7 +268,7 @@ def _llama_loop_decode(path: Path, config: dict[str, Any], threads: int, n_decod
             swa_full=config["swa_full"],
             type_k=types[config["type_k"]],
             type_v=types[config["type_v"]],
-            use_mmap=False,
+            use_mmap=use_mmap,
             verbose=False,
         )
     finally:
@@ -303,10 +302,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     rss_before = rss.memory_info().rss
 
     from localllm.engine import Engine, EngineConfig
-    from localllm.engine.backend import _cpu_has_amx
 
     config = job["config"]
-    use_extra_bufts = not _cpu_has_amx()
+    use_extra_bufts = bool(job["cpu_repack"])
     engine_config = EngineConfig(
         model_path=Path(job["path"]),
         n_ctx=config["n_ctx"],
@@ -321,13 +319,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         n_threads=job["threads"],
         tensor_overrides=tuple((p, b) for p, b in config["tensor_overrides"]),
         use_extra_bufts=use_extra_bufts,
-        use_mmap=False,
+        use_mmap=job["use_mmap"],
         seed=1,
     )
     started = time.perf_counter()
     engine = Engine.load(engine_config)
     load_s = time.perf_counter() - started
-    result: dict[str, Any] = {"load_s": load_s}
+    result: dict[str, Any] = {"load_s": load_s, "use_mmap": job["use_mmap"]}
     try:
         if probe:
             result["device_used_after_load"] = free_before - probe.free()  # type: ignore[operator]
@@ -341,11 +339,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         result.update(_engine_speeds(engine, job["n_decode"], random.Random(job["seed"])))
         if probe:
             result["device_used_after_run"] = free_before - probe.free()  # type: ignore[operator]
+            result["device_process_bytes"] = process_gpu_bytes()  # NVML's own per-process count
     finally:
         engine.close()
     if job.get("compare_llama"):
         result["llama_loop_decode_tok_s"] = _llama_loop_decode(
-            Path(job["path"]), config, job["threads"], job["n_decode"], use_extra_bufts
+            Path(job["path"]), config, job["threads"], job["n_decode"], use_extra_bufts,
+            job["use_mmap"],
         )
     return result
 
@@ -442,11 +442,15 @@ def _cudart_version() -> str | None:
 def real_hardware(mode: str) -> Hardware:
     import psutil
 
+    from localllm.engine.build import repack_supported
+
     threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     gpus = detect_gpus() if mode == "gpu" else ()
     if mode == "gpu" and not gpus:
         raise SystemExit("gpu_check: NVML sees no GPU; run with --cpu on a machine without one")
-    return Hardware(gpus=gpus, host=probe_host(), threads=int(threads))
+    # Repacked CPU weights as the engine will load them (its probe, run once per machine).
+    return Hardware(gpus=gpus, host=probe_host(), threads=int(threads),
+                    cpu_repack=repack_supported().supported)
 
 
 def plan_jobs(mode: str, work: Path, real: Hardware, only: set[str] | None) -> list[Job]:
@@ -487,7 +491,7 @@ def grid_jobs(mode: str, work: Path, real: Hardware) -> list[Job]:
     name = GRID_MODEL[mode]
     header = model_header(name, PLAN_QUANT, work)
     all_layers, half = header.n_layer + 1, (header.n_layer + 1) // 2
-    # (GPU layers, context, K and V cache, flash attention, slots)
+    # (GPU layers, context per conversation, K and V cache, flash attention, slots)
     grid: list[tuple[int, int, str, bool, int]] = [
         (all_layers, 4096, "f16", True, 1),
         (all_layers, 32768, "f16", True, 1),
@@ -515,8 +519,8 @@ def grid_jobs(mode: str, work: Path, real: Hardware) -> list[Job]:
         compare = ngl != 0 and ngl not in compared
         compared.add(ngl)
         jobs.append(Job(
-            row_id=f"{name} grid: {layers} layers, ctx {n_ctx}, K {cache}/V {type_v}, "
-            f"fa {'on' if fa else 'off'}, {slots} slot{'s' if slots > 1 else ''}",
+            row_id=f"{name} grid: {layers} layers, {slots} x ctx {n_ctx}, K {cache}/V {type_v}, "
+            f"fa {'on' if fa else 'off'}",
             kind="grid", model=name, quant=PLAN_QUANT, path=plan.file, config=config_of(plan),
             predicted_memory=plan, predicted_speed=plan, plan_hardware=real,
             compare_llama=compare,
@@ -554,9 +558,13 @@ def run_job(job: Job, mode: str, real: Hardware, timeout_s: float, log: Path) ->
         "path": str(job.path),
         "config": job.config,
         "threads": real.threads,
+        "cpu_repack": real.cpu_repack,
         "n_decode": n_decode(job),
         "seed": zlib.crc32(job.row_id.encode()),
         "compare_llama": job.compare_llama,
+        # The product maps the file. A GPU run reads it instead: the big sparse files' holes then
+        # read as zeros fast, and only the host's own weight buffers are laid out differently.
+        "use_mmap": mode == "cpu",
     }
     with log.open("a") as stderr:
         stderr.write(f"\n===== {job.row_id}\n")

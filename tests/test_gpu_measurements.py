@@ -6,7 +6,8 @@ same sparse GGUF rebuilt from tests/gguf_factory.py, or the embedded model) and 
 row records, and compared with what llama.cpp really allocated and how fast it really ran:
 
 - weights and KV cache per device: exact (llama.cpp logs MiB with two decimals, so to within
-  that rounding);
+  that rounding); host weights only where the file was mapped, as the product loads it (the GPU
+  run reads its sparse files instead, which lays host weights out in other buffers);
 - compute buffers plus overheads per GPU (the CUDA context, cuBLAS, the pool: device memory used
   beyond the buffers) within 5%; on a CPU-only run compute plus output buffers within 5%;
 - every 24 GiB plan stays inside the 24 GiB card minus the margin, measured;
@@ -138,6 +139,8 @@ def _check_memory(row: dict[str, Any], plan: Plan, gpu: bool) -> None:
     for device, entry in _comparison(row, plan).items():
         pred, meas = entry["predicted"], entry["measured"]
         for kind in ("weights", "kv"):
+            if kind == "weights" and device == "host" and not row["measured"]["use_mmap"]:
+                continue  # read, not mapped: host weights sit in other buffers than the product's
             _assert_exact(
                 kind, device, pred[kind], meas.get(kind, 0), _buffer_lines(row, device, kind)
             )
