@@ -640,11 +640,15 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "gpu_check.log"
     log.write_text("")
 
-    env = environment(mode)
-    if mode == "gpu" and not env["gpu_offload"]:
-        raise SystemExit("gpu_check: this llama-cpp-python has no GPU offload (a CPU build); "
-                         "build it with scripts/install-cuda-backend.sh, or pass --cpu")
+    if mode == "gpu":
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            raise SystemExit("gpu_check: this llama-cpp-python has no GPU offload (a CPU build, "
+                             "or no NVIDIA driver); build it with scripts/install-cuda-backend.sh, "
+                             "or pass --cpu")
     real = real_hardware(mode)
+    env = environment(mode)
     print(f"gpu_check ({mode}): {env.get('card', env['cpu'])}; planning models", flush=True)
     only = set(args.only) if args.only else None
     jobs = plan_jobs(mode, work, real, only)

@@ -127,7 +127,8 @@ EOF
     if [ -d "$site/llama_cpp" ]; then ln -sfn "$cu13" "$site/nvidia/cu13"; fi
     export PYTHONPATH=$site:$HERE PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv \
-        | tee "$out/nvidia-smi.txt"
+        >"$out/nvidia-smi.txt" 2>&1 || true
+    cat "$out/nvidia-smi.txt"
     echo "# set up in $((SECONDS - started)) s"
     # doctor on this build: the CUDA backend and the card it sees.
     "$py" -m localllm doctor >"$out/doctor.txt" 2>&1 || true
