@@ -439,7 +439,7 @@ def _cudart_version() -> str | None:
     return None
 
 
-def real_hardware(mode: str) -> Hardware:
+def real_hardware(mode: str, work: Path) -> Hardware:
     import psutil
 
     from localllm.engine.build import repack_supported
@@ -448,9 +448,11 @@ def real_hardware(mode: str) -> Hardware:
     gpus = detect_gpus() if mode == "gpu" else ()
     if mode == "gpu" and not gpus:
         raise SystemExit("gpu_check: NVML sees no GPU; run with --cpu on a machine without one")
-    # Repacked CPU weights as the engine will load them (its probe, run once per machine).
+    # Repacked CPU weights as the engine will load them (its probe, run once per machine), tried
+    # on a small sparse model: the GPU machine has no embedded model.
+    probe_model = model_header("tiny-llama", PLAN_QUANT, work).paths[0]
     return Hardware(gpus=gpus, host=probe_host(), threads=int(threads),
-                    cpu_repack=repack_supported().supported)
+                    cpu_repack=repack_supported(model_path=probe_model).supported)
 
 
 def plan_jobs(mode: str, work: Path, real: Hardware, only: set[str] | None) -> list[Job]:
@@ -647,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("gpu_check: this llama-cpp-python has no GPU offload (a CPU build, "
                              "or no NVIDIA driver); build it with scripts/install-cuda-backend.sh, "
                              "or pass --cpu")
-    real = real_hardware(mode)
+    real = real_hardware(mode, work)
     env = environment(mode)
     print(f"gpu_check ({mode}): {env.get('card', env['cpu'])}; planning models", flush=True)
     only = set(args.only) if args.only else None
