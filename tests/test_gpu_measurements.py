@@ -297,3 +297,18 @@ def test_buffer_lines_are_read_per_device() -> None:
         "CUDA0": {"weights": b(4403.49), "kv": b(512.0), "compute": b(258.5), "output": 0},
         "host": {"weights": b(281.81), "kv": b(64.0), "compute": b(16.01), "output": b(0.49)},
     }
+
+
+def test_constants_fit_recovers_a_line() -> None:
+    """scripts/fit_gpu_constants.py's least squares: seconds per token = a x + b, exactly."""
+    spec = importlib.util.spec_from_file_location(
+        "fit_gpu_constants", ROOT / "scripts" / "fit_gpu_constants.py"
+    )
+    assert spec is not None and spec.loader is not None
+    fit_constants: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_constants)
+    xs = [0.002, 0.005, 0.011, 0.024]
+    slope, intercept = fit_constants.line_fit(xs, [x / 0.9 + 0.003 for x in xs])
+    assert slope == pytest.approx(1 / 0.9) and intercept == pytest.approx(0.003)
+    with pytest.raises(ValueError, match="two different"):
+        fit_constants.line_fit([0.01, 0.01], [0.1, 0.2])
