@@ -196,7 +196,7 @@ def parse_buffers(lines: list[str]) -> dict[str, dict[str, int]]:
 
 
 class DeviceMemoryProbe:
-    """Used GPU memory of device 0 through NVML (which itself takes no GPU memory)."""
+    """Free memory of GPU 0 through NVML (which itself takes no GPU memory)."""
 
     def __init__(self) -> None:
         import pynvml
