@@ -444,15 +444,15 @@ def real_hardware(mode: str, work: Path) -> Hardware:
 
     from localllm.engine.build import repack_supported
 
+    # Repacked CPU weights as the engine will load them (its probe, run once per machine), tried
+    # on a small sparse model: the GPU machine has no embedded model.
+    probe_model = model_header("tiny-llama", PLAN_QUANT, work).paths[0]
+    cpu_repack = repack_supported(model_path=probe_model).supported
     threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     gpus = detect_gpus() if mode == "gpu" else ()
     if mode == "gpu" and not gpus:
         raise SystemExit("gpu_check: NVML sees no GPU; run with --cpu on a machine without one")
-    # Repacked CPU weights as the engine will load them (its probe, run once per machine), tried
-    # on a small sparse model: the GPU machine has no embedded model.
-    probe_model = model_header("tiny-llama", PLAN_QUANT, work).paths[0]
-    return Hardware(gpus=gpus, host=probe_host(), threads=int(threads),
-                    cpu_repack=repack_supported(model_path=probe_model).supported)
+    return Hardware(gpus=gpus, host=probe_host(), threads=int(threads), cpu_repack=cpu_repack)
 
 
 def plan_jobs(mode: str, work: Path, real: Hardware, only: set[str] | None) -> list[Job]:
