@@ -22,7 +22,6 @@ from localllm.errors import ModelLoadError
 from localllm.ggml import FLASH_ATTN_TYPE, LOAD_MODE_NONE, ggml_type_id
 from localllm.units import MIB
 
-
 _KV_RE = re.compile(
     r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\)"
 )
