@@ -19,6 +19,10 @@ CACHE_TYPES: tuple[CacheType, ...] = ("f16", "q8_0", "q4_0")
 # enum llama_flash_attn_type (llama.h): AUTO -1, DISABLED 0, ENABLED 1.
 FLASH_ATTN_TYPE: dict[bool | None, int] = {None: -1, False: 0, True: 1}
 
+# enum llama_load_mode (llama.h): NONE reads the file into the buffers (and is what a no_alloc dry
+# run needs); the default, AUTO, maps it.
+LOAD_MODE_NONE = 0
+
 
 def ggml_type_id(name: str) -> int:
     """`enum ggml_type` value of a type name ('f16' -> 1, 'q8_0' -> 8)."""

@@ -8,7 +8,12 @@
 #   scripts/install-cuda-backend.sh --venv .venv --arch native # only the card in this machine
 #   scripts/install-cuda-backend.sh --configure-only           # just CMake-configure the CUDA build
 #
-# Needs the CUDA toolkit (nvcc and cuBLAS) and a C++ compiler; a GPU only for --arch native.
+#   scripts/install-cuda-backend.sh --venv .venv --arch 86,89 # RTX 3090 and 4090 only
+#
+# Needs the CUDA toolkit (nvcc) and a C++ compiler; a GPU only for --arch native. A toolkit without
+# cuBLAS (the pip-installed ones) is completed from NVIDIA's PyPI wheels (nvidia-cublas and
+# nvidia-cuda-runtime for nvcc's major version), installed into the venv; the built library finds
+# them through an $ORIGIN-relative RPATH, so nobody has to set LD_LIBRARY_PATH.
 set -euo pipefail
 
 # Consumer cards: Ampere (RTX 30xx, sm_86), Ada (RTX 40xx, sm_89), Blackwell (RTX 50xx, sm_120).
@@ -24,23 +29,31 @@ CONFIGURE_ONLY=0
 BUILD_DIR=""
 SDIST=""
 CUBLAS_ROOT=""
+CUDA_WHEELS=auto
 DRY_RUN=0
 EXTRA_CMAKE_ARGS=()
+EXTRA_PIP_ARGS=()
 
 usage() {
     cat <<EOF
 usage: $0 [options]
   --venv DIR          venv to rebuild in (default: \$VIRTUAL_ENV, else the venv of 'localllm'
                       on PATH, else /opt/localllm/.venv)
-  --arch LIST|native  CUDA architectures, ';'-separated (default: $DEFAULT_ARCHS);
-                      'native' builds only for the GPUs in this machine (smaller, faster build)
+  --arch LIST|native  CUDA architectures, ',' or ';'-separated (default: $DEFAULT_ARCHS);
+                      86,89 = RTX 3090/4090, 90 = H100/H200, 120 = RTX 50xx; 'native' builds
+                      only for the GPUs in this machine (smaller, faster build)
   --version VER       llama-cpp-python version (default: the installed one)
   --nvcc PATH         the CUDA compiler (default: \$CUDACXX, nvcc on PATH, \$CUDA_HOME/bin/nvcc)
-  --cublas-root DIR   cuBLAS outside the toolkit (include/ and lib/, e.g. the nvidia-cublas wheel)
+  --cublas-root DIR   cuBLAS outside the toolkit (include/ and lib/); its lib/ goes in the RPATH
+  --cuda-wheels WHEN  take cuBLAS and the CUDA runtime from NVIDIA's PyPI wheels: auto (when the
+                      toolkit has no cuBLAS; the default), always, or never
   --cmake-arg ARG     one more CMake argument (repeatable)
+  --pip-arg ARG       one more argument to pip install (repeatable; e.g. --no-build-isolation
+                      on a machine without network, with scikit-build-core installed)
   --configure-only    download the sdist and run only CMake's configure step of the CUDA build
-  --build-dir DIR     where --configure-only works (default: a new temporary folder)
-  --sdist FILE        use this llama-cpp-python sdist instead of downloading it
+  --build-dir DIR     CMake's build folder: kept, so a stopped build resumes where it was
+                      (default: a new temporary folder)
+  --sdist FILE|DIR    build this llama-cpp-python sdist (or unpacked source) instead of PyPI's
   --dry-run           print the commands instead of running them
   -h, --help          this help
 EOF
@@ -56,7 +69,9 @@ while [ $# -gt 0 ]; do
         --version) VERSION=$2; shift ;;
         --nvcc) NVCC=$2; shift ;;
         --cublas-root) CUBLAS_ROOT=$2; shift ;;
+        --cuda-wheels) CUDA_WHEELS=$2; shift ;;
         --cmake-arg) EXTRA_CMAKE_ARGS+=("$2"); shift ;;
+        --pip-arg) EXTRA_PIP_ARGS+=("$2"); shift ;;
         --configure-only) CONFIGURE_ONLY=1 ;;
         --build-dir) BUILD_DIR=$2; shift ;;
         --sdist) SDIST=$2; shift ;;
@@ -66,6 +81,12 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+case "$CUDA_WHEELS" in
+    auto|always|never) ;;
+    *) die "--cuda-wheels takes auto, always or never (not '$CUDA_WHEELS')" ;;
+esac
+# CMake separates architectures with ';', which a shell command line would split on: accept ','.
+ARCHS=${ARCHS//,/;}
 
 # --- The venv and the version ---------------------------------------------------------------
 venv_of_localllm() {
@@ -147,12 +168,38 @@ find_first() {
     done
     return 1
 }
+run() {
+    echo "+ $*"
+    if [ "$DRY_RUN" -eq 0 ]; then "$@"; fi
+}
+
+WORK=""
+if [ "$CONFIGURE_ONLY" -eq 1 ]; then
+    WORK=${BUILD_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/llama-cuda-configure.XXXXXX")}
+fi
+# Link-time names (libcublas.so, a driver stub) that the wheels and a GPU-less machine lack. For a
+# real build they live in the venv, not in /tmp: CMake copies link directories into the RPATH, and
+# a world-writable one there would let anyone plant libraries. Only unversioned names live here,
+# which the loader never asks for, so at run time nothing in it is ever picked up.
+if [ "$CONFIGURE_ONLY" -eq 1 ]; then
+    LINK_DIR=$WORK/link
+else
+    LINK_DIR=$VENV/share/localllm/cuda-link
+fi
+
+CUDA_MAJOR=${CUDA_VERSION%%.*}
 CMAKE_CUDA_ARGS=(
     -DGGML_CUDA=on
     "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS"
     "-DCMAKE_CUDA_COMPILER=$NVCC"
     "-DCUDAToolkit_ROOT=$CUDA_ROOT"
 )
+# CMake arguments that hold $ORIGIN: CMake must see a literal '\$ORIGIN' (Ninja hands link lines
+# to the shell), and pip's CMAKE_ARGS is split like a shell line, hence the single quotes there.
+RPATH_ARG=""
+TOOLKIT_CUBLAS=$(find_first "$CUDA_ROOT/include/cublas_v2.h" \
+    "$CUDA_ROOT/targets/*/include/cublas_v2.h" /usr/include/cublas_v2.h || true)
+
 if [ -n "$CUBLAS_ROOT" ]; then
     CUBLAS_LIB=$(find_first "$CUBLAS_ROOT/lib/libcublas.so" "$CUBLAS_ROOT/lib/libcublas.so.*" \
         "$CUBLAS_ROOT/lib64/libcublas.so*") || die "no libcublas.so in $CUBLAS_ROOT/lib"
@@ -165,23 +212,100 @@ if [ -n "$CUBLAS_ROOT" ]; then
         "-DCUDA_cublasLt_LIBRARY=$CUBLASLT_LIB"
         "-DCMAKE_CUDA_FLAGS=-I$CUBLAS_ROOT/include"
     )
-    note "cuBLAS from $CUBLAS_ROOT (at run time it must be on the loader path, e.g. LD_LIBRARY_PATH)"
-elif ! find_first "$CUDA_ROOT/include/cublas_v2.h" "$CUDA_ROOT/targets/*/include/cublas_v2.h" \
-        /usr/include/cublas_v2.h >/dev/null; then
+    RPATH_ARG="-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath,$(dirname "$CUBLAS_LIB")"
+    note "cuBLAS from $CUBLAS_ROOT (found at run time through the RPATH)"
+elif [ -n "$TOOLKIT_CUBLAS" ] && [ "$CUDA_WHEELS" != always ]; then
+    :  # The toolkit's own cuBLAS; CMake finds it.
+elif [ "$CUDA_WHEELS" = never ]; then
     die "the CUDA toolkit at $CUDA_ROOT has no cuBLAS (cublas_v2.h), which llama.cpp's CUDA
   backend links. Install it (NVIDIA repo: libcublas-dev-${CUDA_VERSION/./-}; Debian:
-  nvidia-cuda-toolkit, which includes it), or give --cublas-root DIR."
+  nvidia-cuda-toolkit, which includes it), give --cublas-root DIR, or let this script take it
+  from NVIDIA's PyPI wheels (--cuda-wheels auto)."
+else
+    # NVIDIA's wheels: from CUDA 13 one package per component with everything under nvidia/cu13;
+    # before, a -cuXX suffix and one folder per component (nvidia/cublas, nvidia/cuda_runtime).
+    if [ "$CUDA_MAJOR" -ge 13 ]; then
+        WHEELS=("nvidia-cublas==$CUDA_MAJOR.*" "nvidia-cuda-runtime==$CUDA_MAJOR.*")
+    else
+        WHEELS=("nvidia-cublas-cu$CUDA_MAJOR" "nvidia-cuda-runtime-cu$CUDA_MAJOR")
+    fi
+    if [ "$CONFIGURE_ONLY" -eq 1 ]; then
+        # Nothing is built: keep the venv as it is and unpack the wheels next to the build.
+        WHEEL_SITE=$WORK/cuda-wheels
+        run "$PY" -m pip install --quiet --no-cache-dir --no-deps --target "$WHEEL_SITE" \
+            "${WHEELS[@]}"
+    else
+        WHEEL_SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        run "$PY" -m pip install --quiet --no-cache-dir "${WHEELS[@]}"
+    fi
+    note "cuBLAS and the CUDA runtime from NVIDIA's wheels (${WHEELS[*]}) in $WHEEL_SITE"
+    if [ "$DRY_RUN" -eq 1 ]; then
+        WHEEL_LIB=$WHEEL_SITE/nvidia/cu$CUDA_MAJOR/lib
+        CUDART_LIB=$WHEEL_LIB/libcudart.so.$CUDA_MAJOR
+        CUBLAS_LIB=$WHEEL_LIB/libcublas.so.$CUDA_MAJOR
+        CUBLASLT_LIB=$WHEEL_LIB/libcublasLt.so.$CUDA_MAJOR
+        CUBLAS_H=$WHEEL_SITE/nvidia/cu$CUDA_MAJOR/include/cublas_v2.h
+    else
+        CUBLAS_LIB=$(find_first "$WHEEL_SITE/nvidia/*/lib/libcublas.so.$CUDA_MAJOR") \
+            || die "the nvidia-cublas wheel has no libcublas.so.$CUDA_MAJOR in $WHEEL_SITE/nvidia"
+        CUBLASLT_LIB=$(find_first "$WHEEL_SITE/nvidia/*/lib/libcublasLt.so.$CUDA_MAJOR") \
+            || die "the nvidia-cublas wheel has no libcublasLt.so.$CUDA_MAJOR"
+        CUDART_LIB=$(find_first "$WHEEL_SITE/nvidia/*/lib/libcudart.so.$CUDA_MAJOR") \
+            || die "the nvidia-cuda-runtime wheel has no libcudart.so.$CUDA_MAJOR"
+        CUBLAS_H=$(find_first "$WHEEL_SITE/nvidia/*/include/cublas_v2.h") \
+            || die "the nvidia-cublas wheel has no cublas_v2.h"
+    fi
+    # The wheels ship only the versioned names (libcublas.so.13) that the loader wants; the linker
+    # wants the plain ones. Only cuBLAS's headers are borrowed: the wheels' CUDA runtime headers
+    # may be newer than nvcc's, which must keep its own.
+    run mkdir -p "$LINK_DIR/lib" "$LINK_DIR/include"
+    run ln -sf "$CUBLAS_LIB" "$LINK_DIR/lib/libcublas.so"
+    run ln -sf "$CUBLASLT_LIB" "$LINK_DIR/lib/libcublasLt.so"
+    run ln -sf "$CUDART_LIB" "$LINK_DIR/lib/libcudart.so"
+    for header in cublas_v2.h cublas_api.h cublas.h cublasLt.h; do
+        run ln -sf "$(dirname "$CUBLAS_H")/$header" "$LINK_DIR/include/$header"
+    done
+    CMAKE_CUDA_ARGS+=(
+        "-DCUDA_cublas_LIBRARY=$LINK_DIR/lib/libcublas.so"
+        "-DCUDA_cublasLt_LIBRARY=$LINK_DIR/lib/libcublasLt.so"
+        "-DCUDA_cudart_LIBRARY=$LINK_DIR/lib/libcudart.so"
+        "-DCMAKE_CUDA_FLAGS=-I$LINK_DIR/include"
+    )
+    # llama-cpp-python installs its libraries in site-packages/llama_cpp/lib: point from there to
+    # the wheels' folders, so the venv can move and the loader still finds them.
+    RPATH=""
+    for lib in "$CUBLAS_LIB" "$CUDART_LIB"; do
+        rel=\$ORIGIN/$(realpath -m --relative-to="$WHEEL_SITE/llama_cpp/lib" "$(dirname "$lib")")
+        case ":$RPATH:" in *":$rel:"*) ;; *) RPATH=${RPATH:+$RPATH:}$rel ;; esac
+    done
+    RPATH_ARG="-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath,${RPATH//\$/\\\$}"
+    note "run-time search path of the built libraries: $RPATH"
 fi
+[ -z "$RPATH_ARG" ] || CMAKE_CUDA_ARGS+=("$RPATH_ARG")
 
-# The driver library: linked for CUDA's virtual memory API. Toolkits ship a stub in lib*/stubs.
+# The driver library: linked for CUDA's virtual memory API. Toolkits ship a stub in lib*/stubs;
+# without one (no driver on a build machine, a pip toolkit), make a stub from cuda.h that carries
+# the driver's name, libcuda.so.1, so the real driver is what loads at run time.
 LIBCUDA=$(find_first "$CUDA_ROOT/lib64/stubs/libcuda.so" "$CUDA_ROOT/lib/stubs/libcuda.so" \
     "$CUDA_ROOT/targets/*/lib/stubs/libcuda.so" /usr/lib/*-linux-gnu/libcuda.so \
     /usr/lib64/libcuda.so /usr/lib/libcuda.so || true)
+if [ -z "$LIBCUDA" ]; then
+    CUDA_H=$(find_first "$CUDA_ROOT/include/cuda.h" "$CUDA_ROOT/targets/*/include/cuda.h") \
+        || die "no cuda.h in $CUDA_ROOT/include: the toolkit is incomplete"
+    LIBCUDA=$LINK_DIR/lib/libcuda.so
+    note "no libcuda.so (driver or toolkit stub): linking against a stub made from $CUDA_H"
+    STUB_CMD="echo '#include <cuda.h>' | ${CC:-cc} -E -I$(dirname "$CUDA_H") -x c - | tr -s ' \\n' ' ' | grep -oE 'CUresult cu[A-Za-z0-9_]+ ?[(]' | sed 's/^CUresult \\(cu[A-Za-z0-9_]*\\).*/int \\1(void) { return 999; }/' | sort -u | ${CC:-cc} -shared -fPIC -Wl,-soname,libcuda.so.1 -o $LIBCUDA -x c -"
+    echo "+ $STUB_CMD"
+    if [ "$DRY_RUN" -eq 0 ]; then
+        mkdir -p "$LINK_DIR/lib"
+        bash -o pipefail -c "$STUB_CMD" || die "could not make a libcuda.so stub"
+    fi
+fi
+CMAKE_CUDA_ARGS+=("-DCUDA_cuda_driver_LIBRARY=$LIBCUDA")
 
 # --- Configure only: a quick, GPU-free check that this toolkit can build the CUDA backend ------
 if [ "$CONFIGURE_ONLY" -eq 1 ]; then
     command -v cmake >/dev/null 2>&1 || die "cmake not found (apt install cmake)"
-    WORK=${BUILD_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/llama-cuda-configure.XXXXXX")}
     if [ -z "$SDIST" ]; then
         SDIST_CMD=("$PY" -m pip download --no-binary :all: --no-deps
             --dest "$WORK" "llama-cpp-python==$VERSION")
@@ -193,25 +317,18 @@ if [ "$CONFIGURE_ONLY" -eq 1 ]; then
         fi
         SDIST=$WORK/llama_cpp_python-$VERSION.tar.gz
     fi
-    SRC=$WORK/llama_cpp_python-$VERSION
-    if [ -z "$LIBCUDA" ]; then
-        # Configure only checks that the library exists; nothing is linked against it here.
-        LIBCUDA=$WORK/stubs/libcuda.so
-        note "no libcuda.so (driver or toolkit stub): configuring against an empty stand-in"
-        echo "+ cc -shared -o $LIBCUDA -x c /dev/null"
-        if [ "$DRY_RUN" -eq 0 ]; then
-            mkdir -p "$WORK/stubs"
-            "${CC:-cc}" -shared -o "$LIBCUDA" -x c /dev/null
-        fi
+    if [ -d "$SDIST" ]; then
+        SRC=$SDIST
+    else
+        SRC=$WORK/llama_cpp_python-$VERSION
+        echo "+ tar -xzf $SDIST -C $WORK"
     fi
-    CMAKE_CMD=(cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/build"
-        "${CMAKE_CUDA_ARGS[@]}" "-DCUDA_cuda_driver_LIBRARY=$LIBCUDA"
+    CMAKE_CMD=(cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/build" "${CMAKE_CUDA_ARGS[@]}"
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
         -DLLAMA_BUILD_SERVER=OFF ${EXTRA_CMAKE_ARGS[@]+"${EXTRA_CMAKE_ARGS[@]}"})
-    echo "+ tar -xzf $SDIST -C $WORK"
     echo "+ ${CMAKE_CMD[*]}"
     if [ "$DRY_RUN" -eq 1 ]; then exit 0; fi
-    tar -xzf "$SDIST" -C "$WORK"
+    [ -d "$SDIST" ] || tar -xzf "$SDIST" -C "$WORK"
     [ -d "$SRC/vendor/llama.cpp" ] || die "$SDIST has no vendor/llama.cpp"
     if ! "${CMAKE_CMD[@]}" >"$WORK/configure.log" 2>&1; then
         tail -n 30 "$WORK/configure.log" >&2
@@ -227,16 +344,21 @@ if [ "$CONFIGURE_ONLY" -eq 1 ]; then
 fi
 
 # --- The full rebuild -------------------------------------------------------------------------
-if [ -z "$LIBCUDA" ]; then
-    note "warning: no libcuda.so found (driver or $CUDA_ROOT/lib64/stubs); CMake may fail with"
-    note "'CUDA::cuda_driver not found': install the toolkit's driver stubs or the NVIDIA driver"
-fi
 if [ "$DRY_RUN" -eq 0 ] && ! [ -w "$VENV/lib" ]; then
     die "cannot write to $VENV: run as its owner (for the service: sudo $0 ${*:-})"
 fi
 CMAKE_ARGS_VALUE="${CMAKE_CUDA_ARGS[*]}${EXTRA_CMAKE_ARGS[*]:+ ${EXTRA_CMAKE_ARGS[*]}}"
+if [ -n "$RPATH_ARG" ]; then
+    # pip splits CMAKE_ARGS like a shell line: quote the one argument with a backslash in it.
+    CMAKE_ARGS_VALUE=${CMAKE_ARGS_VALUE/"$RPATH_ARG"/"'$RPATH_ARG'"}
+fi
+PACKAGE="llama-cpp-python==$VERSION"
+[ -z "$SDIST" ] || PACKAGE=$SDIST
 PIP_CMD=("$PY" -m pip install --no-cache-dir --force-reinstall --no-deps
-    --no-binary llama-cpp-python "llama-cpp-python==$VERSION")
+    --no-binary llama-cpp-python "$PACKAGE")
+# A kept build folder (and unpacked sources, which pip builds in place) make a rerun resume.
+[ -z "$BUILD_DIR" ] || PIP_CMD+=(--config-settings "build-dir=$BUILD_DIR")
+PIP_CMD+=(${EXTRA_PIP_ARGS[@]+"${EXTRA_PIP_ARGS[@]}"})
 echo "+ CMAKE_ARGS=\"$CMAKE_ARGS_VALUE\" FORCE_CMAKE=1 CUDACXX=$NVCC ${PIP_CMD[*]}"
 if [ "$DRY_RUN" -eq 1 ]; then exit 0; fi
 
@@ -244,11 +366,19 @@ note "building llama-cpp-python $VERSION with CUDA; this takes a while"
 CMAKE_ARGS=$CMAKE_ARGS_VALUE FORCE_CMAKE=1 CUDACXX=$NVCC \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${PIP_CMD[@]}"
 
-if "$PY" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)'
-then
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+CUDA_LIB=$SITE/llama_cpp/lib/libggml-cuda.so
+[ -f "$CUDA_LIB" ] || die "the build has no $CUDA_LIB: it was built without CUDA; see above"
+if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    "$PY" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' \
+        || die "the rebuilt llama-cpp-python reports no GPU offload; see the build output above"
     echo "llama-cpp-python $VERSION now offloads to the GPU."
 else
-    die "the rebuilt llama-cpp-python still reports no GPU offload; see the build output above"
+    # No driver here (a build machine): it cannot load, but every other library must resolve.
+    MISSING=$(ldd "$CUDA_LIB" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)
+    [ -z "$MISSING" ] || die "built, but $CUDA_LIB cannot find: $MISSING"
+    echo "llama-cpp-python $VERSION is built with CUDA (cuBLAS and the runtime resolve without"
+    echo "LD_LIBRARY_PATH); this machine has no NVIDIA driver (libcuda.so.1) to run it."
 fi
 if [ "$VENV" = /opt/localllm/.venv ]; then
     echo "Restart the service: sudo systemctl restart localllm"

@@ -60,6 +60,10 @@ GEMMA3_27B = ArchSpec(
     tied_output=True,
     name="gemma3 27B",
 )
+# Published models the GPU check loads (hyperparameters from their config.json files).
+LLAMA31_8B = ArchSpec("llama", 32, 4096, 32, 8, 14336, 128256, 131072, name="Llama-3.1-8B")
+LLAMA2_70B = ArchSpec("llama", 80, 8192, 64, 8, 28672, 32000, 4096, name="Llama-2-70B")
+QWEN25_32B = ArchSpec("qwen2", 64, 5120, 40, 8, 27648, 152064, 32768, name="Qwen2.5-32B")
 GEMMA3_270M = ArchSpec(
     "gemma3",
     18,
@@ -128,6 +132,10 @@ def tensor_plan(spec: ArchSpec, quant: str) -> list[tuple[str, tuple[int, ...], 
         add(p + "attn_k.weight", (e, kv_dim), main)
         add(p + "attn_v.weight", (e, kv_dim), raised)
         add(p + "attn_output.weight", (q_dim, e), main)
+        if spec.arch == "qwen2":  # Qwen2 requires the q/k/v biases
+            add(p + "attn_q.bias", (q_dim,), Q.F32)
+            add(p + "attn_k.bias", (kv_dim,), Q.F32)
+            add(p + "attn_v.bias", (kv_dim,), Q.F32)
         if spec.arch == "gemma3":
             add(p + "attn_q_norm.weight", (hd,), Q.F32)
             add(p + "attn_k_norm.weight", (hd,), Q.F32)
@@ -231,3 +239,37 @@ def write_ladder(
     folder.mkdir(parents=True, exist_ok=True)
     stem = spec.name.replace(" ", "-")
     return [write_gguf(folder / f"{stem}-{quant}.gguf", spec, quant) for quant in quants]
+
+
+# The models scripts/gpu_check.py loads, by the names its measurement files record (and
+# tests/test_gpu_measurements.py rebuilds them by): published architectures for the GPU run,
+# small ones of the same families for its --cpu run.
+GPU_CHECK_MODELS: dict[str, ArchSpec] = {
+    "llama-3.1-8b": LLAMA31_8B,
+    "qwen2.5-32b": QWEN25_32B,
+    "gemma-3-27b": GEMMA3_27B,
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "llama-2-70b": LLAMA2_70B,
+}
+CPU_CHECK_MODELS: dict[str, ArchSpec] = {
+    "tiny-llama": ArchSpec("llama", 4, 512, 8, 2, 1536, 32000, 32768, name="tiny llama"),
+    "tiny-qwen2": ArchSpec("qwen2", 4, 512, 8, 2, 1536, 32000, 32768, name="tiny qwen2"),
+    "tiny-moe": ArchSpec(
+        "llama", 4, 512, 8, 2, 1024, 32000, 32768, n_expert=4, n_expert_used=2, name="tiny moe"
+    ),
+    "tiny-gemma3": ArchSpec(
+        "gemma3",
+        6,
+        640,
+        4,
+        1,
+        2048,
+        32000,
+        32768,
+        head_dim=256,
+        sliding_window=512,
+        tied_output=True,
+        name="tiny gemma3",
+    ),
+}
+CHECK_MODELS: dict[str, ArchSpec] = {**GPU_CHECK_MODELS, **CPU_CHECK_MODELS}

@@ -376,6 +376,9 @@ def test_cuda_configure_only(tmp_path: Path) -> None:
     cublas = os.environ.get("LOCALLLM_TEST_CUBLAS_ROOT")
     if cublas:
         args += ["--cublas-root", cublas]
+    elif not os.environ.get("LOCALLLM_TEST_CUDA_WHEELS"):
+        # NVIDIA's cuBLAS wheels weigh 600 MB: fetched only when asked for.
+        args += ["--cuda-wheels", "never"]
     sdist = os.environ.get("LOCALLLM_TEST_LLAMA_SDIST")
     if sdist:
         args += ["--sdist", sdist]
@@ -383,7 +386,10 @@ def test_cuda_configure_only(tmp_path: Path) -> None:
     if "has no cuBLAS" in result.stderr:
         assert result.returncode == 1
         assert not list(tmp_path.iterdir())  # failed before downloading anything
-        pytest.skip("this CUDA toolkit has no cuBLAS; set LOCALLLM_TEST_CUBLAS_ROOT to configure")
+        pytest.skip(
+            "this CUDA toolkit has no cuBLAS; set LOCALLLM_TEST_CUBLAS_ROOT (a cuBLAS folder) or "
+            "LOCALLLM_TEST_CUDA_WHEELS=1 (take NVIDIA's wheels, 600 MB) to configure"
+        )
     if "could not download the sdist" in result.stderr:
         pytest.skip("no network for the llama-cpp-python sdist (set LOCALLLM_TEST_LLAMA_SDIST)")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -391,3 +397,51 @@ def test_cuda_configure_only(tmp_path: Path) -> None:
     log = (tmp_path / "configure.log").read_text()
     assert "Including CUDA backend" in log
     assert (tmp_path / "build" / "CMakeCache.txt").is_file()
+
+
+@needs_nvcc
+def test_cuda_script_takes_cublas_from_nvidia_wheels(tmp_path: Path) -> None:
+    """Without cuBLAS in the toolkit: NVIDIA's wheels into the venv, link-time names in a folder
+    of the venv, and an $ORIGIN-relative RPATH so nothing has to set LD_LIBRARY_PATH."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib").mkdir()
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    result = run_script(
+        str(CUDA), "--venv", str(venv), "--version", "0.3.36", "--cuda-wheels", "always",
+        "--arch", "86,89", "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    major = re.search(r"CUDA toolkit (\d+)\.", out)
+    assert major is not None, out
+    cu = major[1]
+    wheels = (f"nvidia-cublas=={cu}.* nvidia-cuda-runtime=={cu}.*" if int(cu) >= 13
+              else f"nvidia-cublas-cu{cu} nvidia-cuda-runtime-cu{cu}")
+    assert f"-m pip install --quiet --no-cache-dir {wheels}" in out
+    link = f"{venv}/share/localllm/cuda-link"
+    assert f"/libcublas.so.{cu} {link}/lib/libcublas.so" in out
+    (command,) = [line for line in out.splitlines() if line.startswith("+ CMAKE_ARGS=")]
+    assert "-DCMAKE_CUDA_ARCHITECTURES=86;89 " in command
+    assert f"-DCUDA_cublas_LIBRARY={link}/lib/libcublas.so " in command
+    assert f"-DCMAKE_CUDA_FLAGS=-I{link}/include " in command
+    # pip splits CMAKE_ARGS like a shell line: the quotes keep the backslash CMake needs.
+    assert f"'-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath,\\$ORIGIN/../../nvidia/cu{cu}/lib'" in command
+    assert command.split()[-1] == "llama-cpp-python==0.3.36"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LOCALLLM_TEST_CUDA_VENV"),
+    reason="set LOCALLLM_TEST_CUDA_VENV to a venv built by install-cuda-backend.sh to check it",
+)
+def test_cuda_build_finds_cublas_without_ld_library_path() -> None:
+    """A real build: libggml-cuda's RUNPATH leads to the wheels' cuBLAS and CUDA runtime."""
+    venv = Path(os.environ["LOCALLLM_TEST_CUDA_VENV"])
+    (lib,) = venv.glob("lib/python3*/site-packages/llama_cpp/lib/libggml-cuda.so")
+    dynamic = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+    assert "$ORIGIN/../../nvidia/cu" in dynamic
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    ldd = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, env=env).stdout
+    for name in ("libcublas.so", "libcublasLt.so", "libcudart.so"):
+        (line,) = [line for line in ldd.splitlines() if name + "." in line]
+        assert "not found" not in line and "/nvidia/cu" in line, line

@@ -22,7 +22,7 @@ from localllm.engine import build, logs, rpc
 from localllm.engine.config import EngineConfig
 from localllm.engine.types import SamplingParams
 from localllm.errors import ModelLoadError, RequestError
-from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
+from localllm.ggml import FLASH_ATTN_TYPE, LOAD_MODE_NONE, ggml_type_id
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class LlamaBackend:
         if use_extra_bufts is None:
             use_extra_bufts = build.repack_supported().supported
         mparams.use_extra_bufts = use_extra_bufts
+        if not config.use_mmap:
+            mparams.load_mode = LOAD_MODE_NONE
         if config.tensor_split:
             n_devices = llama.llama_max_devices()
             split = (ctypes.c_float * n_devices)(*config.tensor_split[:n_devices])

@@ -39,6 +39,10 @@ class EngineConfig:
     # llama.cpp rpc-server hosts whose devices take layers (before local GPUs, in this order).
     rpc_servers: tuple[RpcEndpoint, ...] = ()
     rpc_allow_public: bool = False  # RPC is unauthenticated: private addresses only by default
+    # False reads the file into the buffers instead of mapping it. A sparse file (a header and a
+    # hole, as the GPU check loads) then reads as zeros quickly, where a mapping would fault in
+    # every page of the hole.
+    use_mmap: bool = True
     seed: int | None = None  # default seed for requests that give none (None: random)
     max_tokens_default: int | None = None  # cap when a request gives no max_tokens
 

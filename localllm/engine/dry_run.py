@@ -19,10 +19,8 @@ from typing import Any
 
 from localllm.engine import logs
 from localllm.errors import ModelLoadError
-from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
+from localllm.ggml import FLASH_ATTN_TYPE, LOAD_MODE_NONE, ggml_type_id
 from localllm.units import MIB
-
-_LOAD_MODE_NONE = 0  # enum llama_load_mode: required by no_alloc
 
 _KV_RE = re.compile(
     r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\)"
@@ -106,7 +104,7 @@ def dry_run(
         llama.llama_backend_init()
         mparams = llama.llama_model_default_params()
         mparams.no_alloc = True
-        mparams.load_mode = _LOAD_MODE_NONE
+        mparams.load_mode = LOAD_MODE_NONE
         mparams.n_gpu_layers = n_gpu_layers
         model = llama.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
