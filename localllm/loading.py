@@ -75,9 +75,17 @@ def planning_hardware(
     return replace(hardware, cpu_repack=repack_supported().supported), warnings
 
 
-def plan_for_serving(model_path: Path, settings: Settings) -> tuple[Plan, EngineConfig, list[str]]:
-    """The fitter's plan for this machine, the engine config that follows it, and warnings."""
-    hardware, warnings = planning_hardware(settings, serving=True)
+def plan_for_serving(
+    model_path: Path,
+    settings: Settings,
+    probed: tuple[Hardware, list[str]] | None = None,
+) -> tuple[Plan, EngineConfig, list[str]]:
+    """The fitter's plan for this machine, the engine config that follows it, and warnings.
+
+    `probed` is `planning_hardware(settings, serving=True)` already called: the router plans
+    many models against the machine as it was before any of them loaded."""
+    hardware, warnings = probed or planning_hardware(settings, serving=True)
+    warnings = list(warnings)
     request = FitRequest.from_settings(settings)
     if not hardware.gpus and request.n_gpu_layers:
         request = replace(request, n_gpu_layers=0)

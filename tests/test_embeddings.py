@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from localllm.engine import Engine, EngineConfig
-from localllm.engine.backend import _cpu_has_amx
+from localllm.engine.build import repack_supported
 from localllm.engine.embed import l2_normalize
 from localllm.errors import (
     ContextLengthExceededError,
@@ -38,7 +38,7 @@ def reference_llama(monkeypatch: pytest.MonkeyPatch, path: Path, pooling: int) -
 
     def params() -> Any:
         p = default_params()
-        p.use_extra_bufts = not _cpu_has_amx()
+        p.use_extra_bufts = repack_supported().supported
         return p
 
     monkeypatch.setattr(low, "llama_model_default_params", params)
