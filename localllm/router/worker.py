@@ -251,8 +251,8 @@ class WorkerClient:
         await asyncio.wrap_future(future)
         return handle
 
-    def call(self, method: str, *args: Any) -> Any:
-        return self._send_call(method, args).result()
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        return self._send_call(method, args).result(timeout_s)
 
     async def acall(self, method: str, *args: Any) -> Any:
         return await asyncio.wrap_future(self._send_call(method, args))
@@ -275,8 +275,8 @@ class WorkerClient:
         result: EmbeddingResult = self.call("embed", list(inputs))
         return result
 
-    def stats(self) -> EngineStats:
-        stats: EngineStats = self.call("stats")
+    def stats(self, timeout_s: float | None = None) -> EngineStats:
+        stats: EngineStats = self.call("stats", timeout_s=timeout_s)
         return stats
 
     def in_flight(self) -> int:
