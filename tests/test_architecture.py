@@ -48,6 +48,15 @@ FRONTS = {
         "quant_name",
         "read_headers",
     },
+    "localllm.router": {
+        "LoadedModel",
+        "ModelCounters",
+        "ModelEntry",
+        "Registry",
+        "Router",
+        "WorkerClient",
+        "parse_keep_alive",
+    },
     "localllm.server": {"create_app", "serve"},
 }
 

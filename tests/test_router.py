@@ -347,3 +347,24 @@ def test_embeddings_through_a_worker_equal_the_engine_s(folder: Path, engine: An
             await router.close()
 
     run(scenario)
+
+
+def test_a_lease_holds_the_model_until_its_stream_ends(folder: Path) -> None:
+    async def scenario() -> None:
+        router = Router(settings_for(folder))
+        try:
+            async with router.lease("gemma-a") as lease:
+                request = GenerationRequest(prompt="Once", sampling=GREEDY, max_tokens=24)
+                handle = await asyncio.to_thread(lease.submit, request)
+            (model,) = router.loaded()
+            assert model.in_flight == 1  # the handler is done, its stream is not
+            assert (await handle.aresult()).usage.completion_tokens > 0
+            await asyncio.sleep(0.1)
+            assert model.in_flight == 0 and model.expires_at is not None
+            async with router.lease("gemma-a") as lease:  # nothing submitted
+                assert await asyncio.to_thread(lease.tokenize, "hi")
+            assert model.in_flight == 0
+        finally:
+            await router.close()
+
+    run(scenario)

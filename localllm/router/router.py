@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,6 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.engine.config import EngineConfig
+from localllm.engine.embed import EmbeddingResult
+from localllm.engine.handle import RequestHandle
+from localllm.engine.types import EngineStats, GenerationRequest
 from localllm.errors import (
     DoesNotFitError,
     EmbeddingsNotSupportedError,
@@ -215,6 +219,20 @@ class Router:
         plan = model.entry.plan
         if plan is not None and not model.embedding_bytes and not model.entry.embedding_only:
             model.embedding_bytes = {d.name: d.compute_bytes for d in plan.devices}
+
+    @asynccontextmanager
+    async def lease(
+        self, name: str, keep_alive: Any = UNSET, purpose: str = "generate"
+    ) -> AsyncIterator[Lease]:
+        """An engine for one HTTP request. The model stays counted in flight until the
+        generation submitted through the lease ends (a stream outlives the handler), or until
+        the block exits when nothing was submitted."""
+        model = await self.acquire(name, keep_alive, purpose)
+        lease = Lease(self, model, asyncio.get_running_loop())
+        try:
+            yield lease
+        finally:
+            lease.close()
 
     async def load(self, name: str, keep_alive: Any = UNSET) -> LoadedModel:
         """Load a model (POST /models/load) and start its keep-alive countdown."""
@@ -488,6 +506,70 @@ class Router:
         for future in waiters:
             if not future.done():
                 future.set_result(None)
+
+
+class Lease:
+    """A loaded model as the HTTP layer's engine (submit, tokenize, apply_chat_template, embed,
+    stats), holding one in-flight count on it. Blocking calls: run them off the event loop."""
+
+    def __init__(self, router: Router, model: LoadedModel, loop: asyncio.AbstractEventLoop):
+        self.router = router
+        self.model = model
+        self.worker = model.worker
+        self.n_ctx_slot = model.config.n_ctx_slot
+        self._loop = loop
+        self._held = True
+        self._submitted = False
+        self._lock = threading.Lock()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        with self._lock:
+            if self._submitted:
+                raise RuntimeError("a lease carries one generation")
+            self._submitted = True
+        try:
+            return self.worker.submit(request, on_done=self._release_threadsafe)
+        except BaseException:
+            with self._lock:
+                self._submitted = False
+            raise
+
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        return self.worker.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.worker.detokenize(tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        return self.worker.apply_chat_template(messages)
+
+    def embed(self, inputs: list[str | list[int]]) -> EmbeddingResult:
+        result = self.worker.embed(inputs)
+        self._loop.call_soon_threadsafe(self.router.note_embeddings, self.model)
+        return result
+
+    def stats(self) -> EngineStats:
+        return self.worker.stats()
+
+    def close(self) -> None:
+        """Give the model back, unless a submitted generation holds it (it gives it back)."""
+        with self._lock:
+            if self._submitted or not self._held:
+                return
+            self._held = False
+        self.router.release(self.model)
+
+    def _release_threadsafe(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        try:
+            self._loop.call_soon_threadsafe(self.router.release, self.model)
+        except RuntimeError:
+            pass  # the loop is closed: the server is gone
 
 
 def _check_purpose(entry: ModelEntry, purpose: str) -> None:

@@ -188,7 +188,8 @@ class WorkerClient:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._handles: dict[int, RequestHandle] = {}
+        # request id -> (handle, on_done): on_done runs once an accepted request has ended
+        self._handles: dict[int, tuple[RequestHandle, Callable[[], None] | None]] = {}
         self._waiting: dict[int, Future[Any]] = {}
         self._closing = False
         self._alive = True
@@ -241,13 +242,19 @@ class WorkerClient:
         return self._alive
 
     # Engine look-alike (blocking; each crosses the pipe).
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        handle, future = self._send_submit(request)
+    def submit(
+        self, request: GenerationRequest, on_done: Callable[[], None] | None = None
+    ) -> RequestHandle:
+        """Queue a request in the worker; `on_done` (from the reader thread) once it has ended,
+        however it ends, unless the submit itself raises."""
+        handle, future = self._send_submit(request, on_done)
         future.result()
         return handle
 
-    async def asubmit(self, request: GenerationRequest) -> RequestHandle:
-        handle, future = self._send_submit(request)
+    async def asubmit(
+        self, request: GenerationRequest, on_done: Callable[[], None] | None = None
+    ) -> RequestHandle:
+        handle, future = self._send_submit(request, on_done)
         await asyncio.wrap_future(future)
         return handle
 
@@ -311,14 +318,16 @@ class WorkerClient:
         except OSError:
             raise self._crash_error() from None
 
-    def _send_submit(self, request: GenerationRequest) -> tuple[RequestHandle, Future[Any]]:
+    def _send_submit(
+        self, request: GenerationRequest, on_done: Callable[[], None] | None
+    ) -> tuple[RequestHandle, Future[Any]]:
         request_id = next(self._ids)
         handle = RequestHandle(f"{self.name}-{request_id}", 0, lambda: self._cancel(request_id))
         future: Future[Any] = Future()
         with self._lock:
             if not self._alive:
                 raise self._crash_error()
-            self._handles[request_id] = handle
+            self._handles[request_id] = (handle, on_done)
             self._waiting[request_id] = future
         try:
             self._send(("submit", request_id, request))
@@ -373,8 +382,10 @@ class WorkerClient:
         for future in waiting:
             if not future.done():
                 future.set_exception(error)
-        for handle in handles:
+        for handle, on_done in handles:
             handle._fail(error)
+            if on_done is not None:
+                on_done()
         self._conn.close()
         if crashed:
             log.error("worker of %s died: %s", self.name, describe_exit(self.exit_code))
@@ -384,24 +395,29 @@ class WorkerClient:
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind, request_id = message[0], message[1]
         if kind == "event":
+            finished = isinstance(message[2], FinishEvent)
             with self._lock:
-                handle = self._handles.get(request_id)
-                if handle is not None and isinstance(message[2], FinishEvent):
-                    del self._handles[request_id]
-            if handle is not None:
-                handle._push(message[2])
+                entry = (
+                    self._handles.pop(request_id, None)
+                    if finished
+                    else self._handles.get(request_id)
+                )
+            if entry is not None:
+                entry[0]._push(message[2])
+                if finished and entry[1] is not None:
+                    entry[1]()
             return
         with self._lock:
             future = self._waiting.pop(request_id, None)
             if kind == "accepted":
-                handle = self._handles.get(request_id)
+                entry = self._handles.get(request_id)
             elif kind == "error":  # refused at submit (a future waits), or a stream's end
-                handle = self._handles.pop(request_id, None)
+                entry = self._handles.pop(request_id, None)
             else:
-                handle = None
+                entry = None
         if kind == "accepted":
-            if handle is not None:
-                handle.id, handle.prompt_tokens = message[2], message[3]
+            if entry is not None:
+                entry[0].id, entry[0].prompt_tokens = message[2], message[3]
             if future is not None:
                 future.set_result(None)
         elif kind == "result":
@@ -411,9 +427,11 @@ class WorkerClient:
             error = from_wire(message[2]) if isinstance(message[2], WireError) else None
             error = error or LocalLLMError("the worker reported an unreadable error")
             if future is not None:
-                future.set_exception(error)
-            elif handle is not None:
-                handle._fail(error)
+                future.set_exception(error)  # refused: the caller sees it, no on_done
+            elif entry is not None:
+                entry[0]._fail(error)
+                if entry[1] is not None:
+                    entry[1]()
 
 
 def rss_bytes(pid: int) -> int | None:
