@@ -26,6 +26,8 @@ from localllm.errors import (
     SettingsError,
 )
 from localllm.router import Registry, Router, parse_keep_alive
+from localllm.router.metrics import RouterCollector
+from localllm.router.ps import format_ps
 from localllm.router.worker import rss_bytes
 from localllm.settings import Settings
 from tests.gguf_factory import write_bert
@@ -82,6 +84,14 @@ async def generate(router: Router, name: str, prompt: str, **kwargs: Any) -> str
         )
         completion = await handle.aresult()
         return completion.text
+
+
+def metrics_text(router: Router) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(router))
+    return generate_latest(registry).decode()
 
 
 def loaded_names(router: Router) -> list[str]:
@@ -144,6 +154,17 @@ def test_co_residency_then_lru_eviction_in_both_orders(folder: Path) -> None:
             assert router.counters["gemma-b"].unloads == {"evicted": 1}
             assert router.counters["tiny-bert"].unloads == {}
             assert router.counters["gemma-a"].loads == 2
+
+            scrape = metrics_text(router)
+            assert 'localllm_model_loads_total{model="gemma-a"} 2.0' in scrape
+            assert 'localllm_model_unloads_total{model="gemma-b",reason="evicted"} 1.0' in scrape
+            assert 'localllm_model_loaded{model="gemma-b"} 0.0' in scrape
+            assert 'localllm_model_loaded{model="tiny-bert"} 1.0' in scrape
+            assert 'localllm_generated_tokens_total{model="gemma-a"}' in scrape
+            assert 'localllm_model_planned_bytes{device="host",model="gemma-a"}' in scrape
+            table = format_ps(router.ps())
+            assert table.splitlines()[0].split() == ["NAME", "DEVICES", "RSS", "CONTEXT", "UNTIL"]
+            assert "gemma-a" in table and "tiny-bert" in table and "512 x2" in table
         finally:
             await router.close()
 
