@@ -102,9 +102,11 @@ class LlamaBackend:
         with self._embedder_lock:
             if self._embedder is None:
                 config = self.config
-                # One input may be as long as a slot's context, bounded by the training
-                # context and the batch (a whole input is one micro-batch for BERT models).
-                max_tokens = max(16, min(config.n_ctx_slot, config.n_batch, self.n_ctx_train))
+                # A whole input must be one micro-batch (llama.cpp pools per micro-batch), so
+                # an input may be n_ubatch tokens: the compute buffer then matches the
+                # generation context's, which the fitter planned (the logits of n_ubatch rows
+                # dominate it for large vocabularies).
+                max_tokens = max(16, min(config.n_ctx_slot, config.n_ubatch, self.n_ctx_train))
                 with logs.capture() as embed_log:
                     self._embedder = Embedder(
                         _llama(),
