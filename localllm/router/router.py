@@ -46,7 +46,13 @@ from localllm.errors import (
     SettingsError,
 )
 from localllm.router.registry import ModelEntry, Registry
-from localllm.router.worker import ExitCallback, WorkerClient, describe_exit, rss_bytes
+from localllm.router.worker import (
+    ExitCallback,
+    WorkerClient,
+    describe_exit,
+    prestart,
+    rss_bytes,
+)
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -258,6 +264,7 @@ class Router:
     async def start(self) -> None:
         """Load the start model when `load_on_start` is set."""
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(prestart)
         if self.settings.load_on_start:
             name = await asyncio.to_thread(self._start_model_name)
             await self.load(name)
