@@ -49,7 +49,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, embedded_model_path: Path) 
 def settings_for(folder: Path, **changes: Any) -> Settings:
     values: dict[str, Any] = {
         "models_dir": folder,
-        "n_ctx": 1024,
+        "n_ctx": 1024,  # tokens per conversation
         "parallel": 2,
         "threads": 1,  # two cores shared with the test process and other workers
         "n_batch": 256,
@@ -164,7 +164,7 @@ def test_co_residency_then_lru_eviction_in_both_orders(folder: Path) -> None:
             assert 'localllm_model_planned_bytes{device="host",model="gemma-a"}' in scrape
             table = format_ps(router.ps())
             assert table.splitlines()[0].split() == ["NAME", "DEVICES", "RSS", "CONTEXT", "UNTIL"]
-            assert "gemma-a" in table and "tiny-bert" in table and "512 x2" in table
+            assert "gemma-a" in table and "tiny-bert" in table and "1024 x2" in table
         finally:
             await router.close()
 
