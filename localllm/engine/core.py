@@ -340,7 +340,8 @@ class Engine:
         token_lists: list[list[int]] = []
         for item in inputs:
             if isinstance(item, str):
-                token_lists.append(self.backend.tokenize(item, True, True))
+                # text, not markup: a user cannot write control tokens (BOS is added)
+                token_lists.append(self.backend.tokenize(item, True, False))
             else:
                 tokens = list(item)
                 bad = [t for t in tokens if not 0 <= t < self.backend.n_vocab]
