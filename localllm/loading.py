@@ -118,7 +118,14 @@ def plan_engine_config(
 ) -> tuple[EngineConfig, dict[str, Any], list[str]]:
     """The engine config to load model_path with, a plan summary, and warnings for users."""
     plan, config, warnings = plan_for_serving(model_path, settings)
-    summary: dict[str, Any] = {
+    summary = plan_summary(model_path, plan, config)
+    log.info("plan: %s", summary["plan"])
+    return config, summary, warnings
+
+
+def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str, Any]:
+    """What /health and /v1/models say about a model's plan."""
+    return {
         "source": "fit",
         "model": model_path.name,
         "plan": plan_summary_line(plan),
@@ -136,9 +143,8 @@ def plan_engine_config(
         "devices": [device.to_dict() for device in plan.devices],
         "gpu_build": gpu_offload(),
         "llama_server_command": plan.llama_server_command(),
+        "warnings": list(plan.warnings),
     }
-    log.info("plan: %s", summary["plan"])
-    return config, summary, warnings
 
 
 @dataclass(frozen=True)

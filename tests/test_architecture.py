@@ -49,6 +49,8 @@ FRONTS = {
         "read_headers",
     },
     "localllm.router": {
+        "UNSET",
+        "Lease",
         "LoadedModel",
         "ModelCounters",
         "ModelEntry",

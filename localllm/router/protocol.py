@@ -23,7 +23,9 @@ from localllm import errors
 from localllm.errors import LocalLLMError
 
 # Engine methods a parent may call in its worker (anything else is refused there).
-CALLABLE = frozenset({"tokenize", "detokenize", "apply_chat_template", "embed", "stats"})
+CALLABLE = frozenset(
+    {"tokenize", "detokenize", "apply_chat_template", "chat_prompt", "embed", "stats"}
+)
 
 
 @dataclass(frozen=True)

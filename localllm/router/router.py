@@ -266,8 +266,13 @@ class Router:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(prestart)
         if self.settings.load_on_start:
-            name = await asyncio.to_thread(self._start_model_name)
+            name = await asyncio.to_thread(self.start_model_name)
             await self.load(name)
+
+    def cancel_all(self) -> None:
+        """Cancel every request on every model (shutdown past its grace)."""
+        for model in self._loaded.values():
+            model.worker.cancel_all()
 
     async def close(self) -> None:
         """Unload everything (server shutdown)."""
@@ -331,7 +336,8 @@ class Router:
 
     # ------------------------------------------------------------------ loading and placement
 
-    def _start_model_name(self) -> str:
+    def start_model_name(self) -> str:
+        """The model loaded at start and answering requests that name none (blocking)."""
         from localllm.models import resolve_model
 
         path = resolve_model(self.settings.model, self.settings.models_dir)
@@ -516,8 +522,8 @@ class Router:
 
 
 class Lease:
-    """A loaded model as the HTTP layer's engine (submit, tokenize, apply_chat_template, embed,
-    stats), holding one in-flight count on it. Blocking calls: run them off the event loop."""
+    """A loaded model as the HTTP layer's engine (submit, tokenize, chat_prompt, embed, stats),
+    holding one in-flight count on it. Blocking calls: run them off the event loop."""
 
     def __init__(self, router: Router, model: LoadedModel, loop: asyncio.AbstractEventLoop):
         self.router = router
@@ -551,6 +557,12 @@ class Lease:
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         return self.worker.apply_chat_template(messages)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str | tuple[int, ...]:
+        return self.worker.chat_prompt(messages)
+
+    def cancel_all(self) -> None:
+        self.worker.cancel_all()
 
     def embed(self, inputs: list[str | list[int]]) -> EmbeddingResult:
         result = self.worker.embed(inputs)

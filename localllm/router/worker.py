@@ -16,7 +16,7 @@ a cancel. It exits when the parent says so or when the pipe closes (the parent d
 outliving it.
 
 `WorkerClient` is the parent's side and looks like an `Engine` to the HTTP layer (submit,
-tokenize, apply_chat_template, stats, embed, close), each call crossing the pipe; `asubmit` and
+tokenize, chat_prompt, stats, embed, cancel_all, close), each call crossing the pipe; `asubmit` and
 `acall` are the event-loop versions. One reader thread per worker turns replies into events on
 the request's `RequestHandle`. When the worker dies, every request in flight fails with
 `ModelCrashedError` and `on_exit` tells the router.
@@ -302,6 +302,17 @@ class WorkerClient:
     def apply_chat_template(self, messages: Sequence[Any]) -> str:
         prompt: str = self.call("apply_chat_template", list(messages))
         return prompt
+
+    def chat_prompt(self, messages: Sequence[Any]) -> str | tuple[int, ...]:
+        prompt: str | tuple[int, ...] = self.call("chat_prompt", list(messages))
+        return prompt
+
+    def cancel_all(self) -> None:
+        """Cancel every request of this worker (shutdown past its grace)."""
+        with self._lock:
+            handles = [handle for handle, _ in self._handles.values()]
+        for handle in handles:
+            handle.cancel()
 
     def embed(self, inputs: Sequence[str | Sequence[int]]) -> EmbeddingResult:
         result: EmbeddingResult = self.call("embed", list(inputs))
