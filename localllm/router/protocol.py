@@ -24,7 +24,7 @@ from localllm.errors import LocalLLMError
 
 # Engine methods a parent may call in its worker (anything else is refused there).
 CALLABLE = frozenset(
-    {"tokenize", "detokenize", "apply_chat_template", "chat_prompt", "embed", "stats"}
+    {"tokenize", "detokenize", "apply_chat_template", "chat_prompt", "embed", "stats", "cancel_all"}
 )
 
 

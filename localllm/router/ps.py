@@ -1,6 +1,6 @@
 """`localllm ps`: the models a running server holds, like `ollama ps`.
 
-Reads `GET /v1/models` (each loaded model carries its `loaded` record: devices, memory, context
+Reads `GET /v1/models` (each loaded model carries `localllm.loaded`: devices, memory, context
 per conversation, keep-alive deadline) and prints one row per loaded model.
 """
 
@@ -31,9 +31,9 @@ def fetch_loaded(
         raise LocalLLMError(f"{url}/v1/models answered {response.status_code}")
     rows = []
     for model in response.json().get("data", []):
-        loaded = model.get("loaded")
-        if isinstance(loaded, dict):
-            rows.append({"model": model.get("id"), **loaded})
+        loaded = (model.get("localllm") or {}).get("loaded")
+        if isinstance(loaded, dict):  # a folder server's loaded model (`ModelsServing`)
+            rows.append({**loaded, "model": model.get("id")})
     return rows
 
 

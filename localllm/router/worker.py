@@ -308,11 +308,12 @@ class WorkerClient:
         return prompt
 
     def cancel_all(self) -> None:
-        """Cancel every request of this worker (shutdown past its grace)."""
-        with self._lock:
-            handles = [handle for handle, _ in self._handles.values()]
-        for handle in handles:
-            handle.cancel()
+        """Cancel every request of this worker (shutdown past its grace): its engine ends them
+        with "the server is shutting down". Does not wait."""
+        try:
+            self._send_call("cancel_all", ())
+        except LocalLLMError:
+            pass  # the worker is gone: its requests already failed
 
     def embed(self, inputs: Sequence[str | Sequence[int]]) -> EmbeddingResult:
         result: EmbeddingResult = self.call("embed", list(inputs))
