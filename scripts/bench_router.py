@@ -1,7 +1,8 @@
 """Router benchmark on the embedded model: load times, time to first token through a load,
-decode speed through a worker process vs the engine in-process, memory before/loaded/after.
+decode speed through a worker process vs the engine in-process, memory before/loaded/after, and
+the same over HTTP: `localllm serve` over a folder vs `localllm serve MODEL`.
 
-    .venv/bin/python scripts/bench_router.py [--threads 2] [--tokens 64] [--rounds 3]
+    .venv/bin/python scripts/bench_router.py [--threads 2] [--tokens 64] [--rounds 3] [--no-http]
 
 - cold load: the model file's pages are dropped from the page cache first (posix_fadvise
   DONTNEED, no root needed), then the router loads it (spawn + import + llama.cpp load);
@@ -10,23 +11,33 @@ decode speed through a worker process vs the engine in-process, memory before/lo
 - tok/s: the same greedy requests on the engine in this process (what `serve MODEL` runs) and
   through the router's worker process (pipe per event), alternated round by round so that load
   on a shared machine hits both alike; 1 stream and 4 concurrent streams;
-- memory: this process's RSS plus its children's before loading, while loaded, after unloading.
+- memory: this process's RSS plus its children's before loading, while loaded, after unloading;
+- HTTP: both servers as child processes on loopback, streamed /v1/completions alternated between
+  them, 1 and 4 concurrent streams; the folder server starts with nothing loaded, so its first
+  request's time to first token includes the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
 
 from localllm.engine import (  # noqa: E402
     Engine,
@@ -177,12 +188,138 @@ async def main_async(args: argparse.Namespace) -> None:
     tmp.rmdir()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_server(settings: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    code = (
+        "from localllm.server.run import serve\n"
+        "from localllm.settings import Settings\n"
+        f"serve(Settings({settings}, port={port}, models_dir={str(folder)!r}))\n"
+    )
+    (folder / "none.toml").write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "LOCALLLM_CONFIG": str(folder / "none.toml")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"server with {settings} did not become healthy")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def http_stream(url: str, model: str | None, prompt: str, tokens: int) -> tuple[float, int]:
+    """(seconds to first text, completion tokens) of one streamed greedy completion."""
+    body: dict[str, object] = {
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    started = time.perf_counter()
+    first = 0.0
+    used = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                used = data["usage"]["completion_tokens"]
+            if not first and any(c.get("text") for c in data.get("choices") or []):
+                first = time.perf_counter() - started
+    return first, used
+
+
+def http_tps(url: str, streams: int, tokens: int) -> float:
+    results: list[tuple[float, int]] = []
+
+    def one(i: int) -> None:
+        results.append(http_stream(url, None, PROMPTS[i % len(PROMPTS)] + f" ({i})", tokens))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(n for _, n in results) / (time.perf_counter() - started)
+
+
+def bench_http(args: argparse.Namespace) -> list[tuple[str, str]]:
+    folder = Path(tempfile.mkdtemp(prefix="bench-router-http-"))
+    source = embedded_model_path(REPO / "models")
+    model = folder / source.name  # the default model's file name: the folder server's default
+    model.write_bytes(source.read_bytes())
+    common = f"n_ctx=1024, parallel=4, threads={args.threads}, n_batch=512, n_ubatch=512"
+    rows: list[tuple[str, str]] = []
+    router_process, router_url = start_server(common + ", load_on_start=False", folder)
+    try:
+        ttft, _ = http_stream(router_url, source.stem, PROMPTS[0], 4)
+        rows.append(("HTTP: TTFT of the request that loads the model", f"{ttft:.2f} s"))
+        one_process, one_url = start_server(common + f", model={str(model)!r}", folder)
+        try:
+            direct: dict[int, list[float]] = {1: [], 4: []}
+            routed: dict[int, list[float]] = {1: [], 4: []}
+            for _ in range(args.rounds):
+                for streams in (1, 4):
+                    direct[streams].append(http_tps(one_url, streams, args.tokens))
+                    routed[streams].append(http_tps(router_url, streams, args.tokens))
+        finally:
+            stop_server(one_process)
+    finally:
+        stop_server(router_process)
+    for streams in (1, 4):
+        d, r = statistics.median(direct[streams]), statistics.median(routed[streams])
+        rows.append(
+            (
+                f"HTTP tok/s, {streams} stream{'s' if streams > 1 else ''}: serve MODEL / folder",
+                f"{d:.1f} / {r:.1f} ({r / d:.2f}x)",
+            )
+        )
+    model.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--no-http", action="store_true", help="Skip the HTTP comparison.")
+    args = parser.parse_args()
+    asyncio.run(main_async(args))
+    if not args.no_http:
+        for name, value in bench_http(args):
+            print(f"{name:<56}  {value}")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,35 @@ def test_one_model_server_embeds_and_refuses_folder_requests(
         assert load.status_code == 400 and "without a model" in load.json()["error"]["message"]
         keep = c.post("/v1/embeddings", json={"input": "x", "keep_alive": "5m"})
         assert keep.status_code == 400 and keep.json()["error"]["param"] == "keep_alive"
+
+
+def test_a_worker_killed_mid_stream_ends_that_stream_and_the_server_goes_on(
+    client: httpx.Client,
+) -> None:
+    import os
+    import signal
+
+    pid = cards(client)["gemma-a"]["localllm"]["loaded"]["pid"]
+    body = {"model": "gemma-a", "prompt": "Tell me a long story", "max_tokens": 64, "stream": True}
+    events: list[Any] = []
+    with client.stream("POST", "/v1/completions", json=body) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                events.append("[DONE]")
+                break
+            event = json.loads(line[6:])
+            events.append(event)
+            if len(events) == 2:
+                os.kill(pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "model_crashed", events[-2]
+    assert "SIGKILL" in events[-2]["error"]["message"]
+    status = cards(client)["gemma-a"]["status"]
+    assert status["value"] == "unloaded" and status["failed"] and status["exit_code"] == -9
+    embed = client.post("/v1/embeddings", json={"model": "tiny-bert", "input": "still up"})
+    assert embed.status_code == 200  # the other model goes on
+    again = client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 4})
+    assert again.status_code == 200  # loaded again on demand
+    assert cards(client)["gemma-a"]["status"] == {"value": "loaded"}

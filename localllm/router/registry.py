@@ -96,9 +96,12 @@ class Registry:
             found = []
             for path in paths:
                 try:
-                    found.append(self._entry(path, self._alias.get(path)))
+                    entry = self._entry(path, self._alias.get(path))
                 except (OSError, LocalLLMError) as exc:
                     log.warning("skipping %s: %s", path.name, exc)
+                    continue
+                if entry.architecture != "clip":  # a vision projector, not a model
+                    found.append(entry)
             return found
 
     def get(self, name: str) -> ModelEntry:
