@@ -191,6 +191,7 @@ def test_metrics_carry_the_model_label(client: httpx.Client) -> None:
     assert 'localllm_model_loaded{model="gemma-a"} 1.0' in text
     assert 'localllm_model_loads_total{model="tiny-bert"}' in text
     assert 'localllm_generated_tokens_total{model="gemma-a"}' in text
+    assert 'localllm_time_to_first_token_seconds_count{model="gemma-a"}' in text
 
 
 def test_localllm_ps_lists_the_loaded_models(folder_server: UvicornThread) -> None:
