@@ -193,7 +193,7 @@ class Router:
                 raise ModelLoadError(
                     f"model {entry.name} is not loaded and autoload is off: POST /models/load first"
                 )
-            if self._waiting >= self.settings.queue_size:
+            if self._waiting and self._waiting >= self.settings.queue_size:
                 raise QueueFullError(
                     f"{self._waiting} requests already wait for a model to load; retry shortly",
                     retry_after_s=5,
