@@ -415,6 +415,13 @@ class WorkerClient:
             waiting = list(self._waiting.values())
             self._handles.clear()
             self._waiting.clear()
+        self._conn.close()
+        if crashed:
+            log.error("worker of %s died: %s", self.name, describe_exit(self.exit_code))
+        # The router first (it posts to its event loop, as the handles below do): a client that
+        # sees its request fail and asks again finds the model already marked unloaded.
+        if self.on_exit is not None:
+            self.on_exit(self, self.exit_code, crashed)
         error = self._crash_error()
         for future in waiting:
             if not future.done():
@@ -423,11 +430,6 @@ class WorkerClient:
             handle._fail(error)
             if on_done is not None:
                 on_done()
-        self._conn.close()
-        if crashed:
-            log.error("worker of %s died: %s", self.name, describe_exit(self.exit_code))
-        if self.on_exit is not None:
-            self.on_exit(self, self.exit_code, crashed)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind, request_id = message[0], message[1]
