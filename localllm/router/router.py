@@ -163,7 +163,6 @@ class Router:
         self._lock = asyncio.Lock()  # loads, unloads and evictions, one at a time
         self._waiters: list[asyncio.Future[None]] = []
         self._waiting = 0  # requests waiting for a model to load
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -183,7 +182,6 @@ class Router:
         self, name: str, keep_alive: Any = UNSET, purpose: str = "generate"
     ) -> LoadedModel:
         """Like `use` without the context manager: pair every call with `release`."""
-        self._loop = asyncio.get_running_loop()
         entry = await asyncio.to_thread(self.registry.get, name)
         _check_purpose(entry, purpose)
         keep = self.default_keep_alive if keep_alive is UNSET else keep_alive
@@ -262,8 +260,7 @@ class Router:
         return True
 
     async def start(self) -> None:
-        """Load the start model when `load_on_start` is set."""
-        self._loop = asyncio.get_running_loop()
+        """Start the fork server, then load the start model when `load_on_start` is set."""
         await asyncio.to_thread(prestart)
         if self.settings.load_on_start:
             name = await asyncio.to_thread(self.start_model_name)
