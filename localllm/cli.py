@@ -331,6 +331,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from localllm.router.ps import fetch_loaded, format_ps
+
+    rows = fetch_loaded(args.url, args.api_key)
+    print(json.dumps(rows, indent=2) if args.json else format_ps(rows))
+    return 0
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     from localllm.models import remove_model, resolve_model
 
@@ -472,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="Machine-readable output.")
     add_settings_flags(models)
     models.set_defaults(handler=cmd_models)
+
+    ps = commands.add_parser("ps", help="The models a running server holds, and until when.")
+    ps.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="Server base URL.")
+    ps.add_argument("--api-key", help="Bearer token for the server.")
+    ps.add_argument("--json", action="store_true", help="Machine-readable output.")
+    ps.set_defaults(handler=cmd_ps)
 
     rm = commands.add_parser("rm", help="Delete a model from the models folder.")
     rm.add_argument("model", help="Model name in the models folder.")

@@ -6,6 +6,7 @@
     ├── DoesNotFitError           no plan fits the hardware (bytes needed vs available)
     ├── HardwareProbeError        NVML / host probing failed in a way the user must hear about
     ├── ModelLoadError            llama.cpp refused to load a model or create a context
+    ├── ModelCrashedError         a model's worker process died; its requests end with this
     ├── SettingsError             a config file, env var or flag has a bad key or value
     ├── HubError                  the model hub could not answer (missing repo, auth, disk)
     │   └── HubUnreachableError   the network or the hub is down (cached data may do)
@@ -19,6 +20,8 @@
     │   ├── ChatTemplateError            the chat template refused the messages, or is hostile
     │   ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
     │   ├── QueueFullError               every slot busy and the wait queue full
+    │   ├── EmbeddingsNotSupportedError  embeddings asked of a model that has none (a reranker)
+    │   ├── GenerationNotSupportedError  chat or completion asked of an embedding-only model
     │   ├── CancelledError               the client went away or the server is stopping
     │   └── RequestTimeoutError          the request ran past request_timeout_s
     └── APIError                  the HTTP layer refuses a request itself (status, type, code)
@@ -63,6 +66,10 @@ class HardwareProbeError(LocalLLMError):
 
 class ModelLoadError(LocalLLMError):
     """llama.cpp could not load the model or create its context."""
+
+
+class ModelCrashedError(LocalLLMError):
+    """The worker process of a loaded model died (llama.cpp aborted, or it was killed)."""
 
 
 class SettingsError(LocalLLMError):
@@ -128,6 +135,14 @@ class QueueFullError(RequestError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message)
+
+
+class EmbeddingsNotSupportedError(RequestError):
+    """An embeddings request to a model that cannot produce embedding vectors."""
+
+
+class GenerationNotSupportedError(RequestError):
+    """A chat or completion request to a model that only embeds."""
 
 
 class CancelledError(RequestError):

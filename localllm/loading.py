@@ -75,9 +75,17 @@ def planning_hardware(
     return replace(hardware, cpu_repack=repack_supported().supported), warnings
 
 
-def plan_for_serving(model_path: Path, settings: Settings) -> tuple[Plan, EngineConfig, list[str]]:
-    """The fitter's plan for this machine, the engine config that follows it, and warnings."""
-    hardware, warnings = planning_hardware(settings, serving=True)
+def plan_for_serving(
+    model_path: Path,
+    settings: Settings,
+    probed: tuple[Hardware, list[str]] | None = None,
+) -> tuple[Plan, EngineConfig, list[str]]:
+    """The fitter's plan for this machine, the engine config that follows it, and warnings.
+
+    `probed` is `planning_hardware(settings, serving=True)` already called: the router plans
+    many models against the machine as it was before any of them loaded."""
+    hardware, warnings = probed or planning_hardware(settings, serving=True)
+    warnings = list(warnings)
     request = FitRequest.from_settings(settings)
     if not hardware.gpus and request.n_gpu_layers:
         request = replace(request, n_gpu_layers=0)
@@ -110,7 +118,14 @@ def plan_engine_config(
 ) -> tuple[EngineConfig, dict[str, Any], list[str]]:
     """The engine config to load model_path with, a plan summary, and warnings for users."""
     plan, config, warnings = plan_for_serving(model_path, settings)
-    summary: dict[str, Any] = {
+    summary = plan_summary(model_path, plan, config)
+    log.info("plan: %s", summary["plan"])
+    return config, summary, warnings
+
+
+def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str, Any]:
+    """What /health and /v1/models say about a model's plan."""
+    return {
         "source": "fit",
         "model": model_path.name,
         "plan": plan_summary_line(plan),
@@ -128,9 +143,8 @@ def plan_engine_config(
         "devices": [device.to_dict() for device in plan.devices],
         "gpu_build": gpu_offload(),
         "llama_server_command": plan.llama_server_command(),
+        "warnings": list(plan.warnings),
     }
-    log.info("plan: %s", summary["plan"])
-    return config, summary, warnings
 
 
 @dataclass(frozen=True)

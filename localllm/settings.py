@@ -79,6 +79,30 @@ class Settings(BaseSettings):
         None, description="Name clients use for the model (default: the file's stem)."
     )
 
+    # Many models (`serve` over the models folder): which stay loaded, for how long.
+    models_max: int = Field(
+        4, ge=1, le=64, description="Most models loaded at once (llama-server's --models-max)."
+    )
+    models_autoload: bool = Field(
+        True, description="Load a model when a request names it (else only POST /models/load)."
+    )
+    load_on_start: bool = Field(
+        True, description="Load the model named by `model` (or the default one) at start."
+    )
+    keep_alive: str = Field(
+        "5m",
+        description="How long an idle model stays loaded, as Ollama's keep_alive: '5m', '1h', "
+        "'30s'; '0' unloads after each answer, '-1' never.",
+    )
+    pinned_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Models never unloaded, by idle time or for memory."
+    )
+    models_memory_limit: str | None = Field(
+        None,
+        description="Host memory all loaded models may use together, e.g. '16GiB' (default: the "
+        "RAM available at start). GPU memory follows the cards (or `vram`).",
+    )
+
     # How to load it; None lets the fitter choose.
     n_ctx: int | None = Field(
         None,
@@ -208,7 +232,7 @@ class Settings(BaseSettings):
             raise ValueError("must be 0 (the model's training context) or at least 256 tokens")
         return value
 
-    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", "pinned_models", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         # Env vars carry lists as "a,b" (or as JSON, which pydantic-settings would expect).

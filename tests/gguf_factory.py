@@ -273,3 +273,75 @@ CPU_CHECK_MODELS: dict[str, ArchSpec] = {
     ),
 }
 CHECK_MODELS: dict[str, ArchSpec] = {**GPU_CHECK_MODELS, **CPU_CHECK_MODELS}
+
+
+def write_bert(
+    path: Path,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_ff: int = 128,
+    n_vocab: int = 512,
+    n_ctx_train: int = 128,
+    pooling_type: int = 1,
+    seed: int = 0,
+) -> Path:
+    """A tiny BERT-architecture embedding model with random F32 weights (data written, not a
+    hole): llama.cpp runs it for real. The vocabulary is the SentencePiece-style one above, which
+    llama.cpp accepts for any architecture. pooling_type: 1 mean, 2 cls, 4 rank (a reranker)."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "bert")
+    spec = ArchSpec("bert", n_layer, n_embd, n_head, n_head, n_ff, n_vocab, n_ctx_train)
+    a = "bert"
+    writer.add_string("general.name", "tiny bert")
+    writer.add_uint32("general.file_type", LlamaFileType.ALL_F32.value)
+    writer.add_uint32(f"{a}.context_length", n_ctx_train)
+    writer.add_uint32(f"{a}.embedding_length", n_embd)
+    writer.add_uint32(f"{a}.block_count", n_layer)
+    writer.add_uint32(f"{a}.feed_forward_length", n_ff)
+    writer.add_uint32(f"{a}.attention.head_count", n_head)
+    writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-12)
+    writer.add_bool(f"{a}.attention.causal", False)
+    writer.add_uint32(f"{a}.pooling_type", pooling_type)
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [f"t{i}".encode() for i in range(spec.n_vocab - len(tokens))]
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", [0.0] * n_vocab)
+    writer.add_array("tokenizer.ggml.token_type", [2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    writer.add_uint32("tokenizer.ggml.token_type_count", 2)
+
+    def add(name: str, *numpy_shape: int, scale: float = 0.1, fill: float | None = None) -> None:
+        if fill is not None:
+            data = np.full(numpy_shape, fill, dtype=np.float32)
+        else:
+            data = (rng.standard_normal(numpy_shape) * scale).astype(np.float32)
+        writer.add_tensor(name, data)
+
+    # numpy shapes are ggml's reversed: ggml {n_embd, n_vocab} is (n_vocab, n_embd) here
+    add("token_embd.weight", n_vocab, n_embd, scale=0.5)
+    add("token_types.weight", 2, n_embd)
+    add("position_embd.weight", n_ctx_train, n_embd)
+    add("token_embd_norm.weight", n_embd, fill=1.0)
+    add("token_embd_norm.bias", n_embd, fill=0.0)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            add(p + part + ".weight", n_embd, n_embd)
+            add(p + part + ".bias", n_embd)
+        add(p + "attn_output_norm.weight", n_embd, fill=1.0)
+        add(p + "attn_output_norm.bias", n_embd, fill=0.0)
+        add(p + "ffn_up.weight", n_ff, n_embd)
+        add(p + "ffn_up.bias", n_ff)
+        add(p + "ffn_down.weight", n_embd, n_ff)
+        add(p + "ffn_down.bias", n_embd)
+        add(p + "layer_output_norm.weight", n_embd, fill=1.0)
+        add(p + "layer_output_norm.bias", n_embd, fill=0.0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -48,6 +48,17 @@ FRONTS = {
         "quant_name",
         "read_headers",
     },
+    "localllm.router": {
+        "UNSET",
+        "Lease",
+        "LoadedModel",
+        "ModelCounters",
+        "ModelEntry",
+        "Registry",
+        "Router",
+        "WorkerClient",
+        "parse_keep_alive",
+    },
     "localllm.server": {"create_app", "serve"},
 }
 

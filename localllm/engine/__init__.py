@@ -3,6 +3,7 @@
 from localllm.engine.chat import ChatTemplate
 from localllm.engine.config import EngineConfig
 from localllm.engine.core import Engine, memory_summary
+from localllm.engine.embed import EmbeddingResult
 from localllm.engine.handle import RequestHandle
 from localllm.engine.types import (
     Completion,
@@ -20,6 +21,7 @@ from localllm.engine.types import (
 __all__ = [
     "ChatTemplate",
     "Completion",
+    "EmbeddingResult",
     "Engine",
     "EngineConfig",
     "EngineStats",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy.typing as npt
 
 from localllm.engine import build, logs, rpc
 from localllm.engine.config import EngineConfig
+from localllm.engine.embed import POOLING_NONE, Embedder, pooling_for
 from localllm.engine.types import SamplingParams
 from localllm.errors import ModelLoadError, RequestError
 from localllm.ggml import FLASH_ATTN_TYPE, LOAD_MODE_NONE, ggml_type_id
@@ -65,6 +67,8 @@ class LlamaBackend:
         self.model: Any = None
         self.ctx: Any = None
         self.batch: Any = None
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         with logs.capture() as load_log:
             started = time.perf_counter()
             try:
@@ -84,6 +88,36 @@ class LlamaBackend:
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self._pieces: dict[int, bytes] = {}
         self._control: npt.NDArray[np.bool_] | None = None
+        self.n_ctx_train: int = llama.llama_model_n_ctx_train(self.model)
+        declared = self.meta(f"{self.architecture}.pooling_type")
+        self.declared_pooling: int | None = int(declared) if declared else None
+
+    @property
+    def embedding_only(self) -> bool:
+        """The GGUF declares a pooling layer: an embedding model (BERT-style), not a chat model."""
+        return self.declared_pooling not in (None, POOLING_NONE)
+
+    def embedder(self) -> Embedder:
+        """The embedding context, created on first use (any thread)."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                config = self.config
+                # A whole input must be one micro-batch (llama.cpp pools per micro-batch), so
+                # an input may be n_ubatch tokens: the compute buffer then matches the
+                # generation context's, which the fitter planned (the logits of n_ubatch rows
+                # dominate it for large vocabularies).
+                max_tokens = max(16, min(config.n_ctx_slot, config.n_ubatch, self.n_ctx_train))
+                with logs.capture() as embed_log:
+                    self._embedder = Embedder(
+                        _llama(),
+                        self.model,
+                        pooling_for(self.declared_pooling),
+                        max_tokens=max_tokens,
+                        max_sequences=16,
+                        n_threads=config.n_threads or os.cpu_count() or 1,
+                    )
+                self.load_log.extend(embed_log)
+            return self._embedder
 
     def _load(self, llama: Any) -> None:
         config = self.config
@@ -258,6 +292,9 @@ class LlamaBackend:
 
     def close(self) -> None:
         llama = _llama()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self.batch is not None:
             llama.llama_batch_free(self.batch)
             self.batch = None

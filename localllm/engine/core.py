@@ -46,6 +46,7 @@ from localllm.engine import logs
 from localllm.engine.backend import BatchItem, Grammar, LlamaBackend, Sampler, log_softmax
 from localllm.engine.chat import ChatTemplate
 from localllm.engine.config import EngineConfig
+from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.engine.types import (
@@ -63,6 +64,7 @@ from localllm.engine.types import (
 from localllm.errors import (
     CancelledError,
     ContextLengthExceededError,
+    GenerationNotSupportedError,
     LocalLLMError,
     QueueFullError,
     RequestError,
@@ -83,6 +85,9 @@ class Backend(Protocol):
     architecture: str
     chat_template: str | None
 
+    @property
+    def embedding_only(self) -> bool: ...
+
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
     def control_tokens(self) -> Any: ...
     def token_bytes(self, token: int, special: bool = False) -> bytes: ...
@@ -96,6 +101,7 @@ class Backend(Protocol):
     def new_sampler(
         self, params: SamplingParams, seed: int, grammar: Grammar | None = None
     ) -> Sampler: ...
+    def embedder(self) -> Embedder: ...
     def close(self) -> None: ...
 
 
@@ -247,6 +253,12 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises ContextLengthExceededError, QueueFullError, CancelledError."""
+        if self.backend.embedding_only:
+            raise GenerationNotSupportedError(
+                f"{self.config.model_path.name} is an embedding model: it has no text to "
+                "generate; use /v1/embeddings, or a chat model for chat and completions",
+                param="model",
+            )
         if isinstance(request.prompt, str):
             if len(request.prompt) > self.max_prompt_chars:
                 raise ContextLengthExceededError(
@@ -316,6 +328,31 @@ class Engine:
                     "requests are already waiting; retry shortly",
                     retry_after_s=1,
                 )
+
+    def embed(self, inputs: Sequence[str | Sequence[int]]) -> EmbeddingResult:
+        """One L2-normalised vector per input (text, or token ids); blocking, any thread.
+
+        Runs on the model's embedding context (see `localllm.engine.embed`), beside any
+        generation in progress.
+        """
+        if not inputs:
+            raise RequestError("input must not be empty", param="input")
+        token_lists: list[list[int]] = []
+        for item in inputs:
+            if isinstance(item, str):
+                # text, not markup: a user cannot write control tokens (BOS is added)
+                token_lists.append(self.backend.tokenize(item, True, False))
+            else:
+                tokens = list(item)
+                bad = [t for t in tokens if not 0 <= t < self.backend.n_vocab]
+                if bad:
+                    raise RequestError(f"token id {bad[0]} is not in the vocabulary", param="input")
+                token_lists.append(tokens)
+        vectors = self.backend.embedder().embed(token_lists)
+        return EmbeddingResult(
+            vectors=tuple(tuple(float(x) for x in v) for v in vectors),
+            prompt_tokens=sum(len(t) for t in token_lists),
+        )
 
     def generate(
         self,

@@ -13,7 +13,11 @@ coroutines through `call_soon_threadsafe`.
     errors.py         exceptions to OpenAI error envelopes
     serving.py        body parsing and the handlers' shared base
     streaming.py      collected JSON or SSE, once for every endpoint
-    chat/, completions/, models/   api_router.py (thin routes) + serving.py (the handler)
+    chat/, completions/, embeddings/, models/
+                      api_router.py (thin routes) + serving.py (the handler)
+
+Serving a models folder, the app holds a `localllm.router.Router` instead of one engine: each
+request names its model, which loads on demand in a worker process of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -32,6 +36,8 @@ from localllm.server.chat.api_router import router as chat_router
 from localllm.server.chat.serving import ChatServing
 from localllm.server.completions.api_router import router as completions_router
 from localllm.server.completions.serving import CompletionServing
+from localllm.server.embeddings.api_router import router as embeddings_router
+from localllm.server.embeddings.serving import EmbeddingServing
 from localllm.server.errors import install_handlers
 from localllm.server.metrics import Metrics
 from localllm.server.middleware import WARNING_HEADER, EdgeMiddleware
@@ -39,6 +45,9 @@ from localllm.server.models.api_router import router as models_router
 from localllm.server.models.serving import ModelsServing
 from localllm.server.state import AppState, ServingEngine
 from localllm.settings import Settings
+
+if TYPE_CHECKING:
+    from localllm.router import Router
 
 __all__ = ["WARNING_HEADER", "AppState", "ServingEngine", "create_app"]
 
@@ -50,6 +59,7 @@ def create_app(
     engine: ServingEngine | None = None,
     *,
     engine_factory: Callable[[], ServingEngine] | None = None,
+    router: Router | None = None,
     model_id: str = "model",
     model_names: set[str] | frozenset[str] = frozenset(),
     plan_summary: dict[str, Any] | None = None,
@@ -60,8 +70,8 @@ def create_app(
     While loading, /health answers 503 and the API 503 with Retry-After. An engine passed in is
     the caller's to close; one built by engine_factory is closed when the app shuts down.
     """
-    if (engine is None) == (engine_factory is None):
-        raise ValueError("give exactly one of engine and engine_factory")
+    if sum(x is not None for x in (engine, engine_factory, router)) != 1:
+        raise ValueError("give exactly one of engine, engine_factory and router")
     state_holder: list[AppState] = []
 
     @contextlib.asynccontextmanager
@@ -70,6 +80,8 @@ def create_app(
         loader: asyncio.Task[None] | None = None
         if engine_factory is not None:
             loader = asyncio.create_task(_load(state, engine_factory))
+        elif router is not None:
+            loader = asyncio.create_task(_start_router(state, router))
         else:
             state.loaded.set()
         try:
@@ -82,6 +94,8 @@ def create_app(
             if state.own_engine and state.engine is not None:
                 engine_to_close, state.engine = state.engine, None
                 await asyncio.to_thread(engine_to_close.close)
+            if router is not None:
+                await router.close()
 
     app = FastAPI(title="localllm", lifespan=lifespan, docs_url=None, redoc_url=None)
     state = AppState(
@@ -94,15 +108,21 @@ def create_app(
         api_keys=settings.all_api_keys(),
         allowed_hosts=allowed_hosts(settings),
         engine=engine,
+        router=router,
     )
     state_holder.append(state)
     app.state.localllm = state
     app.state.chat = ChatServing(state)
     app.state.completion = CompletionServing(state)
     app.state.models = ModelsServing(state)
+    app.state.embeddings = EmbeddingServing(state)
+    if router is not None:
+        from localllm.router.metrics import RouterCollector
+
+        state.metrics.registry.register(RouterCollector(router))
     install_handlers(app)
-    for router in (models_router, chat_router, completions_router):
-        app.include_router(router)
+    for routes in (models_router, chat_router, completions_router, embeddings_router):
+        app.include_router(routes)
     # Order: the edge middleware (body limit, metrics, warning header) runs inside CORS, so
     # CORS headers are added to its error responses too.
     app.add_middleware(EdgeMiddleware, state=state)
@@ -122,6 +142,17 @@ async def _load(state: AppState, factory: Callable[[], ServingEngine]) -> None:
         state.own_engine = True
     except Exception as exc:  # reported by /health and by serve(), which exits non-zero
         log.error("model load failed: %s", exc)
+        state.load_error = str(exc)
+    finally:
+        state.loaded.set()
+
+
+async def _start_router(state: AppState, router: Router) -> None:
+    """Load the start model (load_on_start); until then /health answers 503."""
+    try:
+        await router.start()
+    except Exception as exc:  # reported by /health and by serve(), which exits non-zero
+        log.error("start model load failed: %s", exc)
         state.load_error = str(exc)
     finally:
         state.loaded.set()

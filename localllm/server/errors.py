@@ -19,7 +19,9 @@ from localllm.errors import (
     APIError,
     CancelledError,
     ContextLengthExceededError,
+    DoesNotFitError,
     LocalLLMError,
+    ModelCrashedError,
     ModelLoadError,
     ModelNotFoundError,
     QueueFullError,
@@ -48,6 +50,8 @@ _BY_CLASS: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (ModelNotFoundError, _Mapping(404, "invalid_request_error", "model_not_found")),
     (ModelLoadError, _Mapping(503, "server_error", "model_not_loaded")),
     (RpcError, _Mapping(503, "server_error", "rpc_host_unavailable")),
+    (ModelCrashedError, _Mapping(503, "server_error", "model_crashed")),
+    (DoesNotFitError, _Mapping(503, "server_error", "does_not_fit")),
     (LocalLLMError, _Mapping(500, "server_error", "internal_error")),
 )
 

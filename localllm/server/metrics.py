@@ -68,7 +68,8 @@ class Metrics:
         )
         self.ttft = Histogram(
             "localllm_time_to_first_token_seconds",
-            "Time from request to first generated token.",
+            "Time from request to first generated token, by model.",
+            ["model"],
             buckets=_TTFT_BUCKETS,
             registry=self.registry,
         )

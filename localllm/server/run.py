@@ -1,5 +1,10 @@
 """`serve(settings)`: resolve the model, plan, load in the background, run uvicorn.
 
+With a model named (`serve MODEL`, or `model` in the settings) the server holds that one model
+in-process for its whole life. Without one it serves the models folder through a router: the
+default model (the embedded one) loads at start when `load_on_start`, and any model of the folder
+loads when a request names it.
+
 Startup order: bind the socket and answer /health with 503 while the model loads; send systemd
 READY=1 only once the model is loaded AND the socket listens; then ping the watchdog from the
 event loop. On SIGTERM uvicorn stops accepting, in-flight requests get `shutdown_grace_s` to
@@ -98,19 +103,27 @@ def serve(settings: Settings) -> None:
 
     _configure_logging(settings)
     check_bind(settings)
-    model_path = ensure_local(settings.model, settings)  # pulls ORG/REPO[:QUANT] when needed
-    config, plan_summary, warnings = plan_engine_config(model_path, settings)
-    for warning in warnings:
-        log.warning("%s", warning)
-    model_id = settings.model_alias or model_path.stem
-    app = create_app(
-        settings,
-        engine_factory=lambda: Engine.load(config),
-        model_id=model_id,
-        model_names={model_path.stem, model_path.name},
-        plan_summary=plan_summary,
-        warnings=warnings,
-    )
+    if settings.model is None:
+        # The models folder: every model by name, each loaded on demand in a worker process.
+        from localllm.router import Router
+
+        router = Router(settings)
+        model_id = router.start_model_name()
+        app = create_app(settings, router=router, model_id=model_id)
+    else:
+        model_path = ensure_local(settings.model, settings)  # pulls ORG/REPO[:QUANT] if needed
+        config, plan_summary, warnings = plan_engine_config(model_path, settings)
+        for warning in warnings:
+            log.warning("%s", warning)
+        model_id = settings.model_alias or model_path.stem
+        app = create_app(
+            settings,
+            engine_factory=lambda: Engine.load(config),
+            model_id=model_id,
+            model_names={model_path.stem, model_path.name},
+            plan_summary=plan_summary,
+            warnings=warnings,
+        )
     uv_config = uvicorn.Config(
         app,
         host=settings.host,
@@ -174,6 +187,9 @@ async def _supervise(
         if state.engine is not None:
             log.info("grace period over: cancelling the requests still running")
             state.engine.cancel_all()
+        elif state.router is not None:
+            log.info("grace period over: cancelling the requests still running")
+            state.router.cancel_all()
     finally:
         if watchdog is not None:
             watchdog.cancel()

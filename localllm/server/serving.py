@@ -4,9 +4,11 @@ handlers (engine lookup, model name check, sampling parameters, limits, usage)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -16,7 +18,7 @@ from pydantic import BaseModel
 from localllm.engine.grammar import json_object_grammar, json_schema_grammar
 from localllm.engine.handle import RequestHandle
 from localllm.engine.types import GenerationRequest, SamplingParams
-from localllm.errors import APIError, ModelNotFoundError
+from localllm.errors import APIError, ModelNotFoundError, SettingsError
 from localllm.server import types as t
 from localllm.server.state import AppState, ServingEngine
 from localllm.server.streaming import Shaper, respond
@@ -126,12 +128,42 @@ class Serving:
                 f"{self.state.model_id!r} (GET /v1/models)"
             )
 
-    def check_common(self, body: t._Sampling) -> ServingEngine:
-        """Checks every generating request passes before any work; the engine to run it."""
-        self.check_model(body.model)
+    def check_common(self, body: t._Sampling) -> None:
+        """Checks every generating request passes before any work."""
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
-        return self.engine()
+
+    @contextlib.asynccontextmanager
+    async def use_engine(
+        self, model: str | None, keep_alive: str | int | float | None, purpose: str = "generate"
+    ) -> AsyncIterator[tuple[ServingEngine, str]]:
+        """The engine for one request, and the model id to answer with.
+
+        Serving a folder (a router): the named model, else the start model, loaded if needed
+        and counted in flight until the generation submitted inside ends (a stream outlives
+        this block). One model: its engine, if the name is one of its names.
+        """
+        router = self.state.router
+        if router is None:
+            self.check_model(model)
+            if keep_alive is not None:
+                raise APIError(
+                    400,
+                    "keep_alive applies when serving a models folder (`localllm serve` without "
+                    "a model); this server holds its one model for its whole life",
+                    param="keep_alive",
+                    code="invalid_value",
+                )
+            yield self.engine(), self.state.model_id
+            return
+        from localllm.router import UNSET, parse_keep_alive
+
+        try:
+            keep = UNSET if keep_alive is None else parse_keep_alive(keep_alive)
+        except SettingsError as exc:
+            raise APIError(400, str(exc), param="keep_alive", code="invalid_value") from None
+        async with router.lease(model or self.state.model_id, keep, purpose) as lease:
+            yield lease, lease.model.name
 
     def max_tokens(self, value: int | None, param: str) -> int | None:
         limit = self.state.settings.max_tokens_limit
@@ -183,12 +215,12 @@ class Serving:
 
         return await asyncio.to_thread(submit)
 
-    def response_ids(self, prefix: str, handle: RequestHandle) -> dict[str, Any]:
+    def response_ids(self, prefix: str, handle: RequestHandle, model_id: str) -> dict[str, Any]:
         """The fields every response body of this request repeats (a shaper's first four)."""
         return {
             "id": f"{prefix}-{handle.id}",
             "created": int(time.time()),
-            "model": self.state.model_id,
+            "model": model_id,
             "extra": self.extra(),
         }
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from localllm.engine.handle import RequestHandle
 from localllm.engine.types import EngineStats, GenerationRequest
 from localllm.server.metrics import Metrics
 from localllm.settings import Settings
+
+if TYPE_CHECKING:
+    from localllm.router import Router
 
 
 class ServingEngine(Protocol):
@@ -43,6 +46,7 @@ class AppState:
     api_keys: list[str]
     allowed_hosts: frozenset[str] | None = None  # None: any Host (a public bind)
     engine: ServingEngine | None = None
+    router: Router | None = None  # serving a models folder: models load by name, in workers
     own_engine: bool = False  # close it on shutdown (it was loaded by this app)
     load_error: str | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)

@@ -28,6 +28,8 @@ from localllm.server.state import AppState
 class Shaper(Protocol):
     """The response bodies of one endpoint family for one request."""
 
+    model: str  # the model answering (the `model` label of its metrics)
+
     def opening(self) -> list[BaseModel]:
         """Stream events sent before the first token (a role delta, an echoed prompt)."""
         ...
@@ -87,7 +89,7 @@ async def respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     text, logprobs, finish = await _collect(request, handle)
-    state.metrics.ttft.observe(finish.time_to_first_token_s)
+    state.metrics.ttft.labels(shaper.model).observe(finish.time_to_first_token_s)
     return JSONResponse(shaper.complete(text, logprobs, finish).model_dump(exclude_none=True))
 
 
@@ -109,7 +111,7 @@ async def _events(
                 yield sse(shaper.text_chunk(event))
                 continue
             yield sse(shaper.finish_chunk(event))
-            state.metrics.ttft.observe(event.time_to_first_token_s)
+            state.metrics.ttft.labels(shaper.model).observe(event.time_to_first_token_s)
             if include_usage:
                 yield sse(shaper.usage_chunk(event))
     except Exception as exc:  # a timeout, shutdown, engine failure, or a bug (logged as such)

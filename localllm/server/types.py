@@ -73,6 +73,8 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # Ollama's: how long the model stays loaded after this request ("5m", 0, -1); folder only.
+    keep_alive: str | int | float | None = None
 
     @field_validator("max_tokens")
     @classmethod
@@ -118,6 +120,48 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     tokens: list[int]
+
+
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    keep_alive: str | int | float | None = None  # Ollama's, as for chat; folder only
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: EmbeddingInput) -> EmbeddingInput:
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("input must not be an empty string")
+        elif not value:
+            raise ValueError("input must not be an empty list")
+        elif any(isinstance(item, str | list) and not item for item in value):
+            raise ValueError("input must not hold an empty string or an empty token list")
+        elif len(value) > 2048:
+            raise ValueError("input holds more than 2048 entries (OpenAI's limit)")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per vector to compute."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(item, int) for item in value):
+            return [[int(item) for item in value if isinstance(item, int)]]  # one token list
+        return [item for item in value if isinstance(item, str | list)]
+
+
+class ModelActionRequest(_Request):
+    """POST /models/load and /models/unload, as llama-server's router takes them."""
+
+    model: str
+    keep_alive: str | int | float | None = None
 
 
 # Responses.
@@ -221,6 +265,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "localllm"
+    # llama-server's router status: {"value": "loaded" | "loading" | "unloaded"}, and after a
+    # crash "failed" and "exit_code"
+    status: dict[str, Any] = {"value": "loaded"}
     localllm: dict[str, Any] | None = None
 
 

@@ -22,24 +22,28 @@ class ChatServing(Serving):
     async def create_chat_completion(
         self, body: t.ChatCompletionRequest, request: Request
     ) -> Response:
-        engine = self.check_common(body)
+        self.check_common(body)
         uses_completion_tokens = body.max_completion_tokens is not None
         max_tokens = self.max_tokens(
             body.max_completion_tokens if uses_completion_tokens else body.max_tokens,
             "max_completion_tokens" if uses_completion_tokens else "max_tokens",
         )
-        # Rendering a template and tokenizing a long chat take time: not on the event loop.
-        prompt = await asyncio.to_thread(engine.chat_prompt, self.template_messages(body))
-        handle = await self.submit(
-            engine,
-            body,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            add_special=False,  # the template wrote BOS where the model wants it
-        )
-        shaper = ChatShaper(**self.response_ids("chatcmpl", handle), logprobs=body.logprobs)
-        return await self.respond(request, body, handle, shaper)
+        messages = self.template_messages(body)
+        async with self.use_engine(body.model, body.keep_alive) as (engine, model_id):
+            # Rendering a template and tokenizing a long chat take time: not on the event loop.
+            prompt = await asyncio.to_thread(engine.chat_prompt, messages)
+            handle = await self.submit(
+                engine,
+                body,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                add_special=False,  # the template wrote BOS where the model wants it
+            )
+            shaper = ChatShaper(
+                **self.response_ids("chatcmpl", handle, model_id), logprobs=body.logprobs
+            )
+            return await self.respond(request, body, handle, shaper)
 
     def template_messages(self, body: t.ChatCompletionRequest) -> list[dict[str, Any]]:
         """The request's messages as the chat template reads them."""

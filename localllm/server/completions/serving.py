@@ -18,23 +18,24 @@ from localllm.server.streaming import ShaperBase, usage_body
 
 class CompletionServing(Serving):
     async def create_completion(self, body: t.CompletionRequest, request: Request) -> Response:
-        engine = self.check_common(body)
+        self.check_common(body)
         max_tokens = self.max_tokens(body.max_tokens, "max_tokens")
         prompt = _prompt(body)
-        handle = await self.submit(
-            engine,
-            body,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            logprobs=body.logprobs,
-        )
-        echo = body.echo and isinstance(prompt, str)
-        shaper = CompletionShaper(
-            **self.response_ids("cmpl", handle),
-            logprobs=body.logprobs is not None,
-            prefix=prompt if echo and isinstance(prompt, str) else "",
-        )
-        return await self.respond(request, body, handle, shaper)
+        async with self.use_engine(body.model, body.keep_alive) as (engine, model_id):
+            handle = await self.submit(
+                engine,
+                body,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                logprobs=body.logprobs,
+            )
+            echo = body.echo and isinstance(prompt, str)
+            shaper = CompletionShaper(
+                **self.response_ids("cmpl", handle, model_id),
+                logprobs=body.logprobs is not None,
+                prefix=prompt if echo and isinstance(prompt, str) else "",
+            )
+            return await self.respond(request, body, handle, shaper)
 
 
 def _prompt(body: t.CompletionRequest) -> str | tuple[int, ...]:

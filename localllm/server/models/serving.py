@@ -1,10 +1,19 @@
-"""The handler behind /health, /metrics, /v1/models, /tokenize and /detokenize."""
+"""The handler behind /health, /metrics, /v1/models, /models/load, /models/unload, /tokenize
+and /detokenize.
+
+Serving a folder (a router), /v1/models lists every model with its state (llama-server's
+`status`) and, under `localllm`, what it can do, the fitter's plan for it on this machine, and
+while loaded where and how much memory it holds (what `localllm ps` prints). /models/load and
+/models/unload take llama-server's router bodies (`{"model": ...}`) and answer
+`{"success": true}`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+from localllm.errors import APIError, LocalLLMError, SettingsError
 from localllm.server import types as t
 from localllm.server.serving import Serving
 
@@ -13,8 +22,15 @@ class ModelsServing(Serving):
     def health(self) -> tuple[int, dict[str, Any]]:
         """(status, body): 503 while loading or after a failed load, else slots and the plan."""
         state = self.state
+        if state.router is not None and state.loaded.is_set() and not state.load_error:
+            body: dict[str, Any] = {
+                "status": "ok",
+                "model": state.model_id,
+                "models_loaded": [m.name for m in state.router.loaded()],
+            }
+            return 200, body
         if state.engine is None:
-            body: dict[str, Any] = {"status": "error" if state.load_error else "loading"}
+            body = {"status": "error" if state.load_error else "loading"}
             if state.load_error and not state.public:
                 body["error"] = state.load_error
             return 503, body
@@ -30,15 +46,55 @@ class ModelsServing(Serving):
             body.update(plan=state.plan_summary, warnings=state.warnings)
         return 200, body
 
-    def metrics(self) -> bytes:
-        return self.state.metrics.render()
+    async def metrics(self) -> bytes:
+        # Off the event loop: with a router, a scrape asks each worker for its figures.
+        return await asyncio.to_thread(self.state.metrics.render)
 
-    def list_models(self) -> t.ModelList:
+    async def list_models(self) -> t.ModelList:
+        if self.state.router is not None:
+            return t.ModelList(data=await asyncio.to_thread(self._router_cards))
         return t.ModelList(data=[self._card()])
 
-    def model(self, name: str) -> t.ModelCard:
+    async def model(self, name: str) -> t.ModelCard:
+        if self.state.router is not None:
+            router = self.state.router
+            entry = await asyncio.to_thread(router.registry.get, name)
+            return await asyncio.to_thread(self._router_card, entry.name)
         self.check_model(name)
         return self._card()
+
+    async def load(self, body: t.ModelActionRequest) -> dict[str, Any]:
+        router = self._router("load")
+        keep = self._keep_alive(body.keep_alive)
+        await router.load(body.model, keep)
+        return {"success": True}
+
+    async def unload(self, body: t.ModelActionRequest) -> dict[str, Any]:
+        router = self._router("unload")
+        if body.keep_alive is not None:
+            raise APIError(400, "unload takes no keep_alive", param="keep_alive")
+        await router.unload(body.model)
+        return {"success": True}
+
+    async def tokenize(self, body: t.TokenizeRequest) -> list[int]:
+        model = getattr(body, "model", None)
+        async with self.use_engine(model if isinstance(model, str) else None, None, "any") as (
+            engine,
+            _,
+        ):  # a 4 MiB text takes seconds: not on the event loop
+            return await asyncio.to_thread(
+                engine.tokenize, body.content, body.add_special, body.parse_special
+            )
+
+    async def detokenize(self, body: t.DetokenizeRequest) -> str:
+        model = getattr(body, "model", None)
+        async with self.use_engine(model if isinstance(model, str) else None, None, "any") as (
+            engine,
+            _,
+        ):
+            return await asyncio.to_thread(engine.detokenize, body.tokens)
+
+    # ------------------------------------------------------------------ one model
 
     def _card(self) -> t.ModelCard:
         state = self.state
@@ -49,13 +105,64 @@ class ModelsServing(Serving):
         }
         if state.engine is not None:
             extra["n_ctx_slot"] = state.engine.n_ctx_slot
-        return t.ModelCard(id=state.model_id, created=state.created, localllm=extra)
+        status = {"value": "loaded" if state.engine is not None else "loading"}
+        return t.ModelCard(id=state.model_id, created=state.created, status=status, localllm=extra)
 
-    async def tokenize(self, body: t.TokenizeRequest) -> list[int]:
-        engine = self.engine()  # a 4 MiB text takes seconds: not on the event loop
-        return await asyncio.to_thread(
-            engine.tokenize, body.content, body.add_special, body.parse_special
+    # ------------------------------------------------------------------ a models folder
+
+    def _router(self, action: str) -> Any:
+        if self.state.router is None:
+            raise APIError(
+                400,
+                f"this server serves one model for its whole life; to {action} models by name, "
+                "start `localllm serve` without a model (it serves the models folder)",
+                code="invalid_value",
+            )
+        return self.state.router
+
+    def _keep_alive(self, value: str | int | float | None) -> Any:
+        from localllm.router import UNSET, parse_keep_alive
+
+        try:
+            return UNSET if value is None else parse_keep_alive(value)
+        except SettingsError as exc:
+            raise APIError(400, str(exc), param="keep_alive", code="invalid_value") from None
+
+    def _router_cards(self) -> list[t.ModelCard]:
+        router = self.state.router
+        assert router is not None
+        names = [e.name for e in router.registry.entries()]
+        for model in router.loaded():  # a model named at start may live outside the folder
+            if model.name not in names:
+                names.append(model.name)
+        return [self._router_card(name) for name in names]
+
+    def _router_card(self, name: str) -> t.ModelCard:
+        """Blocking: the first call plans the model (reads its header)."""
+        from localllm.loading import plan_summary
+
+        router = self.state.router
+        assert router is not None
+        entry = router.registry.get(name)
+        extra: dict[str, Any] = {
+            "path": str(entry.path),
+            "architecture": entry.architecture,
+            "quant": entry.file_type,
+            "capabilities": entry.capabilities,
+        }
+        try:
+            plan, config = router.registry.planned(entry)
+            extra["plan"] = plan_summary(entry.path, plan, config)
+            extra["warnings"] = entry.warnings
+        except LocalLLMError as exc:
+            extra["plan_error"] = str(exc)
+        rows = {row["model"]: row for row in router.ps()}
+        if entry.name in rows:
+            extra["loaded"] = rows[entry.name]
+        if self.state.public:  # file paths and this machine's memory stay private
+            for key in ("path", "plan", "loaded"):
+                extra.pop(key, None)
+        created = int(entry.signature[1] // 1_000_000_000)
+        return t.ModelCard(
+            id=entry.name, created=created, status=router.state_of(entry.name), localllm=extra
         )
-
-    async def detokenize(self, body: t.DetokenizeRequest) -> str:
-        return await asyncio.to_thread(self.engine().detokenize, body.tokens)
