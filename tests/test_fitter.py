@@ -19,6 +19,7 @@ from tests import gguf_factory as gf
 MIB = 1024 * 1024
 HOST = HostInfo(64 * GIB, 56 * GIB, 8, 16, 60e9, 1e12, "assumed")
 RTX3090 = Hardware(parse_gpu_names("rtx3090"), HOST, 16)
+RTX3090_NO_REPACK = Hardware(parse_gpu_names("rtx3090"), HOST, 16, cpu_repack=False)
 TWO_3090 = Hardware(parse_gpu_names("2xrtx3090"), HOST, 16)
 
 
@@ -199,7 +200,7 @@ def test_context_shrinks_before_layers_leave_the_gpu(headers: dict[str, ModelHea
 def test_moe_keeps_experts_in_host_memory_when_faster(headers: dict[str, ModelHeader]) -> None:
     header = headers["mixtral"]
     request = FitRequest(n_ctx=8192)
-    plan = fit_header(header, RTX3090, request)
+    plan = fit_header(header, RTX3090_NO_REPACK, request)
     assert plan.n_cpu_moe > 0 and plan.n_gpu_layers == header.n_layer + 1
     (pattern, buffer), = plan.tensor_overrides
     assert buffer == "CPU"
@@ -208,6 +209,15 @@ def test_moe_keeps_experts_in_host_memory_when_faster(headers: dict[str, ModelHe
     assert moved == {n for n in names if int(n.split(".")[1]) < plan.n_cpu_moe}
     assert plan.host.weights_bytes == header.token_embd_bytes + sum(
         header.expert_layer_bytes[: plan.n_cpu_moe])
+    # With repacked CPU weights the experts' Q4_K tensors move to CPU_REPACK and the mapping
+    # runs from the token embedding to the last host tensor not repacked (get_mapping_range).
+    repacked = fit_header(header, RTX3090, request)
+    host = [t for t in header.tensors if t.name == "token_embd.weight"
+            or ("_exps" in t.name and (t.layer or 0) < repacked.n_cpu_moe)]
+    kept = [t for t in host if t.name == "token_embd.weight" or t.ggml_type != "Q4_K"]
+    span = max(t.offset + t.n_bytes for t in kept) - min(t.offset for t in kept)
+    assert repacked.host.weights_bytes == span + sum(
+        t.n_bytes for t in host if t.ggml_type == "Q4_K" and t.name != "token_embd.weight")
     # the whole-layer alternative that fits is slower
     whole = fit_header(header, RTX3090, FitRequest(n_ctx=8192, cpu_moe=False))
     assert whole.n_cpu_moe == 0 and whole.n_gpu_layers <= header.n_layer

@@ -153,7 +153,7 @@ def _check_memory(row: dict[str, Any], plan: Plan, gpu: bool) -> None:
                 not row["measured"]["use_mmap"] or _repacked(row)
             ):
                 # Read, not mapped: host weights sit in other buffers than the product's.
-                # Repacked: test_cpu_repacked_weights_match_the_fitter, a known gap.
+                # Repacked: test_cpu_repacked_weights_match_the_fitter.
                 continue
             _assert_exact(
                 kind, device, pred[kind], meas.get(kind, 0), _buffer_lines(row, device, kind)
@@ -231,21 +231,15 @@ def test_cpu_memory_matches_the_fitter(report: dict[str, Any], row: dict[str, An
     _check_memory(row, plan, gpu=False)
 
 
-REPACK_GAP = (
-    "known fitter gap (found by this harness): with repacked CPU weights llama.cpp maps only the "
-    "span of the file between the first and last tensors it does not repack (CPU_Mapped), so "
-    "repacked tensors at the ends count once, not twice; and MoE expert tensors are repacked "
-    "too. The fitter counts the whole file plus the non-expert repacked bytes."
-)
-
-
-@pytest.mark.xfail(strict=False, reason=REPACK_GAP)
 @pytest.mark.parametrize(
     ("report", "row"),
     _or_skip([p for p in CPU_ROWS if _repacked(p.values[1])], "no CPU row with repacked weights"),
 )
 def test_cpu_repacked_weights_match_the_fitter(report: dict[str, Any], row: dict[str, Any],
                                                headers: Any) -> None:
+    """With repacked CPU weights llama.cpp maps the file only from the first to the last tensor
+    it does not repack (CPU_Mapped) and copies the repacked ones (CPU_REPACK, MoE experts too):
+    the fitter's host weights must equal the two buffers together."""
     _check_host_weights(row, fitter_now(row, headers(row), "plan_hardware"))
 
 

@@ -20,6 +20,7 @@ exact, compute within 8% over 25 configurations of five architectures):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -38,14 +39,27 @@ def row_bytes(type_name: str, n_elements: int) -> int:
 
 
 # ggml-cpu's repack (ggml/src/ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type): on x86
-# with AVX2 the matrix weights of these types held in host memory are copied into an interleaved
-# CPU_REPACK buffer of the same size when their row count is a multiple of 8, while the mmap'd
-# file stays mapped (Gemma 3 270M Q4_K_M: its Q4_K tensors, 12.66 MiB, measured).
+# with AVX2 the matrix weights (MoE experts too) of these types held in host memory are copied
+# into an interleaved CPU_REPACK buffer of the same size when their row count is a multiple of 8
+# (Gemma 3 270M Q4_K_M: its Q4_K tensors, 12.66 MiB, measured). The token embedding is read by
+# row (GET_ROWS) and never repacked.
 REPACK_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
 def repacked_bytes(ggml_type: str, shape: tuple[int, ...], n_bytes: int) -> int:
-    return n_bytes if ggml_type in REPACK_TYPES and len(shape) == 2 and shape[1] % 8 == 0 else 0
+    repackable = ggml_type in REPACK_TYPES and len(shape) in (2, 3) and shape[1] % 8 == 0
+    return n_bytes if repackable else 0
+
+
+@dataclass(frozen=True)
+class _TensorSpan:
+    split: int
+    start: int  # offset in its file's data section
+    end: int
+    layer: int | None
+    expert: bool
+    output: bool  # output.weight / output_norm.*
+    repacked: bool
 
 
 def pad(value: int, to: int = KV_PAD) -> int:
@@ -59,11 +73,10 @@ class HeaderFacts:
         self.header = header
         n = header.n_layer
         layer_bytes = [0] * n
-        repack_bytes = [0] * n
         expert_bytes = [0] * n
         layer_elements = [0] * n
         expert_elements = [0] * n
-        token_embd_bytes = output_bytes = other_bytes = output_repack_bytes = 0
+        token_embd_bytes = output_bytes = other_bytes = 0
         output_elements = 0
         has_output = False
         token_embd_elements = 0
@@ -75,27 +88,16 @@ class HeaderFacts:
                 if "_exps" in tensor.name:
                     expert_bytes[layer] += tensor.n_bytes
                     expert_elements[layer] += tensor.n_elements
-                else:  # expert tensors (3-D, MUL_MAT_ID) are not repacked
-                    repack_bytes[layer] += repacked_bytes(
-                        tensor.ggml_type, tensor.shape, tensor.n_bytes
-                    )
             elif tensor.name == "token_embd.weight":
                 token_embd_bytes += tensor.n_bytes
                 token_embd_elements += tensor.n_elements
             elif tensor.name.startswith("output"):  # output.weight, output_norm.*
                 output_bytes += tensor.n_bytes
                 output_elements += tensor.n_elements
-                if tensor.name == "output.weight":
-                    has_output = True
-                    output_repack_bytes = repacked_bytes(
-                        tensor.ggml_type, tensor.shape, tensor.n_bytes
-                    )
+                has_output = has_output or tensor.name == "output.weight"
             else:
                 other_bytes += tensor.n_bytes
         self.layer_bytes = tuple(layer_bytes)
-        # The extra CPU_REPACK copy a layer (or the output layer) costs when it stays on the host.
-        self.layer_repack_bytes = tuple(repack_bytes)
-        self.output_repack_bytes = output_repack_bytes
         self.expert_bytes = tuple(expert_bytes)
         self.layer_elements = tuple(layer_elements)
         self.expert_elements = tuple(expert_elements)
@@ -107,6 +109,42 @@ class HeaderFacts:
         self.output_elements = output_elements + (token_embd_elements if self.output_tied else 0)
         self.other_bytes = other_bytes
         self.total_bytes = header.total_bytes
+        self.spans = tuple(
+            _TensorSpan(
+                t.split_index,
+                t.offset,
+                t.offset + t.n_bytes,
+                t.layer if t.layer is not None and t.layer < n else None,
+                "_exps" in t.name,
+                t.name.startswith("output"),
+                t.name != "token_embd.weight"
+                and bool(repacked_bytes(t.ggml_type, t.shape, t.n_bytes)),
+            )
+            for t in header.tensors
+        )
+
+    def repacked_host_bytes(
+        self, layer_on_host: Sequence[bool], experts_on_host: Sequence[bool], output_on_host: bool
+    ) -> int:
+        """Host weights with repacking on, as llama.cpp allocates them: the repacked tensors in
+        CPU_REPACK, and one CPU_Mapped mapping per file from the first to the last host tensor
+        it does not repack (llama-model-loader.cpp get_mapping_range), so a repacked tensor at
+        either end of the file is held once, one in the middle twice."""
+        mapped: dict[int, tuple[int, int]] = {}
+        repacked = 0
+        for span in self.spans:
+            if span.layer is not None:
+                on_host = (experts_on_host if span.expert else layer_on_host)[span.layer]
+            else:
+                on_host = output_on_host if span.output else True
+            if not on_host:
+                continue
+            if span.repacked:
+                repacked += span.end - span.start
+                continue
+            low, high = mapped.get(span.split, (span.start, span.end))
+            mapped[span.split] = (min(low, span.start), max(high, span.end))
+        return repacked + sum(high - low for low, high in mapped.values())
 
     @cached_property
     def max_n_head(self) -> int:

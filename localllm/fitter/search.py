@@ -179,11 +179,11 @@ class _Fitter:
         weights[out_dev] += facts.output_bytes if out_dev >= 0 else host_output_bytes
         weights[-1] += facts.token_embd_bytes + facts.other_bytes
         if hardware.cpu_repack:
-            weights[-1] += sum(
-                facts.layer_repack_bytes[il]
-                for il, dev in enumerate(layout.layer_device)
-                if dev < 0
-            ) + (facts.output_repack_bytes if out_dev < 0 else 0)
+            weights[-1] = facts.repacked_host_bytes(
+                [dev < 0 for dev in layout.layer_device],
+                [dev < 0 or il < n_cpu_moe for il, dev in enumerate(layout.layer_device)],
+                out_dev < 0,
+            )
         read[out_dev] += facts.output_bytes
         elements[out_dev] += facts.output_elements
         prefill_elements[out_dev] += facts.output_elements
