@@ -23,7 +23,8 @@
     │   ├── EmbeddingsNotSupportedError  embeddings asked of a model that has none (a reranker)
     │   ├── GenerationNotSupportedError  chat or completion asked of an embedding-only model
     │   ├── CancelledError               the client went away or the server is stopping
-    │   └── RequestTimeoutError          the request ran past request_timeout_s
+    │   ├── RequestTimeoutError          the request ran past request_timeout_s
+    │   └── UnsupportedSchemaError       a JSON Schema keyword a grammar cannot enforce
     └── APIError                  the HTTP layer refuses a request itself (status, type, code)
         └── BodyTooLargeError     the body is over max_body_bytes
 
@@ -188,3 +189,8 @@ class BodyTooLargeError(APIError):
             f"request body is larger than {limit} bytes (max_body_bytes)",
             code="request_too_large",
         )
+
+
+class UnsupportedSchemaError(RequestError):
+    """A JSON Schema (response_format or a tool's parameters) uses a keyword that a grammar
+    cannot enforce; refused rather than silently ignored."""

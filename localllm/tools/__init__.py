@@ -1,0 +1,46 @@
+"""Tool calling and structured output: tools and tool messages into the model's own chat
+template (or a documented generic format), the model's tool-call syntax parsed back while it
+streams, and GBNF grammars from JSON Schemas (forced calls, `response_format: json_schema`)."""
+
+from localllm.tools.formats import TemplateCaps, ToolFormat, ToolSyntax, detect_format, tool_syntax
+from localllm.tools.parser import (
+    ContentDelta,
+    Delta,
+    ParsedOutput,
+    ToolCallDelta,
+    ToolCallParser,
+    parse_output,
+)
+from localllm.tools.render import render_prompt
+from localllm.tools.schema import GrammarBuilder, json_schema_grammar
+from localllm.tools.spec import (
+    Tool,
+    ToolCall,
+    ToolChoice,
+    check_messages,
+    parse_tool_choice,
+    parse_tools,
+)
+
+__all__ = [
+    "ContentDelta",
+    "Delta",
+    "GrammarBuilder",
+    "ParsedOutput",
+    "TemplateCaps",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallParser",
+    "ToolChoice",
+    "ToolFormat",
+    "ToolSyntax",
+    "check_messages",
+    "detect_format",
+    "json_schema_grammar",
+    "parse_output",
+    "parse_tool_choice",
+    "parse_tools",
+    "render_prompt",
+    "tool_syntax",
+]

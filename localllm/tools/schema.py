@@ -1,0 +1,553 @@
+"""JSON Schema to a GBNF grammar that only generates documents the schema accepts.
+
+The grammar is a subset of the schema's language: every document it lets the model write
+validates, but not every valid document can be written (object properties come in the schema's
+order; declared properties only, when there are any; at most one space between tokens, so small
+models cannot run away in whitespace). Keywords that constrain documents and that the grammar
+cannot enforce (`pattern`, `multipleOf`, `uniqueItems`, `not`, ...) raise
+`UnsupportedSchemaError` naming the keyword and where it is: the request gets a 400 instead of an
+answer that silently ignores part of its schema. Keywords that only annotate (`title`,
+`description`, `default`, `examples`, ...) are ignored.
+
+Supported: `type` (one or a list), `enum`, `const`, `$ref` to `#/...` (recursion included),
+`$defs`/`definitions`, `anyOf`, `oneOf` (generated as anyOf: alternatives the model could match
+twice are the schema author's to keep disjoint), `allOf` of object schemas (merged),
+`properties`/`required`/`additionalProperties`, `items`/`prefixItems` with
+`minItems`/`maxItems`, `minLength`/`maxLength` (any size: llama.cpp treats a repetition bound
+above 2000 as unbounded, so long bounds are split into chunks), string `format` date, time,
+date-time and uuid, integer `minimum`/`maximum` (and the exclusive forms) for ranges the grammar
+can list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from localllm.errors import UnsupportedSchemaError
+
+# llama.cpp's grammar parser (llama-grammar.cpp, MAX_REPETITION_THRESHOLD) refuses a minimum
+# repetition above this and silently drops a larger maximum, so every {m,n} we write stays <= it.
+MAX_REPETITION = 2000
+_CHUNK = 1000
+# An integer range is listed value by value; larger ranges are refused rather than ignored.
+MAX_INTEGER_RANGE = 2000
+
+_ANNOTATIONS = frozenset(
+    {
+        "$schema", "$id", "$comment", "$anchor", "title", "description", "default", "examples",
+        "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding", "strict",
+        "discriminator", "nullable",
+    }
+)  # fmt: skip
+_STRUCTURAL = frozenset(
+    {
+        "type", "enum", "const", "$ref", "$defs", "definitions", "anyOf", "oneOf", "allOf",
+        "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+        "maxItems", "minLength", "maxLength", "format", "minimum", "maximum", "exclusiveMinimum",
+        "exclusiveMaximum", "unevaluatedProperties", "uniqueItems",
+    }
+)  # fmt: skip
+
+PRIMITIVES: dict[str, str] = {
+    "ws": '| " "',
+    "boolean": '"true" | "false"',
+    "null": '"null"',
+    "integral-part": "[0] | [1-9] [0-9]{0,15}",
+    "decimal-part": "[0-9]{1,16}",
+    "integer": '"-"? integral-part',
+    "number": '"-"? integral-part ("." decimal-part)? ([eE] [-+]? integral-part)?',
+    "char": '[^"\\\\\\x7F\\x00-\\x1F] | [\\\\] (["\\\\/bfnrt] | "u" [0-9a-fA-F]{4})',
+    "string": '"\\"" char* "\\""',
+    "value": "object | array | string | number | boolean | null",
+    "object": '"{" ws ( string ":" ws value ("," ws string ":" ws value)* )? ws "}"',
+    "array": '"[" ws ( value ("," ws value)* )? ws "]"',
+}
+# Which primitives each one needs, so a grammar carries only what it uses.
+_PRIMITIVE_DEPS: dict[str, tuple[str, ...]] = {
+    "integer": ("integral-part",),
+    "number": ("integral-part", "decimal-part"),
+    "string": ("char",),
+    "value": ("object", "array", "string", "number", "boolean", "null"),
+    "object": ("ws", "string", "value"),
+    "array": ("ws", "value"),
+}
+
+_FORMATS: dict[str, str] = {
+    "date": '"\\"" [0-9]{4} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( [0-2] [0-9] | "3" [0-1] ) "\\""',
+    "time": (
+        '"\\"" ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{3})?'
+        ' ("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9]) "\\""'
+    ),
+    "date-time": (
+        '"\\"" [0-9]{4} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( [0-2] [0-9] | "3" [0-1] ) "T"'
+        ' ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{3})?'
+        ' ("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9]) "\\""'
+    ),
+    "uuid": (
+        '"\\"" [0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-"'
+        ' [0-9a-fA-F]{12} "\\""'
+    ),
+}
+
+_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9-]+")
+
+
+def gbnf_literal(text: str) -> str:
+    """A GBNF string literal matching exactly `text`."""
+    out = ['"']
+    for ch in text:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def json_literal(value: Any) -> str:
+    """A GBNF literal for one JSON value, written compactly as the model should write it."""
+    return gbnf_literal(json.dumps(value, ensure_ascii=False, separators=(", ", ": ")))
+
+
+def repeat(item: str, min_times: int, max_times: int | None) -> str:
+    """`item` between min_times and max_times times (None: unbounded), within llama.cpp's
+    repetition limit: long bounds become a chunk of 1000 repeated, plus a remainder."""
+    if max_times is not None and max_times < min_times:
+        raise ValueError("max_times < min_times")
+    if max_times is not None and max_times == 0:
+        return ""
+    if min_times <= MAX_REPETITION and (max_times is None or max_times <= MAX_REPETITION):
+        if max_times is None:
+            return f"({item})*" if min_times == 0 else f"({item}){{{min_times},}}"
+        if min_times == max_times:
+            return f"({item}){{{min_times}}}"
+        return f"({item}){{{min_times},{max_times}}}"
+    chunk = f"(({item}){{{_CHUNK}}})"
+    q_lo, r_lo = divmod(min_times, _CHUNK)
+    if max_times is None:
+        return f"{chunk}{{{q_lo}}} ({item}){{{r_lo},}}"
+    q_hi, r_hi = divmod(max_times, _CHUNK)
+    if q_hi > MAX_REPETITION:
+        raise ValueError(f"a bound of {max_times} is beyond what a grammar can count")
+    head = f"{chunk}{{{q_lo}}} " if q_lo else ""
+    if q_lo == q_hi:
+        return f"{head}({item}){{{r_lo},{r_hi}}}"
+    # q_lo chunks then: a tail of r_lo..999 items, or more chunks (all but the last full one
+    # with any tail, the last one with a tail up to r_hi).
+    alternatives = [f"({item}){{{r_lo},{_CHUNK - 1}}}"]
+    middle = q_hi - q_lo - 1
+    if middle > 0:
+        alternatives.append(f"{chunk}{{1,{middle}}} ({item}){{0,{_CHUNK - 1}}}")
+    last = f" ({item}){{0,{r_hi}}}" if r_hi else ""
+    alternatives.append(f"{chunk}{{{middle + 1}}}{last}")
+    return f"{head}({' | '.join(alternatives)})"
+
+
+class GrammarBuilder:
+    """Collects named rules; several schemas (one per tool) can share one builder."""
+
+    def __init__(self) -> None:
+        self._rules: dict[str, str] = {}
+        self._by_body: dict[str, str] = {}
+
+    def primitive(self, name: str) -> str:
+        if name not in self._rules:
+            for dep in _PRIMITIVE_DEPS.get(name, ()):
+                self.primitive(dep)
+            self._rules[name] = PRIMITIVES[name]
+        return name
+
+    def add(self, hint: str, body: str) -> str:
+        """A rule with this body (an existing one if the body was seen before)."""
+        if body in self._by_body:
+            return self._by_body[body]
+        name = self.reserve(hint)
+        self.define(name, body)
+        return name
+
+    def reserve(self, hint: str) -> str:
+        base = _NAME_UNSAFE.sub("-", hint).strip("-").lower() or "rule"
+        if base in PRIMITIVES or base == "root":
+            base += "-x"
+        name, n = base, 1
+        while name in self._rules:
+            n += 1
+            name = f"{base}-{n}"
+        self._rules[name] = ""  # placeholder until defined
+        return name
+
+    def define(self, name: str, body: str) -> None:
+        self._rules[name] = body
+        self._by_body.setdefault(body, name)
+
+    def schema(self, schema: Any, hint: str, *, where: str) -> str:
+        """The name of a rule generating JSON valid under `schema` (a JSON Schema document)."""
+        return _SchemaVisitor(self, schema, where).visit(schema, hint, "#")
+
+    def render(self, root: str) -> str:
+        lines = [f"root ::= {root}"]
+        lines += [f"{name} ::= {body}" for name, body in self._rules.items()]
+        return "\n".join(lines) + "\n"
+
+
+def json_schema_grammar(schema: Any, *, where: str = "response_format.json_schema") -> str:
+    """A complete GBNF grammar (root rule `root`) for one JSON Schema."""
+    if not isinstance(schema, dict | bool):
+        raise UnsupportedSchemaError(
+            f"{where}: a schema must be a JSON object", param=_param(where)
+        )
+    builder = GrammarBuilder()
+    rule = builder.schema(schema, "root-value", where=where)
+    return builder.render(rule)
+
+
+def _param(where: str) -> str:
+    return where.split(".", 1)[0].split("[", 1)[0]
+
+
+class _SchemaVisitor:
+    def __init__(self, builder: GrammarBuilder, root: Any, where: str) -> None:
+        self.b = builder
+        self.root = root
+        self.where = where
+        self.refs: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ errors
+
+    def fail(self, path: str, problem: str) -> UnsupportedSchemaError:
+        return UnsupportedSchemaError(
+            f"{self.where}: {problem} (at {path}); remove it or express it with the supported "
+            "keywords (type, enum, const, $ref, anyOf, properties, required, items, "
+            "minItems/maxItems, minLength/maxLength, format date/time/date-time/uuid, "
+            "integer minimum/maximum)",
+            param=_param(self.where),
+        )
+
+    def unsupported(self, path: str, keyword: str) -> UnsupportedSchemaError:
+        return self.fail(
+            path, f"the JSON Schema keyword {keyword!r} cannot be enforced by a grammar"
+        )
+
+    # ------------------------------------------------------------------ dispatch
+
+    def visit(self, schema: Any, hint: str, path: str) -> str:
+        if schema is True or schema == {}:
+            return self.b.primitive("value")
+        if schema is False:
+            raise self.fail(path, "the schema `false` accepts nothing")
+        if not isinstance(schema, dict):
+            raise self.fail(path, f"a schema must be an object or a boolean, not {schema!r}")
+        for key in schema:
+            if key not in _ANNOTATIONS and key not in _STRUCTURAL:
+                raise self.unsupported(path, key)
+        if "$ref" in schema:
+            extra = set(schema) - _ANNOTATIONS - {"$ref", "$defs", "definitions"}
+            if extra:
+                raise self.fail(path, f"$ref next to {sorted(extra)} is not supported")
+            return self.ref(schema["$ref"], path)
+        if "const" in schema:
+            return self.b.add(hint, json_literal(schema["const"]))
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise self.fail(path, "enum must be a non-empty list")
+            return self.b.add(hint, " | ".join(json_literal(v) for v in values))
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                return self.alternatives(schema, key, hint, path)
+        if "allOf" in schema:
+            merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+            parts = schema["allOf"]
+            if not isinstance(parts, list):
+                raise self.fail(path, "allOf must be a list")
+            for i, part in enumerate(parts):
+                merged = _merge(merged, self.resolve(part), f"{path}/allOf/{i}", self)
+            return self.visit(merged, hint, path)
+        types = schema.get("type")
+        if isinstance(types, list):
+            if not types:
+                raise self.fail(path, "type must not be an empty list")
+            rules = [self.visit({**schema, "type": t}, f"{hint}-{t}", path) for t in types]
+            return self.b.add(hint, " | ".join(rules))
+        if types is None:
+            if "properties" in schema or "additionalProperties" in schema:
+                types = "object"
+            elif "items" in schema or "prefixItems" in schema:
+                types = "array"
+            elif _has_constraints(schema):
+                raise self.fail(path, "a schema with constraints needs a `type`")
+            else:
+                return self.b.primitive("value")
+        handler: Callable[[dict[str, Any], str, str], str] | None = {
+            "object": self.object,
+            "array": self.array,
+            "string": self.string,
+            "integer": self.integer,
+            "number": self.number,
+            "boolean": lambda s, h, p: self.b.primitive("boolean"),
+            "null": lambda s, h, p: self.b.primitive("null"),
+        }.get(types)
+        if handler is None:
+            raise self.fail(path, f"unknown type {types!r}")
+        # Keywords of other types (maxLength next to type integer) do not apply, per JSON Schema.
+        return handler(schema, hint, path)
+
+    def alternatives(self, schema: dict[str, Any], key: str, hint: str, path: str) -> str:
+        options = schema[key]
+        if not isinstance(options, list) or not options:
+            raise self.fail(path, f"{key} must be a non-empty list")
+        # Keywords beside anyOf (a shared `type`, say) apply to every alternative.
+        base = {k: v for k, v in schema.items() if k != key}
+        rules = []
+        for i, option in enumerate(options):
+            where = f"{path}/{key}/{i}"
+            if _has_constraints(base):
+                option = _merge(base, self.resolve(option), where, self)
+            rules.append(self.visit(option, f"{hint}-{i}", where))
+        return self.b.add(hint, " | ".join(rules))
+
+    # ------------------------------------------------------------------ $ref
+
+    def resolve(self, schema: Any) -> Any:
+        if isinstance(schema, dict) and "$ref" in schema and len(schema) == 1:
+            return self.lookup(schema["$ref"], "#")
+        return schema
+
+    def lookup(self, ref: Any, path: str) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise self.fail(path, f"only local references (#/...) are supported, not {ref!r}")
+        target: Any = self.root
+        for raw in ref[1:].split("/")[1:] if ref != "#" else []:
+            part = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise self.fail(path, f"the reference {ref!r} points to nothing")
+        return target
+
+    def ref(self, ref: Any, path: str) -> str:
+        target = self.lookup(ref, path)
+        key = str(ref)
+        if key not in self.refs:
+            name = self.b.reserve("ref-" + key.rsplit("/", 1)[-1])
+            self.refs[key] = name  # before visiting: recursive schemas refer to the name
+            self.b.define(name, self.visit(target, name + "-body", key))
+        return self.refs[key]
+
+    # ------------------------------------------------------------------ types
+
+    def object(self, schema: dict[str, Any], hint: str, path: str) -> str:
+        properties = schema.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise self.fail(path, "properties must be an object")
+        required = schema.get("required") or []
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise self.fail(path, "required must be a list of names")
+        missing = [r for r in required if r not in properties]
+        additional = schema.get("additionalProperties", None)
+        if missing and (additional is False or additional is None and properties):
+            raise self.fail(
+                path,
+                f"required properties {missing} are not declared in properties, so no object "
+                "can be written",
+            )
+        if missing:
+            raise self.fail(path, f"required properties {missing} without a declared schema")
+        ws = self.b.primitive("ws")
+        if not properties:
+            if additional is False:
+                return self.b.add(hint, '"{" ws "}"')
+            if additional is None or additional is True:
+                return self.b.primitive("object")
+            value = self.visit(additional, f"{hint}-additional", f"{path}/additionalProperties")
+            string = self.b.primitive("string")
+            pair = f'{string} ":" {ws} {value}'
+            return self.b.add(hint, f'"{{" {ws} ( {pair} ("," {ws} {pair})* )? {ws} "}}"')
+        # Declared properties only, in declaration order (extra ones are optional anyway).
+        # `first_k`: properties k.. when none is written yet; `after_k`: when one was.
+        names = list(properties)
+        pairs = [
+            self.b.add(
+                f"{hint}-{name}-kv",
+                f'{gbnf_literal(json.dumps(name, ensure_ascii=False))} ":" {ws} '
+                + self.visit(properties[name], f"{hint}-{name}", f"{path}/properties/{name}"),
+            )
+            for name in names
+        ]
+        first, after = "", ""
+        for k in range(len(names) - 1, -1, -1):
+            pair = pairs[k]
+            if names[k] in required:
+                new_after = f'"," {ws} {pair} {after}'.strip()
+                new_first = f"{pair} {after}".strip()
+            else:
+                new_after = f'("," {ws} {pair})? {after}'.strip()
+                # An empty alternative goes first: a trailing "|" would swallow the newline.
+                taken = f"{pair} {after}".strip()
+                new_first = f"{taken} | {first}" if first else f"| {taken}"
+            if k > 0:  # nothing comes before the first property
+                after = self.b.add(f"{hint}-after-{k}", new_after)
+            first = self.b.add(f"{hint}-from-{k}", new_first)
+        return self.b.add(hint, f'"{{" {ws} {first} {ws} "}}"')
+
+    def array(self, schema: dict[str, Any], hint: str, path: str) -> str:
+        min_items = _count(schema, "minItems", path, self)
+        max_items = schema.get("maxItems")
+        if max_items is not None:
+            max_items = _count(schema, "maxItems", path, self)
+            if max_items < min_items:
+                raise self.fail(path, "maxItems is below minItems")
+        if schema.get("uniqueItems") and (max_items is None or max_items > 1):
+            raise self.unsupported(path, "uniqueItems")
+        ws = self.b.primitive("ws")
+        prefix = schema.get("prefixItems")
+        items = schema.get("items", True)
+        if prefix is not None:
+            if not isinstance(prefix, list):
+                raise self.fail(path, "prefixItems must be a list")
+            n = len(prefix)
+            if n < min_items or (max_items is not None and n > max_items):
+                raise self.fail(path, "prefixItems with minItems/maxItems other than its length")
+            rules = [
+                self.visit(p, f"{hint}-{i}", f"{path}/prefixItems/{i}")
+                for i, p in enumerate(prefix)
+            ]
+            body = f' "," {ws} '.join(rules)
+            return self.b.add(hint, f'"[" {ws} {body} {ws} "]"' if rules else '"[" ws "]"')
+        item = self.visit(items, f"{hint}-item", f"{path}/items")
+        if max_items == 0:
+            return self.b.add(hint, f'"[" {ws} "]"')
+        more = repeat(
+            f'"," {ws} {item}', max(min_items - 1, 0), None if max_items is None else max_items - 1
+        )
+        body = f"{item} {more}".strip()
+        if min_items == 0:
+            body = f"({body})?"
+        return self.b.add(hint, f'"[" {ws} {body} {ws} "]"')
+
+    def string(self, schema: dict[str, Any], hint: str, path: str) -> str:
+        if "format" in schema:
+            fmt = schema["format"]
+            if fmt not in _FORMATS:
+                raise self.fail(
+                    path, f"string format {fmt!r} is not supported (only {sorted(_FORMATS)})"
+                )
+            if "minLength" in schema or "maxLength" in schema:
+                raise self.fail(path, "minLength/maxLength together with format")
+            return self.b.add(f"{hint}-{fmt}", _FORMATS[fmt])
+        min_len = _count(schema, "minLength", path, self)
+        max_len = schema.get("maxLength")
+        if max_len is not None:
+            max_len = _count(schema, "maxLength", path, self)
+            if max_len < min_len:
+                raise self.fail(path, "maxLength is below minLength")
+        if min_len == 0 and max_len is None:
+            return self.b.primitive("string")
+        char = self.b.primitive("char")
+        try:
+            body = repeat(char, min_len, max_len)
+        except ValueError as exc:
+            raise self.fail(path, str(exc)) from None
+        return self.b.add(hint, f'"\\"" {body} "\\""')
+
+    def integer(self, schema: dict[str, Any], hint: str, path: str) -> str:
+        low, high = _integer_bounds(schema, path, self)
+        if low is None and high is None:
+            return self.b.primitive("integer")
+        if low is not None and high is None and low in (0, 1):
+            # Non-negative or positive: common for counts and ids, and unbounded above.
+            digits = "[0] | [1-9] [0-9]{0,15}" if low == 0 else "[1-9] [0-9]{0,15}"
+            return self.b.add(hint, digits)
+        if low is None or high is None or high - low > MAX_INTEGER_RANGE:
+            raise self.fail(
+                path,
+                "integer minimum/maximum must bound a range of at most "
+                f"{MAX_INTEGER_RANGE} values (or be minimum 0 or 1 alone)",
+            )
+        if high < low:
+            raise self.fail(path, "maximum is below minimum: no integer fits")
+        return self.b.add(hint, " | ".join(f'"{v}"' for v in range(low, high + 1)))
+
+    def number(self, schema: dict[str, Any], hint: str, path: str) -> str:
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if key in schema:
+                raise self.fail(path, f"{key} on a number (only integers can be bounded)")
+        return self.b.primitive("number")
+
+
+def _count(schema: Mapping[str, Any], key: str, path: str, visitor: _SchemaVisitor) -> int:
+    value = schema.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise visitor.fail(path, f"{key} must be a non-negative integer")
+    return value
+
+
+def _integer_bounds(
+    schema: Mapping[str, Any], path: str, visitor: _SchemaVisitor
+) -> tuple[int | None, int | None]:
+    def number(key: str) -> float | None:
+        value = schema.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise visitor.fail(path, f"{key} must be a number")
+        return float(value)
+
+    low, high = number("minimum"), number("maximum")
+    ex_low, ex_high = number("exclusiveMinimum"), number("exclusiveMaximum")
+    lo = None if low is None else math.ceil(low)
+    hi = None if high is None else math.floor(high)
+    if ex_low is not None:
+        candidate = math.floor(ex_low) + 1
+        lo = candidate if lo is None else max(lo, candidate)
+    if ex_high is not None:
+        candidate = math.ceil(ex_high) - 1
+        hi = candidate if hi is None else min(hi, candidate)
+    return lo, hi
+
+
+def _has_constraints(schema: Mapping[str, Any]) -> bool:
+    return any(k not in _ANNOTATIONS and k not in ("$defs", "definitions") for k in schema)
+
+
+def _merge(
+    base: Mapping[str, Any], extra: Any, path: str, visitor: _SchemaVisitor
+) -> dict[str, Any]:
+    """allOf (and a schema's own keywords next to anyOf) as one schema: objects' properties and
+    required lists are joined; any other keyword must agree."""
+    if not isinstance(extra, dict):
+        raise visitor.fail(path, "allOf/anyOf parts must be schema objects")
+    merged = dict(base)
+    for key, value in extra.items():
+        if key in _ANNOTATIONS or key in ("$defs", "definitions"):
+            continue
+        if key == "properties":
+            props = dict(merged.get("properties") or {})
+            for name, sub in value.items():
+                if name in props and props[name] != sub:
+                    raise visitor.fail(path, f"allOf declares property {name!r} twice differently")
+                props[name] = sub
+            merged["properties"] = props
+        elif key == "required":
+            merged["required"] = list(dict.fromkeys([*merged.get("required", []), *value]))
+        elif key in merged and merged[key] != value:
+            raise visitor.fail(path, f"allOf parts disagree on {key!r}")
+        else:
+            merged[key] = value
+    return merged
