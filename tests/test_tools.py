@@ -584,3 +584,24 @@ def test_forced_tool_call_grammars_parse_and_validate(engine: Any, fmt: ToolForm
         parallel=True,
     )
     assert named is not None and "get_weather" not in named
+
+
+@pytest.mark.model
+def test_control_tokens_named_in_keep_special_stay_in_the_text(engine: Any) -> None:
+    """Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are control tokens, which print as
+    nothing; the parser needs to see them. Gemma's <start_of_turn> stands in for them."""
+    marker = "<start_of_turn>"
+    (token,) = engine.tokenize(marker, add_special=False, parse_special=True)
+    grammar = f'root ::= <[{token}]> "ok"'  # forces the control token itself
+
+    def run(keep: tuple[str, ...]) -> str:
+        request = GenerationRequest(
+            prompt="Say ok",
+            max_tokens=8,
+            keep_special=keep,
+            sampling=SamplingParams(temperature=0, grammar=grammar),
+        )
+        return str(engine.submit(request).result().text)
+
+    assert run(()) == "ok"
+    assert run((marker, "not one token")) == marker + "ok"

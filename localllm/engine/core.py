@@ -129,6 +129,7 @@ class _Job:
     last_token_at: float = 0.0
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    keep_special: frozenset[int] = frozenset()  # token ids printed with their control text
 
 
 @dataclass(eq=False)
@@ -302,6 +303,7 @@ class Engine:
             deadline=now + request.timeout_s if request.timeout_s else None,
             grammar=grammar,
             stops=StopMatcher(request.stop),
+            keep_special=self._special_ids(request.keep_special),
         )
         try:
             with self._cond:
@@ -353,6 +355,16 @@ class Engine:
             vectors=tuple(tuple(float(x) for x in v) for v in vectors),
             prompt_tokens=sum(len(t) for t in token_lists),
         )
+
+    def _special_ids(self, texts: Sequence[str]) -> frozenset[int]:
+        """The ids of control tokens named by their text (texts that are not one token in
+        this vocabulary are skipped: the model does not have that marker)."""
+        ids = set()
+        for text in texts:
+            tokens = self.backend.tokenize(text, False, True)
+            if len(tokens) == 1:
+                ids.add(tokens[0])
+        return frozenset(ids)
 
     def generate(
         self,
@@ -698,7 +710,8 @@ class Engine:
         if self.backend.is_eog(token):
             self._finish(slot, "stop", logprobs)
             return
-        text, stopped = job.stops.push(job.utf8.feed(self.backend.token_bytes(token)))
+        piece = self.backend.token_bytes(token, token in job.keep_special)
+        text, stopped = job.stops.push(job.utf8.feed(piece))
         if stopped:
             self._finish(slot, "stop", logprobs, text)
         elif job.n_generated >= job.max_new_tokens:

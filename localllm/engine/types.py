@@ -37,6 +37,9 @@ class GenerationRequest:
     add_special: bool = True  # BOS etc. as the model wants; False when a chat template wrote it
     parse_special: bool = True  # "<start_of_turn>" in the text becomes the control token
     timeout_s: float | None = None  # fail with RequestTimeoutError when still running after
+    # Control tokens whose text stays in the output (tool-call markers such as Mistral's
+    # "[TOOL_CALLS]"); every other control token still prints as nothing.
+    keep_special: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
