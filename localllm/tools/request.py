@@ -1,0 +1,77 @@
+"""One chat request's tool use, resolved against the model's syntax: the prompt, the grammar
+that forces a call, the control tokens the output must keep, and the parser for the answer.
+The HTTP layer builds one from the request body and asks it everything else."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from localllm.engine.chat import ChatTemplate
+from localllm.errors import RequestError
+from localllm.tools.formats import ToolSyntax
+from localllm.tools.parser import ToolCallParser
+from localllm.tools.render import render_prompt
+from localllm.tools.spec import Tool, ToolChoice, check_messages, parse_tool_choice, parse_tools
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    syntax: ToolSyntax
+    tools: tuple[Tool, ...]
+    choice: ToolChoice
+    parallel: bool
+
+    @classmethod
+    def from_request(
+        cls,
+        syntax: ToolSyntax,
+        tools: Sequence[Any] | None,
+        tool_choice: Any,
+        parallel_tool_calls: bool | None,
+        *,
+        constrained_output: bool = False,
+    ) -> ToolUse:
+        """`constrained_output`: response_format already constrains the answer, which cannot
+        also be a forced call."""
+        parsed = parse_tools(tools)
+        choice = parse_tool_choice(tool_choice, parsed)
+        if choice.forces_call and constrained_output:
+            raise RequestError(
+                "response_format json_object/json_schema and a forced tool call (tool_choice "
+                "required or a named function) both constrain the answer; send one of them",
+                param="tool_choice",
+            )
+        parallel = True if parallel_tool_calls is None else parallel_tool_calls
+        return cls(syntax=syntax, tools=parsed, choice=choice, parallel=parallel)
+
+    @property
+    def active(self) -> bool:
+        """Whether the model may call tools in this answer."""
+        return bool(self.tools) and self.choice.mode != "none"
+
+    def prompt(self, template: ChatTemplate, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt for OpenAI-style messages (text content, tool_calls, tool results)."""
+        return render_prompt(
+            template, self.syntax, check_messages(messages), self.tools, self.choice
+        )
+
+    def grammar(self) -> str | None:
+        return self.syntax.grammar(self.tools, self.choice, self.parallel)
+
+    @property
+    def keep_special(self) -> tuple[str, ...]:
+        return self.syntax.preserved_tokens if self.active else ()
+
+    def parser(self) -> ToolCallParser | None:
+        """A parser for the answer, None when no call can come (no tools, tool_choice none)."""
+        if not self.active:
+            return None
+        return ToolCallParser(self.syntax)
+
+    def finish_reason(self, engine_reason: str, n_calls: int) -> str:
+        """OpenAI's "tool_calls" when the answer ended with calls; a cut-off stays "length"."""
+        if n_calls and engine_reason == "stop":
+            return "tool_calls"
+        return engine_reason
