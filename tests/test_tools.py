@@ -14,9 +14,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from localllm.engine.chat import ChatTemplate, ChatTemplateError
+from localllm.engine.chat import ChatTemplate
 from localllm.engine.types import GenerationRequest, SamplingParams
-from localllm.errors import RequestError, UnsupportedSchemaError
+from localllm.errors import ChatTemplateError, RequestError, UnsupportedSchemaError
 from localllm.tools.formats import ToolFormat, ToolSyntax, detect_format, tool_syntax
 from localllm.tools.parser import ContentDelta, ToolCallDelta, ToolCallParser, parse_output
 from localllm.tools.render import mistral_call_id, render_prompt

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from localllm.engine.chat import ChatTemplate, ChatTemplateError
+from localllm.engine.chat import ChatTemplate
+from localllm.errors import ChatTemplateError
 from localllm.tools.schema import GrammarBuilder, gbnf_literal
 from localllm.tools.spec import Tool, ToolChoice
 
