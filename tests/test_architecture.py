@@ -60,6 +60,28 @@ FRONTS = {
         "parse_keep_alive",
     },
     "localllm.server": {"create_app", "serve"},
+    "localllm.tools": {
+        "ContentDelta",
+        "GrammarBuilder",
+        "ParsedOutput",
+        "TemplateCaps",
+        "Tool",
+        "ToolCall",
+        "ToolCallDelta",
+        "ToolCallParser",
+        "ToolChoice",
+        "ToolFormat",
+        "ToolSyntax",
+        "ToolUse",
+        "check_messages",
+        "detect_format",
+        "json_schema_grammar",
+        "parse_output",
+        "parse_tool_choice",
+        "parse_tools",
+        "render_prompt",
+        "tool_syntax",
+    },
 }
 
 

@@ -5,13 +5,13 @@ streams, and GBNF grammars from JSON Schemas (forced calls, `response_format: js
 from localllm.tools.formats import TemplateCaps, ToolFormat, ToolSyntax, detect_format, tool_syntax
 from localllm.tools.parser import (
     ContentDelta,
-    Delta,
     ParsedOutput,
     ToolCallDelta,
     ToolCallParser,
     parse_output,
 )
 from localllm.tools.render import render_prompt
+from localllm.tools.request import ToolUse
 from localllm.tools.schema import GrammarBuilder, json_schema_grammar
 from localllm.tools.spec import (
     Tool,
@@ -24,7 +24,6 @@ from localllm.tools.spec import (
 
 __all__ = [
     "ContentDelta",
-    "Delta",
     "GrammarBuilder",
     "ParsedOutput",
     "TemplateCaps",
@@ -35,6 +34,7 @@ __all__ = [
     "ToolChoice",
     "ToolFormat",
     "ToolSyntax",
+    "ToolUse",
     "check_messages",
     "detect_format",
     "json_schema_grammar",
