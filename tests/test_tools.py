@@ -509,7 +509,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "when": {"type": "string", "format": "date"},
             "id": {"type": "string", "format": "uuid"},
-            "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}]},
+            "pair": {
+                "type": "array",
+                "prefixItems": [{"type": "integer"}, {"type": "string", "maxLength": 8}],
+            },
             "score": {"type": "number"},
         },
         "required": ["when", "id", "pair"],
@@ -528,8 +531,7 @@ def test_llama_cpp_accepts_every_schema_grammar(engine: Any) -> None:
 @pytest.mark.parametrize("name", ["refs_enum_bounds", "formats_and_tuple"])
 def test_schema_grammars_only_generate_valid_documents(engine: Any, name: str) -> None:
     """What the model writes under the grammar validates (temperature 1: the tiny model tries
-    the odd corners). Grammar sampling runs over the whole vocabulary, about 13 tokens/s here,
-    so one bounded document per schema."""
+    the odd corners). One bounded document per schema: unbounded strings let it ramble."""
     schema = SCHEMAS[name]
     prompt = engine.apply_chat_template([{"role": "user", "content": "Answer in JSON."}])
     result = engine.submit(
