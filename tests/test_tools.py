@@ -20,7 +20,7 @@ from localllm.errors import ChatTemplateError, RequestError, UnsupportedSchemaEr
 from localllm.tools.formats import ToolFormat, ToolSyntax, detect_format, tool_syntax
 from localllm.tools.parser import ContentDelta, ToolCallDelta, ToolCallParser, parse_output
 from localllm.tools.render import mistral_call_id, render_prompt
-from localllm.tools.schema import json_schema_grammar, repeat
+from localllm.tools.schema import integer_range, json_schema_grammar, repeat
 from localllm.tools.spec import check_messages, parse_tool_choice, parse_tools
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -437,6 +437,21 @@ def test_unenforceable_schema_keywords_are_named() -> None:
             json_schema_grammar({"type": "object", "properties": {"x": schema}})
         assert info.value.param == "response_format"
         assert "/properties/x" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(5, 120), (0, 0), (1, 100000), (37, 4821), (-50, 50), (-1000, -7), (0, None), (123, None),
+     (None, 10), (None, -5), (-3, None), (999, 1000)],
+)  # fmt: skip
+def test_integer_ranges_match_exactly_their_integers(low: int | None, high: int | None) -> None:
+    # The GBNF here uses only literals, [x-y] classes, | and {m,n}: read as a regex it must
+    # accept exactly the integers in the range, written the JSON way.
+    pattern = re.compile("^(" + integer_range(low, high).replace('"', "").replace(" ", "") + ")$")
+    for value in [*range(-2500, 2500), 99999, 100000, 100001, 10**9, -(10**9)]:
+        inside = (low is None or value >= low) and (high is None or value <= high)
+        assert bool(pattern.match(str(value))) == inside, value
+    assert not pattern.match("007")
 
 
 def test_repetition_bounds_stay_within_llamas_limit() -> None:

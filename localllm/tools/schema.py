@@ -15,8 +15,7 @@ twice are the schema author's to keep disjoint), `allOf` of object schemas (merg
 `properties`/`required`/`additionalProperties`, `items`/`prefixItems` with
 `minItems`/`maxItems`, `minLength`/`maxLength` (any size: llama.cpp treats a repetition bound
 above 2000 as unbounded, so long bounds are split into chunks), string `format` date, time,
-date-time and uuid, integer `minimum`/`maximum` (and the exclusive forms) for ranges the grammar
-can list.
+date-time and uuid, integer `minimum`/`maximum` and their exclusive forms (as digit patterns).
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ from localllm.errors import UnsupportedSchemaError
 # repetition above this and silently drops a larger maximum, so every {m,n} we write stays <= it.
 MAX_REPETITION = 2000
 _CHUNK = 1000
-# An integer range is listed value by value; larger ranges are refused rather than ignored.
-MAX_INTEGER_RANGE = 2000
+# Integers are JSON numbers of at most this many digits (llama.cpp's own converter's limit).
+MAX_INTEGER_DIGITS = 16
 
 _ANNOTATIONS = frozenset(
     {
@@ -155,6 +154,67 @@ def repeat(item: str, min_times: int, max_times: int | None) -> str:
     last = f" ({item}){{0,{r_hi}}}" if r_hi else ""
     alternatives.append(f"{chunk}{{{middle + 1}}}{last}")
     return f"{head}({' | '.join(alternatives)})"
+
+
+def integer_range(low: int | None, high: int | None) -> str:
+    """GBNF for the integers in [low, high] (None: unbounded), written without leading zeros,
+    as digit patterns: [5, 120] is [5-9] | [1-9] [0-9] | "1" [0-1] [0-9] | "120"."""
+    alternatives: list[str] = []
+    if low is None or low < 0:
+        # Negative numbers: "-" and a magnitude in [max(1, -high), -low].
+        magnitude_low = 1 if high is None or high >= 0 else -high
+        magnitude_high = None if low is None else -low
+        alternatives += [f'"-" {a}' for a in _natural_range(magnitude_low, magnitude_high)]
+    if high is None or high >= 0:
+        alternatives += _natural_range(max(low or 0, 0), high)
+    return " | ".join(f"({a})" if " | " in a else a for a in alternatives)
+
+
+def _natural_range(low: int, high: int | None) -> list[str]:
+    """Patterns for the non-negative integers in [low, high]; high None: unbounded."""
+    if high is not None and high < low:
+        return []
+    top = high if high is not None else 10 ** len(str(low)) - 1
+    patterns = [_digits_pattern(a, b) for a, b in _split_range(low, top)]
+    if high is None:
+        # Every number with more digits than `top`.
+        more = len(str(top))
+        patterns.append(f"[1-9] [0-9]{{{more},{MAX_INTEGER_DIGITS - 1}}}")
+    return patterns
+
+
+def _split_range(low: int, high: int) -> list[tuple[int, int]]:
+    """[low, high] as ranges whose ends have the same digits but for a run of [x-y] digits and
+    then [0-9]s (the classic regex range split)."""
+    stops = {high}
+    nines = 1
+    stop = int(str(low)[:-nines] + "9" * nines) if nines <= len(str(low)) else -1
+    while low <= stop < high:
+        stops.add(stop)
+        nines += 1
+        digits = str(low)
+        stop = int(digits[:-nines] + "9" * nines) if nines <= len(digits) else int("9" * nines)
+    zeros = 1
+    stop = (high + 1) // 10**zeros * 10**zeros - 1
+    while low < stop <= high:
+        stops.add(stop)
+        zeros += 1
+        stop = (high + 1) // 10**zeros * 10**zeros - 1
+    ranges = []
+    start = low
+    for stop in sorted(stops):
+        ranges.append((start, stop))
+        start = stop + 1
+    return ranges
+
+
+def _digits_pattern(low: int, high: int) -> str:
+    a, b = str(low), str(high)
+    assert len(a) == len(b)
+    parts = []
+    for x, y in zip(a, b, strict=True):
+        parts.append(f'"{x}"' if x == y else f"[{x}-{y}]")
+    return " ".join(parts)
 
 
 class GrammarBuilder:
@@ -470,19 +530,9 @@ class _SchemaVisitor:
         low, high = _integer_bounds(schema, path, self)
         if low is None and high is None:
             return self.b.primitive("integer")
-        if low is not None and high is None and low in (0, 1):
-            # Non-negative or positive: common for counts and ids, and unbounded above.
-            digits = "[0] | [1-9] [0-9]{0,15}" if low == 0 else "[1-9] [0-9]{0,15}"
-            return self.b.add(hint, digits)
-        if low is None or high is None or high - low > MAX_INTEGER_RANGE:
-            raise self.fail(
-                path,
-                "integer minimum/maximum must bound a range of at most "
-                f"{MAX_INTEGER_RANGE} values (or be minimum 0 or 1 alone)",
-            )
-        if high < low:
+        if low is not None and high is not None and high < low:
             raise self.fail(path, "maximum is below minimum: no integer fits")
-        return self.b.add(hint, " | ".join(f'"{v}"' for v in range(low, high + 1)))
+        return self.b.add(hint, integer_range(low, high))
 
     def number(self, schema: dict[str, Any], hint: str, path: str) -> str:
         for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
