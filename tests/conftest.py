@@ -214,8 +214,15 @@ class FakeEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return " ".join("x" * t for t in tokens)
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return " ".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    def tool_syntax(self) -> Any:
+        from localllm.tools import ToolFormat, ToolSyntax
+
+        return ToolSyntax(ToolFormat.GENERIC)
 
     def stats(self) -> EngineStats:
         return EngineStats(4, self.busy, 0, 10, 256, 1, 2, 3, 4, 0.5, 0.5, 0.01)

@@ -194,7 +194,9 @@ class ChatTemplate:
                 f"chat template ({self.name}) failed: {type(exc).__name__}: {exc}"
             ) from None
 
-    def render_parts(self, messages: Sequence[Message]) -> list[tuple[str, bool]] | None:
+    def render_parts(
+        self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[tuple[str, bool]] | None:
         """The rendered prompt cut into (text, is_message_content) pieces, or None when the
         template transforms contents beyond recognition (other than trimming them).
 
@@ -205,9 +207,9 @@ class ChatTemplate:
             {**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str) else m
             for i, m in enumerate(messages)
         ]
-        full = self.render(messages)
+        full = self.render(messages, tools=tools)
         try:
-            skeleton = self.render(marked)
+            skeleton = self.render(marked, tools=tools)
         except ChatTemplateError:
             return None
         pieces = _PLACEHOLDER.split(skeleton)  # template, index, template, index, ..., template

@@ -70,6 +70,7 @@ from localllm.errors import (
     RequestError,
     RequestTimeoutError,
 )
+from localllm.tools.formats import ToolSyntax, tool_syntax
 from localllm.units import MIB
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class Engine:
             eos_token=self._special_text(backend.eos_id),
             max_chars=self.max_prompt_chars,
         )
+        self._tool_syntax: ToolSyntax | None = None
         self._slots = [_Slot(seq_id=i) for i in range(config.n_parallel)]
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -219,20 +221,35 @@ class Engine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.backend.detokenize(tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        return self.chat_template.render(messages, add_generation_prompt=True)
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+    def tool_syntax(self) -> ToolSyntax:
+        """How this model calls tools and what its template shows of them (probed once)."""
+        if self._tool_syntax is None:
+            self._tool_syntax = tool_syntax(self.chat_template)
+        return self._tool_syntax
+
+    def chat_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> tuple[int, ...]:
         """The chat's prompt tokens: the template's markers as control tokens, the messages'
-        text as plain text, so a user writing "<start_of_turn>" cannot open a turn.
+        text as plain text, so a user writing "<start_of_turn>" cannot open a turn. `tools`
+        are OpenAI tool objects for templates that show them (`localllm.tools` prepares both).
 
         Blocking (render and tokenize): call it from a worker thread.
         """
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools)
         contents = [m.get("content") for m in messages]
         if not any(isinstance(c, str) and self._has_control_text(c) for c in contents):
             return tuple(self.backend.tokenize(text, False, True))
-        parts = self.chat_template.render_parts(messages)
+        parts = self.chat_template.render_parts(messages, tools)
         if parts is None:
             raise RequestError(
                 "a message holds the text of one of the model's control tokens, and this "

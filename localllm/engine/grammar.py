@@ -57,9 +57,9 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return grammar
 
 
-def check_grammar(grammar: str) -> None:
-    """Refuse a grammar beyond the module's limits, naming the limit."""
-    param = "response_format"
+def check_grammar(grammar: str, param: str = "response_format") -> None:
+    """Refuse a grammar beyond the module's limits, naming the limit (and `param`, the field
+    whose schema it came from)."""
     size = len(grammar.encode("utf-8"))
     if size > MAX_GRAMMAR_BYTES:
         raise RequestError(

@@ -15,13 +15,14 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from localllm.engine.grammar import json_object_grammar, json_schema_grammar
+from localllm.engine.grammar import check_grammar, json_object_grammar
 from localllm.engine.handle import RequestHandle
 from localllm.engine.types import GenerationRequest, SamplingParams
 from localllm.errors import APIError, ModelNotFoundError, SettingsError
 from localllm.server import types as t
 from localllm.server.state import AppState, ServingEngine
 from localllm.server.streaming import Shaper, respond
+from localllm.tools import json_schema_grammar
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -176,7 +177,8 @@ class Serving:
             )
         return value
 
-    def sampling(self, body: t._Sampling) -> SamplingParams:
+    def sampling(self, body: t._Sampling, grammar: str | None = None) -> SamplingParams:
+        """`grammar`: one the endpoint built (a forced tool call), instead of response_format's."""
         defaults = SamplingParams()
         return SamplingParams(
             temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -187,7 +189,7 @@ class Serving:
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=body.seed,
-            grammar=_grammar(body.response_format),
+            grammar=grammar or _grammar(body.response_format),
             logit_bias=_logit_bias(body.logit_bias),
         )
 
@@ -195,6 +197,7 @@ class Serving:
         self,
         engine: ServingEngine,
         body: t._Sampling,
+        grammar: str | None = None,
         **request: Any,
     ) -> RequestHandle:
         """Queue the generation; `request` holds the GenerationRequest fields of the family.
@@ -207,7 +210,7 @@ class Serving:
             return engine.submit(
                 GenerationRequest(
                     stop=body.stop_list(),
-                    sampling=self.sampling(body),
+                    sampling=self.sampling(body, grammar),
                     timeout_s=self.state.settings.request_timeout_s,
                     **request,
                 )
@@ -264,4 +267,6 @@ def _grammar(response_format: t.ResponseFormat | None) -> str | None:
             param="response_format",
             code="invalid_value",
         )
-    return json_schema_grammar(response_format.json_schema.schema_)
+    grammar = json_schema_grammar(response_format.json_schema.schema_)
+    check_grammar(grammar)
+    return grammar

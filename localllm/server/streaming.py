@@ -34,7 +34,10 @@ class Shaper(Protocol):
         """Stream events sent before the first token (a role delta, an echoed prompt)."""
         ...
 
-    def text_chunk(self, event: TextEvent) -> BaseModel: ...
+    def text_chunk(self, event: TextEvent) -> BaseModel | None:
+        """The event's chunk; None when the text is held back (a tool call may be opening)."""
+        ...
+
     def finish_chunk(self, finish: FinishEvent) -> BaseModel: ...
     def usage_chunk(self, finish: FinishEvent) -> BaseModel: ...
 
@@ -108,7 +111,9 @@ async def _events(
             yield sse(chunk)
         async for event in handle:
             if isinstance(event, TextEvent):
-                yield sse(shaper.text_chunk(event))
+                piece = shaper.text_chunk(event)
+                if piece is not None:
+                    yield sse(piece)
                 continue
             yield sse(shaper.finish_chunk(event))
             state.metrics.ttft.labels(shaper.model).observe(event.time_to_first_token_s)

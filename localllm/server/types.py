@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 
 class _Request(BaseModel):
@@ -20,6 +27,10 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # An assistant's calls ({"id", "type": "function", "function": {"name", "arguments"}}) and
+    # a tool result's call id; checked by localllm.tools.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The content as one string: text parts joined, other parts refused."""
@@ -103,6 +114,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Function tools; checked (names, schemas a grammar can enforce) by localllm.tools.
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -199,9 +214,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class FunctionCallBody(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallBody(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallBody] | None = None
+
+    @model_serializer(mode="wrap")
+    def _content_always(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI writes "content": null next to tool calls; exclude_none would drop it.
+        data: dict[str, Any] = handler(self)
+        data.setdefault("content", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -221,9 +255,24 @@ class ChatCompletion(BaseModel):
     localllm: dict[str, Any] | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaBody(BaseModel):
+    """A piece of a streamed call: index, id, type and name first, then argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaBody] | None = None
 
 
 class ChatChunkChoice(BaseModel):

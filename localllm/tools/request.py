@@ -12,7 +12,7 @@ from localllm.engine.chat import ChatTemplate
 from localllm.errors import RequestError
 from localllm.tools.formats import ToolSyntax
 from localllm.tools.parser import ToolCallParser
-from localllm.tools.render import render_prompt
+from localllm.tools.render import template_messages
 from localllm.tools.spec import Tool, ToolChoice, check_messages, parse_tool_choice, parse_tools
 
 
@@ -51,11 +51,17 @@ class ToolUse:
         """Whether the model may call tools in this answer."""
         return bool(self.tools) and self.choice.mode != "none"
 
+    def template_input(
+        self, messages: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """(messages, tools) for the chat template, from OpenAI-style messages (text content,
+        tool_calls, tool results); checks that every tool result answers an earlier call."""
+        return template_messages(check_messages(messages), self.syntax, self.tools, self.choice)
+
     def prompt(self, template: ChatTemplate, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt for OpenAI-style messages (text content, tool_calls, tool results)."""
-        return render_prompt(
-            template, self.syntax, check_messages(messages), self.tools, self.choice
-        )
+        """The prompt text (the engine's `chat_prompt` tokenizes template_input() instead)."""
+        rendered, tools = self.template_input(messages)
+        return template.render(rendered, add_generation_prompt=True, tools=tools)
 
     def grammar(self) -> str | None:
         return self.syntax.grammar(self.tools, self.choice, self.parallel)

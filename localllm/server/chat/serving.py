@@ -11,11 +11,15 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from localllm.engine.grammar import check_grammar
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
 from localllm.server.serving import Serving
+from localllm.server.state import ServingEngine
 from localllm.server.streaming import ShaperBase, usage_body
+from localllm.tools import ContentDelta, ToolCallDelta, ToolCallParser, ToolUse
+from localllm.tools.parser import Delta
 
 
 class ChatServing(Serving):
@@ -30,26 +34,59 @@ class ChatServing(Serving):
         )
         messages = self.template_messages(body)
         async with self.use_engine(body.model, body.keep_alive) as (engine, model_id):
-            # Rendering a template and tokenizing a long chat take time: not on the event loop.
-            prompt = await asyncio.to_thread(engine.chat_prompt, messages)
+
+            def prepare() -> tuple[ToolUse, tuple[int, ...] | str, str | None]:
+                # Schemas to grammars, rendering and tokenizing take time: not on the event loop.
+                tool_use = self.tool_use(engine, body)
+                template_messages, template_tools = tool_use.template_input(messages)
+                prompt = engine.chat_prompt(template_messages, template_tools)
+                grammar = tool_use.grammar()
+                if grammar is not None:
+                    check_grammar(grammar, param="tools")
+                return tool_use, prompt, grammar
+
+            tool_use, prompt, grammar = await asyncio.to_thread(prepare)
             handle = await self.submit(
                 engine,
                 body,
+                grammar=grammar,
                 prompt=prompt,
                 max_tokens=max_tokens,
                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                 add_special=False,  # the template wrote BOS where the model wants it
+                keep_special=tool_use.keep_special,
             )
             shaper = ChatShaper(
-                **self.response_ids("chatcmpl", handle, model_id), logprobs=body.logprobs
+                **self.response_ids("chatcmpl", handle, model_id),
+                logprobs=body.logprobs,
+                tool_use=tool_use,
+                parser=tool_use.parser(),
             )
             return await self.respond(request, body, handle, shaper)
 
+    def tool_use(self, engine: ServingEngine, body: t.ChatCompletionRequest) -> ToolUse:
+        """The request's tools, tool_choice and parallel_tool_calls, checked against the
+        model's tool-call syntax (a RequestError, so a 400, names what is wrong)."""
+        response_format = body.response_format
+        return ToolUse.from_request(
+            engine.tool_syntax(),
+            body.tools,
+            body.tool_choice,
+            body.parallel_tool_calls,
+            constrained_output=response_format is not None and response_format.type != "text",
+        )
+
     def template_messages(self, body: t.ChatCompletionRequest) -> list[dict[str, Any]]:
-        """The request's messages as the chat template reads them."""
+        """The request's messages as the chat template reads them (tool fields included)."""
         try:
             return [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                {
+                    "role": "system" if m.role == "developer" else m.role,
+                    "content": None if m.content is None and m.tool_calls else m.text(),
+                    "tool_calls": m.tool_calls,
+                    "tool_call_id": m.tool_call_id,
+                    "name": m.name if m.role == "tool" else None,
+                }
                 for m in body.messages
             ]
         except ValueError as exc:
@@ -77,31 +114,86 @@ def chat_logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> t.Cha
 
 @dataclass
 class ChatShaper(ShaperBase):
-    """The chat bodies of one request."""
+    """The chat bodies of one request; with tools, the text goes through the tool-call parser
+    and calls come out as `tool_calls` (streamed as OpenAI does: id and name, then arguments)."""
 
     chunk_type = t.ChatCompletionChunk
+    tool_use: ToolUse | None = None
+    parser: ToolCallParser | None = None
+    _n_calls: int = 0
 
     def opening(self) -> list[BaseModel]:
         role = t.ChatChunkChoice(delta=t.Delta(role="assistant", content=""))
         return [self.chunk([role], localllm=self.extra)]
 
-    def text_chunk(self, event: TextEvent) -> BaseModel:
+    def text_chunk(self, event: TextEvent) -> BaseModel | None:
         logprobs = chat_logprobs(event.logprobs) if self.logprobs else None
-        return self.chunk([t.ChatChunkChoice(delta=t.Delta(content=event.text), logprobs=logprobs)])
+        delta: t.Delta | None
+        if self.parser is None:
+            delta = t.Delta(content=event.text)
+        else:
+            delta = self._delta(self.parser.feed(event.text))
+            if delta is None and logprobs is None:
+                return None  # held back: it may open a call
+        return self.chunk([t.ChatChunkChoice(delta=delta or t.Delta(), logprobs=logprobs)])
 
     def finish_chunk(self, finish: FinishEvent) -> BaseModel:
-        choice = t.ChatChunkChoice(delta=t.Delta(), finish_reason=finish.finish_reason)
+        delta = self._delta(self.parser.finish()) if self.parser is not None else None
+        choice = t.ChatChunkChoice(
+            delta=delta or t.Delta(), finish_reason=self._finish_reason(finish, self._n_calls)
+        )
         return self.chunk([choice], usage=usage_body(finish))
 
+    def _delta(self, deltas: list[Delta]) -> t.Delta | None:
+        """One chunk's delta from the parser's deltas: content joined, call pieces merged per
+        call (OpenAI's stream helpers accumulate by index)."""
+        content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+        calls: dict[int, t.ToolCallDeltaBody] = {}
+        for d in deltas:
+            if not isinstance(d, ToolCallDelta):
+                continue
+            piece = calls.get(d.index)
+            if piece is None:
+                piece = calls[d.index] = t.ToolCallDeltaBody(
+                    index=d.index, function=t.FunctionCallDelta()
+                )
+            if d.id is not None:
+                piece.id, piece.type, piece.function.name = d.id, "function", d.name
+                piece.function.arguments = ""
+                self._n_calls += 1
+            piece.function.arguments = (piece.function.arguments or "") + d.arguments
+        if not content and not calls:
+            return None
+        return t.Delta(content=content or None, tool_calls=list(calls.values()) or None)
+
+    def _finish_reason(self, finish: FinishEvent, n_calls: int) -> str:
+        if self.tool_use is None:
+            return finish.finish_reason
+        return self.tool_use.finish_reason(finish.finish_reason, n_calls)
+
     def complete(self, text: str, logprobs: list[TokenLogprob], finish: FinishEvent) -> BaseModel:
+        content: str | None = text
+        tool_calls = None
+        if self.parser is not None:
+            deltas = self.parser.feed(text) + self.parser.finish()
+            content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+            calls = self.parser.tool_calls
+            if calls:
+                tool_calls = [
+                    t.ToolCallBody(
+                        id=c.id, function=t.FunctionCallBody(name=c.name, arguments=c.arguments)
+                    )
+                    for c in calls
+                ]
+                content = content if content.strip() else None
         return t.ChatCompletion(
             id=self.id,
             created=self.created,
             model=self.model,
             choices=[
                 t.ChatChoice(
-                    message=t.AssistantMessage(content=text),
-                    finish_reason=finish.finish_reason,
+                    message=t.AssistantMessage(content=content, tool_calls=tool_calls),
+                    finish_reason=self._finish_reason(finish, len(tool_calls or ())),
                     logprobs=chat_logprobs(logprobs) if self.logprobs else None,
                 )
             ],
