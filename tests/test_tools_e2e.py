@@ -4,6 +4,8 @@ real server and the embedded Gemma 3 270M (no chat template: the generic tool fo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,11 +13,13 @@ import jsonschema
 import openai
 import pytest
 
+from localllm.engine.chat import ChatTemplate
 from tests.conftest import API_KEY, UvicornThread
 
 pytestmark = pytest.mark.model
 
 MODEL = "gemma-3-270m"
+TEMPLATES = Path(__file__).parent / "data" / "templates"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WEATHER_PARAMETERS = {
     "type": "object",
@@ -201,6 +205,100 @@ def test_round_trip_tool_result_then_answer(openai_client: openai.OpenAI) -> Non
     assert final.usage.prompt_tokens > without.usage.prompt_tokens
 
 
+def test_auto_answers_text_or_valid_calls_streamed(openai_client: openai.OpenAI) -> None:
+    """tool_choice auto (the default with tools): no grammar; whatever the model writes comes
+    back as content, or as calls that parse, never as a broken mix."""
+    stream = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello to me."}],
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+    )
+    content = ""
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for piece in choice.delta.tool_calls or []:
+                entry = calls.setdefault(piece.index, {"name": "", "arguments": ""})
+                entry["name"] += (piece.function and piece.function.name) or ""
+                entry["arguments"] += (piece.function and piece.function.arguments) or ""
+            finish = choice.finish_reason or finish
+    assert content.strip() or calls
+    assert finish == ("tool_calls" if calls else "stop") or finish == "length"
+    if finish == "tool_calls":
+        for call in calls.values():
+            _valid_call(call["name"], call["arguments"])
+
+
+@pytest.fixture
+def native_template(engine: Any) -> Iterator[Callable[[str], None]]:
+    """Swap the session engine's chat template for a real tool-calling one (and restore it):
+    the embedded model cannot follow Qwen's or Mistral's format, but under the forcing grammar
+    it writes their syntax, so the native render, grammar and parser run end to end."""
+    saved = engine.chat_template, engine._tool_syntax
+
+    def use(name: str) -> None:
+        source = (TEMPLATES / f"{name}.jinja").read_text()
+        engine.chat_template = ChatTemplate(source, bos_token="<bos>", eos_token="<eos>")
+        engine._tool_syntax = None
+
+    yield use
+    engine.chat_template, engine._tool_syntax = saved
+
+
+@pytest.mark.parametrize(
+    ("template", "fmt"),
+    [
+        ("Qwen-Qwen2.5-7B-Instruct", "hermes"),
+        ("meta-llama-Llama-3.1-8B-Instruct", "llama3"),
+        ("mistralai-Mistral-Nemo-Instruct-2407", "mistral"),
+    ],
+)
+def test_native_formats_end_to_end(
+    openai_client: openai.OpenAI,
+    engine: Any,
+    native_template: Callable[[str], None],
+    template: str,
+    fmt: str,
+) -> None:
+    native_template(template)
+    assert engine.tool_syntax().format == fmt
+    with openai_client.chat.completions.stream(
+        model=MODEL,
+        messages=QUESTION,  # type: ignore[arg-type]
+        tools=TOOLS[:1],  # a slot holds 512 tokens; Llama 3.1's tool prompt is long
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=60,
+    ) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls or []
+    _valid_call(call.function.name, call.function.arguments)
+    if fmt == "mistral":
+        assert len(call.id) == 9 and call.id.isalnum()
+    # The call and its result go back through the same template.
+    answer = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            *QUESTION,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"},
+        ],
+        tools=TOOLS[:1],
+        tool_choice="none",
+        temperature=0,
+        max_tokens=8,
+    )
+    assert answer.choices[0].message.tool_calls is None
+
+
 def _envelope(response: httpx.Response, param: str | None = None) -> dict[str, Any]:
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -263,7 +361,7 @@ def test_openai_agents_sdk_runs_a_tool(live_server: UvicornThread) -> None:
     """The OpenAI Agents SDK (openai-agents), which nobody here wrote, runs an agent with a
     function tool against the server: its own tool schema (strict), its own request shape, its
     own parsing of the calls, and the tool really runs."""
-    agents = pytest.importorskip("agents")
+    import agents
     from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool
 
     agents.set_tracing_disabled(True)
