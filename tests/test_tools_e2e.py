@@ -322,13 +322,13 @@ def test_bad_tool_requests_are_400_envelopes(live_server: UvicornThread) -> None
                 "name": "f",
                 "parameters": {
                     "type": "object",
-                    "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+                    "properties": {"code": {"type": "string", "pattern": "^(?!XXX)[A-Z]{3}$"}},
                 },
             },
         }
     ]
     error = _envelope(post(tools=bad_schema, tool_choice="required"), "tools")
-    assert "pattern" in error["message"]
+    assert "lookaround" in error["message"] and "tools[0].function.parameters" in error["message"]
     error = _envelope(
         post(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
         "tool_choice",

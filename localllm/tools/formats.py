@@ -26,12 +26,15 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from localllm.engine.chat import ChatTemplate
 from localllm.errors import ChatTemplateError
-from localllm.tools.schema import GrammarBuilder, gbnf_literal
+from localllm.tools.gbnf import gbnf_literal
+from localllm.tools.schema import GrammarBuilder
 from localllm.tools.spec import Tool, ToolChoice
+
+if TYPE_CHECKING:  # the engine imports this package: no import back at run time
+    from localllm.engine.chat import ChatTemplate
 
 GENERIC_INSTRUCTIONS = (
     "You can call these tools (each with a JSON Schema for its arguments):\n{tools}\n\n"

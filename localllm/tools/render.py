@@ -8,11 +8,13 @@ import json
 import re
 import string
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from localllm.engine.chat import ChatTemplate
 from localllm.tools.formats import GENERIC_INSTRUCTIONS, ToolFormat, ToolSyntax
 from localllm.tools.spec import Tool, ToolChoice
+
+if TYPE_CHECKING:  # the engine imports this package: no import back at run time
+    from localllm.engine.chat import ChatTemplate
 
 _MISTRAL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _BASE62 = string.digits + string.ascii_letters

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from localllm.engine.chat import ChatTemplate
 from localllm.errors import RequestError
 from localllm.tools.formats import ToolSyntax
 from localllm.tools.parser import ToolCallParser
 from localllm.tools.render import template_messages
 from localllm.tools.spec import Tool, ToolChoice, check_messages, parse_tool_choice, parse_tools
+
+if TYPE_CHECKING:  # the engine imports this package: no import back at run time
+    from localllm.engine.chat import ChatTemplate
 
 
 @dataclass(frozen=True)

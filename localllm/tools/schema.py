@@ -4,7 +4,7 @@ The grammar is a subset of the schema's language: every document it lets the mod
 validates, but not every valid document can be written (object properties come in the schema's
 order; declared properties only, when there are any; at most one space between tokens, so small
 models cannot run away in whitespace). Keywords that constrain documents and that the grammar
-cannot enforce (`pattern`, `multipleOf`, `uniqueItems`, `not`, ...) raise
+cannot enforce (`multipleOf`, `uniqueItems`, `not`, a `pattern` with lookaround, ...) raise
 `UnsupportedSchemaError` naming the keyword and where it is: the request gets a 400 instead of an
 answer that silently ignores part of its schema. Keywords that only annotate (`title`,
 `description`, `default`, `examples`, ...) are ignored.
@@ -15,7 +15,8 @@ twice are the schema author's to keep disjoint), `allOf` of object schemas (merg
 `properties`/`required`/`additionalProperties`, `items`/`prefixItems` with
 `minItems`/`maxItems`, `minLength`/`maxLength` (any size: llama.cpp treats a repetition bound
 above 2000 as unbounded, so long bounds are split into chunks), string `format` date, time,
-date-time and uuid, integer `minimum`/`maximum` and their exclusive forms (as digit patterns).
+date-time and uuid, `pattern` (see `localllm.tools.pattern`), integer `minimum`/`maximum` and
+their exclusive forms (as digit patterns).
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from localllm.errors import UnsupportedSchemaError
+from localllm.tools.gbnf import gbnf_literal, repeat
+from localllm.tools.pattern import UnsupportedPattern, pattern_gbnf
 
-# llama.cpp's grammar parser (llama-grammar.cpp, MAX_REPETITION_THRESHOLD) refuses a minimum
-# repetition above this and silently drops a larger maximum, so every {m,n} we write stays <= it.
-MAX_REPETITION = 2000
-_CHUNK = 1000
 # Integers are JSON numbers of at most this many digits (llama.cpp's own converter's limit).
 MAX_INTEGER_DIGITS = 16
 
@@ -46,7 +45,8 @@ _STRUCTURAL = frozenset(
     {
         "type", "enum", "const", "$ref", "$defs", "definitions", "anyOf", "oneOf", "allOf",
         "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-        "maxItems", "minLength", "maxLength", "format", "minimum", "maximum", "exclusiveMinimum",
+        "maxItems", "minLength", "maxLength", "format", "pattern", "minimum", "maximum",
+        "exclusiveMinimum",
         "exclusiveMaximum", "unevaluatedProperties", "uniqueItems",
     }
 )  # fmt: skip
@@ -95,65 +95,9 @@ _FORMATS: dict[str, str] = {
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9-]+")
 
 
-def gbnf_literal(text: str) -> str:
-    """A GBNF string literal matching exactly `text`."""
-    out = ['"']
-    for ch in text:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\x{ord(ch):02X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 def json_literal(value: Any) -> str:
     """A GBNF literal for one JSON value, written compactly as the model should write it."""
     return gbnf_literal(json.dumps(value, ensure_ascii=False, separators=(", ", ": ")))
-
-
-def repeat(item: str, min_times: int, max_times: int | None) -> str:
-    """`item` between min_times and max_times times (None: unbounded), within llama.cpp's
-    repetition limit: long bounds become a chunk of 1000 repeated, plus a remainder."""
-    if max_times is not None and max_times < min_times:
-        raise ValueError("max_times < min_times")
-    if max_times is not None and max_times == 0:
-        return ""
-    if min_times <= MAX_REPETITION and (max_times is None or max_times <= MAX_REPETITION):
-        if max_times is None:
-            return f"({item})*" if min_times == 0 else f"({item}){{{min_times},}}"
-        if min_times == max_times:
-            return f"({item}){{{min_times}}}"
-        return f"({item}){{{min_times},{max_times}}}"
-    chunk = f"(({item}){{{_CHUNK}}})"
-    q_lo, r_lo = divmod(min_times, _CHUNK)
-    if max_times is None:
-        return f"{chunk}{{{q_lo}}} ({item}){{{r_lo},}}"
-    q_hi, r_hi = divmod(max_times, _CHUNK)
-    if q_hi > MAX_REPETITION:
-        raise ValueError(f"a bound of {max_times} is beyond what a grammar can count")
-    head = f"{chunk}{{{q_lo}}} " if q_lo else ""
-    if q_lo == q_hi:
-        return f"{head}({item}){{{r_lo},{r_hi}}}"
-    # q_lo chunks then: a tail of r_lo..999 items, or more chunks (all but the last full one
-    # with any tail, the last one with a tail up to r_hi).
-    alternatives = [f"({item}){{{r_lo},{_CHUNK - 1}}}"]
-    middle = q_hi - q_lo - 1
-    if middle > 0:
-        alternatives.append(f"{chunk}{{1,{middle}}} ({item}){{0,{_CHUNK - 1}}}")
-    last = f" ({item}){{0,{r_hi}}}" if r_hi else ""
-    alternatives.append(f"{chunk}{{{middle + 1}}}{last}")
-    return f"{head}({' | '.join(alternatives)})"
 
 
 def integer_range(low: int | None, high: int | None) -> str:
@@ -292,7 +236,7 @@ class _SchemaVisitor:
         return UnsupportedSchemaError(
             f"{self.where}: {problem} (at {path}); remove it or express it with the supported "
             "keywords (type, enum, const, $ref, anyOf, properties, required, items, "
-            "minItems/maxItems, minLength/maxLength, format date/time/date-time/uuid, "
+            "minItems/maxItems, minLength/maxLength, pattern, format date/time/date-time/uuid, "
             "integer minimum/maximum)",
             param=_param(self.where),
         )
@@ -502,6 +446,20 @@ class _SchemaVisitor:
         return self.b.add(hint, f'"[" {ws} {body} {ws} "]"')
 
     def string(self, schema: dict[str, Any], hint: str, path: str) -> str:
+        if "pattern" in schema:
+            pattern = schema["pattern"]
+            if not isinstance(pattern, str):
+                raise self.fail(path, "pattern must be a string")
+            others = [k for k in ("format", "minLength", "maxLength") if k in schema]
+            if others:
+                raise self.fail(path, f"pattern together with {', '.join(others)}")
+            try:
+                body = pattern_gbnf(pattern)
+            except UnsupportedPattern as exc:
+                raise self.fail(
+                    path, f"the pattern {pattern!r} cannot be a grammar: {exc}"
+                ) from None
+            return self.b.add(hint, f'"\\"" {body} "\\""')
         if "format" in schema:
             fmt = schema["format"]
             if fmt not in _FORMATS:
