@@ -527,7 +527,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2}$"},
             "email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.(com|org)$"},
             "quote": {"type": "string", "pattern": '^say "[a-z\\\\]{1,5}"$'},
-            "other": {"type": "string", "pattern": "^[^a-z\"]{2}\\D\\S(?:x|yz)?$"},
+            "other": {"type": "string", "pattern": '^[^a-z"]{2}\\D\\S(?:x|yz)?$'},
         },
         "required": ["code", "email", "quote", "other"],
         "additionalProperties": False,
@@ -635,3 +635,57 @@ def test_control_tokens_named_in_keep_special_stay_in_the_text(engine: Any) -> N
 
     assert run(()) == "ok"
     assert run((marker, "not one token")) == marker + "ok"
+
+
+def test_role_specific_tool_fields_are_checked() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(RequestError, match="only assistant messages") as info:
+        check_messages([{"role": "user", "content": "hi", "tool_calls": [call]}])
+    assert info.value.param == "messages[0].tool_calls"
+    with pytest.raises(RequestError, match="only tool messages") as info:
+        check_messages([{"role": "user", "content": "hi", "tool_call_id": "c1"}])
+    assert info.value.param == "messages[0].tool_call_id"
+
+
+def _shaper(parallel: bool) -> Any:
+    from localllm.server.chat.serving import ChatShaper
+    from localllm.tools import ToolUse
+
+    use = ToolUse.from_request(ToolSyntax(ToolFormat.HERMES), [WEATHER], "auto", parallel)
+    return ChatShaper(
+        id="chatcmpl-1", created=0, model="m", extra=None, logprobs=False,
+        tool_use=use, parser=use.parser(),
+    )  # fmt: skip
+
+
+TWO_CALLS = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_keeps_one_call(parallel: bool) -> None:
+    """Without a grammar (tool_choice auto) a model may write two calls; with
+    parallel_tool_calls false only the first is answered, streamed or not."""
+    from localllm.engine.types import FinishEvent, TextEvent, Usage
+
+    finish = FinishEvent("stop", Usage(10, 20), 0.1, 100.0, 50.0)
+    body = _shaper(parallel).complete(TWO_CALLS, [], finish).model_dump(exclude_none=True)
+    message = body["choices"][0]["message"]
+    assert [c["function"]["arguments"] for c in message["tool_calls"]] == (
+        ['{"city": "Paris"}', '{"city": "Rome"}'] if parallel else ['{"city": "Paris"}']
+    )
+    assert message["content"] is None and body["choices"][0]["finish_reason"] == "tool_calls"
+    shaper = _shaper(parallel)
+    chunks = [shaper.text_chunk(TextEvent(TWO_CALLS[i : i + 9])) for i in range(0, 200, 9)]
+    chunks.append(shaper.finish_chunk(finish))
+    indices = {
+        piece["index"]
+        for chunk in chunks
+        if chunk is not None
+        for piece in chunk.model_dump(exclude_none=True)["choices"][0]["delta"].get(
+            "tool_calls", []
+        )
+    }
+    assert indices == ({0, 1} if parallel else {0})

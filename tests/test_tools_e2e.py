@@ -335,6 +335,7 @@ def test_bad_tool_requests_are_400_envelopes(live_server: UvicornThread) -> None
     )
     assert "nope" in error["message"]
     _envelope(post(tool_choice="required"), "tool_choice")
+    _envelope(post(functions=[{"name": "f", "parameters": {}}]), "functions")
     _envelope(post(tools=[{"type": "function", "function": {"name": "bad name"}}]))
     orphan = [*QUESTION, {"role": "tool", "tool_call_id": "call_missing", "content": "42"}]
     error = _envelope(post(messages=orphan, tools=TOOLS), "messages[1].tool_call_id")

@@ -167,6 +167,16 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     for i, raw in enumerate(messages):
         message = {k: v for k, v in raw.items() if v is not None}
         role = message.get("role")
+        if "tool_calls" in message and role != "assistant":
+            raise RequestError(
+                f"messages[{i}] (role {role}) has tool_calls; only assistant messages make calls",
+                param=f"messages[{i}].tool_calls",
+            )
+        if "tool_call_id" in message and role != "tool":
+            raise RequestError(
+                f"messages[{i}] (role {role}) has a tool_call_id; only tool messages answer calls",
+                param=f"messages[{i}].tool_call_id",
+            )
         if role == "assistant" and "tool_calls" in message:
             tool_calls = message["tool_calls"]
             if not isinstance(tool_calls, list):

@@ -67,6 +67,14 @@ class ChatServing(Serving):
     def tool_use(self, engine: ServingEngine, body: t.ChatCompletionRequest) -> ToolUse:
         """The request's tools, tool_choice and parallel_tool_calls, checked against the
         model's tool-call syntax (a RequestError, so a 400, names what is wrong)."""
+        for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
+            if (body.model_extra or {}).get(legacy) is not None:
+                raise APIError(
+                    400,
+                    f"{legacy} is OpenAI's deprecated form; send {current} instead",
+                    param=legacy,
+                    code="invalid_value",
+                )
         response_format = body.response_format
         return ToolUse.from_request(
             engine.tool_syntax(),
@@ -150,7 +158,7 @@ class ChatShaper(ShaperBase):
         content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
         calls: dict[int, t.ToolCallDeltaBody] = {}
         for d in deltas:
-            if not isinstance(d, ToolCallDelta):
+            if not isinstance(d, ToolCallDelta) or not self._wanted(d.index):
                 continue
             piece = calls.get(d.index)
             if piece is None:
@@ -166,6 +174,11 @@ class ChatShaper(ShaperBase):
             return None
         return t.Delta(content=content or None, tool_calls=list(calls.values()) or None)
 
+    def _wanted(self, index: int) -> bool:
+        """parallel_tool_calls false: one call per answer; without a grammar (auto) a model may
+        write more, and those are dropped."""
+        return self.tool_use is None or self.tool_use.parallel or index == 0
+
     def _finish_reason(self, finish: FinishEvent, n_calls: int) -> str:
         if self.tool_use is None:
             return finish.finish_reason
@@ -177,7 +190,7 @@ class ChatShaper(ShaperBase):
         if self.parser is not None:
             deltas = self.parser.feed(text) + self.parser.finish()
             content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
-            calls = self.parser.tool_calls
+            calls = [c for i, c in enumerate(self.parser.tool_calls) if self._wanted(i)]
             if calls:
                 tool_calls = [
                     t.ToolCallBody(
