@@ -29,6 +29,7 @@ choice) runs on a worker thread while the other slots keep decoding.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import threading
@@ -246,6 +247,20 @@ class Engine:
         Blocking (render and tokenize): call it from a worker thread.
         """
         text = self.apply_chat_template(messages, tools)
+        # Tool definitions, calls and names are written by the template outside any message
+        # content, where render_parts cannot keep them plain text: refuse control text there.
+        extras = [json.dumps(tools, ensure_ascii=False)] if tools else []
+        extras += [
+            json.dumps([m.get("tool_calls"), m.get("name")], ensure_ascii=False)
+            for m in messages
+            if m.get("tool_calls") or m.get("name")
+        ]
+        if any(self._has_control_text(extra) for extra in extras):
+            raise RequestError(
+                "a tool definition, tool call or message name holds the text of one of the "
+                "model's control tokens; remove it (only message contents may)",
+                param="tools",
+            )
         contents = [m.get("content") for m in messages]
         if not any(isinstance(c, str) and self._has_control_text(c) for c in contents):
             return tuple(self.backend.tokenize(text, False, True))
