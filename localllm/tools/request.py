@@ -1,12 +1,13 @@
-"""One chat request's tool use, resolved against the model's syntax: the prompt, the grammar
-that forces a call, the control tokens the output must keep, and the parser for the answer.
+"""One chat request's tool use, resolved against the model's syntax: what the template gets,
+the grammar that forces a call, the control tokens the output must keep, and the parser for
+the answer.
 The HTTP layer builds one from the request body and asks it everything else."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from localllm.errors import RequestError
 from localllm.tools.formats import ToolSyntax
@@ -14,12 +15,11 @@ from localllm.tools.parser import ToolCallParser
 from localllm.tools.render import template_messages
 from localllm.tools.spec import Tool, ToolChoice, check_messages, parse_tool_choice, parse_tools
 
-if TYPE_CHECKING:  # the engine imports this package: no import back at run time
-    from localllm.engine.chat import ChatTemplate
-
 
 @dataclass(frozen=True)
 class ToolUse:
+    """The tools, tool_choice and parallel_tool_calls of one request, checked."""
+
     syntax: ToolSyntax
     tools: tuple[Tool, ...]
     choice: ToolChoice
@@ -59,11 +59,6 @@ class ToolUse:
         """(messages, tools) for the chat template, from OpenAI-style messages (text content,
         tool_calls, tool results); checks that every tool result answers an earlier call."""
         return template_messages(check_messages(messages), self.syntax, self.tools, self.choice)
-
-    def prompt(self, template: ChatTemplate, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text (the engine's `chat_prompt` tokenizes template_input() instead)."""
-        rendered, tools = self.template_input(messages)
-        return template.render(rendered, add_generation_prompt=True, tools=tools)
 
     def grammar(self) -> str | None:
         return self.syntax.grammar(self.tools, self.choice, self.parallel)

@@ -4,7 +4,7 @@ chat response bodies (`chat.completion`, `chat.completion.chunk`)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -128,7 +128,7 @@ class ChatShaper(ShaperBase):
     chunk_type = t.ChatCompletionChunk
     tool_use: ToolUse | None = None
     parser: ToolCallParser | None = None
-    _n_calls: int = 0
+    _n_calls: int = field(default=0, init=False)  # calls streamed so far
 
     def opening(self) -> list[BaseModel]:
         role = t.ChatChunkChoice(delta=t.Delta(role="assistant", content=""))
