@@ -689,3 +689,66 @@ def test_parallel_tool_calls_false_keeps_one_call(parallel: bool) -> None:
         )
     }
     assert indices == ({0, 1} if parallel else {0})
+
+
+_KEYWORDS = [
+    "type", "properties", "required", "items", "prefixItems", "enum", "const", "anyOf",
+    "oneOf", "allOf", "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength",
+    "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "additionalProperties",
+    "uniqueItems", "not", "title",
+]  # fmt: skip
+
+
+def _schemas() -> Any:
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**20), 10**20),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from(["string", "object", "array", "integer", "number", "#", "#/$defs/a"]),
+        st.text(max_size=8),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.sampled_from([*_KEYWORDS, "a", "b"]), inner, max_size=4),
+        ),
+        max_leaves=20,
+    )
+
+
+def test_any_schema_is_a_grammar_or_a_request_error() -> None:
+    """Whatever a client sends as a schema: a grammar, or a RequestError (a 400), never a
+    crash of another kind (a 500)."""
+    from hypothesis import given, settings
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(_schemas())
+    def check(schema: Any) -> None:
+        try:
+            grammar = json_schema_grammar(schema)
+        except RequestError:
+            return
+        assert grammar.startswith("root ::= ")
+
+    check()
+
+
+def test_any_pattern_is_a_grammar_or_a_request_error() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = st.sampled_from(list("ab^$|()[]{}?*+.\\-dDwWsSx0123456789,:!=<>P\"'u"))
+
+    @settings(max_examples=600, deadline=None, database=None)
+    @given(st.text(alphabet, max_size=14))
+    def check(pattern: str) -> None:
+        try:
+            json_schema_grammar({"type": "string", "pattern": pattern})
+        except RequestError:
+            return
+
+    check()

@@ -109,7 +109,7 @@ class _Parser:
 
     def quantified(self, atom: str) -> str:
         ch = self.peek()
-        if ch not in "?*+{":
+        if not ch or ch not in "?*+{":
             return atom
         if ch == "{":
             end = self.src.find("}", self.pos)
@@ -134,13 +134,15 @@ class _Parser:
 
     def atom(self) -> str:
         ch = self.take()
+        if not ch:
+            raise self.fail("the pattern ended early")
         if ch == "(":
             if self.peek() == "?":
                 self.take()
                 kind = self.take()
                 if kind == ":":
                     pass
-                elif kind == "<" and self.peek() not in "=!":
+                elif kind == "<" and self.peek() and self.peek() not in "=!":
                     self.named_group()
                 elif kind == "P" and self.peek() == "<":
                     self.take()
@@ -234,6 +236,8 @@ class _Parser:
         return options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
 
     def class_escape(self, esc: str) -> str:
+        if not esc:
+            raise self.fail("a trailing backslash")
         if esc in "ux":
             return self.hex_escape(esc)
         if esc == "b":

@@ -120,9 +120,9 @@ def _natural_range(low: int, high: int | None) -> list[str]:
         return []
     top = high if high is not None else 10 ** len(str(low)) - 1
     patterns = [_digits_pattern(a, b) for a, b in _split_range(low, top)]
-    if high is None:
-        # Every number with more digits than `top`.
-        more = len(str(top))
+    more = len(str(top))
+    if high is None and more < MAX_INTEGER_DIGITS:
+        # Every number with more digits than `top`, up to the digits an integer may have.
         patterns.append(f"[1-9] [0-9]{{{more},{MAX_INTEGER_DIGITS - 1}}}")
     return patterns
 
@@ -170,9 +170,9 @@ class GrammarBuilder:
 
     def primitive(self, name: str) -> str:
         if name not in self._rules:
+            self._rules[name] = PRIMITIVES[name]  # first: value and object refer to each other
             for dep in _PRIMITIVE_DEPS.get(name, ()):
                 self.primitive(dep)
-            self._rules[name] = PRIMITIVES[name]
         return name
 
     def add(self, hint: str, body: str) -> str:
@@ -200,7 +200,13 @@ class GrammarBuilder:
 
     def schema(self, schema: Any, hint: str, *, where: str) -> str:
         """The name of a rule generating JSON valid under `schema` (a JSON Schema document)."""
-        return _SchemaVisitor(self, schema, where).visit(schema, hint, "#")
+        try:
+            return _SchemaVisitor(self, schema, where).visit(schema, hint, "#")
+        except RecursionError:
+            raise UnsupportedSchemaError(
+                f"{where}: the schema is nested too deeply to become a grammar",
+                param=_param(where),
+            ) from None
 
     def render(self, root: str) -> str:
         lines = [f"root ::= {root}"]
@@ -296,6 +302,8 @@ class _SchemaVisitor:
                 raise self.fail(path, "a schema with constraints needs a `type`")
             else:
                 return self.b.primitive("value")
+        if not isinstance(types, str):
+            raise self.fail(path, f"type must be a name or a list of names, not {types!r}")
         handler: Callable[[dict[str, Any], str, str], str] | None = {
             "object": self.object,
             "array": self.array,
@@ -437,9 +445,14 @@ class _SchemaVisitor:
         item = self.visit(items, f"{hint}-item", f"{path}/items")
         if max_items == 0:
             return self.b.add(hint, f'"[" {ws} "]"')
-        more = repeat(
-            f'"," {ws} {item}', max(min_items - 1, 0), None if max_items is None else max_items - 1
-        )
+        try:
+            more = repeat(
+                f'"," {ws} {item}',
+                max(min_items - 1, 0),
+                None if max_items is None else max_items - 1,
+            )
+        except ValueError as exc:
+            raise self.fail(path, str(exc)) from None
         body = f"{item} {more}".strip()
         if min_items == 0:
             body = f"({body})?"
@@ -462,7 +475,7 @@ class _SchemaVisitor:
             return self.b.add(hint, f'"\\"" {body} "\\""')
         if "format" in schema:
             fmt = schema["format"]
-            if fmt not in _FORMATS:
+            if not isinstance(fmt, str) or fmt not in _FORMATS:
                 raise self.fail(
                     path, f"string format {fmt!r} is not supported (only {sorted(_FORMATS)})"
                 )
@@ -515,6 +528,8 @@ def _integer_bounds(
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise visitor.fail(path, f"{key} must be a number")
+        if not math.isfinite(value):
+            raise visitor.fail(path, f"{key} must be finite")
         return float(value)
 
     low, high = number("minimum"), number("maximum")
@@ -527,6 +542,12 @@ def _integer_bounds(
     if ex_high is not None:
         candidate = math.ceil(ex_high) - 1
         hi = candidate if hi is None else min(hi, candidate)
+    # JSON integers here have at most MAX_INTEGER_DIGITS digits: a bound beyond that is none.
+    largest = 10**MAX_INTEGER_DIGITS - 1
+    if lo is not None and lo > largest or hi is not None and hi < -largest:
+        raise visitor.fail(path, f"no integer of at most {MAX_INTEGER_DIGITS} digits is in range")
+    lo = None if lo is not None and lo < -largest else lo
+    hi = None if hi is not None and hi > largest else hi
     return lo, hi
 
 
@@ -546,6 +567,8 @@ def _merge(
         if key in _ANNOTATIONS or key in ("$defs", "definitions"):
             continue
         if key == "properties":
+            if not isinstance(value, dict) or not isinstance(merged.get("properties", {}), dict):
+                raise visitor.fail(path, "properties must be an object")
             props = dict(merged.get("properties") or {})
             for name, sub in value.items():
                 if name in props and props[name] != sub:
@@ -553,7 +576,11 @@ def _merge(
                 props[name] = sub
             merged["properties"] = props
         elif key == "required":
-            merged["required"] = list(dict.fromkeys([*merged.get("required", []), *value]))
+            before = merged.get("required", [])
+            if not all(isinstance(r, list) and all(isinstance(n, str) for n in r)
+                       for r in (value, before)):  # fmt: skip
+                raise visitor.fail(path, "required must be a list of names")
+            merged["required"] = list(dict.fromkeys([*before, *value]))
         elif key in merged and merged[key] != value:
             raise visitor.fail(path, f"allOf parts disagree on {key!r}")
         else:
