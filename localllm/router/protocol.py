@@ -24,7 +24,16 @@ from localllm.errors import LocalLLMError
 
 # Engine methods a parent may call in its worker (anything else is refused there).
 CALLABLE = frozenset(
-    {"tokenize", "detokenize", "apply_chat_template", "chat_prompt", "embed", "stats", "cancel_all"}
+    {
+        "tokenize",
+        "detokenize",
+        "apply_chat_template",
+        "chat_prompt",
+        "tool_syntax",
+        "embed",
+        "stats",
+        "cancel_all",
+    }
 )
 
 

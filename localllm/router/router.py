@@ -54,6 +54,7 @@ from localllm.router.worker import (
     rss_bytes,
 )
 from localllm.settings import Settings
+from localllm.tools import ToolSyntax
 
 log = logging.getLogger(__name__)
 
@@ -555,8 +556,13 @@ class Lease:
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         return self.worker.apply_chat_template(messages)
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str | tuple[int, ...]:
-        return self.worker.chat_prompt(messages)
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str | tuple[int, ...]:
+        return self.worker.chat_prompt(messages, tools)
+
+    def tool_syntax(self) -> ToolSyntax:
+        return self.worker.tool_syntax()
 
     def cancel_all(self) -> None:
         self.worker.cancel_all()

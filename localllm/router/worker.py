@@ -43,6 +43,7 @@ from localllm.engine.handle import RequestHandle
 from localllm.engine.types import EngineStats, FinishEvent, GenerationRequest
 from localllm.errors import LocalLLMError, ModelCrashedError, ModelLoadError
 from localllm.router.protocol import CALLABLE, WireError, WorkerInfo, from_wire, to_wire
+from localllm.tools import ToolSyntax
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class WorkerClient:
         self.info = info
         self.n_ctx_slot = info.n_ctx_slot
         self.on_exit = on_exit
+        self._tool_syntax: ToolSyntax | None = None
         self.exit_code: int | None = None
         self._conn = conn
         self._send_lock = threading.Lock()
@@ -303,9 +305,19 @@ class WorkerClient:
         prompt: str = self.call("apply_chat_template", list(messages))
         return prompt
 
-    def chat_prompt(self, messages: Sequence[Any]) -> str | tuple[int, ...]:
-        prompt: str | tuple[int, ...] = self.call("chat_prompt", list(messages))
+    def chat_prompt(
+        self, messages: Sequence[Any], tools: Sequence[Any] | None = None
+    ) -> str | tuple[int, ...]:
+        prompt: str | tuple[int, ...] = self.call(
+            "chat_prompt", list(messages), list(tools) if tools else None
+        )
         return prompt
+
+    def tool_syntax(self) -> ToolSyntax:
+        """The worker's model's tool-call syntax, asked once (its template never changes)."""
+        if self._tool_syntax is None:
+            self._tool_syntax = self.call("tool_syntax")
+        return self._tool_syntax
 
     def cancel_all(self) -> None:
         """Cancel every request of this worker (shutdown past its grace): its engine ends them
