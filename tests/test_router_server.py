@@ -111,6 +111,36 @@ def test_chat_names_its_model_and_streams(client: httpx.Client) -> None:
     assert no_model.json()["model"] == "gemma-a"  # the start model answers unnamed requests
 
 
+def test_tool_calls_through_a_worker(client: httpx.Client) -> None:
+    """The worker answers the model's tool syntax and renders tools across the pipe."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "maxLength": 12}},
+                "required": ["zone"],
+            },
+        },
+    }
+    body = {
+        "model": "gemma-a",
+        "messages": [{"role": "user", "content": "Time in Tokyo?"}],
+        "tools": [tool],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        "temperature": 0,
+        "max_tokens": 40,
+    }
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time"
+    assert isinstance(json.loads(call["function"]["arguments"])["zone"], str)
+
+
 def test_load_and_unload_endpoints_take_llama_server_s_shapes(client: httpx.Client) -> None:
     assert client.post("/models/load", json={"model": "tiny-bert"}).json() == {"success": True}
     assert cards(client)["tiny-bert"]["status"] == {"value": "loaded"}
