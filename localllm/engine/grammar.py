@@ -1,4 +1,5 @@
-"""GBNF grammars for response_format: any JSON object, or JSON following a schema.
+"""GBNF grammars the engine takes: any JSON object, and the limits every grammar is checked
+against (schemas become grammars in `localllm.tools.schema`).
 
 Limits, checked before llama.cpp sees a grammar (llama.cpp's GBNF parser recurses once per
 nesting level and crashes the process with SIGSEGV when its stack runs out; a grammar's rules
@@ -11,9 +12,7 @@ are expanded in memory, one per repetition):
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
 
 from localllm.errors import RequestError
 
@@ -31,30 +30,6 @@ def json_object_grammar() -> str:
 
     lines = [ln for ln in JSON_GBNF.splitlines() if not ln.startswith("ws ")]
     return "\n".join(lines) + '\nws ::= | " "\n'
-
-
-def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """The schema as a grammar, within the limits above (else RequestError naming the limit)."""
-    from llama_cpp import llama_grammar
-
-    # llama-cpp-python 0.3.36 writes "up to n" as n nested optional groups, (a (a (a)?)?)?, which
-    # llama.cpp's parser overflows its stack on from about maxLength 20000; llama.cpp's own
-    # converter (json-schema-to-grammar.cpp) writes a{m,n}, which its parser expands in a loop.
-    llama_grammar._build_repetition = _build_repetition
-    try:
-        grammar: str = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-    except RecursionError:
-        raise RequestError(
-            "response_format.json_schema is nested too deeply to turn into a grammar",
-            param="response_format",
-        ) from None
-    except Exception as exc:  # the converter raises bare exceptions of many kinds
-        raise RequestError(
-            f"response_format.json_schema: cannot turn the schema into a grammar: {exc}",
-            param="response_format",
-        ) from None
-    check_grammar(grammar)
-    return grammar
 
 
 def check_grammar(grammar: str, param: str = "response_format") -> None:
@@ -111,31 +86,3 @@ def _outside_literals(grammar: str) -> str:
             out.append(char)
         i += 1
     return "".join(out)
-
-
-def _build_repetition(
-    item_rule: str,
-    min_items: int,
-    max_items: int | None,
-    separator_rule: str | None = None,
-    item_rule_is_literal: bool = False,
-) -> str:
-    """llama.cpp's own `build_repetition` (common/json-schema-to-grammar.cpp): a{m,n}."""
-    if max_items == 0:
-        return ""
-    if min_items == 0 and max_items == 1:
-        return f"{item_rule}?"
-    if not separator_rule:
-        if min_items == 1 and max_items is None:
-            return f"{item_rule}+"
-        if min_items == 0 and max_items is None:
-            return f"{item_rule}*"
-        upper = "" if max_items is None else str(max_items)
-        return f"{item_rule}{{{min_items},{upper}}}"
-    rest = _build_repetition(
-        f"({separator_rule} {item_rule})",
-        min_items - 1 if min_items > 0 else 0,
-        None if max_items is None else max_items - 1,
-    )
-    result = f"{item_rule} {rest}"
-    return f"({result})?" if min_items == 0 else result
