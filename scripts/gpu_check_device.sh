@@ -35,6 +35,16 @@ pack_build() {  # llama_cpp as installed in a venv, its libraries stripped of un
     stage=$(mktemp -d)
     cp -a "$site/llama_cpp" "$stage/"
     find "$stage/llama_cpp" -name '__pycache__' -prune -exec rm -rf {} +
+    # The wheel installs each library three times (libx.so, its soname libx.so.0, libx.so.0.25.3):
+    # keep the last, link the others to it.
+    local full alias
+    for full in "$stage"/llama_cpp/lib/*.so.*.*; do
+        for alias in "${full%%.so.*}.so" "${full%.*.*}"; do
+            if [ "$alias" != "$full" ] && cmp -s "$alias" "$full"; then
+                ln -sf "$(basename "$full")" "$alias"
+            fi
+        done
+    done
     find "$stage/llama_cpp/lib" -name '*.so*' -type f -exec strip --strip-unneeded {} +
     du -b "$stage"/llama_cpp/lib/*.so* | sort -n | tail -n 4
     tar -C "$stage" -cf - llama_cpp | xz -T0 -6 >"$CARRY/llama_cpp.tar.xz"
