@@ -165,36 +165,78 @@ def lookup_gpu(name: str) -> GPUSpec | None:
     return None
 
 
+# llama.cpp's CUDA backend handles at most GGML_CUDA_MAX_DEVICES = 16 cards.
+MAX_GPUS = 16
+# No GPU sold has more memory than this (the largest accelerators carry 192-288 GB); a bigger
+# figure is a typo or a unit mix-up (a byte count read as GiB).
+MAX_GPU_BYTES = 512 * GIB
+
+
 def parse_gpu_names(value: str) -> tuple[GPUInfo, ...]:
-    """'rtx4090' or 'rtx3090,rtx3090' or '2xrtx3090' -> table GPUs."""
+    """'rtx4090', 'rtx3090,rtx3090', '2xrtx3090' or 'rtx3090x2' -> table GPUs."""
     gpus: list[GPUInfo] = []
     for part in (p.strip() for p in value.split(",") if p.strip()):
-        count = 1
+        if part.lower() in ("none", "cpu", "0"):
+            raise SettingsError(
+                f"{value!r} names no GPU; to plan for the CPU alone use --cpu (or --vram 0)"
+            )
+        # '2xrtx4090', 'rtx4090x2' or 'rtx4090': the first reading that names a known card (a
+        # count first: lookup_gpu would also find 'rtx4090' inside '2xrtx4090', as NVML names
+        # such as 'NVIDIA GeForce RTX 4090 D' need).
+        readings: list[tuple[int, str]] = []
         if m := re.fullmatch(r"(\d+)\s*[x*]\s*(.+)", part):
-            count, part = int(m[1]), m[2]
-        spec = lookup_gpu(part)
-        if spec is None:
+            readings.append((int(m[1]), m[2]))
+        if m := re.fullmatch(r"(.+?)\s*[x*]\s*(\d+)", part):
+            readings.append((int(m[2]), m[1]))
+        readings.append((1, part))
+        found = [(n, spec) for n, key in readings if (spec := lookup_gpu(key)) is not None]
+        if not found:
             known = ", ".join(CONSUMER_GPUS)
-            raise SettingsError(f"unknown GPU {part!r}; known cards: {known} (or give --vram)")
+            raise SettingsError(
+                f"unknown GPU {readings[0][1]!r}; known cards: {known} (or give --vram)"
+            )
+        count, spec = found[0]
+        if count < 1:
+            raise SettingsError(f"{part!r} names no card; write rtx4090 or 2xrtx4090")
         gpus += [gpu_from_spec(spec, len(gpus) + i) for i in range(count)]
+        if len(gpus) > MAX_GPUS:
+            raise SettingsError(
+                f"{value!r} names {len(gpus)} cards; llama.cpp uses at most {MAX_GPUS}"
+            )
     if not gpus:
-        raise SettingsError("--gpu is empty; name a card such as rtx4090")
+        raise SettingsError("no GPU named; name a card such as rtx4090")
     return tuple(gpus)
 
 
-_SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 _UNITS = {"": GIB, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
           "gb": GB, "gib": GIB, "tb": 1000**4, "tib": 1024**4, "k": 1024, "m": 1024**2,
           "g": GIB, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
-    """'24GiB', '24 GB', '24' (GiB), '24576MiB' -> bytes."""
+    """A GPU's memory: '24GiB', '24 GB' (10^9 bytes), '24' (GiB), '24576MiB', '0' -> bytes.
+
+    Bounded by what a GPU can hold, so a byte count typed without its unit ('25769803776',
+    read as GiB) is refused with the spelling that was meant instead of planning for it.
+    """
     m = _SIZE_RE.match(text)
     unit = (m[2] or "").lower() if m else ""
     if m is None or unit not in _UNITS:
-        raise SettingsError(f"cannot read the size {text!r}; write it like 24GiB or 24576MiB")
-    return int(float(m[1]) * _UNITS[unit])
+        raise SettingsError(
+            f"cannot read the size {text!r}; write it like 24GiB, 24576MiB or 0 (CPU only)"
+        )
+    size = int(float(m[1]) * _UNITS[unit])
+    if size > MAX_GPU_BYTES:
+        hint = ""
+        if not unit and float(m[1]).is_integer() and int(float(m[1])) <= MAX_GPU_BYTES:
+            hint = f"; a number without a unit is GiB: for bytes write {m[1]}B " \
+                   f"({int(float(m[1])) / GIB:.1f} GiB)"
+        raise SettingsError(
+            f"{text.strip()!r} is {size / GIB:,.0f} GiB, more than any GPU holds "
+            f"(at most {MAX_GPU_BYTES // GIB} GiB per card){hint}"
+        )
+    return size
 
 
 def parse_vram(value: str, allow_zero: bool = False) -> tuple[int, ...]:

@@ -9,8 +9,10 @@ naming the key.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +28,7 @@ from pydantic_settings import (
 
 from localllm.errors import SettingsError
 from localllm.ggml import CacheType
+from localllm.hardware import parse_gpu_names, parse_vram
 
 ENV_PREFIX = "LOCALLLM_"
 SYSTEM_CONFIG = Path("/etc/localllm/config.toml")
@@ -232,6 +235,28 @@ class Settings(BaseSettings):
             raise ValueError("must be 0 (the model's training context) or at least 256 tokens")
         return value
 
+    @field_validator("vram")
+    @classmethod
+    def _check_vram(cls, value: str | None) -> str | None:
+        # Read here, so a bad size stops every command at start (naming its source), not only
+        # the ones that plan; 0 is the CPU alone.
+        if value is not None:
+            try:
+                parse_vram(value, allow_zero=True)
+            except SettingsError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("gpu")
+    @classmethod
+    def _check_gpu(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_gpu_names(value)
+            except SettingsError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("api_keys", "cors_origins", "allowed_hosts", "pinned_models", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
@@ -275,16 +300,22 @@ class Settings(BaseSettings):
 _config_file: ContextVar[Path | None] = ContextVar("localllm_config_file", default=None)
 
 
-def load_settings(config: Path | None = None, **flags: Any) -> Settings:
-    """Build the settings from flags (None values mean 'not given'), env and the config file."""
+def load_settings(
+    config: Path | None = None, flag_names: Mapping[str, str] | None = None, **flags: Any
+) -> Settings:
+    """Build the settings from flags (None values mean 'not given'), env and the config file.
+
+    `flag_names` maps a setting to the flag that set it ('n_ctx' -> '--ctx-size'), so an error
+    names what the user typed: that flag, the `LOCALLLM_*` variable, or the config file's key.
+    """
     if config is not None and not config.is_file():
-        raise SettingsError(f"config file {config} does not exist")
+        raise SettingsError(f"--config: config file {config} does not exist")
     given = {key: value for key, value in flags.items() if value is not None}
     token = _config_file.set(config)
     try:
         return Settings(**given)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc, config)) from None
+        raise SettingsError(_describe(exc, config, set(given), flag_names or {})) from None
     except ValueError as exc:  # a TOML syntax error, or a malformed JSON list in an env var
         file = config or default_config_path()
         raise SettingsError(f"{f'config file {file}' if file else 'settings'}: {exc}") from None
@@ -292,17 +323,52 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
         _config_file.reset(token)
 
 
-def _describe(exc: ValidationError, config: Path | None) -> str:
+def env_name(name: str) -> str:
+    """The environment variable of a setting: 'n_ctx' -> 'LOCALLLM_N_CTX'."""
+    return (ENV_PREFIX + name).upper()
+
+
+def _describe(
+    exc: ValidationError, config: Path | None, given: set[str], flag_names: Mapping[str, str]
+) -> str:
+    file = config or default_config_path()
+    env = {key.upper(): value for key, value in os.environ.items()}
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "settings"
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown setting '{key}'")
+            near = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            where = f" in config file {file}" if file and key not in given else ""
+            problems.append(f"unknown setting '{key}'{where}{hint}")
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if key in given:
+            source = f"{flag_names.get(key, '--' + key.replace('_', '-'))} {error.get('input')!s}"
+        elif env_name(key) in env:
+            source = f"{env_name(key)}={env[env_name(key)]}"
+        elif file is not None:
+            source = f"setting '{key}' = {error.get('input')!r} in config file {file}"
         else:
-            problems.append(f"setting '{key}': {error['msg']} (got {error.get('input')!r})")
-    file = config or default_config_path()
-    sources = f"flags, env {ENV_PREFIX}*" + (f" or config file {file}" if file else "")
-    return "; ".join(problems) + f" (from {sources})"
+            source = f"setting '{key}' = {error.get('input')!r}"
+        problems.append(f"{source}: {message}")
+    return "; ".join(problems)
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """`LOCALLLM_*` variables that name no setting (pydantic-settings ignores them silently),
+    each with the closest real name, if any."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(name) for name in Settings.model_fields} | {ENV_PREFIX + "CONFIG"}
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        # LOCALLLM_TEST_*: the test suite's own switches, not settings.
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper.startswith("LOCALLLM_TEST_"):
+            continue
+        near = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+        found.append((name, near[0] if near else None))
+    return found
 
 
 def setting_sources(

@@ -106,13 +106,32 @@ def test_bad_value_in_config_is_rejected_by_name(tmp_path: Path, text: str, key:
 
 def test_bad_env_value_is_rejected_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCALLLM_PORT", "http")
-    with pytest.raises(SettingsError, match=r"setting 'port'.*'http'"):
+    with pytest.raises(SettingsError, match=r"^LOCALLLM_PORT=http: "):
         load_settings(None)
 
 
 def test_bad_flag_value_is_rejected_by_name() -> None:
-    with pytest.raises(SettingsError, match=r"setting 'n_ubatch'"):
+    with pytest.raises(SettingsError, match=r"^--n-ubatch 0: "):
         load_settings(None, n_ubatch=0)
+    with pytest.raises(SettingsError, match=r"^--ubatch-size 0: "):
+        load_settings(None, {"n_ubatch": "--ubatch-size"}, n_ubatch=0)
+
+
+def test_sizes_and_cards_are_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError, match=r"^--vram 1.2.3GiB: cannot read the size"):
+        load_settings(None, vram="1.2.3GiB")
+    monkeypatch.setenv("LOCALLLM_GPU", "64xrtx4090")
+    with pytest.raises(SettingsError, match=r"^LOCALLLM_GPU=64xrtx4090: .*at most 16"):
+        load_settings(None)
+    monkeypatch.setenv("LOCALLLM_GPU", "rtx4090x2")
+    assert load_settings(None).gpu == "rtx4090x2"
+
+
+def test_misspelled_env_vars_are_found() -> None:
+    from localllm.settings import unknown_env_vars
+
+    environ = {"LOCALLLM_N_CTX": "1", "LOCALLLM_NCTX": "1", "LOCALLLM_CONFIG": "x", "HOME": "/"}
+    assert unknown_env_vars(environ) == [("LOCALLLM_NCTX", "LOCALLLM_N_CTX")]
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
