@@ -16,6 +16,7 @@
     │   ├── RpcUnreachableError   no answer: down, firewalled, or busy with another client
     │   ├── RpcProtocolError      not an rpc-server of this build's protocol version
     │   └── RpcHostLostError      a host went away while the model was loaded on it
+    ├── ServerError               a server `localllm chat --url` talks to failed or is unreachable
     ├── RequestError              a client request the engine cannot serve
     │   ├── ChatTemplateError            the chat template refused the messages, or is hostile
     │   ├── ContextLengthExceededError   prompt (+ max_tokens) longer than a slot's context
@@ -112,6 +113,10 @@ class RpcProtocolError(RpcError):
 
 class RpcHostLostError(RpcError):
     """A host went away while the model was loaded on it; the engine cannot go on."""
+
+
+class ServerError(LocalLLMError):
+    """A server the CLI talks to (`chat --url`) could not be reached or refused the request."""
 
 
 class RequestError(LocalLLMError):

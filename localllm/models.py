@@ -169,6 +169,8 @@ def resolve_model(name: str | None, models_dir: Path, allow_outside: bool = True
     for option in (name, name + ".gguf"):
         inside = (root / option).resolve()
         if not inside.is_relative_to(root):
+            if allow_outside:  # a path that does not exist, not an escape attempt
+                raise ModelNotFoundError(f"no such file: {name}; check the path")
             raise ModelNotFoundError(f"model name {name!r} points outside the models folder")
         if inside.is_file():
             return inside

@@ -1,0 +1,500 @@
+"""The commands: parse nothing, call the library, print. One function per command."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from localllm.cli.flags import settings_from_args
+from localllm.cli.output import print_json, print_table, progress, warn
+from localllm.errors import DoesNotFitError
+from localllm.hardware import Hardware, parse_gpu_names, parse_size
+from localllm.settings import Settings
+from localllm.units import GIB, gib, mib
+
+# Beyond these a --gpu/--vram is legal but unusual enough to say so.
+_USUAL_GPUS = 4
+_USUAL_GPU_BYTES = 48 * GIB  # more than any consumer card
+_DECIMAL_UNIT = re.compile(r"(\d)\s*([kmgt])b\b", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware: what every planning command plans for
+
+
+def _cpu_requested(settings: Settings, args: argparse.Namespace) -> bool:
+    vram = settings.vram
+    zero = vram is not None and all(parse_size(p) == 0 for p in vram.split(",") if p.strip())
+    return bool(getattr(settings, "cpu_only", False) or getattr(args, "cpu", False) or zero)
+
+
+def planning_hardware(settings: Settings, args: argparse.Namespace) -> Hardware:
+    """The hardware a plan is for: `loading.planning_hardware` where it exists (the one policy
+    every command shares), else NVML or --gpu/--vram, or the CPU alone with --cpu/--vram 0."""
+    from localllm import loading
+    from localllm.hardware import hardware_for, probe_host
+
+    shared = getattr(loading, "planning_hardware", None)
+    if shared is not None:
+        result: Hardware = shared(settings)
+        return result
+    if _cpu_requested(settings, args):
+        host = probe_host()
+        threads = settings.threads or host.logical_cores
+        return Hardware(gpus=(), host=host, threads=threads, notes=("--cpu: the CPU alone",))
+    return hardware_for(settings)
+
+
+def hardware_warnings(settings: Settings) -> list[str]:
+    """Legal but unusual --gpu/--vram values, said once before planning."""
+    found = []
+    if settings.gpu:
+        count = len(parse_gpu_names(settings.gpu))
+        if count > _USUAL_GPUS:
+            found.append(f"--gpu {settings.gpu} plans for {count} cards; a desktop holds "
+                         f"{_USUAL_GPUS} at most")
+    if settings.vram:
+        parts = [p.strip() for p in settings.vram.split(",") if p.strip()]
+        for part in parts:
+            size = parse_size(part)
+            if size > _USUAL_GPU_BYTES:
+                found.append(f"--vram {part} is {gib(size)} per card, more than any consumer "
+                             "GPU (a list of cards is written 24GiB,24GiB)")
+            elif 0 < size < GIB:
+                found.append(f"--vram {part} is only {mib(size)}; is a unit missing "
+                             f"({part}GiB)?")
+        if len(parts) > _USUAL_GPUS:
+            found.append(f"--vram names {len(parts)} cards; a desktop holds {_USUAL_GPUS} at most")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from localllm.gguf_header import read_header
+    from localllm.models import resolve_model
+
+    settings, _ = settings_from_args(args)
+    header = read_header(resolve_model(args.model, settings.models_dir))
+    summary = header.summary()
+    if args.json:
+        print_json(summary)
+        return 0
+    layer_bytes = header.layer_bytes
+    output = "tied to the embedding" if header.output_tied else mib(header.output_bytes, 1)
+    non_repeating = f"token embedding {mib(header.token_embd_bytes, 1)}, output {output}"
+    rows = [
+        ("file", ", ".join(summary["files"])),  # type: ignore[arg-type]
+        ("architecture", f"{header.architecture} ({header.name or 'unnamed'})"),
+        ("quantization", f"{header.file_type or '?'}, {header.bits_per_weight:.2f} bits/weight"),
+        ("parameters", f"{header.n_params / 1e9:.3f} B, {gib(header.total_bytes, 2)} of weights"),
+        ("layers", f"{header.n_layer}, {mib(sum(layer_bytes) / len(layer_bytes), 1)} each"),
+        ("non-repeating", f"{mib(header.non_repeating_bytes, 1)} ({non_repeating})"),
+        ("embedding / FFN", f"{header.n_embd} / {summary['n_ff']}"),
+        (
+            "heads / KV heads",
+            f"{summary['n_head']} / {summary['n_head_kv']}, "
+            f"head size K {header.n_embd_head_k} V {header.n_embd_head_v}",
+        ),
+        ("vocabulary", f"{header.n_vocab:,}"),
+        ("training context", f"{header.n_ctx_train:,}"),
+    ]
+    if header.sliding_window:
+        n_swa = sum(header.swa_layers)
+        rows.append(
+            ("sliding window", f"{header.sliding_window} on {n_swa} of {header.n_layer} layers")
+        )
+    if header.is_moe:
+        rows.append(("experts", f"{header.n_expert}, {header.n_expert_used} used per token"))
+    rows.append(
+        ("chat template", "yes" if header.has_chat_template else "none (a fallback is used)")
+    )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    for warning in header.warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+def _model_headers(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[list[Any], dict[str, int]]:
+    """The headers `fit` chooses among (groups of one model each) and file sizes by path."""
+    from localllm.fitter import read_headers
+    from localllm.hub import HubClient, RepoRef, looks_like_repo
+    from localllm.models import group_by_model, resolve_model
+
+    target = args.model
+    if target and looks_like_repo(target):
+        ref = RepoRef.parse(target, args.revision)
+        with progress(f"reading the GGUF headers of {ref.repo_id} (range requests)"):
+            pairs = HubClient().read_headers(ref)
+        sizes = {str(header.path): quant.size for quant, header in pairs}
+        return [[header for _, header in pairs]], sizes
+    is_glob = target is not None and any(ch in target for ch in "*?[")
+    if target is None or (not is_glob and not Path(target).exists()):
+        target = str(resolve_model(target, settings.models_dir))
+    with progress(f"reading GGUF headers in {target}"):
+        headers = read_headers(target)
+    sizes = {str(h.path): sum(p.stat().st_size for p in h.paths) for h in headers}
+    return group_by_model(headers), sizes
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from localllm.fitter import FitRequest, fit
+
+    settings, _ = settings_from_args(args)
+    for warning in hardware_warnings(settings):
+        warn(warning)
+    changes: dict[str, Any] = {"objective": args.objective}
+    if args.swa_full is not None:
+        changes["swa_full"] = args.swa_full
+    request = FitRequest.from_settings(settings, **changes)
+    hardware = planning_hardware(settings, args)
+    groups, sizes = _model_headers(args, settings)
+    if len(groups) > 1:
+        return _fit_each_model(groups, hardware, request, args.json)
+    headers = groups[0]
+    plan = fit(headers, hardware, request)
+    notes = _unit_notes(settings, args, headers, request, plan)
+    for note in notes:
+        warn(note)
+    check = _check(plan) if args.check else None
+    if args.json:
+        result = plan.to_dict()
+        result["notes"] = list(plan.notes) + notes
+        result["hardware"] = _hardware_dict(hardware)
+        result["llama_params"] = plan.llama_params()
+        result["llama_server_command"] = plan.llama_server_command()
+        if len(headers) > 1:
+            result["quants"] = _quant_rows(headers, sizes, hardware, request, plan, raw=True)
+        if check is not None:
+            result["check"] = check
+        print_json(result)
+        return 0
+    from localllm.fitter import format_plan
+
+    print(format_plan(replace(plan, ladder=()) if len(headers) > 1 else plan))
+    if len(headers) > 1:
+        where = "hub files: headers read by range requests, nothing downloaded" if (
+            args.model and not Path(args.model).exists() and "/" in args.model
+        ) else "quants"
+        print(f"\n{where} (best quality first):")
+        rows = _quant_rows(headers, sizes, hardware, request, plan, raw=False)
+        print_table(["", "quant", "file size", "GPU layers", "VRAM", "RAM", "tok/s", "verdict"],
+                    [[str(v) for v in row.values()] for row in rows], right=(2, 3, 4, 5, 6))
+    if check is not None:
+        print("\nllama.cpp's own dry run for this plan (its buffers, no weights loaded):")
+        print_table(["buffer", "predicted", "llama.cpp", "difference"],
+                    [[r["buffer"], mib(r["predicted_bytes"]), mib(r["llama_bytes"]),
+                      f"{r['difference']:+.1%}" if r["difference"] is not None else "-"]
+                     for r in check["rows"]], right=(1, 2, 3))
+    print(f"\nllama-server equivalent:\n  {plan.llama_server_command()}")
+    return 0
+
+
+def _hardware_dict(hardware: Hardware) -> dict[str, Any]:
+    return {
+        "gpus": [{"name": g.name, "total_bytes": g.total_bytes, "free_bytes": g.free_bytes,
+                  "source": g.source} for g in hardware.gpus],
+        "assumed": bool(getattr(hardware, "assumed", False))
+        or any(g.source == "default" for g in hardware.gpus),
+        "notes": list(hardware.notes),
+    }
+
+
+def _quant_rows(
+    headers: list[Any], sizes: dict[str, int], hardware: Hardware, request: Any, plan: Any,
+    raw: bool,
+) -> list[dict[str, Any]]:
+    """Each quant of the ladder planned alone: its size, layers, VRAM and speed, and why it was
+    or was not chosen."""
+    from localllm.fitter import fit_header, quant_name
+
+    reasons = dict(plan.rejected)
+    rows = []
+    for header in sorted(headers, key=lambda h: h.bits_per_weight, reverse=True):
+        label = quant_name(header)
+        chosen = str(header.path) == str(plan.file)
+        size = sizes.get(str(header.path), header.total_bytes)
+        try:
+            alone = fit_header(header, hardware, replace(request, max_quality_loss=None))
+        except DoesNotFitError:
+            alone = None
+        verdict = "chosen" if chosen else reasons.get(label, "")
+        if raw:
+            rows.append({
+                "quant": label, "file": str(header.path), "size_bytes": size, "chosen": chosen,
+                "n_gpu_layers": alone.n_gpu_layers if alone else None,
+                "gpu_bytes": sum(d.total_bytes for d in alone.gpus) if alone else None,
+                "host_bytes": alone.host.total_bytes if alone else None,
+                "decode_tok_s": round(alone.decode_tok_s, 1) if alone else None,
+                "verdict": verdict,
+            })
+            continue
+        rows.append({
+            "mark": "->" if chosen else "", "quant": label, "size": f"{size / 1e9:.2f} GB",
+            "layers": f"{alone.n_gpu_layers}/{alone.n_layer + 1}" if alone else "-",
+            "vram": gib(sum(d.total_bytes for d in alone.gpus)) if alone else "-",
+            "ram": gib(alone.host.total_bytes) if alone else "-",
+            "tok_s": f"{alone.decode_tok_s:.1f}" if alone else "-",
+            "verdict": verdict.split(":")[0] if verdict.startswith("does not fit") else verdict,
+        })
+    return rows
+
+
+def _unit_notes(
+    settings: Settings, args: argparse.Namespace, headers: list[Any], request: Any, plan: Any
+) -> list[str]:
+    """'24GB' is 22.4 GiB: say so when reading it as GiB would change the plan."""
+    from localllm.fitter import fit
+
+    vram = settings.vram
+    if not vram or not _DECIMAL_UNIT.search(vram):
+        return []
+    binary = _DECIMAL_UNIT.sub(lambda m: f"{m[1]}{m[2]}iB", vram)
+    try:
+        other = fit(headers, planning_hardware(settings.model_copy(update={"vram": binary}), args),
+                    request)
+    except DoesNotFitError:
+        return []
+    if (other.quant, other.n_gpu_layers) == (plan.quant, plan.n_gpu_layers):
+        return []
+    sizes = ", ".join(gib(parse_size(p), 1) for p in vram.split(",") if p.strip())
+    return [
+        f"--vram {vram} is {sizes} (GB = 10^9 bytes; a card sold as '24 GB' has 24 GiB): with "
+        f"--vram {binary} the plan would be {other.quant} with {other.n_gpu_layers}/"
+        f"{other.n_layer + 1} layers on the GPU"
+    ]
+
+
+def _check(plan: Any) -> dict[str, Any]:
+    """llama.cpp's dry run (no_alloc) for the plan, against the fitter's figures per buffer."""
+    from localllm import loading
+
+    shared = getattr(loading, "check_plan", None)
+    if shared is not None:
+        result = shared(plan)
+        data: dict[str, Any] = result.to_dict() if hasattr(result, "to_dict") else asdict(result)
+        return data
+    from localllm.engine.dry_run import dry_run
+
+    params = plan.llama_params()
+    with progress("llama.cpp dry run (no_alloc)"):
+        measured = dry_run(
+            plan.file, n_ctx=plan.n_ctx, n_parallel=plan.n_parallel, n_ubatch=plan.n_ubatch,
+            n_batch=plan.n_batch, type_k=plan.type_k, type_v=plan.type_v,
+            flash_attn=params["flash_attn"], swa_full=plan.swa_full, kv_unified=plan.kv_unified,
+            n_gpu_layers=plan.n_gpu_layers,
+        )
+    pairs = [
+        ("weights", sum(d.weights_bytes for d in plan.devices), measured.weights_bytes),
+        ("KV cache", sum(d.kv_bytes for d in plan.devices), measured.kv_bytes),
+        ("output", sum(d.output_bytes for d in plan.devices), measured.total_output_bytes),
+        ("compute", sum(d.compute_bytes for d in plan.devices), measured.total_compute_bytes),
+    ]
+    rows = [
+        {"buffer": name, "predicted_bytes": predicted, "llama_bytes": actual,
+         "difference": (predicted - actual) / actual if actual else None}
+        for name, predicted, actual in pairs
+    ]
+    return {"file": str(plan.file), "rows": rows}
+
+
+def _fit_each_model(groups: list[Any], hardware: Hardware, request: Any, as_json: bool) -> int:
+    """`fit FOLDER` holding several models: one choice per model, each among its own quants."""
+    from localllm.fitter import fit, format_plan
+    from localllm.models import model_stem
+
+    results: list[dict[str, Any]] = []
+    texts: list[str] = []
+    failures: list[DoesNotFitError] = []
+    for headers in groups:
+        name = model_stem(headers[0].path.name)
+        files = [str(h.path) for h in headers]
+        try:
+            plan = fit(headers, hardware, request)
+        except DoesNotFitError as exc:
+            failures.append(exc)
+            results.append({"model": name, "files": files, "error": str(exc)})
+            texts.append(f"== {name} ({len(files)} files)\ndoes not fit: {exc}")
+            continue
+        results.append({"model": name, "files": files, "plan": plan.to_dict()})
+        texts.append(f"== {name} ({len(files)} files)\n{format_plan(plan)}")
+    if len(failures) == len(groups):
+        raise failures[0]
+    if as_json:
+        print_json({"models": results})
+    else:
+        print("\n\n".join(texts))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The other commands
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from localllm.models import resolve_model
+    from localllm.profile import format_profile, profile_model
+
+    settings, _ = settings_from_args(args)
+    path = resolve_model(args.model, settings.models_dir)
+    with progress(f"loading {path.name} and generating {args.tokens} tokens"):
+        report = profile_model(path, settings, args.tokens)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(format_profile(report))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from localllm.server.run import serve
+
+    settings, _ = settings_from_args(args)
+    if args.model:
+        settings = settings.model_copy(update={"model": args.model})
+    for warning in hardware_warnings(settings):
+        warn(warning)
+    serve(settings)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from localllm.doctor import doctor_report, format_doctor
+    from localllm.settings import default_config_path
+
+    settings, given = settings_from_args(args)
+    report = doctor_report(settings, args.config or default_config_path(), given)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(format_doctor(report))
+    return 0 if report.ok else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from localllm.models import resolve_model
+    from localllm.quality import evaluate, format_quality
+
+    settings, _ = settings_from_args(args)
+    models = [resolve_model(name, settings.models_dir) for name in args.models]
+    text = _read_text(args.text, "--text") if args.text else None
+    reference = resolve_model(args.reference, settings.models_dir) if args.reference else None
+    with progress(f"scoring {len(models)} model(s) on {args.text or 'the built-in text'}"):
+        results = evaluate(
+            models, text, n_ctx=args.ctx, threads=settings.threads, reference=reference
+        )
+    if args.json:
+        print_json([asdict(r) for r in results])
+    else:
+        print(format_quality(results))
+    return 0
+
+
+def _read_text(path: Path, flag: str) -> str:
+    from localllm.errors import LocalLLMError
+
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise LocalLLMError(f"{flag} {path}: {reason}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localllm.loadtest import format_bench, plot_bench, require_chart_support, run_bench
+
+    if args.chart:
+        require_chart_support()  # before minutes of load, not after
+    with progress(f"load test of {args.url}"):
+        result = run_bench(
+            args.url,
+            concurrency=args.concurrency,
+            prompt_words=args.prompt_words,
+            max_tokens=args.max_tokens,
+            requests_per_point=args.requests,
+            time_limit_s=args.time_limit,
+            model=args.model,
+            api_key=args.api_key,
+            allow_remote=args.allow_remote,
+        )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(format_bench(result))
+    if args.chart:
+        print(f"chart: {plot_bench(result, args.chart)}", file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from localllm.pull import pull
+
+    settings, _ = settings_from_args(args)
+    for warning in hardware_warnings(settings):
+        warn(warning)
+    quiet = args.quiet or not sys.stderr.isatty()
+    path = pull(args.repo, settings, revision=args.revision, progress=not quiet)
+    print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from localllm.pull import list_models
+
+    settings, _ = settings_from_args(args)
+    for warning in hardware_warnings(settings):
+        warn(warning)
+    with progress(f"planning each model in {settings.models_dir}"):
+        entries = list_models(settings)
+    if args.json:
+        print_json([asdict(e) for e in entries])
+        return 0
+    if not entries:
+        print(f"no models in {settings.models_dir} (pull one with `localllm pull ORG/REPO`)")
+        return 0
+    print_table(
+        ["model", "size", "quant", "context", "fit on this machine"],
+        [[e.name, gib(e.size_bytes, 2), e.quant or "?", f"{e.n_ctx_train:,}", e.error or e.fits]
+         for e in entries],
+        right=(1, 3),
+    )
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from localllm.models import remove_model, resolve_model
+
+    settings, _ = settings_from_args(args)
+    path = resolve_model(args.model, settings.models_dir, allow_outside=False)
+    for removed in remove_model(path):
+        print(f"removed {removed}")
+    return 0
+
+
+def does_not_fit_json(exc: DoesNotFitError) -> dict[str, Any]:
+    """The `--json` answer when nothing fits: what was needed, what there is, what to try."""
+    message = str(exc)
+    advice = re.search(r"(?:^|; )(try [^;]+)$", message)
+    return {
+        "fits": False,
+        "error": "does_not_fit",
+        "message": message,
+        "needed_bytes": exc.needed_bytes,
+        "available_bytes": exc.available_bytes,
+        "advice": advice[1] if advice else None,
+    }
+
