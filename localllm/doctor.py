@@ -40,7 +40,7 @@ from localllm.hardware import GPUProbe, HostInfo, probe_gpus, probe_host
 from localllm.loading import plan_for_serving
 from localllm.models import EMBEDDED_MODEL_FILE, resolve_model
 from localllm.rpc import parse_rpc_servers, query_server
-from localllm.settings import Settings, setting_sources
+from localllm.settings import Settings, setting_sources, unknown_env_vars
 from localllm.units import gib
 
 Level = Literal["ok", "info", "warning", "error"]
@@ -284,6 +284,18 @@ def _rpc_advice(
     return advice
 
 
+def env_advice(environ: Mapping[str, str] | None = None) -> tuple[Advice, ...]:
+    """`LOCALLLM_*` variables that name no setting: each silently does nothing."""
+    return tuple(
+        Advice(
+            "warning",
+            f"environment variable {name} is not a localllm setting and is ignored",
+            f"rename it to {near}" if near else "see `localllm doctor` Settings for the names",
+        )
+        for name, near in unknown_env_vars(environ)
+    )
+
+
 def _cpu_only_message(gpus: GPUProbe, host: HostInfo | None, model: ModelCheck) -> str:
     reason = gpus.error or "NVML lists no GPU"
     parts = [f"CPU-only mode: no NVIDIA GPU found ({reason}) and a CPU-only llama.cpp build."]
@@ -360,7 +372,9 @@ def doctor_report(
     if rpc_hosts is None:
         rpc_hosts = check_rpc_hosts(settings)
     model = check_model(settings)
-    advice = advise(build, gpus, host, model, venv or Path(sys.prefix), rpc_hosts=rpc_hosts)
+    advice = advise(
+        build, gpus, host, model, venv or Path(sys.prefix), rpc_hosts=rpc_hosts
+    ) + env_advice()
     return DoctorReport(
         build=build,
         gpus=gpus,

@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.gguf_factory import LLAMA_7B, write_gguf
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without LOCALLLM_* settings (a developer's own would leak in)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LOCALLLM_")}
+    return {**env, **extra}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "localllm", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "localllm", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(**(env or {})),
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """The failure is exactly one stderr line with every needle, exit `code`, nothing on stdout
+    (where no JSON was asked for), and no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 def test_inspect_json(tmp_path: Path) -> None:
@@ -38,37 +63,26 @@ def test_inspect_hostile_file_one_line_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (2**60).to_bytes(8, "little") * 2)
     result = run_cli("inspect", str(bad))
-    assert result.returncode == 2
     assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert str(bad) in lines[0] and "Traceback" not in result.stderr
+    one_line_error(result, 1, str(bad))
 
 
 def test_unknown_model_name(tmp_path: Path) -> None:
     result = run_cli("inspect", "no-such-model", "--models-dir", str(tmp_path))
-    assert result.returncode == 2
-    assert "no model 'no-such-model'" in result.stderr
+    one_line_error(result, 1, "no model 'no-such-model'")
+    missing = run_cli("inspect", str(tmp_path / "gone.gguf"))
+    one_line_error(missing, 1, "no such file", "gone.gguf")
 
 
 def test_bad_setting_names_the_key(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("port = 80\nnot_a_setting = 1\n")
     result = run_cli("inspect", "--config", str(config))
-    assert result.returncode == 2
-    assert "not_a_setting" in result.stderr
+    one_line_error(result, 2, "unknown setting 'not_a_setting'", str(config))
 
 
 def run_cli_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "localllm", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-    )
+    return run_cli(*args, env=env)
 
 
 LADDER = ("Q2_K", "Q4_K_M", "Q8_0")
@@ -137,9 +151,14 @@ def test_fit_does_not_fit_is_one_line(tmp_path: Path) -> None:
 
     path = write_gguf(tmp_path / "llama70.gguf", LLAMA_70B, quant="F16")
     result = run_cli("fit", str(path), "--vram", "8GiB")
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "does not fit" in result.stderr and "GiB" in result.stderr
+    one_line_error(result, 3, "does not fit", "GiB")
+    assert result.stdout == ""
+    as_json = run_cli("fit", str(path), "--vram", "8GiB", "--json")
+    one_line_error(as_json, 3, "does not fit")
+    answer = json.loads(as_json.stdout)
+    assert answer["fits"] is False and answer["error"] == "does_not_fit"
+    assert answer["needed_bytes"] > answer["available_bytes"] > 8 * 1024**3
+    assert answer["advice"].startswith("try a smaller quant")
 
 
 def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> None:
@@ -167,7 +186,7 @@ def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> No
         assert local.stat().st_size == embedded_model_path.stat().st_size
 
         missing = run_cli_env(env, "pull", "org/nope", "--models-dir", str(models))
-        assert missing.returncode == 2 and "no such repo" in missing.stderr
+        one_line_error(missing, 1, "no such repo")
 
     listed = run_cli("models", "--models-dir", str(models), "--json")
     assert listed.returncode == 0, listed.stderr
@@ -176,5 +195,5 @@ def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> No
     removed = run_cli("rm", "gemma-3-270m-q4_k_m", "--models-dir", str(models))
     assert removed.returncode == 0 and not local.exists()
     outside = run_cli("rm", "../ladder/llama-7b.Q2_K.gguf", "--models-dir", str(models))
-    assert outside.returncode == 2 and "outside the models folder" in outside.stderr
+    one_line_error(outside, 1, "outside the models folder")
     assert (folder / "llama-7b.Q2_K.gguf").exists()

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,13 @@ class _HelpFormatter(argparse.HelpFormatter):
         ):
             text += " (default: %(default)s)"
         return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, naming the flag, and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -102,7 +110,7 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from localllm.cli.chat import cmd_chat
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="localllm",
         description="Fit, serve and chat with GGUF models on one consumer GPU.",
         formatter_class=_HelpFormatter,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -94,8 +95,11 @@ def _in_process(args: argparse.Namespace) -> tuple[Answerer, Callable[[], None]]
     if "parallel" not in given:  # one person at the keyboard: one slot with the whole context
         settings = settings.model_copy(update={"parallel": 1})
     path = ensure_local(args.model, settings)
+    if not args.verbose:  # the plan is said once below; llama.cpp's load notes only with -v
+        logging.getLogger("localllm.loading").setLevel(logging.WARNING)
+        logging.getLogger("localllm.llama").setLevel(logging.ERROR)
     config, summary, warnings = plan_engine_config(path, settings)
-    _say(f"{path.name}: {summary['plan']}")
+    _say(f"{path.name}: {summary['plan']}; {config.n_ctx_slot} tokens per conversation")
     for warning in warnings:
         print(f"localllm: warning: {warning}", file=sys.stderr)
     engine = Engine.load(config)

@@ -488,7 +488,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def does_not_fit_json(exc: DoesNotFitError) -> dict[str, Any]:
     """The `--json` answer when nothing fits: what was needed, what there is, what to try."""
     message = str(exc)
-    advice = re.search(r"(?:^|; )(try [^;]+)$", message)
+    # The fitter ends its message with what to try ("...; try a smaller quant, ...").
+    advice = re.search(r"(?:^|; )(try .+)$", message)
     return {
         "fits": False,
         "error": "does_not_fit",
