@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.gguf_factory import LLAMA_7B, write_gguf
 
 

@@ -65,8 +65,9 @@ def hardware_warnings(settings: Settings) -> list[str]:
                 found.append(f"--vram {part} is {gib(size)} per card, more than any consumer "
                              "GPU (a list of cards is written 24GiB,24GiB)")
             elif 0 < size < GIB:
-                found.append(f"--vram {part} is only {mib(size)}; is a unit missing "
-                             f"({part}GiB)?")
+                bare = part.replace(".", "").isdigit()
+                hint = f"; is a unit missing ({part}GiB)?" if bare else " per card"
+                found.append(f"--vram {part} is only {mib(size)}{hint}")
         if len(parts) > _USUAL_GPUS:
             found.append(f"--vram names {len(parts)} cards; a desktop holds {_USUAL_GPUS} at most")
     return found

@@ -1,0 +1,133 @@
+"""`localllm chat` as a person uses it: typed into a terminal (a pseudo-terminal here), piped on
+stdin, or pointed at a running server with --url. The embedded model answers for real."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import API_KEY, UvicornThread
+from tests.test_cli import clean_env, one_line_error
+
+# One decode thread (see conftest's engine) and a small context: quick to load and to answer.
+SMALL = ("--threads", "1", "-c", "1024")
+
+
+def chat_args(embedded_model_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "localllm", "chat", str(embedded_model_path), *SMALL, *extra]
+
+
+def test_chat_on_stdin(embedded_model_path: Path) -> None:
+    result = subprocess.run(
+        chat_args(embedded_model_path, "--max-tokens", "8", "--seed", "1"),
+        input="Hello there\nWhat is the sea?\n/bye\nnever read\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    # The plan before the first answer, on stderr; two answers, one line each, on stdout.
+    assert "gemma-3-270m-q4_k_m.gguf: Q4_K_M" in result.stderr
+    assert "1024 tokens per conversation" in result.stderr
+    assert "Traceback" not in result.stderr
+    answers = [line for line in result.stdout.split("\n") if line.strip()]
+    assert len(answers) >= 2 and result.stdout.strip()
+
+
+class Terminal:
+    """A child process on a pseudo-terminal: what a person at a keyboard would see and type."""
+
+    def __init__(self, argv: list[str]) -> None:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: its stdin, stdout and stderr are the terminal
+            os.execve(argv[0], argv, clean_env(COLUMNS="200"))
+        self.pid, self.fd, self.seen = pid, fd, ""
+
+    def _read(self, timeout_s: float) -> None:
+        ready, _, _ = select.select([self.fd], [], [], timeout_s)
+        if ready:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            assert chunk, f"the terminal closed: {self.seen[-2000:]!r}"
+            self.seen += chunk.decode(errors="replace")
+
+    def read_until(self, text: str, timeout_s: float = 240.0, since: int = 0) -> str:
+        """Read until `text` shows at or after position `since` of what was seen."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.seen[since:]:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {text!r} in {self.seen[-2000:]!r}"
+            self._read(remaining)
+        return self.seen
+
+    def read_more(self, n_chars: int, timeout_s: float = 240.0) -> None:
+        goal, deadline = len(self.seen) + n_chars, time.monotonic() + timeout_s
+        while len(self.seen) < goal:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"nothing more after {self.seen[-2000:]!r}"
+            self._read(remaining)
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def exit_code(self, timeout_s: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:  # keep the terminal drained so the child never blocks on a write
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:
+                pass
+        raise AssertionError(f"chat did not exit: {self.seen[-2000:]!r}")
+
+
+def test_chat_in_a_terminal_ctrl_c_stops_one_answer_ctrl_d_ends(
+    embedded_model_path: Path,
+) -> None:
+    term = Terminal(chat_args(embedded_model_path, "--max-tokens", "400", "--seed", "3"))
+    term.read_until("tokens per conversation")
+    term.read_until(">>> ")
+    term.type("Write a long story about a ship at sea.\r")
+    # Ctrl-C once the answer has begun: the answer stops, the session goes on.
+    term.read_until("sea.\r\n")
+    term.read_more(3)
+    term.type("\x03")
+    term.read_until("[stopped]")
+    term.read_until(">>> ", 60, since=term.seen.index("[stopped]"))  # ready for the next one
+    answer = term.seen.split("sea.\r\n", 1)[1].split("[stopped]")[0]
+    assert answer.strip() and "^C" in answer
+    term.type("\x04")  # Ctrl-D on an empty line ends the chat
+    assert term.exit_code() == 0
+    assert "Traceback" not in term.seen and "KeyboardInterrupt" not in term.seen
+
+
+def test_chat_with_a_running_server(live_server: UvicornThread) -> None:
+    argv = [sys.executable, "-m", "localllm", "chat", "--url", live_server.url, "--max-tokens",
+            "8"]
+    result = subprocess.run(
+        [*argv, "--api-key", API_KEY],
+        input="Hello\n",  # then end of input: the session ends
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{live_server.url}: model gemma-3-270m" in result.stderr
+    assert result.stdout.strip()
+
+    refused = subprocess.run(argv, input="Hello\n", capture_output=True, text=True, timeout=60,
+                             env=clean_env())
+    one_line_error(refused, 1, live_server.url, "401")
