@@ -144,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--check", action="store_true",
                      help="Also run llama.cpp's own dry run for the plan and compare its buffers.")
     fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")
-    _cpu_flag(fit)
     add_settings_flags(fit, PLAN_SETTINGS)
 
     models = _command(sub, "models", "The local models and how each would run here.",
@@ -224,14 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart", type=Path, help="Write a PNG chart here.")
     _json_flag(bench)
     return parser
-
-
-def _cpu_flag(parser: argparse.ArgumentParser) -> None:
-    # Until the settings carry cpu_only (then the generated flag is --cpu, on every command that
-    # plans), `fit` has a flag of its own.
-    if "cpu_only" not in Settings.model_fields:
-        parser.add_argument("--cpu", action="store_true",
-                            help="Plan for the CPU alone, whatever GPUs there are (= --vram 0).")
 
 
 def _version() -> str:

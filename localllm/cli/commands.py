@@ -26,27 +26,15 @@ _DECIMAL_UNIT = re.compile(r"(\d)\s*([kmgt])b\b", re.IGNORECASE)
 # Hardware: what every planning command plans for
 
 
-def _cpu_requested(settings: Settings, args: argparse.Namespace) -> bool:
-    vram = settings.vram
-    zero = vram is not None and all(parse_size(p) == 0 for p in vram.split(",") if p.strip())
-    return bool(getattr(settings, "cpu_only", False) or getattr(args, "cpu", False) or zero)
+def planning_hardware(settings: Settings) -> Hardware:
+    """The hardware every command plans for (the one policy, `loading.planning_hardware`); its
+    warnings about the llama.cpp build said on stderr."""
+    from localllm.loading import planning_hardware as shared
 
-
-def planning_hardware(settings: Settings, args: argparse.Namespace) -> Hardware:
-    """The hardware a plan is for: `loading.planning_hardware` where it exists (the one policy
-    every command shares), else NVML or --gpu/--vram, or the CPU alone with --cpu/--vram 0."""
-    from localllm import loading
-    from localllm.hardware import hardware_for, probe_host
-
-    shared = getattr(loading, "planning_hardware", None)
-    if shared is not None:
-        result: Hardware = shared(settings)
-        return result
-    if _cpu_requested(settings, args):
-        host = probe_host()
-        threads = settings.threads or host.logical_cores
-        return Hardware(gpus=(), host=host, threads=threads, notes=("--cpu: the CPU alone",))
-    return hardware_for(settings)
+    hardware, warnings = shared(settings)
+    for warning in warnings:
+        warn(warning)
+    return hardware
 
 
 def hardware_warnings(settings: Settings) -> list[str]:
@@ -162,13 +150,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.swa_full is not None:
         changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
-    hardware = planning_hardware(settings, args)
+    hardware = planning_hardware(settings)
     groups, sizes = _model_headers(args, settings)
     if len(groups) > 1:
         return _fit_each_model(groups, hardware, request, args.json)
     headers = groups[0]
     plan = fit(headers, hardware, request)
-    notes = _unit_notes(settings, args, headers, request, plan)
+    notes = _unit_notes(settings, headers, request, plan)
     for note in notes:
         warn(note)
     check = _check(plan) if args.check else None
@@ -197,10 +185,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     [[str(v) for v in row.values()] for row in rows], right=(2, 3, 4, 5, 6))
     if check is not None:
         print("\nllama.cpp's own dry run for this plan (its buffers, no weights loaded):")
-        print_table(["buffer", "predicted", "llama.cpp", "difference"],
-                    [[r["buffer"], mib(r["predicted_bytes"]), mib(r["llama_bytes"]),
-                      f"{r['difference']:+.1%}" if r["difference"] is not None else "-"]
-                     for r in check["rows"]], right=(1, 2, 3))
+        print_table(["buffer", "predicted", "llama.cpp", "gap"],
+                    [[r["buffer"], mib(r["predicted_bytes"], 1), mib(r["llama_cpp_bytes"], 1),
+                      f"{r['gap_percent']:+.1f}%"] for r in check["rows"]], right=(1, 2, 3))
     print(f"\nllama-server equivalent:\n  {plan.llama_server_command()}")
     return 0
 
@@ -209,8 +196,7 @@ def _hardware_dict(hardware: Hardware) -> dict[str, Any]:
     return {
         "gpus": [{"name": g.name, "total_bytes": g.total_bytes, "free_bytes": g.free_bytes,
                   "source": g.source} for g in hardware.gpus],
-        "assumed": bool(getattr(hardware, "assumed", False))
-        or any(g.source == "default" for g in hardware.gpus),
+        "assumed": hardware.assumed,
         "notes": list(hardware.notes),
     }
 
@@ -255,19 +241,17 @@ def _quant_rows(
     return rows
 
 
-def _unit_notes(
-    settings: Settings, args: argparse.Namespace, headers: list[Any], request: Any, plan: Any
-) -> list[str]:
+def _unit_notes(settings: Settings, headers: list[Any], request: Any, plan: Any) -> list[str]:
     """'24GB' is 22.4 GiB: say so when reading it as GiB would change the plan."""
     from localllm.fitter import fit
+    from localllm.hardware import hardware_for
 
     vram = settings.vram
     if not vram or not _DECIMAL_UNIT.search(vram):
         return []
     binary = _DECIMAL_UNIT.sub(lambda m: f"{m[1]}{m[2]}iB", vram)
     try:
-        other = fit(headers, planning_hardware(settings.model_copy(update={"vram": binary}), args),
-                    request)
+        other = fit(headers, hardware_for(settings.model_copy(update={"vram": binary})), request)
     except DoesNotFitError:
         return []
     if (other.quant, other.n_gpu_layers) == (plan.quant, plan.n_gpu_layers):
@@ -282,35 +266,18 @@ def _unit_notes(
 
 def _check(plan: Any) -> dict[str, Any]:
     """llama.cpp's dry run (no_alloc) for the plan, against the fitter's figures per buffer."""
-    from localllm import loading
+    from localllm.loading import check_plan
 
-    shared = getattr(loading, "check_plan", None)
-    if shared is not None:
-        result = shared(plan)
-        data: dict[str, Any] = result.to_dict() if hasattr(result, "to_dict") else asdict(result)
-        return data
-    from localllm.engine.dry_run import dry_run
-
-    params = plan.llama_params()
-    with progress("llama.cpp dry run (no_alloc)"):
-        measured = dry_run(
-            plan.file, n_ctx=plan.n_ctx, n_parallel=plan.n_parallel, n_ubatch=plan.n_ubatch,
-            n_batch=plan.n_batch, type_k=plan.type_k, type_v=plan.type_v,
-            flash_attn=params["flash_attn"], swa_full=plan.swa_full, kv_unified=plan.kv_unified,
-            n_gpu_layers=plan.n_gpu_layers,
-        )
-    pairs = [
-        ("weights", sum(d.weights_bytes for d in plan.devices), measured.weights_bytes),
-        ("KV cache", sum(d.kv_bytes for d in plan.devices), measured.kv_bytes),
-        ("output", sum(d.output_bytes for d in plan.devices), measured.total_output_bytes),
-        ("compute", sum(d.compute_bytes for d in plan.devices), measured.total_compute_bytes),
-    ]
-    rows = [
-        {"buffer": name, "predicted_bytes": predicted, "llama_bytes": actual,
-         "difference": (predicted - actual) / actual if actual else None}
-        for name, predicted, actual in pairs
-    ]
-    return {"file": str(plan.file), "rows": rows}
+    with progress("llama.cpp dry run (no_alloc: nothing read or allocated)"):
+        rows = check_plan(plan)
+    return {
+        "file": str(plan.file),
+        "rows": [
+            {"buffer": row.what, "predicted_bytes": row.predicted_bytes,
+             "llama_cpp_bytes": row.llama_cpp_bytes, "gap_percent": round(row.gap_percent, 1)}
+            for row in rows
+        ],
+    }
 
 
 def _fit_each_model(groups: list[Any], hardware: Hardware, request: Any, as_json: bool) -> int:
