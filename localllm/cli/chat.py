@@ -108,8 +108,8 @@ def _in_process(args: argparse.Namespace) -> tuple[Answerer, Callable[[], None]]
     def answer(history: list[Message]) -> Iterator[str]:
         # Drop the oldest exchanges until the conversation and an answer fit one slot.
         while True:
-            prompt = engine.apply_chat_template(history)
-            room = engine.n_ctx_slot - len(engine.tokenize(prompt, False, True))
+            prompt = engine.chat_prompt(history)  # as the server builds it: tokens
+            room = engine.n_ctx_slot - len(prompt)
             first = 1 if history[0]["role"] == "system" else 0
             if room >= min(args.max_tokens, engine.n_ctx_slot // 2) or len(history) - first <= 1:
                 break
