@@ -411,13 +411,13 @@ def test_fit_names_a_missing_file_before_the_hub(publishers: FakeHub, tmp_path: 
     env = {"HF_ENDPOINT": publishers.url, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for name in ("models/qwen3-8b", "qwen3-8b.gguf", "./org/repo"):
         result = _run_cli(tmp_path, env, "fit", name, "--vram", "8GiB")
-        assert result.returncode == 2, result.stderr
+        assert result.returncode == 1, result.stderr  # a runtime failure, not usage
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert f"no such file: {name}" in result.stderr
     assert publishers.requests == []  # the hub was never asked
     fitted = _run_cli(tmp_path, env, "fit", f"hf.co/{UNSLOTH}", "--vram", "8GiB", "--json")
     assert fitted.returncode == 0, fitted.stderr
-    assert {f["quant"] for f in json.loads(fitted.stdout)["files"]} >= {"UD-Q4_K_XL", "Q8_0"}
+    assert {f["quant"] for f in json.loads(fitted.stdout)["quants"]} >= {"UD-Q4_K_XL", "Q8_0"}
     pulled = _run_cli(
         tmp_path, env, "pull", f"https://hf.co/{UNSLOTH}:ud-q2_k_xl", "--quiet",
         "--models-dir", str(tmp_path / "models"),
@@ -425,7 +425,7 @@ def test_fit_names_a_missing_file_before_the_hub(publishers: FakeHub, tmp_path: 
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.stdout.strip() == str(tmp_path / "models" / "Model-UD-Q2_K_XL.gguf")
     missing = _run_cli(tmp_path, env, "pull", f"hf.co/{UNSLOTH}:Q5_K_M", "--quiet")
-    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
     assert "has no quantization 'Q5_K_M'" in missing.stderr and "UD-Q4_K_XL" in missing.stderr
 
 

@@ -116,28 +116,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # fit
 
 
-def _model_headers(
-    args: argparse.Namespace, settings: Settings
-) -> tuple[list[Any], dict[str, int]]:
-    """The headers `fit` chooses among (groups of one model each) and file sizes by path."""
+class _Ladder:
+    """What `fit` chooses among: the headers of each model, file sizes and quant labels (as the
+    hub or the file names give them: UD-Q4_K_XL and Q4_K_M both declare Q4_K_M) by path."""
+
+    def __init__(self, groups: list[list[Any]], sizes: dict[str, int], labels: dict[str, str]):
+        self.groups, self.sizes, self.labels = groups, sizes, labels
+
+
+def _model_headers(args: argparse.Namespace, settings: Settings) -> _Ladder:
     from localllm.fitter import read_headers
     from localllm.hub import HubClient, RepoRef, looks_like_repo
-    from localllm.models import group_by_model, resolve_model
+    from localllm.models import group_by_model, ladder_labels, resolve_model
 
     target = args.model
     if target and looks_like_repo(target):
         ref = RepoRef.parse(target, args.revision)
         with progress(f"reading the GGUF headers of {ref.repo_id} (range requests)"):
             pairs = HubClient().read_headers(ref)
-        sizes = {str(header.path): quant.size for quant, header in pairs}
-        return [[header for _, header in pairs]], sizes
+        return _Ladder(
+            [[header for _, header in pairs]],
+            {str(header.path): quant.size for quant, header in pairs},
+            {str(header.path): quant.label for quant, header in pairs},
+        )
     is_glob = target is not None and any(ch in target for ch in "*?[")
     if target is None or (not is_glob and not Path(target).exists()):
         target = str(resolve_model(target, settings.models_dir))
     with progress(f"reading GGUF headers in {target}"):
         headers = read_headers(target)
-    sizes = {str(h.path): sum(p.stat().st_size for p in h.paths) for h in headers}
-    return group_by_model(headers), sizes
+    return _Ladder(
+        group_by_model(headers),
+        {str(h.path): sum(p.stat().st_size for p in h.paths) for h in headers},
+        {str(path): label for path, label in ladder_labels(headers).items()},
+    )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -151,10 +162,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
     hardware = planning_hardware(settings)
-    groups, sizes = _model_headers(args, settings)
-    if len(groups) > 1:
-        return _fit_each_model(groups, hardware, request, args.json)
-    headers = groups[0]
+    ladder = _model_headers(args, settings)
+    if len(ladder.groups) > 1:
+        return _fit_each_model(ladder.groups, hardware, request, args.json)
+    headers = ladder.groups[0]
     plan = fit(headers, hardware, request)
     notes = _unit_notes(settings, headers, request, plan)
     for note in notes:
@@ -167,7 +178,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         result["llama_params"] = plan.llama_params()
         result["llama_server_command"] = plan.llama_server_command()
         if len(headers) > 1:
-            result["quants"] = _quant_rows(headers, sizes, hardware, request, plan, raw=True)
+            result["quants"] = _quant_rows(headers, ladder, hardware, request, plan, raw=True)
         if check is not None:
             result["check"] = check
         print_json(result)
@@ -180,7 +191,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             args.model and not Path(args.model).exists() and "/" in args.model
         ) else "quants"
         print(f"\n{where} (best quality first):")
-        rows = _quant_rows(headers, sizes, hardware, request, plan, raw=False)
+        rows = _quant_rows(headers, ladder, hardware, request, plan, raw=False)
         print_table(["", "quant", "file size", "GPU layers", "VRAM", "RAM", "tok/s", "verdict"],
                     [[str(v) for v in row.values()] for row in rows], right=(2, 3, 4, 5, 6))
     if check is not None:
@@ -202,8 +213,7 @@ def _hardware_dict(hardware: Hardware) -> dict[str, Any]:
 
 
 def _quant_rows(
-    headers: list[Any], sizes: dict[str, int], hardware: Hardware, request: Any, plan: Any,
-    raw: bool,
+    headers: list[Any], ladder: _Ladder, hardware: Hardware, request: Any, plan: Any, raw: bool
 ) -> list[dict[str, Any]]:
     """Each quant of the ladder planned alone: its size, layers, VRAM and speed, and why it was
     or was not chosen."""
@@ -212,14 +222,16 @@ def _quant_rows(
     reasons = dict(plan.rejected)
     rows = []
     for header in sorted(headers, key=lambda h: h.bits_per_weight, reverse=True):
-        label = quant_name(header)
+        label = ladder.labels.get(str(header.path), quant_name(header))
         chosen = str(header.path) == str(plan.file)
-        size = sizes.get(str(header.path), header.total_bytes)
+        size = ladder.sizes.get(str(header.path), header.total_bytes)
         try:
             alone = fit_header(header, hardware, replace(request, max_quality_loss=None))
         except DoesNotFitError:
             alone = None
-        verdict = "chosen" if chosen else reasons.get(label, "")
+        verdict: str = "chosen" if chosen else reasons.get(label) or reasons.get(
+            quant_name(header), ""
+        )
         if raw:
             rows.append({
                 "quant": label, "file": str(header.path), "size_bytes": size, "chosen": chosen,
