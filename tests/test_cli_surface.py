@@ -175,7 +175,7 @@ def test_gb_versus_gib_is_explained_when_it_changes_the_choice(ladder: Path) -> 
     chosen_gb = json.loads(decimal.stdout)["quant"]
     chosen_gib = json.loads(binary.stdout)["quant"]
     assert chosen_gb != chosen_gib  # 10 GB is 9.3 GiB: one quant less
-    assert f"with --vram 10GiB the plan would be {chosen_gib}" in decimal.stderr
+    assert f"with --vram 10GiB the choice would be {chosen_gib}" in decimal.stderr
     assert "GB = 10^9 bytes" in decimal.stderr
     assert binary.stderr == ""  # nothing to explain
     same = run_cli(*common, "--vram", "24GB")  # the choice does not change: no note

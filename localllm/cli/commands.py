@@ -253,27 +253,40 @@ def _quant_rows(
     return rows
 
 
+def _binary_vram(settings: Settings) -> Settings | None:
+    """The settings with --vram's decimal units read as binary ('24GB' -> '24GiB'), or None
+    when --vram has no decimal unit."""
+    vram = settings.vram
+    if not vram or not _DECIMAL_UNIT.search(vram):
+        return None
+    return settings.model_copy(update={"vram": _DECIMAL_UNIT.sub(r"\1\2iB", vram)})
+
+
+def _unit_note(settings: Settings, binary: Settings, other_choice: str) -> str:
+    vram = settings.vram or ""
+    sizes = ", ".join(gib(parse_size(p), 1) for p in vram.split(",") if p.strip())
+    return (
+        f"--vram {vram} is {sizes} (GB = 10^9 bytes; a card sold as '24 GB' has 24 GiB): with "
+        f"--vram {binary.vram} the choice would be {other_choice}"
+    )
+
+
 def _unit_notes(settings: Settings, headers: list[Any], request: Any, plan: Any) -> list[str]:
     """'24GB' is 22.4 GiB: say so when reading it as GiB would change the plan."""
     from localllm.fitter import fit
     from localllm.hardware import hardware_for
 
-    vram = settings.vram
-    if not vram or not _DECIMAL_UNIT.search(vram):
+    binary = _binary_vram(settings)
+    if binary is None:
         return []
-    binary = _DECIMAL_UNIT.sub(lambda m: f"{m[1]}{m[2]}iB", vram)
     try:
-        other = fit(headers, hardware_for(settings.model_copy(update={"vram": binary})), request)
+        other = fit(headers, hardware_for(binary), request)
     except DoesNotFitError:
         return []
     if (other.quant, other.n_gpu_layers) == (plan.quant, plan.n_gpu_layers):
         return []
-    sizes = ", ".join(gib(parse_size(p), 1) for p in vram.split(",") if p.strip())
-    return [
-        f"--vram {vram} is {sizes} (GB = 10^9 bytes; a card sold as '24 GB' has 24 GiB): with "
-        f"--vram {binary} the plan would be {other.quant} with {other.n_gpu_layers}/"
-        f"{other.n_layer + 1} layers on the GPU"
-    ]
+    layers = f"{other.n_gpu_layers}/{other.n_layer + 1} layers on the GPU"
+    return [_unit_note(settings, binary, f"{other.quant} with {layers}")]
 
 
 def _check(plan: Any) -> dict[str, Any]:
@@ -426,6 +439,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     settings, _ = settings_from_args(args)
     for warning in hardware_warnings(settings):
         warn(warning)
+    binary = _binary_vram(settings)
+    if binary is not None:  # which file is downloaded may hang on GB vs GiB: say so first
+        from localllm.hub import HubClient, RepoRef
+        from localllm.pull import recommend
+
+        ref, client = RepoRef.parse(args.repo, args.revision), HubClient()
+        chosen, plan = recommend(ref, settings, client)
+        other, _ = recommend(ref, binary, client)
+        if plan is not None and other.label != chosen.label:
+            warn(_unit_note(settings, binary, other.label))
     quiet = args.quiet or not sys.stderr.isatty()
     path = pull(args.repo, settings, revision=args.revision, progress=not quiet)
     print(path)
