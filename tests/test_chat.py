@@ -131,3 +131,17 @@ def test_chat_with_a_running_server(live_server: UvicornThread) -> None:
     refused = subprocess.run(argv, input="Hello\n", capture_output=True, text=True, timeout=60,
                              env=clean_env())
     one_line_error(refused, 1, live_server.url, "401")
+
+
+def test_chat_forgets_the_oldest_exchange_when_the_context_is_full(
+    embedded_model_path: Path,
+) -> None:
+    long_message = " ".join(["The river runs past the old mill and under the stone bridge."] * 9)
+    argv = [sys.executable, "-m", "localllm", "chat", str(embedded_model_path), "--threads", "1",
+            "-c", "256", "--max-tokens", "8", "--seed", "1"]
+    result = subprocess.run(argv, input=f"{long_message}\n{long_message}\n", capture_output=True,
+                            text=True, timeout=300, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert "256 tokens per conversation" in result.stderr
+    assert "the oldest exchange is forgotten" in result.stderr
+    assert "error" not in result.stderr

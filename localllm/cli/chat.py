@@ -94,7 +94,7 @@ def _in_process(args: argparse.Namespace) -> tuple[Answerer, Callable[[], None]]
     settings, given = settings_from_args(args)
     if "parallel" not in given:  # one person at the keyboard: one slot with the whole context
         settings = settings.model_copy(update={"parallel": 1})
-    path = ensure_local(args.model, settings)
+    path = ensure_local(args.model or settings.model, settings)
     if not args.verbose:  # the plan is said once below; llama.cpp's load notes only with -v
         logging.getLogger("localllm.loading").setLevel(logging.WARNING)
         logging.getLogger("localllm.llama").setLevel(logging.ERROR)
@@ -114,6 +114,8 @@ def _in_process(args: argparse.Namespace) -> tuple[Answerer, Callable[[], None]]
             if room >= min(args.max_tokens, engine.n_ctx_slot // 2) or len(history) - first <= 1:
                 break
             del history[first : first + 2]
+            _say(f"the chat outgrew the {engine.n_ctx_slot}-token context: the oldest exchange "
+                 "is forgotten (--ctx-size sets it)")
         if room < 1:
             raise ContextLengthExceededError(
                 f"this message does not fit the {engine.n_ctx_slot}-token context; shorten it "
