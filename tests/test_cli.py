@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.gguf_factory import LLAMA_7B, write_gguf
+from tests.terminal import Terminal
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -174,6 +175,15 @@ def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> No
         assert fitted.returncode == 0, fitted.stderr
         assert "nothing downloaded" in fitted.stdout and "Q4_K_M" in fitted.stdout
         assert hub.total_sent() < 0.01 * sum(p.stat().st_size for p in folder.iterdir())
+        assert "reading" not in fitted.stderr  # no progress where stderr is not a terminal
+        # On a terminal the header reads show progress on stderr.
+        term = Terminal(
+            [sys.executable, "-m", "localllm", "fit", "org/llama-GGUF", "--vram", "8GiB"],
+            clean_env(**env),
+        )
+        term.read_until("reading the GGUF headers of org/llama-GGUF")
+        term.read_until("llama-server equivalent")
+        assert term.exit_code() == 0
 
         pulled = run_cli_env(
             env, "pull", "google/gemma-3-270m-GGUF", "--quiet", "--models-dir", str(models)

@@ -1,0 +1,61 @@
+"""A child process on a pseudo-terminal: what a person at a keyboard would see and type."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import time
+
+
+class Terminal:
+    """A child process on a pseudo-terminal: what a person at a keyboard would see and type."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: its stdin, stdout and stderr are the terminal
+            os.execve(argv[0], argv, env)
+        self.pid, self.fd, self.seen = pid, fd, ""
+
+    def _read(self, timeout_s: float) -> None:
+        ready, _, _ = select.select([self.fd], [], [], timeout_s)
+        if ready:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            assert chunk, f"the terminal closed: {self.seen[-2000:]!r}"
+            self.seen += chunk.decode(errors="replace")
+
+    def read_until(self, text: str, timeout_s: float = 240.0, since: int = 0) -> str:
+        """Read until `text` shows at or after position `since` of what was seen."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.seen[since:]:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {text!r} in {self.seen[-2000:]!r}"
+            self._read(remaining)
+        return self.seen
+
+    def read_more(self, n_chars: int, timeout_s: float = 240.0) -> None:
+        goal, deadline = len(self.seen) + n_chars, time.monotonic() + timeout_s
+        while len(self.seen) < goal:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"nothing more after {self.seen[-2000:]!r}"
+            self._read(remaining)
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def exit_code(self, timeout_s: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:  # keep the terminal drained so the child never blocks on a write
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:
+                pass
+        raise AssertionError(f"chat did not exit: {self.seen[-2000:]!r}")
