@@ -192,6 +192,16 @@ def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> No
         local = models / embedded_model_path.name
         assert pulled.stdout.strip() == str(local)
         assert local.stat().st_size == embedded_model_path.stat().st_size
+        # chat names a hub model as pull does: the pulled file, not a second download
+        sent = hub.total_sent()
+        chatted = subprocess.run(
+            [sys.executable, "-m", "localllm", "chat", "google/gemma-3-270m-GGUF", "--models-dir",
+             str(models), "--threads", "1", "-c", "512", "--max-tokens", "4"],
+            input="Hello\n", capture_output=True, text=True, timeout=300, env=clean_env(**env),
+        )  # fmt: skip
+        assert chatted.returncode == 0, chatted.stderr
+        assert f"{local.name}: Q4_K_M" in chatted.stderr and chatted.stdout.strip()
+        assert hub.total_sent() - sent < 0.01 * local.stat().st_size
 
         missing = run_cli_env(env, "pull", "org/nope", "--models-dir", str(models))
         one_line_error(missing, 1, "no such repo")

@@ -88,13 +88,18 @@ def _converse(answer: Answerer, system: str | None) -> None:
 def _in_process(args: argparse.Namespace) -> tuple[Answerer, Callable[[], None]]:
     from localllm.engine import Engine, GenerationRequest, SamplingParams, TextEvent
     from localllm.errors import ContextLengthExceededError
+    from localllm.hub import looks_like_repo
     from localllm.loading import plan_engine_config
-    from localllm.pull import ensure_local
+    from localllm.pull import ensure_local, pull
 
     settings, given = settings_from_args(args)
     if "parallel" not in given:  # one person at the keyboard: one slot with the whole context
         settings = settings.model_copy(update={"parallel": 1})
-    path = ensure_local(args.model or settings.model, settings)
+    name = args.model or settings.model
+    if name and looks_like_repo(name):  # pulled first (a no-op when it is here), with progress
+        path = pull(name, settings, progress=sys.stderr.isatty())
+    else:
+        path = ensure_local(name, settings)
     if not args.verbose:  # the plan is said once below; llama.cpp's load notes only with -v
         logging.getLogger("localllm.loading").setLevel(logging.WARNING)
         logging.getLogger("localllm.llama").setLevel(logging.ERROR)
