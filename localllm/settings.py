@@ -243,8 +243,8 @@ class Settings(BaseSettings):
         if value is not None:
             try:
                 parse_vram(value, allow_zero=True)
-            except SettingsError as exc:
-                raise ValueError(str(exc)) from None
+            except SettingsError as exc:  # the source is named by _describe, not as --vram
+                raise ValueError(str(exc).removeprefix(f"--vram {value!r} ")) from None
         return value
 
     @field_validator("gpu")
