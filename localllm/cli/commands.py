@@ -219,19 +219,19 @@ def _quant_rows(
     or was not chosen."""
     from localllm.fitter import fit_header, quant_name
 
-    reasons = dict(plan.rejected)
+    reasons = dict(plan.rejected)  # by the plan's ladder label, one per file
+    plan_labels = dict(zip(plan.ladder_files, plan.ladder, strict=True))
     rows = []
     for header in sorted(headers, key=lambda h: h.bits_per_weight, reverse=True):
-        label = ladder.labels.get(str(header.path), quant_name(header))
-        chosen = str(header.path) == str(plan.file)
+        path = str(header.path)
+        label = plan_labels.get(path) or ladder.labels.get(path) or quant_name(header)
+        chosen = path == str(plan.file)
         size = ladder.sizes.get(str(header.path), header.total_bytes)
         try:
             alone = fit_header(header, hardware, replace(request, max_quality_loss=None))
         except DoesNotFitError:
             alone = None
-        verdict: str = "chosen" if chosen else reasons.get(label) or reasons.get(
-            quant_name(header), ""
-        )
+        verdict = "chosen" if chosen else reasons.get(label, "")
         if raw:
             rows.append({
                 "quant": label, "file": str(header.path), "size_bytes": size, "chosen": chosen,
