@@ -45,6 +45,9 @@ def test_chat_in_a_terminal_ctrl_c_stops_one_answer_ctrl_d_ends(
     )
     term.read_until("tokens per conversation")
     term.read_until(">>> ")
+    term.type("\x03")  # Ctrl-C at the prompt: a hint, not the end
+    term.read_until("Use /bye or Ctrl-D to leave.")
+    term.read_until(">>> ", since=term.seen.index("Use /bye"))
     term.type("Write a long story about a ship at sea.\r")
     # Ctrl-C once the answer has begun: the answer stops, the session goes on.
     term.read_until("sea.\r\n")
