@@ -161,6 +161,10 @@ def test_unusual_hardware_warns_and_plans(llama: Path) -> None:
     assert many.stderr.strip() == (
         "localllm: warning: --gpu 8xrtx4090 plans for 8 cards; a desktop holds 4 at most"
     )
+    from_env = run_cli("fit", str(llama), "--json", env={"LOCALLLM_GPU": "8xrtx4090"})
+    assert from_env.returncode == 0 and from_env.stderr.startswith(
+        "localllm: warning: LOCALLLM_GPU 8xrtx4090 plans for 8 cards"
+    )
     huge = run_cli("fit", str(llama), "--vram", "96GiB", "--json")
     assert huge.returncode == 0 and "more than any consumer GPU" in huge.stderr
     tiny = run_cli("fit", str(llama), "--vram", "0.5", "--cpu", "--json")

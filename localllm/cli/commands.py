@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from localllm.cli.flags import settings_from_args
+from localllm.cli.flags import settings_from_args, source_name
 from localllm.cli.output import print_json, print_table, progress, warn
 from localllm.errors import DoesNotFitError
 from localllm.hardware import Hardware, parse_gpu_names, parse_size
@@ -37,27 +37,29 @@ def planning_hardware(settings: Settings) -> Hardware:
     return hardware
 
 
-def hardware_warnings(settings: Settings) -> list[str]:
-    """Legal but unusual --gpu/--vram values, said once before planning."""
+def hardware_warnings(settings: Settings, given: set[str]) -> list[str]:
+    """Legal but unusual --gpu/--vram values, said once before planning, each named as the user
+    gave it (the flag, the LOCALLLM_* variable or the config key)."""
     found = []
     if settings.gpu:
         count = len(parse_gpu_names(settings.gpu))
         if count > _USUAL_GPUS:
-            found.append(f"--gpu {settings.gpu} plans for {count} cards; a desktop holds "
-                         f"{_USUAL_GPUS} at most")
+            found.append(f"{source_name('gpu', given)} {settings.gpu} plans for {count} cards; "
+                         f"a desktop holds {_USUAL_GPUS} at most")
     if settings.vram:
+        vram = source_name("vram", given)
         parts = [p.strip() for p in settings.vram.split(",") if p.strip()]
         for part in parts:
             size = parse_size(part)
             if size > _USUAL_GPU_BYTES:
-                found.append(f"--vram {part} is {gib(size)} per card, more than any consumer "
+                found.append(f"{vram} {part} is {gib(size)} per card, more than any consumer "
                              "GPU (a list of cards is written 24GiB,24GiB)")
             elif 0 < size < GIB:
                 bare = part.replace(".", "").isdigit()
                 hint = f"; is a unit missing ({part}GiB)?" if bare else " per card"
-                found.append(f"--vram {part} is only {mib(size)}{hint}")
+                found.append(f"{vram} {part} is only {mib(size)}{hint}")
         if len(parts) > _USUAL_GPUS:
-            found.append(f"--vram names {len(parts)} cards; a desktop holds {_USUAL_GPUS} at most")
+            found.append(f"{vram} names {len(parts)} cards; a desktop holds {_USUAL_GPUS} at most")
     return found
 
 
@@ -154,8 +156,8 @@ def _model_headers(args: argparse.Namespace, settings: Settings) -> _Ladder:
 def cmd_fit(args: argparse.Namespace) -> int:
     from localllm.fitter import FitRequest, fit
 
-    settings, _ = settings_from_args(args)
-    for warning in hardware_warnings(settings):
+    settings, given = settings_from_args(args)
+    for warning in hardware_warnings(settings, given):
         warn(warning)
     changes: dict[str, Any] = {"objective": args.objective}
     if args.swa_full is not None:
@@ -356,10 +358,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from localllm.server.run import serve
 
-    settings, _ = settings_from_args(args)
+    settings, given = settings_from_args(args)
     if args.model:
         settings = settings.model_copy(update={"model": args.model})
-    for warning in hardware_warnings(settings):
+    for warning in hardware_warnings(settings, given):
         warn(warning)
     serve(settings)
     return 0
@@ -436,8 +438,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from localllm.pull import pull
 
-    settings, _ = settings_from_args(args)
-    for warning in hardware_warnings(settings):
+    settings, given = settings_from_args(args)
+    for warning in hardware_warnings(settings, given):
         warn(warning)
     binary = _binary_vram(settings)
     if binary is not None:  # which file is downloaded may hang on GB vs GiB: say so first
@@ -458,8 +460,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from localllm.pull import list_models
 
-    settings, _ = settings_from_args(args)
-    for warning in hardware_warnings(settings):
+    settings, given = settings_from_args(args)
+    for warning in hardware_warnings(settings, given):
         warn(warning)
     with progress(f"planning each model in {settings.models_dir}"):
         entries = list_models(settings)

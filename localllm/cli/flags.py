@@ -10,6 +10,7 @@ older localllm spellings (`--ctx`, `--type-k`, `--margin`) stay as aliases, hidd
 from __future__ import annotations
 
 import argparse
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.ggml import CACHE_TYPES
-from localllm.settings import Settings, load_settings
+from localllm.settings import Settings, env_name, load_settings
 
 # setting -> (flag shown in --help, short flag or None, hidden aliases)
 FLAG_NAMES: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
@@ -60,6 +61,15 @@ PLAN_SETTINGS = (
 def flag_name(setting: str) -> str:
     """The flag `--help` shows for a setting."""
     return FLAG_NAMES.get(setting, ("--" + setting.replace("_", "-"), None, ()))[0]
+
+
+def source_name(setting: str, given: set[str]) -> str:
+    """How the user set a setting: its flag, its LOCALLLM_* variable, or its config key."""
+    if setting in given:
+        return flag_name(setting)
+    if env_name(setting) in {key.upper() for key in os.environ}:
+        return env_name(setting)
+    return f"config '{setting}'"
 
 
 def _flag_type(annotation: Any) -> tuple[str, Callable[[str], Any]]:
