@@ -355,6 +355,11 @@ def _describe(
     return "; ".join(problems)
 
 
+# Variables of localllm's scripts and tests, not settings: scripts/dev (LOCALLLM_VENV),
+# scripts/build-rpc.sh (LOCALLLM_RPC_CACHE), tests/test_rpc.py (LOCALLLM_RPC_BUILD).
+_NOT_SETTINGS = frozenset({"LOCALLLM_VENV", "LOCALLLM_RPC_CACHE", "LOCALLLM_RPC_BUILD"})
+
+
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
     """`LOCALLLM_*` variables that name no setting (pydantic-settings ignores them silently),
     each with the closest real name, if any."""
@@ -363,8 +368,9 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
     found = []
     for name in sorted(environ):
         upper = name.upper()
-        # LOCALLLM_TEST_*: the test suite's own switches, not settings.
-        if not upper.startswith(ENV_PREFIX) or upper in known or upper.startswith("LOCALLLM_TEST_"):
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in _NOT_SETTINGS:
+            continue
+        if upper.startswith("LOCALLLM_TEST_"):  # the test suite's own switches
             continue
         near = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
         found.append((name, near[0] if near else None))

@@ -279,7 +279,7 @@ def test_fit_cli_plans_hosts_given_by_hand(capsys: pytest.CaptureFixture[str]) -
 def test_rpc_settings_are_checked_at_start() -> None:
     with pytest.raises(SettingsError, match="rpc"):
         load_settings(rpc="10.0.0.2:http")
-    with pytest.raises(SettingsError, match="rpc_device"):
+    with pytest.raises(SettingsError, match="--rpc-device voodoo5"):
         load_settings(rpc_device="voodoo5")
     assert load_settings(rpc="10.0.0.2:50052=24GiB").rpc == "10.0.0.2:50052=24GiB"
 

@@ -55,6 +55,11 @@ PLAN_SETTINGS = (
     "cpu_only",
     "gpu",
     "vram",
+    "rpc",
+    "rpc_allow_public",
+    "rpc_device",
+    "rpc_latency_ms",
+    "rpc_bandwidth_mbit",
 )
 
 
