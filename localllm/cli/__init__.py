@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--quiet", action="store_true", help="No progress bar.")
     add_settings_flags(pull, PLAN_SETTINGS)
 
+    ps = _command(sub, "ps", "The models a running server holds, where, and until when.",
+                  commands.cmd_ps)
+    ps.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="Server base URL.")
+    ps.add_argument("--api-key", help="Bearer token for the server.")
+    _json_flag(ps)
+
     rm = _command(sub, "rm", "Delete a model from the models folder.", commands.cmd_rm)
     rm.add_argument("model", help="Model name in the models folder.")
     add_settings_flags(rm, ["models_dir"])
@@ -179,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = _command(sub, "serve", "Serve a model over an OpenAI-compatible API.",
                      commands.cmd_serve)
-    serve.add_argument("model", nargs="?", help="Model to serve (default: the embedded model).")
+    serve.add_argument("model", nargs="?",
+                       help="One model to serve for the server's life: a file, a name or "
+                       "ORG/REPO[:QUANT] (default: every model in the models folder, each loaded "
+                       "when a request names it).")
     add_settings_flags(serve, every_setting)
 
     doctor = _command(sub, "doctor", "What this machine and llama.cpp build can do, and fixes.",

@@ -480,6 +480,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from localllm.router.ps import fetch_loaded, format_ps
+
+    rows = fetch_loaded(args.url, args.api_key)
+    if args.json:
+        print_json(rows)
+    else:
+        print(format_ps(rows))
+    return 0
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     from localllm.models import remove_model, resolve_model
 

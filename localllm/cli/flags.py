@@ -139,10 +139,10 @@ def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | N
             options = {"nargs": "?", "const": True, "type": _flash_attn,
                        "metavar": "on|off|auto"}
             help_text += " (default: auto)"
-        elif kind == "bool":
-            options = {"action": "store_true"}
+        elif kind == "bool":  # --x and --no-x: some default to on (--no-models-autoload)
+            options = {"action": argparse.BooleanOptionalAction}
         elif kind == "list":
-            options = {"type": _csv}
+            options = {"type": _csv, "metavar": "A,B"}
             help_text += " (comma-separated)"
         elif name in ("type_k", "type_v"):
             options = {"type": convert, "choices": CACHE_TYPES, "metavar": "TYPE"}
@@ -155,7 +155,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | N
         if hidden:
             group.add_argument(*hidden, dest=name, default=None, help=argparse.SUPPRESS,
                                **options)
-        if kind == "bool" or name == "flash_attn":  # --no-flash-attn, --no-cpu, ...
+        if name == "flash_attn":  # --no-flash-attn, as before -fa took a value
             group.add_argument("--no-" + shown.removeprefix("--"), dest=name,
                                action="store_false", default=None, help=argparse.SUPPRESS)
     if "type_k" in wanted and "type_v" in wanted:
