@@ -36,6 +36,16 @@ class Terminal:
             self._read(remaining)
         return self.seen
 
+    def wait_for(self, text: str, timeout_s: float) -> bool:
+        """Whether `text` shows within timeout_s (no failure when it does not)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._read(remaining)
+        return True
+
     def read_more(self, n_chars: int, timeout_s: float = 240.0) -> None:
         goal, deadline = len(self.seen) + n_chars, time.monotonic() + timeout_s
         while len(self.seen) < goal:

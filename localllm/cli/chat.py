@@ -59,26 +59,38 @@ def _converse(answer: Answerer, system: str | None) -> None:
             print("\nUse /bye or Ctrl-D to leave.", file=sys.stderr)
             continue
         text = line.strip()
-        if not text:
-            continue
         if text.lower() in BYE:
             return
-        history.append({"role": "user", "content": text})
-        parts: list[str] = []
-        try:
-            for piece in answer(history):
-                parts.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        except LocalLLMError as exc:
+        if text:
+            try:
+                _turn(answer, history, text, interactive)
+            except KeyboardInterrupt:  # a Ctrl-C just as the answer ended: the session goes on
+                sys.stdout.write("\n")
+
+
+def _turn(answer: Answerer, history: list[Message], text: str, interactive: bool) -> None:
+    """One question and its streamed answer; Ctrl-C stops the answer, keeping what was said."""
+    history.append({"role": "user", "content": text})
+    parts: list[str] = []
+    failed = False
+    try:
+        for piece in answer(history):
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    except LocalLLMError as exc:
+        failed = True
+        print(f"localllm: error: {exc}", file=sys.stderr)
+    finally:  # user and assistant alternate, whatever happened (templates insist)
+        if failed:
             history.pop()  # the turn never happened; the session goes on
-            print(f"localllm: error: {exc}", file=sys.stderr)
-            continue
+        else:
+            history.append({"role": "assistant", "content": "".join(parts).strip()})
+    if not failed:
         sys.stdout.write("\n\n" if interactive else "\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(parts).strip()})
 
 
 # ---------------------------------------------------------------------------------------------
