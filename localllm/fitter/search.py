@@ -365,7 +365,8 @@ class _Fitter:
 def _advice(plan: Plan, header: ModelHeader, request: FitRequest) -> str:
     hints = ["a smaller quant"]
     if plan.n_ctx_slot > MIN_SHRUNK_CTX:
-        hints.append(f"a shorter context (--ctx {max(MIN_SHRUNK_CTX, plan.n_ctx_slot // 2)})")
+        shorter = max(MIN_SHRUNK_CTX, plan.n_ctx_slot // 2)
+        hints.append(f"a shorter context (--ctx-size {shorter})")
     if request.type_k == "f16" or request.type_v == "f16":
         hints.append("a quantized KV cache (--cache-type q8_0; q8_0 for V needs flash attention)")
     if plan.n_parallel > 1:
@@ -423,18 +424,19 @@ def _wanted_ctx(header: ModelHeader, request: FitRequest, notes: list[str],
     """Tokens per conversation: asked for, the training context (0), or up to DEFAULT_CTX_CAP."""
     trained = header.n_ctx_train or DEFAULT_CTX_CAP
     if request.n_ctx == 0:
-        notes.append(f"context: the model's training context, {trained} tokens (--ctx 0)")
+        notes.append(f"context: the model's training context, {trained} tokens (--ctx-size 0)")
         return trained
     if request.n_ctx is None:
         wanted = min(trained, DEFAULT_CTX_CAP)
         notes.append(
             f"{wanted} tokens per conversation: the model's training context ({trained}) capped "
-            f"at {DEFAULT_CTX_CAP}; --ctx N asks for more, --ctx 0 for all of it"
+            f"at {DEFAULT_CTX_CAP}; --ctx-size N asks for more, 0 for all of it"
         )
         return wanted
     if header.n_ctx_train and request.n_ctx > header.n_ctx_train:
         warnings.append(
-            f"--ctx {request.n_ctx} is above the model's training context ({header.n_ctx_train}):"
+            f"--ctx-size {request.n_ctx} is above the model's training context "
+            f"({header.n_ctx_train}):"
             " answers degrade past it unless the model was trained for RoPE scaling"
         )
     return request.n_ctx
@@ -491,7 +493,7 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
             if ctx != wanted:
                 notes.append(
                     f"context shrunk from {wanted} to {chosen.n_ctx_slot} tokens per conversation "
-                    "so that every layer fits on the GPU; --ctx keeps a longer one with fewer "
+                    "so that every layer fits on the GPU; --ctx-size keeps a longer one with fewer "
                     "GPU layers"
                 )
             break
