@@ -219,7 +219,7 @@ def test_moe_keeps_experts_in_host_memory_when_faster(headers: dict[str, ModelHe
     assert repacked.host.weights_bytes == span + sum(
         t.n_bytes for t in host if t.ggml_type == "Q4_K" and t.name != "token_embd.weight")
     # the whole-layer alternative that fits is slower
-    whole = fit_header(header, RTX3090, FitRequest(n_ctx=8192, cpu_moe=False))
+    whole = fit_header(header, RTX3090_NO_REPACK, FitRequest(n_ctx=8192, cpu_moe=False))
     assert whole.n_cpu_moe == 0 and whole.n_gpu_layers <= header.n_layer
     assert plan.decode_tok_s > whole.decode_tok_s
     assert f"--n-cpu-moe {plan.n_cpu_moe}" in plan.llama_server_command()

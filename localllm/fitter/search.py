@@ -42,6 +42,9 @@ from localllm.fitter.records import (
 from localllm.fitter.speed import (
     CPU_ELEMENTS_PER_FLOP,
     CPU_PREFILL_EFFICIENCY,
+    HOST_BANDWIDTH_OVERLAP,
+    REPACK_BYTES_FACTOR,
+    REPACK_ELEMENTS_PER_FLOP,
     DeviceWork,
     decode_seconds_per_token,
     link_seconds_per_token,
@@ -127,7 +130,10 @@ class _Fitter:
         self.expert_read_share = header.n_expert_used / n_expert if n_expert else 1.0
         host = hardware.host
         cores = max(1, min(hardware.threads, host.physical_cores))
-        self.host_rate = CPU_ELEMENTS_PER_FLOP * host.matmul_flops_per_core * cores
+        repack = hardware.cpu_repack
+        per_flop = REPACK_ELEMENTS_PER_FLOP if repack else CPU_ELEMENTS_PER_FLOP
+        self.host_rate = per_flop * host.matmul_flops_per_core * cores
+        self.host_bytes_factor = REPACK_BYTES_FACTOR if repack else HOST_BANDWIDTH_OVERLAP
         self.host_prefill_flops = CPU_PREFILL_EFFICIENCY * host.matmul_flops_per_core * cores
 
     def shape(self, n_ctx_slot: int, n_seq: int) -> tuple[ContextShape, tuple[int, ...], Any]:
@@ -252,7 +258,8 @@ class _Fitter:
         ]
         host_work = DeviceWork(int(read[-1]), int(elements[-1]))
         seconds = decode_seconds_per_token(
-            gpu_work, host_work, host.memory_bandwidth_bytes_s, self.host_rate
+            gpu_work, host_work, host.memory_bandwidth_bytes_s, self.host_rate,
+            self.host_bytes_factor,
         )
         for g, gpu in enumerate(hardware.gpus):
             if gpu.is_cpu:  # an rpc-server lending its CPU: priced like this host's CPU

@@ -33,6 +33,13 @@ GPU_TOKEN_OVERHEAD_S = 0.003
 CPU_ELEMENTS_PER_FLOP = 0.045
 # Host weight streaming overlaps the dot products in part: half its time shows (same calibration).
 HOST_BANDWIDTH_OVERLAP = 0.5
+# With repacked CPU weights (CPU_REPACK) llama.cpp's interleaved integer kernels are so much faster
+# that streaming the weights dominates and barely overlaps: fitted to Gemma 3 270M Q4_K_M decoding
+# 82.9 tok/s on 1 thread and 87.8 on 2 on a 2-core AMD EPYC VM (probe: 40.2 GB/s copy, 235 GFLOP/s;
+# scripts/bench_fit.py): 1.75 x bytes / copy bandwidth + elements / (1.7 x FLOP/s per core x cores).
+# Two points from one model and one machine: an estimate elsewhere.
+REPACK_BYTES_FACTOR = 1.75
+REPACK_ELEMENTS_PER_FLOP = 1.7
 CPU_PREFILL_EFFICIENCY = 0.5
 PCIE_BYTES_S = 25e9  # PCIe 4.0 x16, what host-to-device copies reach in practice
 
@@ -50,14 +57,17 @@ def decode_seconds_per_token(
     host_work: DeviceWork,
     host_bandwidth_bytes_s: float,
     host_rate_elements_s: float,
+    host_bytes_factor: float = HOST_BANDWIDTH_OVERLAP,
 ) -> float:
+    """`host_bytes_factor`: how much of the host's weight streaming shows in the token time
+    (HOST_BANDWIDTH_OVERLAP, or REPACK_BYTES_FACTOR with repacked weights)."""
     seconds = 0.0
     if any(work.read_bytes for work, _ in gpu_work):
         seconds += GPU_TOKEN_OVERHEAD_S
         for work, bandwidth in gpu_work:
             seconds += work.read_bytes / (GPU_BANDWIDTH_EFFICIENCY * bandwidth)
     if host_work.read_bytes:
-        seconds += HOST_BANDWIDTH_OVERLAP * host_work.read_bytes / host_bandwidth_bytes_s
+        seconds += host_bytes_factor * host_work.read_bytes / host_bandwidth_bytes_s
         seconds += host_work.elements / host_rate_elements_s
     return seconds
 
