@@ -3,7 +3,8 @@
 `ArchSpec` holds a model's hyperparameters; `write_gguf` writes its metadata (with a tokenizer
 llama.cpp accepts) and the tensor infos with llama.cpp's tensor names and shapes. With
 `sparse=True` the file is then truncated to its full size, so the tensor data is a hole: llama.cpp
-can load it (see ../shared/NOTES.md) while the disk holds only the header.
+can load it (the data reads as zeros; llama.cpp never checks weights) while the disk holds only
+the header. scripts/bench_fit.py and tests/test_fitter.py load such files with llama.cpp.
 """
 
 from __future__ import annotations

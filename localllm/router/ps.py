@@ -10,8 +10,7 @@ import time
 from typing import Any
 
 from localllm.errors import LocalLLMError
-
-GIB = 1024**3
+from localllm.units import gib
 
 
 def fetch_loaded(
@@ -60,7 +59,7 @@ def format_ps(rows: list[dict[str, Any]], now: float | None = None) -> str:
     table = [("NAME", "DEVICES", "RSS", "CONTEXT", "UNTIL")]
     for row in rows:
         devices = ", ".join(
-            f"{device} {n_bytes / GIB:.2f} GiB"
+            f"{device} {gib(n_bytes, 2)}"
             for device, n_bytes in sorted(row.get("devices", {}).items())
         )
         rss = row.get("rss_bytes")
@@ -69,7 +68,7 @@ def format_ps(rows: list[dict[str, Any]], now: float | None = None) -> str:
             (
                 str(row.get("model")),
                 devices or "-",
-                f"{rss / GIB:.2f} GiB" if rss else "-",
+                f"{gib(rss, 2)}" if rss else "-",
                 context,
                 _until(row, now),
             )

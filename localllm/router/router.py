@@ -55,10 +55,10 @@ from localllm.router.worker import (
 )
 from localllm.settings import Settings
 from localllm.tools import ToolSyntax
+from localllm.units import gib
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)")
 
@@ -410,7 +410,7 @@ class Router:
             entry.name,
             seconds,
             worker.pid,
-            ", ".join(f"{d} {b / GIB:.2f} GiB" for d, b in need.items() if b),
+            ", ".join(f"{d} {gib(b, 2)}" for d, b in need.items() if b),
         )
         return model
 
@@ -427,8 +427,8 @@ class Router:
         for device, n_bytes in need.items():
             if n_bytes > budget.get(device, 0):
                 raise DoesNotFitError(
-                    f"{entry.name} needs {n_bytes / GIB:.2f} GiB on {device} but the models may "
-                    f"use {budget.get(device, 0) / GIB:.2f} GiB there; raise "
+                    f"{entry.name} needs {gib(n_bytes, 2)} on {device} but the models may "
+                    f"use {gib(budget.get(device, 0), 2)} there; raise "
                     "models_memory_limit, lower n_ctx or parallel, or pick a smaller quant",
                     needed_bytes=n_bytes,
                     available_bytes=budget.get(device, 0),
