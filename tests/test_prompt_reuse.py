@@ -1,8 +1,9 @@
 """Prompt reuse with context checkpoints: hybrid and sliding-window models with the small cache.
 
-The policy is tested on a fake memory; the engine end to end on tiny random-weight GGUFs of
-Qwen3.5 (Gated DeltaNet hybrid) and Gemma 3 (sliding window 32, small cache), whose text is
-garbage but whose memory is that of the real architectures.
+The policy is tested on a fake memory; the engine end to end on tiny random-weight GGUFs
+(`tests/tiny_models.py`) of Qwen3.5 (Gated DeltaNet hybrid), Nemotron-H (Mamba2 hybrid), Gemma 3,
+Gemma 4 and gpt-oss (sliding windows of 32 tokens, small cache) and DeepSeek V2 (MLA), whose text
+is garbage but whose memory is that of the real architectures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from localllm.engine.checkpoints import (
     cut_to_prefix,
 )
 from localllm.errors import CancelledError
-from tests.tiny_models import TinyModel, write_gemma3_swa, write_qwen35
+from tests.tiny_models import WRITERS, TinyModel
 
 GREEDY = SamplingParams(temperature=0)
 # Random weights may choose their end-of-generation token (id 2) at once: keep them talking.
@@ -117,10 +118,7 @@ def test_a_full_attention_cache_is_cut_exactly() -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
     folder = tmp_path_factory.mktemp("tiny")
-    return {
-        "qwen35": write_qwen35(folder / "tiny-qwen35.gguf"),
-        "gemma3": write_gemma3_swa(folder / "tiny-gemma3.gguf"),
-    }
+    return {arch: write(folder / f"tiny-{arch}.gguf") for arch, write in WRITERS.items()}
 
 
 def tiny_config(model: TinyModel, **changes: Any) -> EngineConfig:
@@ -140,7 +138,7 @@ def tiny_config(model: TinyModel, **changes: Any) -> EngineConfig:
     return EngineConfig(**values)
 
 
-@pytest.fixture(scope="module", params=["qwen35", "gemma3"])
+@pytest.fixture(scope="module", params=list(WRITERS))
 def tiny_engine(request: pytest.FixtureRequest, tiny: dict[str, TinyModel]) -> Iterator[Any]:
     from localllm.engine import Engine
 
@@ -171,14 +169,18 @@ def chat(engine: Any, turns: int, max_tokens: int = 8) -> list[tuple[int, int, i
 
 def test_tiny_model_loads_with_the_memory_of_its_architecture(tiny_engine: Any) -> None:
     backend = tiny_engine.backend
-    if backend.architecture == "qwen35":
+    model = WRITERS[backend.architecture]
+    if backend.architecture in ("qwen35", "nemotron_h"):
         assert backend.recurrent
         assert any("llama_memory_recurrent" in line for line in tiny_engine.load_log)
+    elif backend.architecture == "deepseek2":
+        assert not backend.recurrent and backend.n_swa == 0  # MLA: a plain cache, cut anywhere
     else:
         assert backend.n_swa == 32
-        # the small sliding-window cache: PAD(32 + n_ubatch, 256) cells per slot, not 2048
+        # the small sliding-window cache: PAD(32 + n_ubatch, 256) cells per slot, not 8192
         assert any("256 cells" in line for line in tiny_engine.load_log)
-    assert all(slot.checkpoints is not None for slot in tiny_engine._slots)
+    partial = backend.architecture != "deepseek2"
+    assert all((slot.checkpoints is not None) == partial for slot in tiny_engine._slots), model
 
 
 def test_ten_turn_chat_reuses_its_prefix(tiny_engine: Any) -> None:
@@ -190,6 +192,8 @@ def test_ten_turn_chat_reuses_its_prefix(tiny_engine: Any) -> None:
         assert processed <= n_new + END_OFFSET, (turn, rows)
         assert n_cached > 0, (turn, rows)
     after = tiny_engine.stats()
+    if tiny_engine._slots[0].checkpoints is None:
+        return  # a full-attention cache is cut exactly where the prefix ends
     assert after.checkpoints_saved_total >= before.checkpoints_saved_total + 9
     # the answers went back trimmed and re-tokenized: the prefix ends before the cached answer,
     # which neither memory can be cut back to: checkpoints stood in
@@ -310,17 +314,20 @@ def test_memory_matches_the_plan(tiny: dict[str, TinyModel], tiny_engine: Any) -
     model = tiny[tiny_engine.backend.architecture]
     header = read_header(model.path)
     config = tiny_engine.config
+    if tiny_engine._slots[0].checkpoints is None:
+        assert checkpoint_bytes(header, config.swa_full) == 0
+        return
     # One checkpoint, measured after a prompt longer than the window, against the fitter's.
     tiny_engine.submit(GenerationRequest(prompt=tuple(range(300, 400)), max_tokens=1)).result()
     measured = max(len(tiny_engine.backend.partial_state(s.seq_id)) for s in tiny_engine._slots)
     predicted = checkpoint_bytes(header, config.swa_full)
     assert measured <= predicted <= measured + 256, (measured, predicted)
     if model.hybrid:
-        assert sum(recurrent_layers(header)) == 3
+        assert sum(recurrent_layers(header)) == (3 if model.arch == "qwen35" else 2)
         recurrent_mib = _log_mib(tiny_engine.load_log, "llama_memory_recurrent: size")
         expected = recurrent_state_bytes(header) * config.n_parallel
         assert abs(recurrent_mib * 2**20 - expected) < 0.05 * expected + 2**16
-    else:
+    elif model.arch in ("gemma3", "gpt-oss"):
         shape = context_shape(header, config.n_ctx, config.n_parallel, config.n_ubatch,
                               config.n_batch, config.swa_full)
         expected_kv = sum(kv_layer_bytes(header, shape))

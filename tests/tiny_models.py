@@ -9,6 +9,14 @@ llama.cpp's loaders (`src/models/<arch>.cpp`, `load_arch_tensors`); the vocabula
   layer (`full_attention_interval` 4), gated queries, interleaved M-RoPE sections.
 - `write_gemma3_swa`: Gemma 3 with a short sliding window (5 of 6 layers slide), so that a chat of
   a few hundred tokens overwrites the small sliding-window cache.
+- `write_nemotron_h`: Nemotron-H's Mamba2 hybrid: per-layer arrays say which layer is Mamba2
+  (no KV heads, no FFN), attention (no FFN) or FFN only (ReLU^2, no gate).
+- `write_gpt_oss`: gpt-oss: sliding-window and full attention alternating, attention sinks,
+  biased MoE experts.
+- `write_gemma4`: Gemma 4: a sliding-window pattern array, narrower heads on the sliding layers
+  (`key_length_swa`), the last layers sharing earlier layers' caches (`shared_kv_layers`).
+- `write_deepseek2`: DeepSeek V2/V3-style MLA (the cache holds the compressed latent and the
+  rope part), a leading dense block, then MoE blocks with a shared expert.
 """
 
 from __future__ import annotations
@@ -154,7 +162,224 @@ def write_gemma3_swa(path: Path, seed: int = 0, sliding_window: int = 32) -> Tin
     return TinyModel(spec.arch, path, hybrid=False, sliding_window=sliding_window)
 
 
-WRITERS = {"qwen35": write_qwen35, "gemma3": write_gemma3_swa}
+def _metadata(
+    writer: gguf.GGUFWriter,
+    arch: str,
+    n_layer: int,
+    n_embd: int,
+    n_head: int | list[int],
+    n_head_kv: int | list[int],
+    n_ff: int | list[int],
+    head_dim: int,
+    head_dim_v: int | None = None,
+) -> None:
+    """The common keys, taking per-layer arrays where an architecture has them."""
+
+    def put(key: str, value: int | list[int]) -> None:
+        if isinstance(value, list):
+            writer.add_array(f"{arch}.{key}", value)
+        else:
+            writer.add_uint32(f"{arch}.{key}", value)
+
+    spec = ArchSpec(arch, n_layer, n_embd, 1, 1, 1, N_VOCAB, 4096, head_dim=head_dim)
+    # _add_metadata's scalar head and FFN keys are left out: written here, arrays or not
+    probe = gguf.GGUFWriter(None, arch)  # type: ignore[arg-type]
+    _add_metadata(probe, spec, "F16")
+    skip = {f"{arch}.{k}" for k in ("attention.head_count", "attention.head_count_kv",
+                                     "feed_forward_length", "attention.value_length")}
+    for key, field in probe.kv_data[0].items():
+        if key not in skip and key != "general.architecture":
+            writer.add_key_value(key, field.value, field.type, sub_type=field.sub_type)
+    put("attention.head_count", n_head)
+    put("attention.head_count_kv", n_head_kv)
+    put("feed_forward_length", n_ff)
+    put("attention.value_length", head_dim if head_dim_v is None else head_dim_v)
+
+
+NEMOTRON_LAYERS = ("mamba", "attention", "mamba", "ffn")
+
+
+def write_nemotron_h(path: Path, seed: int = 0) -> TinyModel:
+    arch, e, hd, n_head, n_ff = "nemotron_h", 64, 16, 4, 128
+    d_conv, d_inner, d_state, n_group, n_ssm_head = 4, 128, 16, 2, 8
+    kinds = NEMOTRON_LAYERS
+    writer = gguf.GGUFWriter(str(path), arch)
+    _metadata(
+        writer, arch, len(kinds), e, n_head,
+        [2 if k == "attention" else 0 for k in kinds],
+        [n_ff if k == "ffn" else 0 for k in kinds],
+        hd,
+    )
+    writer.add_float32(f"{arch}.attention.layer_norm_epsilon", 1e-5)
+    writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
+    writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
+    writer.add_uint32(f"{arch}.ssm.state_size", d_state)
+    writer.add_uint32(f"{arch}.ssm.time_step_rank", n_ssm_head)
+    writer.add_uint32(f"{arch}.ssm.group_count", n_group)
+    t = _Tensors(writer, seed)
+    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=np.float16)
+    t.add("output_norm.weight", (e,), fill=1.0)
+    t.add("output.weight", (e, N_VOCAB), dtype=np.float16)
+    conv_dim = d_inner + 2 * n_group * d_state
+    for il, kind in enumerate(kinds):
+        p = f"blk.{il}."
+        t.add(p + "attn_norm.weight", (e,), fill=1.0)
+        if kind == "mamba":
+            t.add(p + "ssm_in.weight", (e, 2 * d_inner + 2 * n_group * d_state + n_ssm_head),
+                  dtype=np.float16)
+            t.add(p + "ssm_conv1d.weight", (d_conv, conv_dim), scale=0.3)
+            t.add(p + "ssm_conv1d.bias", (conv_dim,), fill=0.0)
+            t.add(p + "ssm_dt.bias", (n_ssm_head,), fill=0.0)
+            t.add(p + "ssm_a", (1, n_ssm_head), fill=-0.5)
+            t.add(p + "ssm_d", (1, n_ssm_head), fill=1.0)
+            t.add(p + "ssm_norm.weight", (d_inner // n_group, n_group), fill=1.0)
+            t.add(p + "ssm_out.weight", (d_inner, e), dtype=np.float16)
+        elif kind == "attention":
+            t.add(p + "attn_q.weight", (e, hd * n_head), dtype=np.float16)
+            t.add(p + "attn_k.weight", (e, hd * 2), dtype=np.float16)
+            t.add(p + "attn_v.weight", (e, hd * 2), dtype=np.float16)
+            t.add(p + "attn_output.weight", (hd * n_head, e), dtype=np.float16)
+        else:
+            t.add(p + "ffn_up.weight", (e, n_ff), dtype=np.float16)
+            t.add(p + "ffn_down.weight", (n_ff, e), dtype=np.float16)
+    _finish(writer)
+    return TinyModel(arch, path, hybrid=True, sliding_window=0)
+
+
+def write_gpt_oss(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyModel:
+    arch, n_layer, e, hd, n_head, n_head_kv = "gpt-oss", 4, 64, 16, 4, 2
+    n_expert, n_used, n_ff_exp = 4, 2, 64
+    writer = gguf.GGUFWriter(str(path), arch)
+    _metadata(writer, arch, n_layer, e, n_head, n_head_kv, n_ff_exp, hd)
+    writer.add_uint32(f"{arch}.expert_feed_forward_length", n_ff_exp)
+    writer.add_uint32(f"{arch}.expert_count", n_expert)
+    writer.add_uint32(f"{arch}.expert_used_count", n_used)
+    writer.add_uint32(f"{arch}.attention.sliding_window", sliding_window)
+    t = _Tensors(writer, seed)
+    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=np.float16)
+    t.add("output_norm.weight", (e,), fill=1.0)
+    t.add("output.weight", (e, N_VOCAB), dtype=np.float16)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        t.add(p + "attn_norm.weight", (e,), fill=1.0)
+        t.add(p + "post_attention_norm.weight", (e,), fill=1.0)
+        t.add(p + "attn_q.weight", (e, hd * n_head), dtype=np.float16)
+        t.add(p + "attn_k.weight", (e, hd * n_head_kv), dtype=np.float16)
+        t.add(p + "attn_v.weight", (e, hd * n_head_kv), dtype=np.float16)
+        t.add(p + "attn_output.weight", (hd * n_head, e), dtype=np.float16)
+        t.add(p + "attn_output.bias", (e,), fill=0.0)
+        t.add(p + "attn_sinks.weight", (n_head,), fill=0.0)
+        t.add(p + "ffn_gate_inp.weight", (e, n_expert))
+        t.add(p + "ffn_gate_inp.bias", (n_expert,), fill=0.0)
+        for part, shape in (("gate", (e, n_ff_exp, n_expert)), ("up", (e, n_ff_exp, n_expert)),
+                            ("down", (n_ff_exp, e, n_expert))):
+            t.add(p + f"ffn_{part}_exps.weight", shape, dtype=np.float16)
+            t.add(p + f"ffn_{part}_exps.bias", (shape[1], n_expert), fill=0.0)
+    _finish(writer)
+    return TinyModel(arch, path, hybrid=False, sliding_window=sliding_window)
+
+
+GEMMA4_SWA = (True, True, True, False, True, False)
+
+
+def write_gemma4(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyModel:
+    arch, e, n_head, n_head_kv, n_ff = "gemma4", 64, 2, 1, 128
+    head_global, head_swa = 32, 16
+    n_layer = len(GEMMA4_SWA)
+    writer = gguf.GGUFWriter(str(path), arch)
+    _metadata(writer, arch, n_layer, e, n_head, n_head_kv, n_ff, head_global)
+    writer.add_array(f"{arch}.attention.sliding_window_pattern", list(GEMMA4_SWA))
+    writer.add_uint32(f"{arch}.attention.sliding_window", sliding_window)
+    writer.add_uint32(f"{arch}.attention.key_length_swa", head_swa)
+    writer.add_uint32(f"{arch}.attention.value_length_swa", head_swa)
+    writer.add_uint32(f"{arch}.rope.dimension_count_swa", head_swa)
+    writer.add_uint32(f"{arch}.attention.shared_kv_layers", 2)  # layers 4, 5 reuse 2 and 3
+    writer.add_uint32(f"{arch}.embedding_length_per_layer_input", 0)
+    t = _Tensors(writer, seed)
+    f16 = np.float16
+    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=f16)
+    t.add("output_norm.weight", (e,), fill=1.0)
+    t.add("rope_freqs.weight", (head_global // 2,), fill=1.0)
+    for il, swa in enumerate(GEMMA4_SWA):
+        p = f"blk.{il}."
+        hd = head_swa if swa else head_global
+        t.add(p + "attn_norm.weight", (e,), fill=1.0)
+        t.add(p + "attn_q.weight", (e, hd * n_head), dtype=f16)
+        if il < n_layer - 2:  # the shared layers have no K/V of their own
+            t.add(p + "attn_k.weight", (e, hd * n_head_kv), dtype=f16)
+            t.add(p + "attn_v.weight", (e, hd * n_head_kv), dtype=f16)
+            t.add(p + "attn_k_norm.weight", (hd,), fill=1.0)
+        t.add(p + "attn_output.weight", (hd * n_head, e), dtype=f16)
+        t.add(p + "attn_q_norm.weight", (hd,), fill=1.0)
+        t.add(p + "post_attention_norm.weight", (e,), fill=1.0)
+        t.add(p + "ffn_norm.weight", (e,), fill=1.0)
+        t.add(p + "ffn_gate.weight", (e, n_ff), dtype=f16)
+        t.add(p + "ffn_up.weight", (e, n_ff), dtype=f16)
+        t.add(p + "ffn_down.weight", (n_ff, e), dtype=f16)
+        t.add(p + "post_ffw_norm.weight", (e,), fill=1.0)
+    _finish(writer)
+    return TinyModel(arch, path, hybrid=False, sliding_window=sliding_window)
+
+
+def write_deepseek2(path: Path, seed: int = 0) -> TinyModel:
+    arch, n_layer, e, n_head, n_ff = "deepseek2", 3, 64, 4, 128
+    q_lora, kv_lora, rope, nope, v_head = 32, 32, 8, 16, 16
+    n_expert, n_used, n_ff_exp = 4, 2, 32
+    writer = gguf.GGUFWriter(str(path), arch)
+    # The converter's MLA layout: one KV head as wide as the latent plus the rope part.
+    _metadata(writer, arch, n_layer, e, n_head, 1, n_ff, kv_lora + rope, kv_lora)
+    writer.add_uint32(f"{arch}.attention.key_length_mla", nope + rope)
+    writer.add_uint32(f"{arch}.attention.value_length_mla", v_head)
+    writer.add_uint32(f"{arch}.attention.q_lora_rank", q_lora)
+    writer.add_uint32(f"{arch}.attention.kv_lora_rank", kv_lora)
+    writer.add_uint32(f"{arch}.rope.dimension_count", rope)
+    writer.add_uint32(f"{arch}.leading_dense_block_count", 1)
+    writer.add_uint32(f"{arch}.expert_count", n_expert)
+    writer.add_uint32(f"{arch}.expert_used_count", n_used)
+    writer.add_uint32(f"{arch}.expert_feed_forward_length", n_ff_exp)
+    writer.add_uint32(f"{arch}.expert_shared_count", 1)
+    writer.add_uint32(f"{arch}.expert_gating_func", 1)  # softmax
+    t = _Tensors(writer, seed)
+    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=np.float16)
+    t.add("output_norm.weight", (e,), fill=1.0)
+    t.add("output.weight", (e, N_VOCAB), dtype=np.float16)
+    f16 = np.float16
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        t.add(p + "attn_norm.weight", (e,), fill=1.0)
+        t.add(p + "attn_q_a_norm.weight", (q_lora,), fill=1.0)
+        t.add(p + "attn_kv_a_norm.weight", (kv_lora,), fill=1.0)
+        t.add(p + "attn_q_a.weight", (e, q_lora), dtype=f16)
+        t.add(p + "attn_q_b.weight", (q_lora, n_head * (nope + rope)), dtype=f16)
+        t.add(p + "attn_kv_a_mqa.weight", (e, kv_lora + rope), dtype=f16)
+        t.add(p + "attn_k_b.weight", (nope, kv_lora, n_head), dtype=f16)
+        t.add(p + "attn_v_b.weight", (kv_lora, v_head, n_head), dtype=f16)
+        t.add(p + "attn_output.weight", (n_head * v_head, e), dtype=f16)
+        t.add(p + "ffn_norm.weight", (e,), fill=1.0)
+        if il == 0:
+            t.add(p + "ffn_gate.weight", (e, n_ff), dtype=f16)
+            t.add(p + "ffn_up.weight", (e, n_ff), dtype=f16)
+            t.add(p + "ffn_down.weight", (n_ff, e), dtype=f16)
+            continue
+        t.add(p + "ffn_gate_inp.weight", (e, n_expert))
+        t.add(p + "ffn_gate_exps.weight", (e, n_ff_exp, n_expert), dtype=f16)
+        t.add(p + "ffn_up_exps.weight", (e, n_ff_exp, n_expert), dtype=f16)
+        t.add(p + "ffn_down_exps.weight", (n_ff_exp, e, n_expert), dtype=f16)
+        t.add(p + "ffn_gate_shexp.weight", (e, n_ff_exp), dtype=f16)
+        t.add(p + "ffn_up_shexp.weight", (e, n_ff_exp), dtype=f16)
+        t.add(p + "ffn_down_shexp.weight", (n_ff_exp, e), dtype=f16)
+    _finish(writer)
+    return TinyModel(arch, path, hybrid=False, sliding_window=0)
+
+
+WRITERS = {
+    "qwen35": write_qwen35,
+    "gemma3": write_gemma3_swa,
+    "nemotron_h": write_nemotron_h,
+    "gpt-oss": write_gpt_oss,
+    "deepseek2": write_deepseek2,
+    "gemma4": write_gemma4,
+}
 
 
 def write_all(folder: Path) -> dict[str, TinyModel]:

@@ -266,6 +266,8 @@ STATE_CELL_META_BYTES = 12  # pos, n_seq_id, seq_id per cell
 STATE_LAYER_META_BYTES = 32  # type and row size of each tensor of a layer
 STATE_HEADER_BYTES = 64  # counts and flags of the state as a whole
 RECURRENT_ARCHS_WITH_INTERVAL = frozenset({"qwen3next", "qwen35", "qwen35moe"})
+# Nemotron-H: layers without KV heads are Mamba2 only when they have no FFN either.
+RECURRENT_WITHOUT_FFN = frozenset({"nemotron_h", "nemotron_h_moe"})
 
 
 def recurrent_layers(header: ModelHeader) -> tuple[bool, ...]:
@@ -276,7 +278,11 @@ def recurrent_layers(header: ModelHeader) -> tuple[bool, ...]:
     if f"{arch}.ssm.state_size" not in meta and f"{arch}.ssm.conv_kernel" not in meta:
         return (False,) * header.n_layer
     if any(kv == 0 for kv in header.n_head_kv):
-        return tuple(kv == 0 for kv in header.n_head_kv)
+        no_ffn = arch in RECURRENT_WITHOUT_FFN
+        return tuple(
+            kv == 0 and (ff == 0 or not no_ffn)
+            for kv, ff in zip(header.n_head_kv, header.n_ff, strict=True)
+        )
     if arch in RECURRENT_ARCHS_WITH_INTERVAL:
         interval = meta.get(f"{arch}.full_attention_interval", 4)
         step = interval if isinstance(interval, int) and interval > 0 else 4
@@ -307,10 +313,21 @@ def checkpoint_bytes(
     """Host bytes of one context checkpoint of one sequence (0: the model needs none)."""
     total = recurrent_state_bytes(header)
     if header.sliding_window and any(header.swa_layers) and not swa_full:
-        attends = [kv > 0 for kv in header.n_head_kv]
-        swa = [il for il in range(header.n_layer) if header.swa_layers[il] and attends[il]]
+        meta, arch = header.metadata, header.architecture
+        # Gemma 4: the sliding layers' own head widths; its last layers use earlier caches.
+        def key(name: str, default: int) -> int:
+            value = meta.get(f"{arch}.attention.{name}", default)
+            return value if isinstance(value, int) else default
+
+        head_k = key("key_length_swa", header.n_embd_head_k)
+        head_v = key("value_length_swa", header.n_embd_head_v)
+        n_own = header.n_layer - key("shared_kv_layers", 0)
+        swa = [
+            il for il in range(n_own) if header.swa_layers[il] and header.n_head_kv[il] > 0
+        ]
         per_cell = STATE_CELL_META_BYTES + sum(
-            row_bytes(type_k, header.n_embd_k_gqa[il]) + row_bytes(type_v, header.n_embd_v_gqa[il])
+            row_bytes(type_k, head_k * header.n_head_kv[il])
+            + row_bytes(type_v, head_v * header.n_head_kv[il])
             for il in swa
         )
         total += per_cell * header.sliding_window + STATE_LAYER_META_BYTES * len(swa)
