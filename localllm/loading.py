@@ -139,6 +139,7 @@ def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str
         "type_k": config.type_k,
         "type_v": config.type_v,
         "swa_full": config.swa_full,
+        "ctx_checkpoints": config.ctx_checkpoints,
         "decode_tok_s_predicted": round(plan.decode_tok_s, 1),
         "prompt_tok_s_predicted": round(plan.prompt_tok_s, 1),
         "devices": [device.to_dict() for device in plan.devices],

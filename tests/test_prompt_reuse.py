@@ -356,3 +356,44 @@ def test_fitter_counts_the_checkpoints_in_host_memory(tiny: dict[str, TinyModel]
     assert host_small.checkpoint_bytes == 2 * 3 * checkpoint_bytes(header, False) > 0
     assert host_full.checkpoint_bytes == 0  # a full-size cache can be cut anywhere
     assert host_small.kv_bytes < host_full.kv_bytes
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_serve_and_fit_share_the_sliding_window_cache_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from localllm.cli import build_parser
+    from localllm.cli.flags import settings_from_args
+
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("LOCALLLM_CONFIG", str(tmp_path / "none.toml"))
+    parser = build_parser()
+    default, _ = settings_from_args(parser.parse_args(["serve"]))
+    assert default.swa_full is False and default.ctx_checkpoints == 4  # llama-server's choice
+    serve, given = settings_from_args(
+        parser.parse_args(["serve", "--swa-full", "--ctx-checkpoints", "2"])
+    )
+    assert serve.swa_full is True and serve.ctx_checkpoints == 2
+    assert {"swa_full", "ctx_checkpoints"} <= given
+    fit, _ = settings_from_args(parser.parse_args(["fit", "--no-swa-full"]))
+    assert fit.swa_full is False
+    monkeypatch.setenv("LOCALLLM_SWA_FULL", "true")
+    from_env, _ = settings_from_args(parser.parse_args(["fit"]))
+    assert from_env.swa_full is True
+
+
+def test_the_engine_loads_as_the_settings_say(tiny: dict[str, TinyModel]) -> None:
+    from localllm.loading import plan_for_serving
+    from localllm.settings import Settings
+
+    for swa_full, checkpoints in ((False, 2), (True, 0)):
+        settings = Settings(cpu_only=True, n_ctx=4096, parallel=2, swa_full=swa_full,
+                            ctx_checkpoints=checkpoints)
+        plan, config, _ = plan_for_serving(tiny["gemma3"].path, settings)
+        assert (plan.swa_full, config.swa_full, config.ctx_checkpoints) == (
+            swa_full, swa_full, checkpoints
+        )
+        host = next(d for d in plan.devices if d.name == "host")
+        assert (host.checkpoint_bytes > 0) == (not swa_full and checkpoints > 0)

@@ -41,6 +41,11 @@ class _EngineCollector(Collector):
                 "Tokens generated per second of decoding (all slots together).",
                 stats.decode_tokens_per_s,
             ),
+            "localllm_context_checkpoint_bytes": (
+                "Host memory the slots' context checkpoints hold (recurrent, hybrid and "
+                "sliding-window models).",
+                stats.checkpoint_bytes,
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
@@ -52,6 +57,14 @@ class _EngineCollector(Collector):
             ),
             "localllm_generated_tokens": ("Tokens generated.", stats.generated_tokens_total),
             "localllm_engine_requests": ("Requests the engine finished.", stats.requests_total),
+            "localllm_context_checkpoints_saved": (
+                "Context checkpoints saved while decoding prompts.",
+                stats.checkpoints_saved_total,
+            ),
+            "localllm_context_checkpoints_restored": (
+                "Context checkpoints restored to reuse a prompt's prefix.",
+                stats.checkpoints_restored_total,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
