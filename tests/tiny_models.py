@@ -63,6 +63,20 @@ class _Tensors:
         self.writer.add_tensor(name, data.astype(dtype if len(shape) > 1 else np.float32))
 
 
+    def embeddings(self, n_embd: int, output: bool = True) -> None:
+        """The token embedding, the final norm and (unless tied) the output projection."""
+        self.add("token_embd.weight", (n_embd, N_VOCAB), scale=0.5, dtype=np.float16)
+        self.add("output_norm.weight", (n_embd,), fill=1.0)
+        if output:
+            self.add("output.weight", (n_embd, N_VOCAB), dtype=np.float16)
+
+
+def _uints(writer: gguf.GGUFWriter, arch: str, **keys: int) -> None:
+    """`{arch}.<key>` uint32 keys; dots in key names are written as double underscores."""
+    for key, value in keys.items():
+        writer.add_uint32(f"{arch}.{key.replace('__', '.')}", value)
+
+
 def _finish(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -88,19 +102,13 @@ def write_qwen35(path: Path, seed: int = 0) -> TinyModel:
     n_k_heads, n_v_heads = ssm["group_count"], ssm["time_step_rank"]
     key_dim, value_dim = head_k * n_k_heads, head_v * n_v_heads
     conv_dim = 2 * key_dim + value_dim
-    writer.add_uint32(f"{a}.ssm.conv_kernel", ssm["conv_kernel"])
-    writer.add_uint32(f"{a}.ssm.state_size", ssm["state_size"])
-    writer.add_uint32(f"{a}.ssm.group_count", n_k_heads)
-    writer.add_uint32(f"{a}.ssm.time_step_rank", n_v_heads)
-    writer.add_uint32(f"{a}.ssm.inner_size", value_dim)
-    writer.add_uint32(f"{a}.full_attention_interval", 4)
-    writer.add_uint32(f"{a}.rope.dimension_count", spec.n_embd_head)
+    _uints(writer, a, ssm__conv_kernel=ssm["conv_kernel"], ssm__state_size=ssm["state_size"],
+           ssm__group_count=n_k_heads, ssm__time_step_rank=n_v_heads, ssm__inner_size=value_dim,
+           full_attention_interval=4, rope__dimension_count=spec.n_embd_head)
     writer.add_array(f"{a}.rope.dimension_sections", [3, 3, 2, 0])  # n_rot / 2 in all
     t = _Tensors(writer, seed)
     e, hd = spec.n_embd, spec.n_embd_head
-    t.add("token_embd.weight", (e, spec.n_vocab), scale=0.5, dtype=np.float16)
-    t.add("output_norm.weight", (e,), fill=1.0)
-    t.add("output.weight", (e, spec.n_vocab), dtype=np.float16)
+    t.embeddings(e)
     for il in range(spec.n_layer):
         p = f"blk.{il}."
         t.add(p + "attn_norm.weight", (e,), fill=1.0)
@@ -211,15 +219,10 @@ def write_nemotron_h(path: Path, seed: int = 0) -> TinyModel:
         hd,
     )
     writer.add_float32(f"{arch}.attention.layer_norm_epsilon", 1e-5)
-    writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
-    writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
-    writer.add_uint32(f"{arch}.ssm.state_size", d_state)
-    writer.add_uint32(f"{arch}.ssm.time_step_rank", n_ssm_head)
-    writer.add_uint32(f"{arch}.ssm.group_count", n_group)
+    _uints(writer, arch, ssm__conv_kernel=d_conv, ssm__inner_size=d_inner,
+           ssm__state_size=d_state, ssm__time_step_rank=n_ssm_head, ssm__group_count=n_group)
     t = _Tensors(writer, seed)
-    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=np.float16)
-    t.add("output_norm.weight", (e,), fill=1.0)
-    t.add("output.weight", (e, N_VOCAB), dtype=np.float16)
+    t.embeddings(e)
     conv_dim = d_inner + 2 * n_group * d_state
     for il, kind in enumerate(kinds):
         p = f"blk.{il}."
@@ -251,14 +254,10 @@ def write_gpt_oss(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyMo
     n_expert, n_used, n_ff_exp = 4, 2, 64
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, arch, n_layer, e, n_head, n_head_kv, n_ff_exp, hd)
-    writer.add_uint32(f"{arch}.expert_feed_forward_length", n_ff_exp)
-    writer.add_uint32(f"{arch}.expert_count", n_expert)
-    writer.add_uint32(f"{arch}.expert_used_count", n_used)
-    writer.add_uint32(f"{arch}.attention.sliding_window", sliding_window)
+    _uints(writer, arch, expert_feed_forward_length=n_ff_exp, expert_count=n_expert,
+           expert_used_count=n_used, attention__sliding_window=sliding_window)
     t = _Tensors(writer, seed)
-    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=np.float16)
-    t.add("output_norm.weight", (e,), fill=1.0)
-    t.add("output.weight", (e, N_VOCAB), dtype=np.float16)
+    t.embeddings(e)
     for il in range(n_layer):
         p = f"blk.{il}."
         t.add(p + "attn_norm.weight", (e,), fill=1.0)
@@ -289,16 +288,14 @@ def write_gemma4(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyMod
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, arch, n_layer, e, n_head, n_head_kv, n_ff, head_global)
     writer.add_array(f"{arch}.attention.sliding_window_pattern", list(GEMMA4_SWA))
-    writer.add_uint32(f"{arch}.attention.sliding_window", sliding_window)
-    writer.add_uint32(f"{arch}.attention.key_length_swa", head_swa)
-    writer.add_uint32(f"{arch}.attention.value_length_swa", head_swa)
-    writer.add_uint32(f"{arch}.rope.dimension_count_swa", head_swa)
-    writer.add_uint32(f"{arch}.attention.shared_kv_layers", 2)  # layers 4, 5 reuse 2 and 3
-    writer.add_uint32(f"{arch}.embedding_length_per_layer_input", 0)
+    _uints(writer, arch, attention__sliding_window=sliding_window,
+           attention__key_length_swa=head_swa, attention__value_length_swa=head_swa,
+           rope__dimension_count_swa=head_swa,
+           attention__shared_kv_layers=2,  # layers 4 and 5 use the caches of 2 and 3
+           embedding_length_per_layer_input=0)
     t = _Tensors(writer, seed)
     f16 = np.float16
-    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=f16)
-    t.add("output_norm.weight", (e,), fill=1.0)
+    t.embeddings(e, output=False)
     t.add("rope_freqs.weight", (head_global // 2,), fill=1.0)
     for il, swa in enumerate(GEMMA4_SWA):
         p = f"blk.{il}."
@@ -328,21 +325,14 @@ def write_deepseek2(path: Path, seed: int = 0) -> TinyModel:
     writer = gguf.GGUFWriter(str(path), arch)
     # The converter's MLA layout: one KV head as wide as the latent plus the rope part.
     _metadata(writer, arch, n_layer, e, n_head, 1, n_ff, kv_lora + rope, kv_lora)
-    writer.add_uint32(f"{arch}.attention.key_length_mla", nope + rope)
-    writer.add_uint32(f"{arch}.attention.value_length_mla", v_head)
-    writer.add_uint32(f"{arch}.attention.q_lora_rank", q_lora)
-    writer.add_uint32(f"{arch}.attention.kv_lora_rank", kv_lora)
-    writer.add_uint32(f"{arch}.rope.dimension_count", rope)
-    writer.add_uint32(f"{arch}.leading_dense_block_count", 1)
-    writer.add_uint32(f"{arch}.expert_count", n_expert)
-    writer.add_uint32(f"{arch}.expert_used_count", n_used)
-    writer.add_uint32(f"{arch}.expert_feed_forward_length", n_ff_exp)
-    writer.add_uint32(f"{arch}.expert_shared_count", 1)
-    writer.add_uint32(f"{arch}.expert_gating_func", 1)  # softmax
+    _uints(writer, arch, attention__key_length_mla=nope + rope,
+           attention__value_length_mla=v_head, attention__q_lora_rank=q_lora,
+           attention__kv_lora_rank=kv_lora, rope__dimension_count=rope,
+           leading_dense_block_count=1, expert_count=n_expert, expert_used_count=n_used,
+           expert_feed_forward_length=n_ff_exp, expert_shared_count=1,
+           expert_gating_func=1)  # softmax
     t = _Tensors(writer, seed)
-    t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, dtype=np.float16)
-    t.add("output_norm.weight", (e,), fill=1.0)
-    t.add("output.weight", (e, N_VOCAB), dtype=np.float16)
+    t.embeddings(e)
     f16 = np.float16
     for il in range(n_layer):
         p = f"blk.{il}."
