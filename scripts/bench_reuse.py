@@ -6,7 +6,8 @@ Models: the embedded Gemma 3 270M (sliding window 512 on 15 of 18 layers) and a 
 Qwen3.5 (Gated DeltaNet hybrid, tests/tiny_models.py). Each runs the same chat under:
 - `checkpoints`: the small sliding-window cache, 4 context checkpoints per slot (the default);
 - `none`: the small cache without checkpoints (ctx_checkpoints 0);
-- `swa_full` (sliding-window models only): the full-size cache, which needs no checkpoints.
+- `swa_full` (sliding-window models only): the full-size cache, which needs no checkpoints;
+  loaded for its memory only (its turns reuse like `checkpoints` at best), unless --swa-full-chat.
 A turn appends a user message to the chat and greedily generates an answer of --answer-tokens
 tokens (end of generation suppressed); the answer goes back trimmed, as chat clients send it.
 Gemma's small cache holds PAD(512 + n_ubatch, 256) = 1024 cells per slot, so a cut back into the
@@ -82,6 +83,8 @@ def main() -> int:
     parser.add_argument("--answer-tokens", type=int, default=600,
                         help="answer length on Gemma 3 270M (the tiny hybrid answers 64)")
     parser.add_argument("--models", default="gemma3-270m,tiny-qwen35")
+    parser.add_argument("--swa-full-chat", action="store_true",
+                        help="also run the chat with the full-size cache (slow on few cores)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-reuse-"))
     models = {
@@ -104,6 +107,11 @@ def main() -> int:
                 ctx_checkpoints=0 if mode == "none" else 4,
                 max_tokens_default=answer_tokens,
             )
+            if mode == "swa_full" and not args.swa_full_chat:
+                with Engine.load(config) as engine:
+                    memory = engine.memory
+                summary.append((name, mode, 0, 0, 0.0, memory.get("kv_cache_mib", 0.0), 0.0))
+                continue
             rows, (memory, stats) = run_chat(config, args.turns, answer_tokens)
             print(f"\n{name}, {mode}: KV cache {memory.get('kv_cache_mib', 0):.1f} MiB, "
                   f"checkpoints held {stats.checkpoint_bytes / 2**20:.2f} MiB "
@@ -117,15 +125,15 @@ def main() -> int:
             summary.append((
                 name, mode, sum(r.computed_tokens for r in later),
                 sum(r.prompt_tokens for r in later),
-                statistics.mean(r.ttft_s for r in later) if later else 0.0,
+                statistics.median(r.ttft_s for r in later) if later else 0.0,
                 memory.get("kv_cache_mib", 0.0), stats.checkpoint_bytes / 2**20,
             ))
     print(f"\nturns 2..{args.turns}, {args.threads} threads:")
-    print(f"{'model':<12} {'mode':<12} {'computed/prompt tokens':>22} {'mean TTFT s':>11} "
+    print(f"{'model':<12} {'mode':<12} {'computed/prompt tokens':>22} {'median TTFT s':>13} "
           f"{'KV MiB':>7} {'ckpt MiB':>8}")
     for name, mode, computed, total, ttft, kv, ckpt in summary:
-        print(f"{name:<12} {mode:<12} {f'{computed}/{total}':>22} {ttft:>11.2f} "
-              f"{kv:>7.1f} {ckpt:>8.2f}")
+        tokens = f"{computed}/{total}" if total else "(memory only)"
+        print(f"{name:<12} {mode:<12} {tokens:>22} {ttft:>13.2f} {kv:>7.1f} {ckpt:>8.2f}")
     return 0
 
 
