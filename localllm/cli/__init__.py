@@ -27,6 +27,7 @@ from typing import Any
 from localllm.cli import commands
 from localllm.cli.flags import PLAN_SETTINGS, add_settings_flags
 from localllm.cli.output import print_json, warn
+from localllm.engine.build import REPACK_LOGGER
 from localllm.errors import DoesNotFitError, LocalLLMError, SettingsError
 from localllm.settings import Settings, unknown_env_vars
 
@@ -263,6 +264,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     if not args.verbose:  # per-request and llama.cpp chatter only with -v
         for noisy in ("httpx", "httpx2", "httpcore", "localllm.llama"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose and args.command != "serve":  # machine facts: the serve log, -v, doctor
+        logging.getLogger(REPACK_LOGGER).setLevel(logging.WARNING)
 
 
 def _warn_unknown_env() -> None:
