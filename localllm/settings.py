@@ -29,6 +29,7 @@ from pydantic_settings import (
 from localllm.errors import SettingsError
 from localllm.ggml import CacheType
 from localllm.hardware import parse_gpu_names, parse_vram
+from localllm.models import DEFAULT_MODEL
 
 ENV_PREFIX = "LOCALLLM_"
 SYSTEM_CONFIG = Path("/etc/localllm/config.toml")
@@ -80,6 +81,12 @@ class Settings(BaseSettings):
     )
     model_alias: str | None = Field(
         None, description="Name clients use for the model (default: the file's stem)."
+    )
+    default_model: str = Field(
+        DEFAULT_MODEL,
+        description="Model used where none is named (serve's first model, chat, inspect, fit, "
+        "profile): a name in models_dir or a file. The embedded SmolLM2-135M-Instruct answers "
+        "questions; 'gemma-3-270m-q4_k_m', the embedded base model, continues text.",
     )
 
     # Many models (`serve` over the models folder): which stay loaded, for how long.

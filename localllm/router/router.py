@@ -338,7 +338,9 @@ class Router:
         """The model loaded at start and answering requests that name none (blocking)."""
         from localllm.models import resolve_model
 
-        path = resolve_model(self.settings.model, self.settings.models_dir)
+        path = resolve_model(
+            self.settings.model or self.settings.default_model, self.settings.models_dir
+        )
         if path.resolve().parent != self.registry.models_dir.resolve():
             return self.registry.add(path, self.settings.model_alias).name
         if self.settings.model_alias:
