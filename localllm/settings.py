@@ -189,6 +189,11 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may run.")
+    reasoning_format: Literal["auto", "none"] = Field(
+        "auto",
+        description="Reasoning in answers: auto puts it in reasoning_content; none leaves the "
+        "model's raw text in content (a request's reasoning_format wins).",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )

@@ -63,7 +63,11 @@ FRONTS = {
     "localllm.tools": {
         "ContentDelta",
         "GrammarBuilder",
+        "OutputParser",
         "ParsedOutput",
+        "ReasoningDelta",
+        "ReasoningFormat",
+        "ReasoningSplitter",
         "TemplateCaps",
         "Tool",
         "ToolCall",
@@ -80,6 +84,7 @@ FRONTS = {
         "parse_tool_choice",
         "parse_tools",
         "render_prompt",
+        "split_reasoning",
         "tool_syntax",
     },
 }

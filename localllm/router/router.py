@@ -563,6 +563,14 @@ class Lease:
     ) -> str | tuple[int, ...]:
         return self.worker.chat_prompt(messages, tools)
 
+    def chat_render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[str | tuple[int, ...], bool]:
+        return self.worker.chat_render(messages, tools, template_kwargs)
+
     def tool_syntax(self) -> ToolSyntax:
         return self.worker.tool_syntax()
 

@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
@@ -312,6 +312,20 @@ class WorkerClient:
             "chat_prompt", list(messages), list(tools) if tools else None
         )
         return prompt
+
+    def chat_render(
+        self,
+        messages: Sequence[Any],
+        tools: Sequence[Any] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> tuple[str | tuple[int, ...], bool]:
+        prompt, opened = self.call(
+            "chat_render",
+            list(messages),
+            list(tools) if tools else None,
+            dict(template_kwargs) if template_kwargs else None,
+        )
+        return prompt, bool(opened)
 
     def tool_syntax(self) -> ToolSyntax:
         """The worker's model's tool-call syntax, asked once (its template never changes)."""
