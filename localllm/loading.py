@@ -115,6 +115,7 @@ def plan_for_serving(
         type_v=params["type_v"],
         flash_attn=settings.flash_attn,  # None lets llama.cpp decide, as the plan assumed
         swa_full=params["swa_full"],
+        ctx_checkpoints=settings.ctx_checkpoints,
         n_batch=params["n_batch"],
         n_ubatch=params["n_ubatch"],
         n_threads=settings.threads,

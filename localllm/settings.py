@@ -140,6 +140,18 @@ class Settings(BaseSettings):
         512, ge=1, description="Micro-batch size (prompt tokens per compute step)."
     )
     n_batch: int = Field(2048, ge=1, description="Logical batch size.")
+    swa_full: bool = Field(
+        False,
+        description="Full-size sliding-window cache (llama-server's --swa-full): more memory; "
+        "off, context checkpoints keep prompt reuse.",
+    )
+    ctx_checkpoints: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Context checkpoints per slot for recurrent, hybrid and sliding-window "
+        "models (llama-server's --ctx-checkpoints), in host memory; 0: none.",
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for decoding (default: cores)."
     )

@@ -142,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(fit)
     fit.add_argument("--objective", choices=["balanced", "quality", "speed"], default="balanced",
                      help="balanced: best quality at interactive speed, preferring full offload.")
-    fit.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=None,
-                     help="Full-size sliding-window cache (default: on, as llama-cpp-python).")
     fit.add_argument("--check", action="store_true",
                      help="Also run llama.cpp's own dry run for the plan and compare its buffers.")
     fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")
