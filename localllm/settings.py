@@ -66,6 +66,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        allow_inf_nan=False,  # every number finite: "inf" or "nan" in a config is a usage error
     )
 
     # Where and what to serve.
@@ -200,14 +201,43 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
-    request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may run.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="Longest a request may run."
+    )
     reasoning_format: Literal["auto", "none"] = Field(
         "auto",
         description="Reasoning in answers: auto puts it in reasoning_content; none leaves the "
         "model's raw text in content (a request's reasoning_format wins).",
     )
     shutdown_grace_s: float = Field(
-        10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+        10.0, ge=0, le=3600, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    worker_hang_timeout_s: float = Field(
+        15.0,
+        ge=2,
+        le=3600,
+        description="Serving a models folder: a worker that sends no heartbeat (one a second) "
+        "for this long is killed; its requests fail and the model loads again on demand.",
+    )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A connection must send a whole request head within this long of opening "
+        "(or of its previous answer), else it is closed.",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="A request body must arrive whole within this long of its head (408 beyond).",
+    )
+    idle_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="An idle keep-alive connection is closed after this long (uvicorn's "
+        "timeout_keep_alive).",
     )
 
     # Security.

@@ -419,6 +419,17 @@ class Engine:
         """
         if not inputs:
             raise RequestError("input must not be empty", param="input")
+        # The embedding context's limit per input (as the backend sizes it), and in characters
+        # 64 per token, checked before tokenizing: a 200 KB text would take seconds to tokenize
+        # only to be refused for its token count.
+        max_tokens = max(16, min(self.config.n_ctx_slot, self.config.n_ubatch))
+        for index, item in enumerate(inputs):
+            if isinstance(item, str) and len(item) > 64 * max_tokens:
+                raise ContextLengthExceededError(
+                    f"input {index} is {len(item)} characters; this model embeds at most "
+                    f"{max_tokens} tokens per input: split the text",
+                    param="input",
+                )
         token_lists: list[list[int]] = []
         for item in inputs:
             if isinstance(item, str):

@@ -10,6 +10,7 @@ coroutines through `call_soon_threadsafe`.
     state.py          AppState, the ServingEngine protocol
     auth.py           the API key dependency
     middleware.py     body limit, request metrics, warning header
+    connections.py    idle, request-head and body timeouts (uvicorn protocol + middleware)
     errors.py         exceptions to OpenAI error envelopes
     serving.py        body parsing and the handlers' shared base
     streaming.py      collected JSON or SSE, once for every endpoint
@@ -36,6 +37,7 @@ from localllm.server.chat.api_router import router as chat_router
 from localllm.server.chat.serving import ChatServing
 from localllm.server.completions.api_router import router as completions_router
 from localllm.server.completions.serving import CompletionServing
+from localllm.server.connections import BodyDeadlineMiddleware
 from localllm.server.embeddings.api_router import router as embeddings_router
 from localllm.server.embeddings.serving import EmbeddingServing
 from localllm.server.errors import install_handlers
@@ -125,6 +127,7 @@ def create_app(
         app.include_router(routes)
     # Order: the edge middleware (body limit, metrics, warning header) runs inside CORS, so
     # CORS headers are added to its error responses too.
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(EdgeMiddleware, state=state)
     if settings.cors_origins:
         app.add_middleware(

@@ -3,7 +3,6 @@ chat response bodies (`chat.completion`, `chat.completion.chunk`)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,7 @@ from localllm.engine.grammar import check_grammar
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
-from localllm.server.serving import Serving
+from localllm.server.serving import Serving, offload
 from localllm.server.state import ServingEngine
 from localllm.server.streaming import ShaperBase, usage_body
 from localllm.tools import ContentDelta, OutputParser, ReasoningDelta, ToolCallDelta, ToolUse
@@ -54,7 +53,7 @@ class ChatServing(Serving):
                     check_grammar(grammar, param="tools")
                 return tool_use, prompt, grammar, opened
 
-            tool_use, prompt, grammar, opened = await asyncio.to_thread(prepare)
+            tool_use, prompt, grammar, opened = await offload(engine, prepare)
             handle = await self.submit(
                 engine,
                 body,
