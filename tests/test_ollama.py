@@ -334,3 +334,64 @@ def test_host_in_ollamas_form() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 11434)
     with pytest.raises(ValueError, match="names port 11434"):
         Settings(host="127.0.0.1:11434", port=8080)
+
+
+# ------------------------------------------------------------------------------ no model needed
+
+
+def test_think_maps_onto_the_chat_paths_fields() -> None:
+    from localllm.errors import APIError
+    from localllm.server.ollama.serving import think_fields
+    from localllm.server.types import ChatCompletionRequest
+
+    assert think_fields(None, True, "m") == {}
+    assert think_fields(False, False, "m") == {}  # nothing to turn off
+    with pytest.raises(APIError, match='"m" does not support thinking'):
+        think_fields(True, False, "m")
+    declared = ChatCompletionRequest.model_fields
+    if "chat_template_kwargs" in declared:  # the chat path can switch thinking
+        assert think_fields(False, True, "m")["chat_template_kwargs"] == {
+            "enable_thinking": False
+        }
+        high = think_fields("high", True, "m")
+        assert high["chat_template_kwargs"] == {"enable_thinking": True}
+        if "reasoning_effort" in declared:
+            assert high["reasoning_effort"] == "high"
+    else:  # it cannot yet: refused, not ignored
+        with pytest.raises(APIError, match="cannot switch"):
+            think_fields(True, True, "m")
+
+
+def test_reasoning_content_becomes_thinking() -> None:
+    from types import SimpleNamespace
+
+    from localllm.server.ollama.serving import OllamaShaper
+
+    delta = SimpleNamespace(content="4", reasoning_content="2+2", tool_calls=None)
+    chunk = SimpleNamespace(choices=[SimpleNamespace(delta=delta, logprobs=None)])
+
+    class Inner:
+        model = "m"
+
+        def text_chunk(self, event: Any) -> Any:
+            return chunk
+
+    shaper = OllamaShaper(Inner(), "m", "chat", time.perf_counter(), 0.0)  # type: ignore[arg-type]
+    from localllm.engine.types import TextEvent
+
+    body = shaper.piece(TextEvent("4"))
+    assert body is not None
+    assert body["message"] == {"role": "assistant", "content": "4", "thinking": "2+2"}
+    shaper.kind = "generate"
+    body = shaper.piece(TextEvent("4"))
+    assert body is not None and body["response"] == "4" and body["thinking"] == "2+2"
+
+
+def test_curl_style_bodies_are_read_unless_from_a_page(live_server: UvicornThread) -> None:
+    # Ollama's docs use `curl -d '{...}'`, which sends a form content type.
+    body = json.dumps({"model": "gemma-3-270m"})
+    form = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    assert httpx.post(live_server.url + "/api/show", content=body, headers=form).status_code == 200
+    page = {**form, "Origin": "http://evil.example"}
+    refused_page = httpx.post(live_server.url + "/api/show", content=body, headers=page)
+    assert refused_page.status_code == 415
