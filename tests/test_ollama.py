@@ -280,8 +280,17 @@ def test_folder_ps_has_the_routers_figures_and_keep_alive(
     assert model.expires_at is not None
     left = model.expires_at.timestamp() - time.time()
     assert 60 < left <= 600  # keep_alive 10m, counting down from the answer's end
+    # num_ctx above the plan: planned again by the fitter and reloaded, as Ollama reloads.
+    bigger = client.chat("gemma-a", messages=[{"role": "user", "content": "Hi"}],
+                         options={**FEW, "num_ctx": 2048})
+    check_done(bigger)
+    assert bigger.load_duration is not None and bigger.load_duration > 0  # it waited for it
+    (model,) = client.ps().models
+    assert model.context_length == 2048
+    assert model.size is not None and model.size > rows["gemma-a"]["planned_bytes"]  # more KV
     refused(lambda: client.chat("gemma-a", messages=[{"role": "user", "content": "Hi"}],
-                                options={"num_ctx": 4096}), 400, "num_ctx", "1024")
+                                options={"num_ctx": 10_000_000}), 400, "num_ctx", "does not fit")
+    assert client.ps().models[0].context_length == 2048  # a refused plan changes nothing
     unloaded = client.chat("gemma-a", messages=[], keep_alive=0)
     assert unloaded.done_reason == "unload" and client.ps().models == []
     loaded = client.generate("gemma-a", "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
-from localllm.errors import APIError
+from localllm.errors import APIError, DoesNotFitError
 from localllm.server import types as t
 from localllm.server.chat.serving import ChatServing
 from localllm.server.completions.serving import CompletionServing
@@ -35,6 +36,8 @@ from localllm.server.ollama.catalog import Catalog, keep_alive_forever
 from localllm.server.serving import Serving
 from localllm.server.state import AppState
 from localllm.server.streaming import Shaper, collect
+
+log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
 NDJSON = "application/x-ndjson"
@@ -388,21 +391,46 @@ class OllamaServing(Serving):
         return value
 
     async def _check_num_ctx(self, name: str, num_ctx: int | None) -> None:
-        """num_ctx up to the loaded context is served as is (the conversation has at least that
-        many tokens); above it, a 400 that says why: the context is planned per model when it
-        loads, not per request."""
+        """num_ctx up to the loaded (or planned) context is served as is: the conversation has
+        at least that many tokens. Above it, serving a models folder, the fitter plans the model
+        again for num_ctx and it reloads with that plan, as Ollama reloads; one model held for
+        the server's life cannot, and says so."""
         if num_ctx is None:
             return
         slot = await asyncio.to_thread(self.catalog.context_length, name)
-        if slot is not None and num_ctx > slot:
+        if slot is None or num_ctx <= slot:
+            return
+        router = self.state.router
+        if router is None:
             raise APIError(
                 400,
                 f"options.num_ctx {num_ctx} is above the {slot} tokens per conversation "
-                f"{name} is loaded with; localllm plans the context when a model loads, not "
-                "per request: serve with --ctx-size (and fewer --parallel slots) to get more",
+                f"{name} is loaded with; this server holds one model planned at start: serve it "
+                "with --ctx-size (and fewer --parallel slots) to get more, or serve the models "
+                "folder, which reloads a model for a larger num_ctx",
                 param="options.num_ctx",
                 code="context_length_exceeded",
             )
+        entry = await asyncio.to_thread(router.registry.get, name)
+        try:
+            _, config = await asyncio.to_thread(router.registry.replanned, entry, num_ctx)
+        except DoesNotFitError as exc:
+            raise APIError(
+                400,
+                f"options.num_ctx {num_ctx} does not fit on this machine: {exc}",
+                param="options.num_ctx",
+                code="does_not_fit",
+            ) from None
+        if config.n_ctx_slot < num_ctx:  # the fitter shortened it (it should have refused)
+            raise APIError(
+                400,
+                f"options.num_ctx {num_ctx}: the fitter planned only {config.n_ctx_slot} tokens",
+                param="options.num_ctx",
+                code="does_not_fit",
+            )
+        log.info("%s: re-planned for num_ctx %d (was %d); reloading", name, num_ctx, slot)
+        if any(model.name == entry.name for model in router.loaded()):
+            await router.unload(entry.name, reason="replanned")
 
     async def _run_chat(
         self,
