@@ -404,3 +404,32 @@ def test_curl_style_bodies_are_read_unless_from_a_page(live_server: UvicornThrea
     page = {**form, "Origin": "http://evil.example"}
     refused_page = httpx.post(live_server.url + "/api/show", content=body, headers=page)
     assert refused_page.status_code == 415
+
+
+def test_capabilities_from_the_header(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from localllm.server.ollama.catalog import Catalog
+    from tests.gguf_factory import LLAMA_7B, write_bert, write_gguf
+
+    thinking = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}"
+    paths = {
+        "thinker": write_gguf(tmp_path / "thinker.gguf", LLAMA_7B, chat_template=thinking),
+        "plain": write_gguf(tmp_path / "plain.gguf", LLAMA_7B),
+        "bert": write_bert(tmp_path / "bert.gguf"),
+        "reranker": write_bert(tmp_path / "reranker.gguf", pooling_type=4),
+    }
+    found = {}
+    for name, path in paths.items():
+        state = SimpleNamespace(router=None, model_id=name, model_names={name}, engine=None)
+        found[name] = Catalog(state, path).capabilities(name)  # type: ignore[arg-type]
+    assert found["thinker"] == ["completion", "tools", "embedding", "thinking"]
+    assert found["plain"] == ["completion", "tools", "embedding"]
+    assert found["bert"] == ["embedding"]
+    assert found["reranker"] == []
+    state = SimpleNamespace(router=None, model_id="plain", model_names={"plain"}, engine=None,
+                            public=False)
+    shown = Catalog(state, paths["plain"]).show("plain", verbose=False)  # type: ignore[arg-type]
+    assert shown["details"]["family"] == "llama"
+    assert shown["details"]["parameter_size"].endswith("B")
+    assert "<|im_start|>" in shown["template"]  # no template in the file: ChatML, as rendered
