@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -70,7 +70,11 @@ class Settings(BaseSettings):
     )
 
     # Where and what to serve.
-    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind; loopback by default. OLLAMA_HOST's form HOST:PORT (or "
+        "http://HOST:PORT) sets the port too, e.g. 127.0.0.1:11434 for Ollama's.",
+    )
     port: int = Field(
         8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
     )
@@ -261,6 +265,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_with_port(cls, data: Any) -> Any:
+        """host 'HOST:PORT' (OLLAMA_HOST's form) -> host and port; a port also given must agree."""
+        if not isinstance(data, dict) or not isinstance(data.get("host"), str):
+            return data
+        host, port = split_host_port(data["host"])
+        if port is None:
+            return {**data, "host": host}
+        given = data.get("port")
+        if given is not None and int(given) != port:
+            raise ValueError(f"host {data['host']!r} names port {port} but port is {given}")
+        return {**data, "host": host, "port": port}
 
     @field_validator("rpc")
     @classmethod
@@ -453,3 +471,21 @@ def setting_sources(
         else:
             result[name] = "default"
     return result
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """'HOST', 'HOST:PORT', '[V6]:PORT' or 'http://HOST:PORT' (as OLLAMA_HOST is written) ->
+    (host, port or None). A bare IPv6 address (several colons, no brackets) has no port."""
+    value = text.strip().removeprefix("http://").rstrip("/")
+    if value.startswith("["):
+        end = value.find("]")
+        if end > 0:
+            rest = value[end + 1 :]
+            if rest.startswith(":") and rest[1:].isdigit():
+                return value[1:end], int(rest[1:])
+        return text, None
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        if port.isdigit():
+            return host or "127.0.0.1", int(port)
+    return text, None

@@ -128,6 +128,7 @@ def serve(settings: Settings) -> None:
             model_names={model_path.stem, model_path.name},
             plan_summary=plan_summary,
             warnings=warnings,
+            model_path=model_path,
         )
     uv_config = uvicorn.Config(
         app,

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from localllm.engine.grammar import check_grammar
+from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
@@ -26,6 +27,12 @@ class ChatServing(Serving):
     async def create_chat_completion(
         self, body: t.ChatCompletionRequest, request: Request
     ) -> Response:
+        handle, shaper = await self.start(body)
+        return await self.respond(request, body, handle, shaper)
+
+    async def start(self, body: t.ChatCompletionRequest) -> tuple[RequestHandle, ChatShaper]:
+        """Check, render and queue the chat; the shaper turns its events into chat bodies.
+        Other APIs over the same path (Ollama's /api/chat) reshape what the shaper makes."""
         self.check_common(body)
         uses_completion_tokens = body.max_completion_tokens is not None
         max_tokens = self.max_tokens(
@@ -71,7 +78,7 @@ class ChatServing(Serving):
                 tool_use=tool_use,
                 parser=tool_use.parser(reasoning_open=opened, raw_reasoning=raw),
             )
-            return await self.respond(request, body, handle, shaper)
+            return handle, shaper
 
     def tool_use(self, engine: ServingEngine, body: t.ChatCompletionRequest) -> ToolUse:
         """The request's tools, tool_choice and parallel_tool_calls, checked against the
