@@ -15,6 +15,7 @@ coroutines through `call_soon_threadsafe`.
     streaming.py      collected JSON or SSE, once for every endpoint
     chat/, completions/, embeddings/, models/
                       api_router.py (thin routes) + serving.py (the handler)
+    page/             the chat page at / (static files; Ollama's "is running" for non-browsers)
 
 Serving a models folder, the app holds a `localllm.router.Router` instead of one engine: each
 request names its model, which loads on demand in a worker process of its own.
@@ -43,6 +44,7 @@ from localllm.server.metrics import Metrics
 from localllm.server.middleware import WARNING_HEADER, EdgeMiddleware
 from localllm.server.models.api_router import router as models_router
 from localllm.server.models.serving import ModelsServing
+from localllm.server.page.api_router import router as page_router
 from localllm.server.state import AppState, ServingEngine
 from localllm.settings import Settings
 
@@ -123,6 +125,7 @@ def create_app(
     install_handlers(app)
     for routes in (models_router, chat_router, completions_router, embeddings_router):
         app.include_router(routes)
+    app.include_router(page_router)  # the chat page at /
     # Order: the edge middleware (body limit, metrics, warning header) runs inside CORS, so
     # CORS headers are added to its error responses too.
     app.add_middleware(EdgeMiddleware, state=state)
