@@ -146,6 +146,7 @@ def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str
         "source": "fit",
         "model": model_path.name,
         "plan": plan_summary_line(plan),
+        "quant": plan.quant,
         "n_ctx": config.n_ctx,
         "n_parallel": config.n_parallel,
         "n_ctx_per_slot": config.n_ctx_slot,

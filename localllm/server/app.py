@@ -17,6 +17,7 @@ coroutines through `call_soon_threadsafe`.
     chat/, completions/, embeddings/, models/
                       api_router.py (thin routes) + serving.py (the handler)
     ollama/           Ollama's API (/api/*) as adapters over those handlers
+    page/             the chat page at / (static files; Ollama's "is running" for non-browsers)
 
 Serving a models folder, the app holds a `localllm.router.Router` instead of one engine: each
 request names its model, which loads on demand in a worker process of its own.
@@ -49,6 +50,7 @@ from localllm.server.models.api_router import router as models_router
 from localllm.server.models.serving import ModelsServing
 from localllm.server.ollama import Ollama, OllamaErrorMiddleware
 from localllm.server.ollama.api_router import router as ollama_router
+from localllm.server.page.api_router import router as page_router
 from localllm.server.state import AppState, ServingEngine
 from localllm.settings import Settings
 
@@ -135,6 +137,7 @@ def create_app(
         models_router, chat_router, completions_router, embeddings_router, ollama_router
     ):
         app.include_router(routes)
+    app.include_router(page_router)  # the chat page at /
     # Order: the edge middleware (body limit, metrics, warning header) runs inside CORS, so
     # CORS headers are added to its error responses too.
     app.add_middleware(BodyDeadlineMiddleware, timeout_s=settings.body_timeout_s)
