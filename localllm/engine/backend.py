@@ -130,8 +130,10 @@ class LlamaBackend:
             self.rpc = rpc.attach(config.rpc_servers, config.rpc_allow_public)
             mparams.devices = ctypes.addressof(self.rpc.model_devices)
         use_extra_bufts = config.use_extra_bufts
-        if use_extra_bufts is None:
-            use_extra_bufts = build.repack_supported().supported
+        if use_extra_bufts is None:  # not planned by `loading`: ask the machine's probe here
+            probe = build.repack_supported()
+            build.report_repack(probe)
+            use_extra_bufts = probe.supported
         mparams.use_extra_bufts = use_extra_bufts
         if not config.use_mmap:
             mparams.load_mode = LOAD_MODE_NONE

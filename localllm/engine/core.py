@@ -83,6 +83,7 @@ from localllm.errors import (
     RequestTimeoutError,
 )
 from localllm.tools.formats import ToolSyntax, tool_syntax
+from localllm.tools.reasoning import prompt_opens_reasoning
 from localllm.units import MIB
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,21 @@ class Engine:
 
         Blocking (render and tokenize): call it from a worker thread.
         """
-        text = self.apply_chat_template(messages, tools)
+        return self.chat_render(messages, tools)[0]
+
+    def chat_render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> tuple[tuple[int, ...], bool]:
+        """`chat_prompt` with more template variables (`template_kwargs`: a request's
+        chat_template_kwargs and reasoning_effort), and whether the prompt ends inside the
+        model's reasoning (a template that opens `<think>` for the answer)."""
+        text = self.chat_template.render(
+            messages, add_generation_prompt=True, tools=tools, extra=template_kwargs
+        )
+        opened = prompt_opens_reasoning(text, self.tool_syntax().reasoning)
         # Tool definitions, calls and names are written by the template outside any message
         # content, where render_parts cannot keep them plain text: refuse control text there.
         extras = [json.dumps(tools, ensure_ascii=False)] if tools else []
@@ -279,16 +294,25 @@ class Engine:
             for m in messages
             if m.get("tool_calls") or m.get("name")
         ]
+        # So are earlier turns' reasoning and the request's template variables.
+        extras += [
+            str(m.get("reasoning_content") or m.get("thinking") or "")
+            for m in messages
+            if m.get("reasoning_content") or m.get("thinking")
+        ]
+        if template_kwargs:
+            extras.append(json.dumps(template_kwargs, ensure_ascii=False))
         if any(self._has_control_text(extra) for extra in extras):
             raise RequestError(
-                "a tool definition, tool call or message name holds the text of one of the "
-                "model's control tokens; remove it (only message contents may)",
+                "a tool definition, tool call, message name, reasoning_content or "
+                "chat_template_kwargs value holds the text of one of the model's control "
+                "tokens; remove it (only message contents may)",
                 param="tools",
             )
         contents = [m.get("content") for m in messages]
         if not any(isinstance(c, str) and self._has_control_text(c) for c in contents):
-            return tuple(self.backend.tokenize(text, False, True))
-        parts = self.chat_template.render_parts(messages, tools)
+            return tuple(self.backend.tokenize(text, False, True)), opened
+        parts = self.chat_template.render_parts(messages, tools, template_kwargs)
         if parts is None:
             raise RequestError(
                 "a message holds the text of one of the model's control tokens, and this "
@@ -299,7 +323,7 @@ class Engine:
         tokens: list[int] = []
         for part, is_content in parts:
             tokens.extend(self.backend.tokenize(part, False, not is_content))
-        return tuple(tokens)
+        return tuple(tokens), opened
 
     def _has_control_text(self, text: str) -> bool:
         if not text:
@@ -395,6 +419,17 @@ class Engine:
         """
         if not inputs:
             raise RequestError("input must not be empty", param="input")
+        # The embedding context's limit per input (as the backend sizes it), and in characters
+        # 64 per token, checked before tokenizing: a 200 KB text would take seconds to tokenize
+        # only to be refused for its token count.
+        max_tokens = max(16, min(self.config.n_ctx_slot, self.config.n_ubatch))
+        for index, item in enumerate(inputs):
+            if isinstance(item, str) and len(item) > 64 * max_tokens:
+                raise ContextLengthExceededError(
+                    f"input {index} is {len(item)} characters; this model embeds at most "
+                    f"{max_tokens} tokens per input: split the text",
+                    param="input",
+                )
         token_lists: list[list[int]] = []
         for item in inputs:
             if isinstance(item, str):
