@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -185,14 +186,16 @@ def test_tiny_model_loads_with_the_memory_of_its_architecture(tiny_engine: Any) 
 
 def test_ten_turn_chat_reuses_its_prefix(tiny_engine: Any) -> None:
     before = tiny_engine.stats()
-    rows = chat(tiny_engine, 10, max_tokens=LONG_ANSWER)
+    partial = tiny_engine._slots[0].checkpoints is not None
+    # long answers only where they matter: they overwrite a small sliding-window cache
+    rows = chat(tiny_engine, 10, max_tokens=LONG_ANSWER if partial else 16)
     for turn, (n_prompt, n_cached, n_new) in enumerate(rows[1:], start=2):
         processed = n_prompt - n_cached
         # only what the turn added, plus the tokens between the checkpoint and the prompt end
         assert processed <= n_new + END_OFFSET, (turn, rows)
         assert n_cached > 0, (turn, rows)
     after = tiny_engine.stats()
-    if tiny_engine._slots[0].checkpoints is None:
+    if not partial:
         return  # a full-attention cache is cut exactly where the prefix ends
     assert after.checkpoints_saved_total >= before.checkpoints_saved_total + 9
     # the answers went back trimmed and re-tokenized: the prefix ends before the cached answer,
@@ -281,8 +284,9 @@ def test_cancel_mid_stream_frees_the_slot_and_the_next_request_runs(tiny_engine:
     handle = tiny_engine.submit(
         GenerationRequest(
             prompt="A long answer please",
-            max_tokens=60,
-            # random weights may end early on their EOS: keep them from choosing it
+            # far more than the few steps a cancel takes to land; random weights may end early
+            # on their EOS: keep them from choosing it
+            max_tokens=4000,
             sampling=SamplingParams(temperature=0, logit_bias=((2, -100.0),)),
         )
     )
