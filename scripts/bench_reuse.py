@@ -1,6 +1,6 @@
 """Prompt reuse across the turns of a growing chat, with and without context checkpoints.
 
-    .venv/bin/python scripts/bench_reuse.py [--turns 10] [--threads 2] [--answer-tokens 600]
+    .venv/bin/python scripts/bench_reuse.py [--turns 10] [--threads 1] [--answer-tokens 600]
 
 Models: the embedded Gemma 3 270M (sliding window 512 on 15 of 18 layers) and a tiny random-weight
 Qwen3.5 (Gated DeltaNet hybrid, tests/tiny_models.py). Each runs the same chat under:
@@ -10,6 +10,8 @@ Qwen3.5 (Gated DeltaNet hybrid, tests/tiny_models.py). Each runs the same chat u
   loaded for its memory only (its turns reuse like `checkpoints` at best), unless --swa-full-chat.
 A turn appends a user message to the chat and greedily generates an answer of --answer-tokens
 tokens (end of generation suppressed); the answer goes back trimmed, as chat clients send it.
+Then the same prompt is sent again, as a chat page's Regenerate button does: its common prefix
+with the slot ends before the answer just generated, which the slot must be cut back over.
 Gemma's small cache holds PAD(512 + n_ubatch, 256) = 1024 cells per slot, so a cut back into the
 last 512 tokens still finds its window there; longer answers (the default 600) overwrite the
 window of the prompt's end, where the next turn's prefix ends. The table prints, per turn, the
@@ -19,7 +21,6 @@ prompt tokens, the tokens computed (prompt - reused) and the time to first token
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -51,8 +52,10 @@ QUESTIONS = [
 @dataclass(frozen=True)
 class Turn:
     prompt_tokens: int
-    computed_tokens: int
+    computed_tokens: int  # the next turn
     ttft_s: float
+    regenerate_computed_tokens: int  # the same prompt again
+    regenerate_ttft_s: float
 
 
 def run_chat(config: EngineConfig, turns: int, answer_tokens: int) -> tuple[list[Turn], Any]:
@@ -64,13 +67,17 @@ def run_chat(config: EngineConfig, turns: int, answer_tokens: int) -> tuple[list
         for turn in range(turns):
             messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
             prompt = engine.chat_prompt(messages)
-            result = engine.submit(
-                GenerationRequest(prompt=prompt, max_tokens=answer_tokens, sampling=sampling)
-            ).result()
-            usage = result.usage
+            request = GenerationRequest(prompt=prompt, max_tokens=answer_tokens, sampling=sampling)
+            result = engine.submit(request).result()
+            again = engine.submit(request).result()  # greedy: the same answer, cached again
             rows.append(
-                Turn(usage.prompt_tokens, usage.prompt_tokens - usage.cached_tokens,
-                     result.time_to_first_token_s)
+                Turn(
+                    result.usage.prompt_tokens,
+                    result.usage.prompt_tokens - result.usage.cached_tokens,
+                    result.time_to_first_token_s,
+                    again.usage.prompt_tokens - again.usage.cached_tokens,
+                    again.time_to_first_token_s,
+                )
             )
             messages.append({"role": "assistant", "content": result.text.strip() or "ok"})
         return rows, (engine.memory, engine.stats())
@@ -79,7 +86,8 @@ def run_chat(config: EngineConfig, turns: int, answer_tokens: int) -> tuple[list
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    # One thread: ggml's spinning barrier degrades badly when other jobs share few cores.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--answer-tokens", type=int, default=600,
                         help="answer length on Gemma 3 270M (the tiny hybrid answers 64)")
     parser.add_argument("--models", default="gemma3-270m,tiny-qwen35")
@@ -117,10 +125,12 @@ def main() -> int:
                   f"checkpoints held {stats.checkpoint_bytes / 2**20:.2f} MiB "
                   f"(saved {stats.checkpoints_saved_total}, "
                   f"restored {stats.checkpoints_restored_total})")
-            print(f"{'turn':>4}  {'prompt':>6}  {'computed':>8}  {'TTFT s':>7}")
+            print(f"{'turn':>4}  {'prompt':>6}  {'computed':>8}  {'TTFT s':>7}  "
+                  f"{'regenerate: computed':>20}  {'TTFT s':>7}")
             for index, row in enumerate(rows, start=1):
                 print(f"{index:>4}  {row.prompt_tokens:>6}  {row.computed_tokens:>8}  "
-                      f"{row.ttft_s:>7.2f}")
+                      f"{row.ttft_s:>7.2f}  {row.regenerate_computed_tokens:>20}  "
+                      f"{row.regenerate_ttft_s:>7.2f}")
             later = rows[1:]
             summary.append((
                 name, mode, sum(r.computed_tokens for r in later),
@@ -128,7 +138,14 @@ def main() -> int:
                 statistics.median(r.ttft_s for r in later) if later else 0.0,
                 memory.get("kv_cache_mib", 0.0), stats.checkpoint_bytes / 2**20,
             ))
-    print(f"\nturns 2..{args.turns}, {args.threads} threads:")
+            summary.append((
+                name, mode + " regen", sum(r.regenerate_computed_tokens for r in rows),
+                sum(r.prompt_tokens for r in rows),
+                statistics.median(r.regenerate_ttft_s for r in rows),
+                memory.get("kv_cache_mib", 0.0), stats.checkpoint_bytes / 2**20,
+            ))
+    print(f"\nturns 2..{args.turns} (regenerate: turns 1..{args.turns}), {args.threads} "
+          "threads:")
     print(f"{'model':<12} {'mode':<12} {'computed/prompt tokens':>22} {'median TTFT s':>13} "
           f"{'KV MiB':>7} {'ckpt MiB':>8}")
     for name, mode, computed, total, ttft, kv, ckpt in summary:
