@@ -135,6 +135,9 @@ class ModelsServing(Serving):
         for model in router.loaded():  # a model named at start may live outside the folder
             if model.name not in names:
                 names.append(model.name)
+        # The default model (answering requests that name none) first: clients that take the
+        # first model, `localllm chat --url` among them, then talk to it.
+        names.sort(key=lambda name: name != self.state.model_id)
         return [self._router_card(name) for name in names]
 
     def _router_card(self, name: str) -> t.ModelCard:
@@ -149,6 +152,7 @@ class ModelsServing(Serving):
             "architecture": entry.architecture,
             "quant": entry.file_type,
             "capabilities": entry.capabilities,
+            "default": entry.name == self.state.model_id,
         }
         try:
             plan, config = router.registry.planned(entry)
