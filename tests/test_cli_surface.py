@@ -280,7 +280,10 @@ def test_models_table(ladder: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["model", "size", "quant", "context"]
-    assert len(lines) == 4 and all("GiB" in line for line in lines[1:])
+    # the ladder's three files, then the two embedded models (listed, not written there)
+    assert len([line for line in lines if line.startswith("llama-7b")]) == 3
+    assert all("GiB" in line for line in lines[1:6])
+    assert lines[6].startswith("default: smollm2-135m-instruct-q4_1 (the built-in default")
 
 
 def test_fit_check_runs_llama_cpps_dry_run(embedded_model_path: Path) -> None:
