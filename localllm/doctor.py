@@ -31,6 +31,7 @@ from localllm.engine.build import (
     BuildInfo,
     RepackProbe,
     cuda_fix_command,
+    describe_repack,
     probe_build,
     repack_supported,
 )
@@ -414,10 +415,7 @@ def format_doctor(report: DoctorReport) -> str:
         if b.system_info:
             lines.append(f"  {b.system_info}")
     if report.repack is not None:
-        state = "on" if report.repack.supported else "off"
-        lines.append(
-            f"  repacked CPU weights: {state} ({report.repack.detail}; {report.repack.source})"
-        )
+        lines.append(f"  {describe_repack(report.repack)}")
 
     lines.append("NVIDIA GPUs")
     if not report.gpus.gpus:

@@ -227,6 +227,14 @@ class FakeEngine:
     ) -> str:
         return " ".join(f"{m['role']}: {m['content']}" for m in messages)
 
+    def chat_render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[str, bool]:
+        return self.chat_prompt(messages, tools), False
+
     def tool_syntax(self) -> Any:
         from localllm.tools import ToolFormat, ToolSyntax
 

@@ -27,6 +27,7 @@ from typing import Any
 from localllm.cli import commands
 from localllm.cli.flags import PLAN_SETTINGS, add_settings_flags
 from localllm.cli.output import print_json, warn
+from localllm.engine.build import REPACK_LOGGER
 from localllm.errors import DoesNotFitError, LocalLLMError, SettingsError
 from localllm.settings import Settings, unknown_env_vars
 
@@ -141,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(fit)
     fit.add_argument("--objective", choices=["balanced", "quality", "speed"], default="balanced",
                      help="balanced: best quality at interactive speed, preferring full offload.")
-    fit.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=None,
-                     help="Full-size sliding-window cache (default: on, as llama-cpp-python).")
     fit.add_argument("--check", action="store_true",
                      help="Also run llama.cpp's own dry run for the plan and compare its buffers.")
     fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")
@@ -267,6 +266,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     if not args.verbose:  # per-request and llama.cpp chatter only with -v
         for noisy in ("httpx", "httpx2", "httpcore", "localllm.llama"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose and args.command != "serve":  # machine facts: the serve log, -v, doctor
+        logging.getLogger(REPACK_LOGGER).setLevel(logging.WARNING)
 
 
 def _warn_unknown_env() -> None:

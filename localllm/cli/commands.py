@@ -160,8 +160,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for warning in hardware_warnings(settings, given):
         warn(warning)
     changes: dict[str, Any] = {"objective": args.objective}
-    if args.swa_full is not None:
-        changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
     hardware = planning_hardware(settings)
     ladder = _model_headers(args, settings)

@@ -34,6 +34,7 @@ from localllm.loading import plan_engine_config
 from localllm.pull import ensure_local
 from localllm.server.app import AppState, create_app
 from localllm.server.auth import is_loopback
+from localllm.server.connections import uvicorn_options
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def serve(settings: Settings) -> None:
             model_names={model_path.stem, model_path.name},
             plan_summary=plan_summary,
             warnings=warnings,
+            model_path=model_path,
         )
     uv_config = uvicorn.Config(
         app,
@@ -138,6 +140,7 @@ def serve(settings: Settings) -> None:
         # One second past the grace: the engine's cancellations are sent before uvicorn cuts.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 1,
         lifespan="on",
+        **uvicorn_options(settings),  # idle and request-head timeouts
     )
     server = uvicorn.Server(uv_config)
     state: AppState = app.state.localllm
