@@ -134,6 +134,14 @@ class Catalog:
             caps.append("thinking")
         return caps
 
+    def thinking(self, name: str) -> tuple[bool, bool]:
+        """(does the model think, does its template read a reasoning effort, as gpt-oss's)."""
+        path = self.path_of(name)
+        if path is None:
+            return False, False
+        template = template_of(self.header(path))
+        return "thinking" in self.capabilities(name), "reasoning_effort" in template
+
     def context_length(self, name: str) -> int | None:
         """Tokens per conversation as loaded (or as planned, if not loaded yet)."""
         router = self.state.router

@@ -52,20 +52,23 @@ def ns(seconds: float) -> int:
     return max(0, int(seconds * NS))
 
 
-def think_fields(think: o.Think | None, can_think: bool, model: str) -> dict[str, Any]:
+def think_fields(
+    think: o.Think | None, can_think: bool, model: str, takes_effort: bool = False
+) -> dict[str, Any]:
     """BRIDGE, until reasoning control lands in the chat path: Ollama's `think` as the chat
-    request's `reasoning_effort` ("low"/"medium"/"high") and
-    `chat_template_kwargs={"enable_thinking": ...}`, where `ChatCompletionRequest` declares
-    those fields. Where it does not, the chat path cannot switch thinking, so asking a model
-    that thinks to change it is refused rather than ignored. A model without thinking refuses
-    `think: true` with Ollama's own message; `false` asks for nothing it would do anyway."""
+    request's `chat_template_kwargs={"enable_thinking": ...}` and, for a model whose template
+    reads an effort (gpt-oss), `reasoning_effort` ("low"/"medium"/"high"), where
+    `ChatCompletionRequest` declares those fields. Where it does not, the chat path cannot
+    switch thinking, so asking a model that thinks to change it is refused rather than ignored.
+    A model without thinking refuses `think: true` with Ollama's own message; `false` asks for
+    nothing it would do anyway."""
     if think is None or (think is False and not can_think):
         return {}
     if not can_think:
         raise APIError(400, f'"{model}" does not support thinking', param="think")
     declared = t.ChatCompletionRequest.model_fields
     fields: dict[str, Any] = {}
-    if "reasoning_effort" in declared and isinstance(think, str):
+    if "reasoning_effort" in declared and isinstance(think, str) and takes_effort:
         fields["reasoning_effort"] = think
     if "chat_template_kwargs" in declared:
         fields["chat_template_kwargs"] = {"enable_thinking": think is not False}
@@ -379,8 +382,8 @@ class OllamaServing(Serving):
             fields["logprobs"] = True
             if body.top_logprobs:
                 fields["top_logprobs"] = body.top_logprobs
-        caps = await asyncio.to_thread(self.catalog.capabilities, name)
-        fields.update(think_fields(body.think, "thinking" in caps, body.model))
+        can_think, takes_effort = await asyncio.to_thread(self.catalog.thinking, name)
+        fields.update(think_fields(body.think, can_think, body.model, takes_effort))
         return fields
 
     def _keep_alive(self, value: o.KeepAlive) -> o.KeepAlive:
