@@ -224,6 +224,7 @@ def test_errors_in_ollamas_shape(live_server: UvicornThread) -> None:
 def test_langchain_ollama(live_server: UvicornThread) -> None:
     from langchain_core.messages import AIMessage
     from langchain_ollama import ChatOllama, OllamaEmbeddings
+    from pydantic import BaseModel
 
     kwargs = {"headers": AUTH, "timeout": 300}
     chat = ChatOllama(model="gemma-3-270m", base_url=live_server.url, num_predict=8,
@@ -233,6 +234,13 @@ def test_langchain_ollama(live_server: UvicornThread) -> None:
     assert message.usage_metadata is not None and message.usage_metadata["output_tokens"] > 0
     pieces = list(chat.stream("Say hello."))
     assert pieces and "".join(str(p.content) for p in pieces) == message.content
+    class Answer(BaseModel):
+        ok: bool
+
+    structured = ChatOllama(model="gemma-3-270m", base_url=live_server.url, num_predict=48,
+                            temperature=0.0, client_kwargs=kwargs)
+    parsed = structured.with_structured_output(Answer, method="json_schema").invoke("Is it ok?")
+    assert isinstance(parsed, Answer)  # `format` with the schema: the grammar made it valid
     embeddings = OllamaEmbeddings(model="gemma-3-270m", base_url=live_server.url,
                                   client_kwargs=kwargs)
     assert len(embeddings.embed_query("hello")) == 640
