@@ -441,3 +441,18 @@ def test_capabilities_from_the_header(tmp_path: Path) -> None:
     assert shown["details"]["family"] == "llama"
     assert shown["details"]["parameter_size"].endswith("B")
     assert "<|im_start|>" in shown["template"]  # no template in the file: ChatML, as rendered
+
+
+def test_serve_on_ollamas_address_from_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localllm.cli import main as cli_main
+
+    received: list[Settings] = []
+    monkeypatch.setattr("localllm.server.run.serve", received.append)
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("LOCALLLM_CONFIG", str(tmp_path / "none.toml"))
+    assert cli_main(["serve", "--host", "127.0.0.1:11434"]) == 0
+    monkeypatch.setenv("LOCALLLM_HOST", "http://127.0.0.1:11434")
+    assert cli_main(["serve"]) == 0
+    assert [(s.host, s.port) for s in received] == [("127.0.0.1", 11434)] * 2
