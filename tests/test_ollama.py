@@ -382,7 +382,7 @@ def test_think_maps_onto_the_chat_paths_fields() -> None:
 def test_reasoning_content_becomes_thinking() -> None:
     from types import SimpleNamespace
 
-    from localllm.server.ollama.serving import OllamaShaper
+    from localllm.server.ollama.shapes import OllamaShaper
 
     delta = SimpleNamespace(content="4", reasoning_content="2+2", tool_calls=None)
     chunk = SimpleNamespace(choices=[SimpleNamespace(delta=delta, logprobs=None)])
