@@ -456,3 +456,47 @@ def test_serve_on_ollamas_address_from_the_command_line(
     monkeypatch.setenv("LOCALLLM_HOST", "http://127.0.0.1:11434")
     assert cli_main(["serve"]) == 0
     assert [(s.host, s.port) for s in received] == [("127.0.0.1", 11434)] * 2
+
+
+def wait_until(condition: Any, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_goes_away_frees_the_slot(live_server: UvicornThread) -> None:
+    engine = live_server.app.state.localllm.engine
+    body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "A long story."}],
+            "options": {"num_predict": 300}}
+    with httpx.Client(timeout=300) as c, c.stream(
+        "POST", live_server.url + "/api/chat", json=body, headers=AUTH
+    ) as response:
+        first = json.loads(next(response.iter_lines()))
+        assert first["done"] is False
+        assert engine.stats().busy_slots == 1
+    # leaving the block closed the connection mid-stream
+    assert wait_until(lambda: engine.stats().busy_slots == 0)
+
+
+def test_busy_and_failed_streams_in_ollamas_shape(fake_engine: Any) -> None:
+    from localllm.server import create_app
+
+    server = UvicornThread(create_app(Settings(), fake_engine, model_id="fake")).start()
+    try:
+        say = {"model": "fake", "messages": [{"role": "user", "content": "one two three"}]}
+        fake_engine.queue_full = True
+        busy = httpx.post(server.url + "/api/chat", json=say, timeout=60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "3"
+        assert busy.json() == {"error": "all slots busy"}
+        fake_engine.queue_full, fake_engine.hold = False, True
+        with httpx.stream("POST", server.url + "/api/chat", json=say, timeout=60) as response:
+            lines = response.iter_lines()
+            assert json.loads(next(lines))["message"]["content"] == "user:"  # the fake echoes
+            fake_engine.cancel_all()  # the server stopping under a running stream
+            rest = [json.loads(line) for line in lines if line]
+        assert rest[-1] == {"error": "the server is shutting down"}
+    finally:
+        server.stop()
