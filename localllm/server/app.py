@@ -10,12 +10,14 @@ coroutines through `call_soon_threadsafe`.
     state.py          AppState, the ServingEngine protocol
     auth.py           the API key dependency
     middleware.py     body limit, request metrics, warning header
+    connections.py    idle, request-head and body timeouts (uvicorn protocol + middleware)
     errors.py         exceptions to OpenAI error envelopes
     serving.py        body parsing and the handlers' shared base
     streaming.py      collected JSON or SSE, once for every endpoint
     chat/, completions/, embeddings/, models/
                       api_router.py (thin routes) + serving.py (the handler)
     ollama/           Ollama's API (/api/*) as adapters over those handlers
+    page/             the chat page at / (static files; Ollama's "is running" for non-browsers)
 
 Serving a models folder, the app holds a `localllm.router.Router` instead of one engine: each
 request names its model, which loads on demand in a worker process of its own.
@@ -38,6 +40,7 @@ from localllm.server.chat.api_router import router as chat_router
 from localllm.server.chat.serving import ChatServing
 from localllm.server.completions.api_router import router as completions_router
 from localllm.server.completions.serving import CompletionServing
+from localllm.server.connections import BodyDeadlineMiddleware
 from localllm.server.embeddings.api_router import router as embeddings_router
 from localllm.server.embeddings.serving import EmbeddingServing
 from localllm.server.errors import install_handlers
@@ -47,6 +50,7 @@ from localllm.server.models.api_router import router as models_router
 from localllm.server.models.serving import ModelsServing
 from localllm.server.ollama import Ollama, OllamaErrorMiddleware
 from localllm.server.ollama.api_router import router as ollama_router
+from localllm.server.page.api_router import router as page_router
 from localllm.server.state import AppState, ServingEngine
 from localllm.settings import Settings
 
@@ -133,8 +137,10 @@ def create_app(
         models_router, chat_router, completions_router, embeddings_router, ollama_router
     ):
         app.include_router(routes)
+    app.include_router(page_router)  # the chat page at /
     # Order: the edge middleware (body limit, metrics, warning header) runs inside CORS, so
     # CORS headers are added to its error responses too.
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(EdgeMiddleware, state=state)
     app.add_middleware(OllamaErrorMiddleware)  # outside the edge: its refusals too
     if settings.cors_origins:
