@@ -500,3 +500,45 @@ def test_busy_and_failed_streams_in_ollamas_shape(fake_engine: Any) -> None:
         assert rest[-1] == {"error": "the server is shutting down"}
     finally:
         server.stop()
+
+
+def test_think_reaches_the_template_and_thinking_comes_back(tmp_path: Path) -> None:
+    """A tiny random-weight Qwen3.5 with Qwen3.5's real chat template: its generation prompt
+    opens <think> unless enable_thinking is false, so `think` decides whether the text comes
+    back as message.thinking or as content."""
+    import subprocess
+    import sys
+
+    from localllm.engine import Engine, EngineConfig
+    from localllm.server import create_app
+    from tests.conftest import REPO
+    from tests.tiny_models import write_qwen35
+
+    template = (REPO / "tests/data/templates/Qwen3.5-4B.jinja").read_text()
+    bare = write_qwen35(tmp_path / "bare.gguf").path
+    model = tmp_path / "thinker.gguf"
+    subprocess.run(
+        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bare), str(model),
+         "--chat-template", template, "--force"],
+        check=True, capture_output=True, timeout=120,
+    )
+    config = EngineConfig(model_path=model, n_ctx=1024, n_parallel=1, n_threads=1, n_batch=256,
+                          n_ubatch=256)
+    with Engine.load(config) as engine:
+        server = UvicornThread(create_app(Settings(), engine, model_id="thinker",
+                                          model_path=model)).start()
+        try:
+            client = ollama.Client(host=server.url, timeout=300)
+            assert "thinking" in (client.show("thinker").capabilities or [])
+            say = [{"role": "user", "content": "hi"}]
+            thought = client.chat("thinker", messages=say, think=True, options=FEW)
+            assert thought.message.thinking and not thought.message.content
+            streamed = list(client.chat("thinker", messages=say, think="high", options=FEW,
+                                        stream=True))
+            assert "".join(c.message.thinking or "" for c in streamed)
+            plain = client.chat("thinker", messages=say, think=False, options=FEW)
+            assert not plain.message.thinking and plain.message.content
+            generated = client.generate("thinker", "hi", think=True, options=FEW)
+            assert generated.thinking and not generated.response
+        finally:
+            server.stop()
