@@ -443,6 +443,23 @@ def test_capabilities_from_the_header(tmp_path: Path) -> None:
     assert "<|im_start|>" in shown["template"]  # no template in the file: ChatML, as rendered
 
 
+def test_thinking_capability_from_real_templates() -> None:
+    from localllm.server.ollama.catalog import thinks
+    from tests.conftest import REPO
+
+    folder = REPO / "tests/data/templates"
+    expected = {
+        "Qwen-Qwen3-0.6B.jinja": True,
+        "Qwen3.5-4B.jinja": True,
+        "openai-gpt-oss-120b.jinja": True,  # harmony's analysis channel
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": True,
+        "Qwen-Qwen2.5-7B-Instruct.jinja": False,
+        "meta-llama-Llama-3.1-8B-Instruct.jinja": False,
+        "google-gemma-2-2b-it.jinja": False,
+    }
+    assert {name: thinks((folder / name).read_text()) for name in expected} == expected
+
+
 def test_serve_on_ollamas_address_from_the_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,13 +50,12 @@ log = logging.getLogger(__name__)
 def think_fields(
     think: o.Think | None, can_think: bool, model: str, takes_effort: bool = False
 ) -> dict[str, Any]:
-    """BRIDGE, until reasoning control lands in the chat path: Ollama's `think` as the chat
-    request's `chat_template_kwargs={"enable_thinking": ...}` and, for a model whose template
-    reads an effort (gpt-oss), `reasoning_effort` ("low"/"medium"/"high"), where
-    `ChatCompletionRequest` declares those fields. Where it does not, the chat path cannot
-    switch thinking, so asking a model that thinks to change it is refused rather than ignored.
-    A model without thinking refuses `think: true` with Ollama's own message; `false` asks for
-    nothing it would do anyway."""
+    """Ollama's `think` on the chat path's reasoning fields: `chat_template_kwargs=
+    {"enable_thinking": ...}` (a level counts as true) and, for a template that reads an effort
+    (gpt-oss), `reasoning_effort` ("low"/"medium"/"high"). Should `ChatCompletionRequest` not
+    declare them (a chat path without reasoning control), switching a thinking model is refused
+    rather than ignored. A model without thinking refuses `think: true` with Ollama's own
+    message; `false` asks for nothing it would do anyway."""
     if think is None or (think is False and not can_think):
         return {}
     if not can_think:
