@@ -274,8 +274,6 @@ def test_chat_in_the_browser_stream_stop_reload(
         arg=len(early),
     )
     assert page.locator("#stop").is_visible()  # still writing: the text streamed in
-    if os.environ.get("LOCALLLM_PAGE_SCREENSHOT"):  # docs/chat-page.png is made this way
-        page.screenshot(path=os.environ["LOCALLLM_PAGE_SCREENSHOT"])
     page.click("#stop")
     expect(second.locator(".message-stats")).to_contain_text("stopped")
     expect(page.locator("#send")).to_be_visible()
@@ -447,6 +445,9 @@ def test_conversations_rename_delete_export_at_phone_width(browser: Any, tmp_pat
         page.reload()
         page.click("#toggle-sidebar")
         expect(page.locator(".conversation-title")).to_have_text(["Renamed"])
+        page.keyboard.press("Escape")  # closes the drawn-over list, focus back on its button
+        expect(page.locator("#sidebar")).to_be_hidden()
+        expect(page.locator("#toggle-sidebar")).to_be_focused()
     finally:
         watch.close()
         server.stop()

@@ -341,7 +341,7 @@
     const link = document.createElement("a");
     link.href = url;
     link.download = "localllm-conversations-" + new Date().toISOString().slice(0, 10) + ".json";
-    document.body.append(link);
+    els.sidebar.append(link); // inside the sidebar: its click must not close the sidebar
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
@@ -712,7 +712,17 @@
   els.prompt.addEventListener("input", autoGrow);
   els.stop.addEventListener("click", () => { if (streaming) streaming.controller.abort(); els.prompt.focus(); });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && streaming) streaming.controller.abort();
+    if (e.key !== "Escape") return;
+    if (document.body.classList.contains("sidebar-open")) {
+      closeSidebarOnPhone();
+      els.toggleSidebar.focus();
+    } else if (streaming) {
+      streaming.controller.abort();
+    }
+  });
+  document.addEventListener("click", (e) => { // a tap beside the drawn-over sidebar closes it
+    const path = e.composedPath(); // as dispatched: a rename may have replaced the target since
+    if (!path.includes(els.sidebar) && !path.includes(els.toggleSidebar)) closeSidebarOnPhone();
   });
   els.newChat.addEventListener("click", () => { switchTo(null); closeSidebarOnPhone(); els.prompt.focus(); });
   els.exportAll.addEventListener("click", exportAll);
