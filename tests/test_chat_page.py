@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from localllm.errors import ModelLoadError
 from localllm.server import create_app
 from localllm.server.page.api_router import FILES, OLLAMA_RUNNING
 from localllm.settings import Settings
@@ -329,6 +331,19 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
         page.route("**/v1/chat/completions", answer)
         page.goto(server.url + "/")
         expect(page.locator("#model-info")).to_contain_text("Q8_0")
+        # The browser enforces the policy: an inline script is refused, and reported.
+        violated = page.evaluate(
+            """() => new Promise((resolve) => {
+                document.addEventListener("securitypolicyviolation",
+                    (e) => resolve([e.violatedDirective, window.injected === undefined]));
+                const script = document.createElement("script");
+                script.textContent = "window.injected = 1";
+                document.body.append(script);
+            })"""
+        )
+        assert violated == ["script-src-elem", True]
+        assert any("Content Security Policy" in p for p in watch.problems)  # the watch sees it
+        watch.problems.clear()
         answer_md = (
             "Here:\n\n```python\nprint('<b>hi</b>')\n```\n\n- **bold** and `code`\n"
             "- <img src=x onerror=alert(1)> [link](javascript:alert(1))"
@@ -401,6 +416,53 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
         expect(page.locator(".message.user .message-body")).to_have_text("edited question")
         expect(page.locator(".message.assistant .message-body")).to_have_text("ok")
         expect(page.locator(".message")).to_have_count(2)
+    finally:
+        watch.close()
+        server.stop()
+
+
+def test_a_loading_model_is_said_and_the_page_follows_it_to_loaded(browser: Any) -> None:
+    expect = _expect()
+    ready = threading.Event()
+
+    def load() -> FakeEngine:
+        ready.wait(timeout=300)
+        return FakeEngine()
+
+    app = create_app(Settings(), engine_factory=load, model_id="tiny")
+    server = UvicornThread(app).start()
+    watch = PageWatch(browser)
+    page = watch.page
+    try:
+        page.goto(server.url + "/")
+        expect(page.locator("#model option")).to_have_text(["tiny (loading)"])
+        page.fill("#prompt", "hello there")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#error")).to_have_text(
+            "The model is still loading. Send again in a moment."
+        )
+        ready.set()  # the page looks again by itself while a model loads
+        expect(page.locator("#model-info .facts")).to_have_attribute("data-status", "loaded")
+        page.locator(".message.assistant").get_by_role("button", name="Regenerate").click()
+        expect(page.locator(".message.assistant .message-body")).to_have_text("user: hello there")
+        expect(page.locator("#error")).to_be_hidden()
+    finally:
+        ready.set()
+        watch.close()
+        server.stop()
+
+
+def test_a_failed_load_is_said(browser: Any) -> None:
+    def load() -> FakeEngine:
+        raise ModelLoadError("out of memory while loading tiny.gguf")
+
+    server = UvicornThread(create_app(Settings(), engine_factory=load, model_id="tiny")).start()
+    watch = PageWatch(browser)
+    try:
+        watch.page.goto(server.url + "/")
+        _expect()(watch.page.locator("#error")).to_have_text(
+            "The model failed to load: out of memory while loading tiny.gguf."
+        )
     finally:
         watch.close()
         server.stop()

@@ -80,6 +80,7 @@
         return "The server is busy: every slot is answering and the waiting queue is full." + wait;
       }
       if (err.code === "does_not_fit") return "This model does not fit on this machine: " + err.message;
+      if (err.code === "model_loading") return "The model is still loading. Send again in a moment.";
       if (err.code === "model_not_loaded") return "The model is not loaded: " + err.message;
       if (err.code === "model_crashed") return "The model crashed while answering: " + err.message;
       if (err.code === "context_length_exceeded") {
@@ -133,6 +134,7 @@
 
   let models = [];
   let routerMode = false;
+  let refreshTimer = 0;
 
   function planOf(card) {
     const extra = card.localllm || {};
@@ -163,6 +165,16 @@
       models = list.data || [];
       if (els.error.dataset.source === "models") showError("");
       drawModels();
+      if (health.status === "error") {
+        showError("The model failed to load: " + (health.error || "see the server's log") + ".");
+        els.error.dataset.source = "models";
+        return;
+      }
+      // While a model loads (the server starting, or a load in flight), look again shortly.
+      if (health.status === "loading" || models.some((m) => statusOf(m) === "loading")) {
+        clearTimeout(refreshTimer);
+        refreshTimer = setTimeout(refreshModels, 2000);
+      }
     } catch (err) {
       models = [];
       drawModels();
