@@ -323,7 +323,10 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
     page = watch.page
     replies: list[tuple[int, dict[str, str], str]] = []
 
+    sent: list[tuple[dict[str, Any], dict[str, str]]] = []
+
     def answer(route: Any) -> None:
+        sent.append((route.request.post_data_json, route.request.headers))
         status, headers, body = replies.pop(0)
         route.fulfill(status=status, headers=headers, body=body)
 
@@ -363,8 +366,27 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
                 ),
             )
         )
+        page.click("#toggle-settings")  # what the settings send, and the key as Bearer
+        page.fill("#system-prompt", "Answer in English.")
+        page.fill("#temperature", "0.3")
+        page.fill("#max-tokens", "64")
+        page.fill("#api-key", "my-key")
         page.fill("#prompt", "code please")
         page.press("#prompt", "Enter")
+        expect(page.locator(".message.assistant")).to_have_count(1)
+        body_sent, headers_sent = sent[0]
+        assert body_sent == {
+            "model": "tiny",
+            "messages": [
+                {"role": "system", "content": "Answer in English."},
+                {"role": "user", "content": "code please"},
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0.3,
+            "max_tokens": 64,
+        }
+        assert headers_sent["authorization"] == "Bearer my-key"
         message = page.locator(".message.assistant")
         reasoning = message.locator("details.reasoning")
         expect(reasoning).to_be_visible()
