@@ -634,11 +634,12 @@
         const choice = event.choices && event.choices[0];
         if (!choice) return;
         const delta = choice.delta || {};
-        if (delta.content || delta.reasoning_content) {
+        const thought = delta.reasoning_content || delta.reasoning || ""; // llama-server's, vLLM's
+        if (delta.content || thought) {
           lastToken = performance.now();
           if (firstToken === null) firstToken = lastToken;
           msg.content += delta.content || "";
-          msg.reasoning += delta.reasoning_content || "";
+          msg.reasoning += thought;
           schedule();
         }
         if (choice.finish_reason) msg.stats.finishReason = choice.finish_reason;
