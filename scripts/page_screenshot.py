@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ("Name three rivers", "The longest rivers of Europe are\n1. Volga\n2. Danube\n3.")
+PROMPTS = ("Name three rivers in Europe.", "Write a Python function that reverses a string.")
 
 
 def main() -> None:
@@ -64,7 +64,7 @@ def main() -> None:
                 page.goto(url + "/")
                 expect(page.locator("#model-info .facts")).to_contain_text("tokens per")
                 page.click("#toggle-settings")
-                page.fill("#max-tokens", "48")
+                page.fill("#max-tokens", "200")
                 page.press("#max-tokens", "Tab")
                 page.click("#toggle-settings")
                 for n, prompt in enumerate(PROMPTS):
@@ -76,7 +76,7 @@ def main() -> None:
                 # Mid-answer when the model writes on; after it, when it stops early.
                 page.wait_for_function(
                     "() => document.getElementById('stop').hidden || [...document.querySelectorAll("
-                    "'.message.assistant .message-body')].pop().textContent.length > 30"
+                    "'.message.assistant .message-body')].pop().textContent.length > 200"
                 )
                 page.screenshot(path=str(args.out))
                 if page.locator("#stop").is_visible():
