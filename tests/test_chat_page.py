@@ -490,6 +490,35 @@ def test_a_failed_load_is_said(browser: Any) -> None:
         server.stop()
 
 
+def test_the_keyboard_reaches_every_control_in_reading_order(browser: Any) -> None:
+    server = UvicornThread(create_app(Settings(), FakeEngine(), model_id="tiny")).start()
+    watch = PageWatch(browser, viewport={"width": 1000, "height": 700})
+    page = watch.page
+    focused = "() => document.activeElement.id || document.activeElement.textContent.trim()"
+    try:
+        page.goto(server.url + "/")
+        _expect()(page.locator("#prompt")).to_be_focused()  # ready to type at once
+        page.focus("a.skip")  # the first control of the page
+        order = []
+        for _ in range(6):
+            page.keyboard.press("Tab")
+            order.append(page.evaluate(focused))
+        assert order == ["new-chat", "export", "model", "toggle-settings", "prompt", "send"]
+        for _ in range(6):
+            page.keyboard.press("Shift+Tab")
+        assert page.evaluate(focused) == "Skip to the message box"
+        page.keyboard.press("Enter")  # the skip link lands in the message box
+        _expect()(page.locator("#prompt")).to_be_focused()
+        page.keyboard.type("hi")
+        page.keyboard.press("Enter")
+        _expect()(page.locator(".message.assistant .message-body")).to_have_text("user: hi")
+        page.keyboard.press("Shift+Tab")  # back from the box: the answer's own buttons
+        assert page.evaluate(focused) == "Regenerate"
+    finally:
+        watch.close()
+        server.stop()
+
+
 def test_conversations_rename_delete_export_at_phone_width(browser: Any, tmp_path: Path) -> None:
     expect = _expect()
     app = create_app(Settings(), FakeEngine(), model_id="tiny")

@@ -559,6 +559,7 @@
     els.send.hidden = on;
     els.stop.hidden = !on;
     els.composer.classList.toggle("busy", on);
+    els.messages.setAttribute("aria-busy", String(on)); // screen readers wait for the whole answer
     if (!on && document.activeElement === document.body) els.prompt.focus();
   }
 
