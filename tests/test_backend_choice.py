@@ -143,6 +143,13 @@ def test_the_decision_is_stamped_and_a_rerun_does_nothing(
     assert json.loads((venv / ".localllm-backend").read_text())["installed"] == "cpu"
 
 
+def test_the_set_up_variables_are_not_called_unknown_settings() -> None:
+    from localllm.settings import unknown_env_vars
+
+    env = {"LOCALLLM_BACKEND": "cpu", "LOCALLLM_CUDA_ARCH": "89", "LOCALLLM_WHEEL_INDEX": "u"}
+    assert unknown_env_vars(env) == []
+
+
 def test_a_failed_build_is_not_stamped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         backend.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1)
