@@ -257,6 +257,7 @@ def test_without_a_toolkit_the_script_takes_nvcc_from_the_wheels(tmp_path: Path)
     "LOCALLLM_TEST_CUDA_WHEELS_VENV and LOCALLLM_TEST_LLAMA_SDIST name them; 2 minutes)",
 )
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+@pytest.mark.timeout(3600)  # a gigabyte of wheels, then CMake at nice 19
 def test_cuda_configure_with_the_wheels_nvcc(tmp_path: Path) -> None:
     """CMake's configure step of llama.cpp's CUDA build, sm_89, with no CUDA toolkit: nvcc,
     cuBLAS and the runtime from NVIDIA's wheels. Nothing CUDA is compiled but CMake's own
