@@ -163,8 +163,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.swa_full is not None:
         changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
+    ladder = _model_headers(args, settings)  # a missing file is said before the machine is probed
     hardware = planning_hardware(settings)
-    ladder = _model_headers(args, settings)
     if len(ladder.groups) > 1:
         return _fit_each_model(ladder.groups, hardware, request, args.json)
     headers = ladder.groups[0]
