@@ -136,7 +136,7 @@ def plan_engine_config(
     plan, config, warnings = plan_for_serving(model_path, settings)
     summary = plan_summary(model_path, plan, config)
     log.info("plan: %s", summary["plan"])
-    log.info("layers: %s", layer_placement(plan))
+    log.info("repeating layers: %s", layer_placement(plan))
     return config, summary, warnings
 
 

@@ -111,4 +111,4 @@ def test_serving_logs_the_layers_at_load(
     model = write_gguf(tmp_path / "tiny.gguf", TINY)
     with caplog.at_level(logging.INFO, logger="localllm.loading"):
         loading.plan_engine_config(model, Settings(cpu_only=True))
-    assert "layers: host 4 of 4" in caplog.messages
+    assert "repeating layers: host 4 of 4" in caplog.messages
