@@ -429,7 +429,10 @@ def _describe(
 
 # Variables of localllm's scripts and tests, not settings: scripts/dev (LOCALLLM_VENV),
 # scripts/build-rpc.sh (LOCALLLM_RPC_CACHE), tests/test_rpc.py (LOCALLLM_RPC_BUILD).
-_NOT_SETTINGS = frozenset({"LOCALLLM_VENV", "LOCALLLM_RPC_CACHE", "LOCALLLM_RPC_BUILD"})
+_NOT_SETTINGS = frozenset({"LOCALLLM_VENV", "LOCALLLM_RPC_CACHE", "LOCALLLM_RPC_BUILD"}) | {
+    # scripts/backend.py's set-up choices (which llama.cpp build ./scripts/dev installs)
+    "LOCALLLM_BACKEND", "LOCALLLM_CUDA_ARCH", "LOCALLLM_WHEEL_INDEX",
+}
 
 
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:

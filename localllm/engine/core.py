@@ -224,11 +224,12 @@ class Engine:
         """Load the model (blocking, about a second for the embedded one) and start scheduling."""
         backend = LlamaBackend(config)
         log.info(
-            "loaded %s in %.1f s: %d slots of %d tokens",
+            "loaded %s in %.1f s: %d slots of %d tokens; %s",
             config.model_path.name,
             backend.load_seconds,
             config.n_parallel,
             config.n_ctx_slot,
+            logs.placement(backend.load_log) or "placement not logged by llama.cpp",
         )
         return cls(config, backend)
 

@@ -528,12 +528,15 @@ class Router:
             keep_alive_s=self.default_keep_alive,
         )
         self._loaded[entry.name] = model
+        from localllm.loading import layer_placement
+
         log.info(
-            "loaded %s in %.2f s (pid %d, %s)",
+            "loaded %s in %.2f s (pid %d, %s); repeating layers: %s",
             entry.name,
             seconds,
             worker.pid,
             ", ".join(f"{d} {gib(b, 2)}" for d, b in need.items() if b),
+            layer_placement(entry.plan) if entry.plan is not None else "not planned",
         )
         return model
 
