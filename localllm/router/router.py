@@ -62,6 +62,7 @@ from localllm.errors import (
     GenerationNotSupportedError,
     ModelLoadError,
     QueueFullError,
+    RequestError,
     SettingsError,
 )
 from localllm.router.registry import ModelEntry, Registry
@@ -245,6 +246,12 @@ class Router:
         """Like `use` without the context manager: pair every call with `release`."""
         await self.check_files()
         entry = await self._in_files(self.registry.get, name)
+        if not entry.data_complete:
+            raise RequestError(
+                f"model {entry.name}: its file {entry.path.name} ends before its tensor data "
+                "does (truncated: a download cut short?); download it again",
+                param="model",
+            )
         _check_purpose(entry, purpose)
         keep = self.default_keep_alive if keep_alive is UNSET else keep_alive
         model = self._loaded.get(entry.name)
