@@ -246,6 +246,13 @@ class Engine:
 
         Blocking (render and tokenize): call it from a worker thread.
         """
+        chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, Mapping))
+        if chars > self.max_prompt_chars:  # before rendering and tokenizing (seconds per MB)
+            raise ContextLengthExceededError(
+                f"the messages are {chars} characters, more than a context of "
+                f"{self.config.n_ctx} tokens can hold; shorten them",
+                param="messages",
+            )
         text = self.apply_chat_template(messages, tools)
         # Tool definitions, calls and names are written by the template outside any message
         # content, where render_parts cannot keep them plain text: refuse control text there.
