@@ -41,11 +41,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localllm.models import embedded_model_path  # noqa: E402
+from localllm.models import EMBEDDED_MODEL_FILE, embedded_model_path  # noqa: E402
 from tests.gguf_factory import write_bert  # noqa: E402
 
+START_MODEL = Path(EMBEDDED_MODEL_FILE).stem  # what `serve` without a model loads at start
 CHAT = {
-    "model": "gemma-a",
+    "model": START_MODEL,
     "messages": [{"role": "user", "content": "Hi"}],
     "max_tokens": 1,
     "temperature": 0,
@@ -58,7 +59,7 @@ def serve_folder(folder: Path) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     settings = (
-        f"models_dir={str(folder)!r}, model='gemma-a', port={port}, n_ctx=1024, parallel=2, "
+        f"models_dir={str(folder)!r}, port={port}, n_ctx=1024, parallel=2, "
         "threads=1, n_batch=256, n_ubatch=256, worker_hang_timeout_s=5, header_timeout_s=5, "
         "body_timeout_s=5, request_timeout_s=60, log_level='error'"
     )
@@ -216,7 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        shutil.copyfile(embedded_model_path(ROOT / "models"), folder / "gemma-a.gguf")
+        shutil.copyfile(embedded_model_path(ROOT / "models"), folder / EMBEDDED_MODEL_FILE)
         write_bert(folder / "tiny-bert.gguf")
         write_bert(folder / "bert-stop.gguf")
         (folder / "junk.gguf").write_text("not a model")
