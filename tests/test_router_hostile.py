@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -428,6 +428,24 @@ def run(test: Callable[[], Any]) -> None:
     asyncio.run(asyncio.wait_for(test(), timeout=PATIENCE_S * 2))
 
 
+@contextlib.asynccontextmanager
+async def router_using(
+    folder: Path, name: str, purpose: str = "generate", **settings: Any
+) -> AsyncIterator[tuple[Router, Any]]:
+    """A router of its own with `name` loaded and in use; a worker the test stopped is
+    continued at the end, and everything unloaded."""
+    router = Router(folder_settings(folder, load_on_start=False, **settings))
+    try:
+        async with router.use(name, purpose=purpose) as model:
+            try:
+                yield router, model
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(model.worker.pid, signal.SIGCONT)
+    finally:
+        await router.close()
+
+
 def test_the_router_ends_a_request_past_its_deadline_when_the_worker_cannot(
     folder: Path,
 ) -> None:
@@ -435,25 +453,18 @@ def test_the_router_ends_a_request_past_its_deadline_when_the_worker_cannot(
     own timeout) cannot hold a stream past it."""
 
     async def test() -> None:
-        router = Router(folder_settings(folder, load_on_start=False, request_timeout_s=2))
-        try:
-            async with router.use("gemma-a") as model:
-                request = GenerationRequest(
-                    prompt="Once upon a time",
-                    sampling=SamplingParams(temperature=0),
-                    max_tokens=200,
-                    timeout_s=2,
-                )
-                handle = await model.worker.asubmit(request)
-                os.kill(model.worker.pid, signal.SIGSTOP)
-                try:
-                    with pytest.raises(RequestTimeoutError, match="request_timeout_s"):
-                        async for _ in handle:
-                            pass
-                finally:
-                    os.kill(model.worker.pid, signal.SIGCONT)
-        finally:
-            await router.close()
+        async with router_using(folder, "gemma-a", request_timeout_s=2) as (_, model):
+            request = GenerationRequest(
+                prompt="Once upon a time",
+                sampling=SamplingParams(temperature=0),
+                max_tokens=200,
+                timeout_s=2,
+            )
+            handle = await model.worker.asubmit(request)
+            os.kill(model.worker.pid, signal.SIGSTOP)
+            with pytest.raises(RequestTimeoutError, match="request_timeout_s"):
+                async for _ in handle:
+                    pass
 
     run(test)
 
@@ -463,22 +474,15 @@ def test_shutdown_ends_a_submit_stuck_on_a_stopped_worker(folder: Path) -> None:
     ends at once (CancelledError: a 503 envelope), as a running stream ends with [DONE]."""
 
     async def test() -> None:
-        router = Router(folder_settings(folder, load_on_start=False))
-        try:
-            async with router.use("tiny-bert", purpose="embed") as model:
-                os.kill(model.worker.pid, signal.SIGSTOP)
-                try:
-                    request = GenerationRequest(prompt="x", sampling=SamplingParams())
-                    stuck = asyncio.ensure_future(model.worker.asubmit(request))
-                    await asyncio.sleep(0)
-                    assert not stuck.done()
-                    router.cancel_all()
-                    with pytest.raises(CancelledError, match="shutting down"):
-                        await stuck
-                finally:
-                    os.kill(model.worker.pid, signal.SIGCONT)
-        finally:
-            await router.close()
+        async with router_using(folder, "tiny-bert", purpose="embed") as (router, model):
+            os.kill(model.worker.pid, signal.SIGSTOP)
+            request = GenerationRequest(prompt="x", sampling=SamplingParams())
+            stuck = asyncio.ensure_future(model.worker.asubmit(request))
+            await asyncio.sleep(0)
+            assert not stuck.done()
+            router.cancel_all()
+            with pytest.raises(CancelledError, match="shutting down"):
+                await stuck
 
     run(test)
 
