@@ -248,6 +248,18 @@ def test_a_deleted_model_file_is_listed_then_unloaded(
     assert error_of(gone, 404)["code"] == "model_not_found"
 
 
+def test_a_deleted_file_s_model_is_unloaded_with_no_one_asking(
+    client: httpx.Client, folder: Path
+) -> None:
+    """keep_alive -1 and no listing: the periodic file check still retires it."""
+    write_bert(folder / "bert-forever.gguf")
+    load = client.post("/models/load", json={"model": "bert-forever", "keep_alive": -1})
+    assert load.status_code == 200, load.text
+    pid = cards(client)["bert-forever"]["localllm"]["loaded"]["pid"]
+    (folder / "bert-forever.gguf").unlink()
+    wait_until(lambda: process_gone(pid), "the deleted model's worker exited")
+
+
 def test_a_deleted_file_s_busy_model_can_still_be_unloaded(
     client: httpx.Client, served: tuple[UvicornThread, Router], folder: Path
 ) -> None:
