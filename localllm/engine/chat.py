@@ -166,8 +166,12 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
+        """`extra`: more template variables (a request's chat_template_kwargs, reasoning_effort);
+        they cannot replace the ones below."""
         context = {
+            **(extra or {}),
             "messages": [dict(m) for m in messages],
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
@@ -195,7 +199,10 @@ class ChatTemplate:
             ) from None
 
     def render_parts(
-        self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> list[tuple[str, bool]] | None:
         """The rendered prompt cut into (text, is_message_content) pieces, or None when the
         template transforms contents beyond recognition (other than trimming them).
@@ -207,9 +214,9 @@ class ChatTemplate:
             {**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str) else m
             for i, m in enumerate(messages)
         ]
-        full = self.render(messages, tools=tools)
+        full = self.render(messages, tools=tools, extra=extra)
         try:
-            skeleton = self.render(marked, tools=tools)
+            skeleton = self.render(marked, tools=tools, extra=extra)
         except ChatTemplateError:
             return None
         pieces = _PLACEHOLDER.split(skeleton)  # template, index, template, index, ..., template

@@ -29,6 +29,7 @@ CALLABLE = frozenset(
         "detokenize",
         "apply_chat_template",
         "chat_prompt",
+        "chat_render",
         "tool_syntax",
         "embed",
         "stats",

@@ -202,6 +202,24 @@ class Registry:
             entry.plan_error = None
         return plan, config
 
+    def replanned(self, entry: ModelEntry, n_ctx: int) -> tuple[Plan, EngineConfig]:
+        """Plan a model again for `n_ctx` tokens per conversation (Ollama's `num_ctx` above the
+        loaded context); its next load uses this plan. Raises DoesNotFitError, saying why."""
+        from localllm.loading import plan_for_serving, planning_hardware
+
+        with self._lock:
+            if self._serving is None:
+                self._serving = planning_hardware(self.settings, serving=True)
+            serving = self._serving
+        settings = self.settings.model_copy(update={"n_ctx": n_ctx})
+        plan, config, warnings = plan_for_serving(entry.path, settings, serving)
+        for warning in warnings:
+            log.warning("%s: %s", entry.name, warning)
+        with self._lock:
+            entry.plan, entry.config, entry.warnings = plan, config, warnings
+            entry.plan_error = None
+        return plan, config
+
     def _entry(self, path: Path, name: str | None) -> ModelEntry:
         signature = _signature(path)
         cached = self._entries.get(path)

@@ -483,7 +483,9 @@ class Router:
         """The model loaded at start and answering requests that name none (blocking)."""
         from localllm.models import resolve_model
 
-        path = resolve_model(self.settings.model, self.settings.models_dir)
+        path = resolve_model(
+            self.settings.model or self.settings.default_model, self.settings.models_dir
+        )
         if path.resolve().parent != self.registry.models_dir.resolve():
             return self.registry.add(path, self.settings.model_alias).name
         if self.settings.model_alias:
@@ -717,6 +719,14 @@ class Lease:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> str | tuple[int, ...]:
         return self.worker.chat_prompt(messages, tools)
+
+    def chat_render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[str | tuple[int, ...], bool]:
+        return self.worker.chat_render(messages, tools, template_kwargs)
 
     def tool_syntax(self) -> ToolSyntax:
         return self.worker.tool_syntax()

@@ -46,7 +46,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
@@ -394,6 +394,20 @@ class WorkerClient:
             "chat_prompt", list(messages), list(tools) if tools else None
         )
         return prompt
+
+    def chat_render(
+        self,
+        messages: Sequence[Any],
+        tools: Sequence[Any] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> tuple[str | tuple[int, ...], bool]:
+        prompt, opened = self.call(
+            "chat_render",
+            list(messages),
+            list(tools) if tools else None,
+            dict(template_kwargs) if template_kwargs else None,
+        )
+        return prompt, bool(opened)
 
     def tool_syntax(self) -> ToolSyntax:
         """The worker's model's tool-call syntax, asked once (its template never changes)."""

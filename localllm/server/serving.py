@@ -44,14 +44,15 @@ MAX_JSON_DEPTH = 128  # nesting of a request body; deeper is refused before vali
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-async def parse_body(request: Request, model: type[_Body]) -> _Body:
+async def parse_body(request: Request, model: type[_Body], *, json_only: bool = True) -> _Body:
     """The JSON object body validated into `model` (a ValidationError becomes a 400).
 
     Only `application/json` is read: the content types a web page may POST without a CORS
-    preflight (text/plain, forms, none) are refused before the body is read.
+    preflight (text/plain, forms, none) are refused before the body is read. `json_only=False`
+    reads any body as JSON (for callers that know the request is not from a web page).
     """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
+    if json_only and media_type != "application/json":
         raise APIError(
             415,
             f"the request body must be sent as Content-Type: application/json "

@@ -31,6 +31,8 @@ class ChatMessage(_Request):
     # a tool result's call id; checked by localllm.tools.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # An earlier answer's reasoning, given back to the template (as llama-server takes it).
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         """The content as one string: text parts joined, other parts refused."""
@@ -118,6 +120,12 @@ class ChatCompletionRequest(_Sampling):
     tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Reasoning (localllm.tools.reasoning checks them, naming the field): "auto"/"deepseek"
+    # split it into reasoning_content, "none" leaves it in content; gpt-oss's effort; more
+    # variables for the chat template ({"enable_thinking": false}).
+    reasoning_format: Any = None
+    reasoning_effort: Any = None
+    chat_template_kwargs: Any = None
 
 
 class CompletionRequest(_Sampling):
@@ -228,6 +236,7 @@ class ToolCallBody(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallBody] | None = None
 
     @model_serializer(mode="wrap")
@@ -272,6 +281,7 @@ class ToolCallDeltaBody(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDeltaBody] | None = None
 
 

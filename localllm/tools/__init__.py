@@ -1,15 +1,19 @@
-"""Tool calling and structured output: tools and tool messages into the model's own chat
-template (or a documented generic format), the model's tool-call syntax parsed back while it
-streams, and GBNF grammars from JSON Schemas (forced calls, `response_format: json_schema`)."""
+"""Tool calling, reasoning and structured output: tools and tool messages into the model's own
+chat template (or a documented generic format), the model's reasoning and tool-call syntax parsed
+back while it streams, and GBNF grammars from JSON Schemas (forced calls,
+`response_format: json_schema`)."""
 
 from localllm.tools.formats import TemplateCaps, ToolFormat, ToolSyntax, detect_format, tool_syntax
+from localllm.tools.output import OutputParser
 from localllm.tools.parser import (
     ContentDelta,
     ParsedOutput,
+    ReasoningDelta,
     ToolCallDelta,
     ToolCallParser,
     parse_output,
 )
+from localllm.tools.reasoning import ReasoningFormat, ReasoningSplitter, split_reasoning
 from localllm.tools.render import render_prompt
 from localllm.tools.request import ToolUse
 from localllm.tools.schema import GrammarBuilder, json_schema_grammar
@@ -25,7 +29,11 @@ from localllm.tools.spec import (
 __all__ = [
     "ContentDelta",
     "GrammarBuilder",
+    "OutputParser",
     "ParsedOutput",
+    "ReasoningDelta",
+    "ReasoningFormat",
+    "ReasoningSplitter",
     "TemplateCaps",
     "Tool",
     "ToolCall",
@@ -42,5 +50,6 @@ __all__ = [
     "parse_tool_choice",
     "parse_tools",
     "render_prompt",
+    "split_reasoning",
     "tool_syntax",
 ]

@@ -33,7 +33,14 @@ class ToolCallDelta:
     arguments: str = ""
 
 
-Delta = ContentDelta | ToolCallDelta
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (`reasoning_content`), apart from the answer."""
+
+    text: str
+
+
+Delta = ContentDelta | ToolCallDelta | ReasoningDelta
 
 
 @dataclass
@@ -245,8 +252,15 @@ class _CallObject:
 class ToolCallParser:
     """Feed the model's text as it streams; read back content and tool-call deltas."""
 
-    def __init__(self, syntax: ToolSyntax, new_id: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        syntax: ToolSyntax,
+        new_id: Callable[[], str] | None = None,
+        names: frozenset[str] | None = None,
+    ) -> None:
+        """`names`: the declared tools; a call to any other name stays content (None: any)."""
         self.syntax = syntax
+        self._names = names
         self._new_id = new_id or syntax.new_call_id
         self._buf = ""
         self._out: list[Delta] = []
@@ -333,6 +347,8 @@ class ToolCallParser:
         self._held_ws += text[len(body) :]
 
     def _on_name(self, name: str) -> None:
+        if self._names is not None and name not in self._names:
+            raise _Invalid(name)  # not a tool of this request: the text is content
         self._index += 1
         call_id = self._new_id()
         self._calls.append(ToolCall(call_id, name, ""))
@@ -584,7 +600,10 @@ class ToolCallParser:
         """Llama 3.x after <|python_tag|> without JSON: name.call(k="v", ...) or raw code,
         which Llama's python tool receives as {"code": ...}."""
         match = _BUILTIN_CALL.match(text)
-        if match:
+        builtin = match.group(1) if match else "python"
+        if self._names is not None and builtin not in self._names:
+            self._emit_content("<|python_tag|>" + text)
+        elif match:
             name, arg_text = match.group(1), match.group(2)
             args: dict[str, object] = {}
             for arg in _BUILTIN_ARG.finditer(arg_text):
@@ -636,11 +655,14 @@ def _partial_suffix(buffer: str, openers: tuple[str, ...]) -> int:
 
 
 def parse_output(
-    text: str, syntax: ToolSyntax, new_id: Callable[[], str] | None = None
+    text: str,
+    syntax: ToolSyntax,
+    new_id: Callable[[], str] | None = None,
+    names: frozenset[str] | None = None,
 ) -> ParsedOutput:
     """A whole answer at once: content (None when there is only whitespace around calls) and
     the calls."""
-    parser = ToolCallParser(syntax, new_id)
+    parser = ToolCallParser(syntax, new_id, names)
     deltas = parser.feed(text) + parser.finish()
     content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
     calls = parser.tool_calls

@@ -10,7 +10,12 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from localllm.tools.formats import GENERIC_INSTRUCTIONS, ToolFormat, ToolSyntax
+from localllm.tools.formats import (
+    DEEPSEEK_INSTRUCTIONS,
+    GENERIC_INSTRUCTIONS,
+    ToolFormat,
+    ToolSyntax,
+)
 from localllm.tools.spec import Tool, ToolChoice
 
 if TYPE_CHECKING:  # the engine imports this package: no import back at run time
@@ -45,6 +50,15 @@ def generic_tools_prompt(tools: Sequence[Tool]) -> str:
     return GENERIC_INSTRUCTIONS.format(tools=listed)
 
 
+def deepseek_tools_prompt(tools: Sequence[Tool]) -> str:
+    listed = "".join(
+        f"### {t.name}\nDescription: {t.description}\n\n"
+        f"Parameters: {json.dumps(t.parameters, ensure_ascii=False)}\n\n"
+        for t in tools
+    )
+    return DEEPSEEK_INSTRUCTIONS.format(tools=listed)
+
+
 def template_messages(
     messages: Sequence[Mapping[str, Any]],
     syntax: ToolSyntax,
@@ -56,8 +70,9 @@ def template_messages(
     generic = syntax.format is ToolFormat.GENERIC
     out: list[dict[str, Any]] = []
     show_tools = bool(tools) and choice.mode != "none"
-    if show_tools and generic:
-        instructions = generic_tools_prompt(tools)
+    in_system = syntax.format is ToolFormat.DEEPSEEK and not syntax.caps.tools
+    if show_tools and (generic or in_system):
+        instructions = generic_tools_prompt(tools) if generic else deepseek_tools_prompt(tools)
         if messages and messages[0].get("role") == "system":
             first = dict(messages[0])
             first["content"] = f"{first.get('content') or ''}\n\n{instructions}".lstrip()
@@ -96,6 +111,9 @@ def template_messages(
                 continue
             if syntax.format is ToolFormat.MISTRAL:
                 message["tool_calls"] = [{**c, "id": mistral_call_id(c["id"])} for c in calls]
+            if syntax.format is ToolFormat.QWEN3_XML:
+                # Its templates write scalars with `| string`: Python's True/None are not JSON.
+                message["tool_calls"] = [_json_scalars(c) for c in calls]
             if len(calls) > 1 and not syntax.caps.parallel_calls:
                 # Llama 3.1's template takes one call per message: one message per call.
                 for call in message["tool_calls"]:
@@ -105,8 +123,17 @@ def template_messages(
             message["tool_call_id"] = mistral_call_id(message["tool_call_id"])
         out.append(message)
     flush_results()
-    template_tools = [t.as_openai() for t in tools] if show_tools and not generic else None
+    shown = show_tools and not generic and not in_system
+    template_tools = [t.as_openai() for t in tools] if shown else None
     return out, template_tools
+
+
+def _json_scalars(call: Mapping[str, Any]) -> dict[str, Any]:
+    arguments = call["function"]["arguments"]
+    fixed = {
+        k: json.dumps(v) if v is None or isinstance(v, bool) else v for k, v in arguments.items()
+    }
+    return {**call, "function": {**call["function"], "arguments": fixed}}
 
 
 def render_prompt(

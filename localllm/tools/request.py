@@ -11,7 +11,8 @@ from typing import Any
 
 from localllm.errors import RequestError
 from localllm.tools.formats import ToolSyntax
-from localllm.tools.parser import ToolCallParser
+from localllm.tools.output import OutputParser, needs_output_parser
+from localllm.tools.reasoning import history_for_template
 from localllm.tools.render import template_messages
 from localllm.tools.spec import Tool, ToolChoice, check_messages, parse_tool_choice, parse_tools
 
@@ -57,21 +58,34 @@ class ToolUse:
         self, messages: Sequence[Mapping[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """(messages, tools) for the chat template, from OpenAI-style messages (text content,
-        tool_calls, tool results); checks that every tool result answers an earlier call."""
-        return template_messages(check_messages(messages), self.syntax, self.tools, self.choice)
+        tool_calls, tool results, earlier reasoning); checks that every tool result answers an
+        earlier call."""
+        checked = history_for_template(check_messages(messages), self.syntax.reasoning)
+        return template_messages(checked, self.syntax, self.tools, self.choice)
 
-    def grammar(self) -> str | None:
-        return self.syntax.grammar(self.tools, self.choice, self.parallel)
+    def grammar(self, reasoning_open: bool = False) -> str | None:
+        """`reasoning_open`: the prompt opened the model's `<think>`, closed before the call."""
+        return self.syntax.grammar(self.tools, self.choice, self.parallel, reasoning_open)
 
     @property
     def keep_special(self) -> tuple[str, ...]:
-        return self.syntax.preserved_tokens if self.active else ()
+        """Marker tokens the answer's parser must see: reasoning markers, call markers."""
+        calls = self.syntax.preserved_tokens if self.active else ()
+        return tuple(dict.fromkeys(self.syntax.reasoning_markers + calls))
 
-    def parser(self) -> ToolCallParser | None:
-        """A parser for the answer, None when no call can come (no tools, tool_choice none)."""
-        if not self.active:
+    def parser(
+        self, reasoning_open: bool = False, raw_reasoning: bool = False
+    ) -> OutputParser | None:
+        """A parser for the answer (reasoning, content, calls); None when the text is the
+        content as it is (no tools or tool_choice none, and no reasoning to split off)."""
+        if not needs_output_parser(self.syntax, self.active, raw_reasoning):
             return None
-        return ToolCallParser(self.syntax)
+        return OutputParser(
+            self.syntax,
+            self.tools if self.active else (),
+            reasoning_open=reasoning_open,
+            raw_reasoning=raw_reasoning,
+        )
 
     def finish_reason(self, engine_reason: str, n_calls: int) -> str:
         """OpenAI's "tool_calls" when the answer ended with calls; a cut-off stays "length"."""

@@ -11,20 +11,28 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from localllm.engine.grammar import check_grammar
+from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
 from localllm.server.serving import Serving, offload
 from localllm.server.state import ServingEngine
 from localllm.server.streaming import ShaperBase, usage_body
-from localllm.tools import ContentDelta, ToolCallDelta, ToolCallParser, ToolUse
+from localllm.tools import ContentDelta, OutputParser, ReasoningDelta, ToolCallDelta, ToolUse
 from localllm.tools.parser import Delta
+from localllm.tools.reasoning import check_reasoning_request
 
 
 class ChatServing(Serving):
     async def create_chat_completion(
         self, body: t.ChatCompletionRequest, request: Request
     ) -> Response:
+        handle, shaper = await self.start(body)
+        return await self.respond(request, body, handle, shaper)
+
+    async def start(self, body: t.ChatCompletionRequest) -> tuple[RequestHandle, ChatShaper]:
+        """Check, render and queue the chat; the shaper turns its events into chat bodies.
+        Other APIs over the same path (Ollama's /api/chat) reshape what the shaper makes."""
         self.check_common(body)
         uses_completion_tokens = body.max_completion_tokens is not None
         max_tokens = self.max_tokens(
@@ -34,17 +42,25 @@ class ChatServing(Serving):
         messages = self.template_messages(body)
         async with self.use_engine(body.model, body.keep_alive) as (engine, model_id):
 
-            def prepare() -> tuple[ToolUse, tuple[int, ...] | str, str | None]:
+            def prepare() -> tuple[ToolUse, tuple[int, ...] | str, str | None, bool]:
                 # Schemas to grammars, rendering and tokenizing take time: not on the event loop.
                 tool_use = self.tool_use(engine, body)
+                template_kwargs = check_reasoning_request(
+                    body.reasoning_format,
+                    body.reasoning_effort,
+                    body.chat_template_kwargs,
+                    takes_effort=tool_use.syntax.takes_reasoning_effort,
+                )
                 template_messages, template_tools = tool_use.template_input(messages)
-                prompt = engine.chat_prompt(template_messages, template_tools)
-                grammar = tool_use.grammar()
+                prompt, opened = engine.chat_render(
+                    template_messages, template_tools, template_kwargs or None
+                )
+                grammar = tool_use.grammar(reasoning_open=opened)
                 if grammar is not None:
                     check_grammar(grammar, param="tools")
-                return tool_use, prompt, grammar
+                return tool_use, prompt, grammar, opened
 
-            tool_use, prompt, grammar = await offload(engine, prepare)
+            tool_use, prompt, grammar, opened = await offload(engine, prepare)
             handle = await self.submit(
                 engine,
                 body,
@@ -55,13 +71,14 @@ class ChatServing(Serving):
                 add_special=False,  # the template wrote BOS where the model wants it
                 keep_special=tool_use.keep_special,
             )
+            raw = (body.reasoning_format or self.state.settings.reasoning_format) == "none"
             shaper = ChatShaper(
                 **self.response_ids("chatcmpl", handle, model_id),
                 logprobs=body.logprobs,
                 tool_use=tool_use,
-                parser=tool_use.parser(),
+                parser=tool_use.parser(reasoning_open=opened, raw_reasoning=raw),
             )
-            return await self.respond(request, body, handle, shaper)
+            return handle, shaper
 
     def tool_use(self, engine: ServingEngine, body: t.ChatCompletionRequest) -> ToolUse:
         """The request's tools, tool_choice and parallel_tool_calls, checked against the
@@ -92,6 +109,7 @@ class ChatServing(Serving):
                     "content": None if m.content is None and m.tool_calls else m.text(),
                     "tool_calls": m.tool_calls,
                     "tool_call_id": m.tool_call_id,
+                    "reasoning_content": m.reasoning_content if m.role == "assistant" else None,
                     "name": m.name if m.role == "tool" else None,
                 }
                 for m in body.messages
@@ -126,7 +144,7 @@ class ChatShaper(ShaperBase):
 
     chunk_type = t.ChatCompletionChunk
     tool_use: ToolUse | None = None
-    parser: ToolCallParser | None = None
+    parser: OutputParser | None = None
     _n_calls: int = field(default=0, init=False)  # calls streamed so far
 
     def opening(self) -> list[BaseModel]:
@@ -155,6 +173,7 @@ class ChatShaper(ShaperBase):
         """One chunk's delta from the parser's deltas: content joined, call pieces merged per
         call (OpenAI's stream helpers accumulate by index)."""
         content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+        reasoning = "".join(d.text for d in deltas if isinstance(d, ReasoningDelta))
         calls: dict[int, t.ToolCallDeltaBody] = {}
         for d in deltas:
             if not isinstance(d, ToolCallDelta) or not self._wanted(d.index):
@@ -169,9 +188,13 @@ class ChatShaper(ShaperBase):
                 piece.function.arguments = ""
                 self._n_calls += 1
             piece.function.arguments = (piece.function.arguments or "") + d.arguments
-        if not content and not calls:
+        if not content and not calls and not reasoning:
             return None
-        return t.Delta(content=content or None, tool_calls=list(calls.values()) or None)
+        return t.Delta(
+            content=content or None,
+            reasoning_content=reasoning or None,
+            tool_calls=list(calls.values()) or None,
+        )
 
     def _wanted(self, index: int) -> bool:
         """parallel_tool_calls false: one call per answer; without a grammar (auto) a model may
@@ -185,10 +208,12 @@ class ChatShaper(ShaperBase):
 
     def complete(self, text: str, logprobs: list[TokenLogprob], finish: FinishEvent) -> BaseModel:
         content: str | None = text
+        reasoning = None
         tool_calls = None
         if self.parser is not None:
             deltas = self.parser.feed(text) + self.parser.finish()
             content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+            reasoning = "".join(d.text for d in deltas if isinstance(d, ReasoningDelta)) or None
             calls = [c for i, c in enumerate(self.parser.tool_calls) if self._wanted(i)]
             if calls:
                 tool_calls = [
@@ -204,7 +229,9 @@ class ChatShaper(ShaperBase):
             model=self.model,
             choices=[
                 t.ChatChoice(
-                    message=t.AssistantMessage(content=content, tool_calls=tool_calls),
+                    message=t.AssistantMessage(
+                        content=content, reasoning_content=reasoning, tool_calls=tool_calls
+                    ),
                     finish_reason=self._finish_reason(finish, len(tool_calls or ())),
                     logprobs=chat_logprobs(logprobs) if self.logprobs else None,
                 )

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
@@ -18,6 +19,12 @@ from localllm.server.streaming import ShaperBase, usage_body
 
 class CompletionServing(Serving):
     async def create_completion(self, body: t.CompletionRequest, request: Request) -> Response:
+        handle, shaper = await self.start(body)
+        return await self.respond(request, body, handle, shaper)
+
+    async def start(self, body: t.CompletionRequest) -> tuple[RequestHandle, CompletionShaper]:
+        """Check and queue the completion; the shaper turns its events into completion bodies.
+        Other APIs over the same path (Ollama's raw /api/generate) reshape what it makes."""
         self.check_common(body)
         _check_unsupported(body)
         max_tokens = self.max_tokens(body.max_tokens, "max_tokens")
@@ -36,7 +43,7 @@ class CompletionServing(Serving):
                 logprobs=body.logprobs is not None,
                 prefix=prompt if echo and isinstance(prompt, str) else "",
             )
-            return await self.respond(request, body, handle, shaper)
+            return handle, shaper
 
 
 def _check_unsupported(body: t.CompletionRequest) -> None:
