@@ -40,7 +40,7 @@ from localllm.server.ollama.shapes import (
     now_iso,
     ns,
 )
-from localllm.server.serving import Serving
+from localllm.server.serving import Serving, offload
 from localllm.server.state import AppState
 from localllm.server.streaming import Shaper, collect
 
@@ -366,9 +366,11 @@ class OllamaServing(Serving):
 
             def cut() -> list[list[int]]:
                 limit = engine.n_ctx_slot
-                return [engine.tokenize(text, True, False)[:limit] for text in inputs]
+                # No token averages 64 characters: the text past that never reaches the limit,
+                # and tokenizing it (seconds for a large input) is skipped.
+                return [engine.tokenize(text[: 64 * limit], True, False)[:limit] for text in inputs]
 
-            return await asyncio.to_thread(cut)
+            return await offload(engine, cut)  # the model's own pool (a router lease)
 
     async def _embeddings(
         self,
