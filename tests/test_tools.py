@@ -131,7 +131,7 @@ def test_templates_without_tool_support_use_the_generic_format() -> None:
     chatml = ChatTemplate.for_model(None, "unknown-arch", bos_token="", eos_token="")
     assert tool_syntax(chatml).format is ToolFormat.GENERIC
     # Qwen3-Coder's XML parameters are not Hermes JSON, even with <tool_call> in the source.
-    assert detect_format("<tool_call><function=x><parameter=y>")[0] is ToolFormat.GENERIC
+    assert detect_format("<tool_call><function=x><parameter=y>")[0] is ToolFormat.QWEN3_XML
     assert detect_format("[TOOL_CALLS]{{name}}[ARGS]") == (ToolFormat.MISTRAL, True)
 
 

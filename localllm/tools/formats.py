@@ -266,7 +266,8 @@ def detect_format(source: str) -> tuple[ToolFormat, bool]:
     """(format, mistral_args) from a template's source, by llama.cpp's markers."""
     if "<|channel|>" in source:
         return ToolFormat.HARMONY, False
-    if DS_CALLS_BEGIN in source and "dsml_token" not in source:
+    # V3.1 writes NAME<｜tool▁sep｜>{json}; R1 and V3 wrote the type first (not handled here).
+    if f"['name'] + '{DS_SEP}'" in source and "dsml_token" not in source:
         return ToolFormat.DEEPSEEK, False
     if "<tool_call>" in source and "<arg_key>" in source:
         return ToolFormat.GLM, False

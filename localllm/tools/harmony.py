@@ -173,6 +173,9 @@ class HarmonyParser:
             self._kind = "reasoning"
         else:
             self._kind = "content"
+            if recipient is not None and not self._raw:
+                # A call to an undeclared function or a built-in: content, as written.
+                self._content(header + MESSAGE)
         if self._raw and self._kind != "call":
             self._kind = "content"
             self._content(header + MESSAGE)

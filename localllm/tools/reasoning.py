@@ -8,20 +8,17 @@ Two families, recognised from the chat template as llama.cpp's `common/chat.cpp`
 - HARMONY: gpt-oss's channels, `<|channel|>analysis<|message|>...<|end|>` for reasoning,
   `final` for the answer, `commentary` for preambles and tool calls (`localllm.tools.harmony`).
 
-`split_reasoning(text, fmt)` splits a whole answer; `ReasoningSplitter` does it while the text
-streams, piece by piece, correct wherever the pieces are cut. Both return (reasoning, content).
+`ThinkSplitter` splits `<think>` output as it streams; `localllm.tools.output` has the entry
+points for any format (`split_reasoning`, `ReasoningSplitter`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from localllm.errors import RequestError
-
-if TYPE_CHECKING:
-    from localllm.tools.harmony import HarmonyParser
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -139,49 +136,29 @@ def history_for_template(
     return out
 
 
-class ReasoningSplitter:
+class ThinkSplitter:
     """`<think>` reasoning apart from the answer, fed as the text streams.
 
     `opened`: the prompt opened `<think>` (the output starts inside it); otherwise a `<think>`
     counts only at the very start of the output (after whitespace). `end_tags`: more texts that
     end the reasoning without being part of it (a tool call opener: a model that forgets
     `</think>` before calling). Whitespace around the reasoning is dropped.
-    For HARMONY output the work is done by `localllm.tools.harmony.HarmonyParser`.
     """
 
-    def __init__(
-        self,
-        fmt: ReasoningFormat = ReasoningFormat.THINK,
-        *,
-        opened: bool = False,
-        end_tags: Sequence[str] = (),
-    ) -> None:
-        self.fmt = fmt
+    def __init__(self, *, opened: bool = False, end_tags: Sequence[str] = ()) -> None:
         self._buf = ""
         self._state = "reasoning" if opened else "start"
         self._ends = (THINK_CLOSE, *end_tags)
         self._lead = True  # at the start of the reasoning or of the content: drop whitespace
         self._held_ws = ""  # whitespace inside the reasoning, out once more reasoning follows
-        self._harmony: HarmonyParser | None = None
-        if fmt is ReasoningFormat.HARMONY:
-            from localllm.tools.harmony import HarmonyParser
-
-            self._harmony = HarmonyParser()
-        elif fmt is ReasoningFormat.NONE:
-            self._state = "content"
-            self._lead = False
 
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, content) decided by this piece of text."""
-        if self._harmony is not None:
-            return _joined(self._harmony.feed(text))
         self._buf += text
         return self._run(final=False)
 
     def finish(self) -> tuple[str, str]:
         """The rest, once the text has ended (a cut-off reasoning is still reasoning)."""
-        if self._harmony is not None:
-            return _joined(self._harmony.finish())
         return self._run(final=True)
 
     def _run(self, final: bool) -> tuple[str, str]:
@@ -230,24 +207,6 @@ class ReasoningSplitter:
         out = self._held_ws + body
         self._held_ws = text[len(body) :]
         return out
-
-
-def split_reasoning(
-    text: str, fmt: ReasoningFormat = ReasoningFormat.THINK, *, opened: bool = False
-) -> tuple[str, str]:
-    """(reasoning, content) of a whole answer."""
-    splitter = ReasoningSplitter(fmt, opened=opened)
-    r1, c1 = splitter.feed(text)
-    r2, c2 = splitter.finish()
-    return r1 + r2, c1 + c2
-
-
-def _joined(deltas: Sequence[Any]) -> tuple[str, str]:
-    from localllm.tools.parser import ContentDelta, ReasoningDelta
-
-    reasoning = "".join(d.text for d in deltas if isinstance(d, ReasoningDelta))
-    content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
-    return reasoning, content
 
 
 def _first(text: str, tags: Sequence[str]) -> tuple[int, str]:
