@@ -365,6 +365,21 @@ CALLS: list[tuple[ToolFormat, ReasoningFormat, bool, str, tuple[str, str, list[A
         "</arg_value><arg_key>unit</arg_key><arg_value>celsius</arg_value></tool_call>",
         ("Weather.", "", [("get_weather", {"city": "Paris", "unit": "celsius"})]),
     ),
+    (  # values on several lines, a newline at the end included
+        ToolFormat.GLM,
+        ReasoningFormat.NONE,
+        False,
+        "<tool_call>get_time<arg_key>zone</arg_key><arg_value>\nUTC\n\n</arg_value></tool_call>",
+        ("", "", [("get_time", {"zone": "\nUTC\n\n"})]),
+    ),
+    (
+        ToolFormat.QWEN3_XML,
+        ReasoningFormat.NONE,
+        False,
+        "<tool_call>\n<function=get_time>\n<parameter=zone>\nU\nTC\n\n</parameter>\n"
+        "</function>\n</tool_call>",
+        ("", "", [("get_time", {"zone": "U\nTC\n"})]),
+    ),
     (  # GLM-4.5's newlines between the parts
         ToolFormat.GLM,
         ReasoningFormat.THINK,

@@ -124,11 +124,13 @@ def _strip_newline(value: str) -> str:
 class _ArgsJson:
     """XML arguments as a growing JSON object text."""
 
-    def __init__(self, call: _Scanned, properties: Mapping[str, Any]) -> None:
-        self.call, self.properties, self.n = call, properties, 0
+    def __init__(self, call: _Scanned, properties: Mapping[str, Any], newlines: bool) -> None:
+        """`newlines`: the value sits on lines of its own (Qwen's), one newline each side."""
+        self.call, self.properties, self.n, self.newlines = call, properties, 0, newlines
 
     def add(self, key: str, raw: str) -> None:
-        value = typed_value(_strip_newline(raw), self.properties.get(key))
+        text = _strip_newline(raw) if self.newlines else raw
+        value = typed_value(text, self.properties.get(key))
         pair = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"
         self.call.args += ("{" if self.n == 0 else ", ") + pair
         self.n += 1
@@ -144,7 +146,7 @@ def _scan_qwen3_xml(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
     c.lit("<function=")
     name = c.until(">", limit=80).strip()
     call = _named(scan, name, tools)
-    args = _ArgsJson(call, tool_properties(tools[name]))
+    args = _ArgsJson(call, tool_properties(tools[name]), newlines=True)
     while True:
         c.ws()
         if not c.lit("<parameter=", optional=True):
@@ -169,7 +171,7 @@ def _scan_glm(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
     name = rest[: min(ends)].strip()
     c.pos += min(ends)
     call = _named(scan, name, tools)
-    args = _ArgsJson(call, tool_properties(tools[name]))
+    args = _ArgsJson(call, tool_properties(tools[name]), newlines=False)
     while True:
         c.ws()
         if not c.lit("<arg_key>", optional=True):
