@@ -176,7 +176,7 @@ class ThinkSplitter:
         if self._state == "reasoning":
             at, tag = _first(self._buf, self._ends)
             if at == -1:
-                keep = 0 if final else _partial_suffix(self._buf, self._ends)
+                keep = 0 if final else partial_suffix(self._buf, self._ends)
                 reasoning = self._reasoning_piece(self._buf[: len(self._buf) - keep])
                 self._buf = self._buf[len(self._buf) - keep :]
                 return reasoning, ""
@@ -218,7 +218,7 @@ def _first(text: str, tags: Sequence[str]) -> tuple[int, str]:
     return best, which
 
 
-def _partial_suffix(text: str, tags: Sequence[str]) -> int:
+def partial_suffix(text: str, tags: Sequence[str]) -> int:
     """How many characters at the end of `text` could be the start of one of `tags`."""
     best = 0
     for tag in tags:

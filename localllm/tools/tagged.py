@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from localllm.tools.formats import ToolFormat, ToolSyntax
 from localllm.tools.parser import ContentDelta, Delta, ToolCallDelta
+from localllm.tools.reasoning import partial_suffix
 from localllm.tools.spec import Tool, ToolCall
 from localllm.tools.tags import (
     DS_CALL_BEGIN,
@@ -94,7 +96,7 @@ class _Cursor:
     def pending(self, stops: Sequence[str]) -> str:
         """The text from here, less a tail that could start one of `stops`."""
         rest = self.text[self.pos :]
-        return rest[: len(rest) - _partial_suffix(rest, stops)]
+        return rest[: len(rest) - partial_suffix(rest, stops)]
 
 
 def typed_value(raw: str, schema: Any) -> Any:
@@ -286,7 +288,7 @@ class TaggedCallParser:
             if self._region is None:
                 at = self._buf.find(self._opener)
                 if at == -1:
-                    keep = 0 if final else _partial_suffix(self._buf, (self._opener,))
+                    keep = 0 if final else partial_suffix(self._buf, (self._opener,))
                     self._content(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep :]
                     return
@@ -346,16 +348,4 @@ class TaggedCallParser:
 
 
 def _default_id() -> str:
-    from localllm.tools.formats import ToolFormat, ToolSyntax
-
     return ToolSyntax(ToolFormat.HERMES).new_call_id()
-
-
-def _partial_suffix(text: str, tags: Sequence[str]) -> int:
-    best = 0
-    for tag in tags:
-        for length in range(min(len(tag) - 1, len(text)), best, -1):
-            if text.endswith(tag[:length]):
-                best = length
-                break
-    return best
