@@ -22,7 +22,7 @@ from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, GenerationRequest, TextEvent, Usage
 from localllm.server import create_app
 from localllm.settings import Settings
-from localllm.tools import ToolSyntax, split_reasoning
+from localllm.tools import ToolFormat, ToolSyntax, split_reasoning
 from localllm.tools.formats import tool_syntax
 from localllm.tools.reasoning import prompt_opens_reasoning
 from tests.conftest import API_KEY, FakeEngine, UvicornThread
@@ -202,6 +202,25 @@ def test_raw_reasoning_and_template_kwargs(scripted: tuple[ScriptedEngine, Uvico
     assert off.choices[0].message.content == "Paris."
 
 
+def test_json_answers_after_the_thinking(scripted: tuple[ScriptedEngine, UvicornThread]) -> None:
+    """response_format with a prompt that opened <think>: the grammar lets the model close its
+    thinking first, and the JSON is the content."""
+    engine, server = scripted
+    engine.script = lambda prompt: 'Plan the object.\n</think>\n\n{"city": "Paris"}'
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    reply = client.chat.completions.create(
+        model="qwen3.5",
+        messages=QUESTION,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+    )
+    message = reply.choices[0].message
+    assert json.loads(message.content or "") == {"city": "Paris"}
+    assert (message.model_extra or {})["reasoning_content"] == "Plan the object."
+    grammar = engine.requests[-1].sampling.grammar or ""
+    assert grammar.startswith('root ::= ([^<] | "<" [^/])* "</think>"')
+    assert "\nanswer-root " in grammar
+
+
 def test_bad_reasoning_fields_are_400_naming_them(
     scripted: tuple[ScriptedEngine, UvicornThread],
 ) -> None:
@@ -214,6 +233,10 @@ def test_bad_reasoning_fields_are_400_naming_them(
         ({"chat_template_kwargs": "enable_thinking=false"}, "chat_template_kwargs"),
         ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
         ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": 3}]}, None),
+        (
+            {"messages": [{"role": "user", "content": "x", "reasoning_content": "y"}]},
+            "messages[0].reasoning_content",
+        ),
     ]
     for fields, param in cases:
         body = {"model": "qwen3.5", "messages": QUESTION, **fields}
@@ -354,6 +377,27 @@ def test_forced_calls_in_each_format_with_the_real_model(
         extra_body=extra,
     )
     assert answer.choices[0].message.tool_calls is None
+
+
+@pytest.mark.model
+def test_llama_cpp_accepts_the_grammars_that_think_first(engine: Any) -> None:
+    import llama_cpp
+
+    from localllm.engine.grammar import json_object_grammar
+    from localllm.tools import parse_tool_choice, parse_tools
+    from localllm.tools.reasoning import reasoning_first
+
+    tools = parse_tools(TOOLS)
+    grammars = [reasoning_first(json_object_grammar())] + [
+        ToolSyntax(fmt).grammar(tools, parse_tool_choice("required", tools), True, True) or ""
+        for fmt in (ToolFormat.QWEN3_XML, ToolFormat.GLM, ToolFormat.DEEPSEEK, ToolFormat.HERMES)
+    ]
+    for grammar in grammars:
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            engine.backend.vocab, grammar.encode(), b"root"
+        )
+        assert sampler, grammar
+        llama_cpp.llama_sampler_free(sampler)
 
 
 @pytest.mark.model

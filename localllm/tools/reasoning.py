@@ -14,6 +14,7 @@ points for any format (`split_reasoning`, `ReasoningSplitter`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -53,6 +54,18 @@ def detect_reasoning(source: str) -> ReasoningFormat:
 def prompt_opens_reasoning(prompt: str, fmt: ReasoningFormat) -> bool:
     """Whether a rendered prompt ends inside an open `<think>` (the output starts reasoning)."""
     return fmt is ReasoningFormat.THINK and prompt.rstrip(_WS).endswith(THINK_OPEN)
+
+
+# GBNF for the rest of an opened <think> (text without "</") and its end, before the answer.
+THINK_GRAMMAR = '([^<] | "<" [^/])* "</think>" [ \\t\\n]*'
+
+
+def reasoning_first(grammar: str) -> str:
+    """A grammar for an answer that starts inside an opened `<think>`: the reasoning, its end,
+    then what `grammar` (its root rule `root`) allows."""
+    # No rule refers back to root (ours never do, nor llama.cpp's JSON grammar).
+    renamed = re.sub(r"^root(\s*)::=", r"answer-root\1::=", grammar, count=1, flags=re.M)
+    return f"root ::= {THINK_GRAMMAR} answer-root\n{renamed}"
 
 
 def reasoning_markers(fmt: ReasoningFormat) -> tuple[str, ...]:
