@@ -357,6 +357,13 @@ CALLS: list[tuple[ToolFormat, ReasoningFormat, bool, str, tuple[str, str, list[A
             [("get_weather", {"city": "New York", "days": 3}), ("get_time", {})],
         ),
     ),
+    (  # Qwen3-Coder leaving out <tool_call> and </tool_call>
+        ToolFormat.QWEN3_XML,
+        ReasoningFormat.NONE,
+        False,
+        "<function=get_time>\n<parameter=zone>\nUTC\n</parameter>\n</function>\nDone.",
+        ("", "\nDone.", [("get_time", {"zone": "UTC"})]),
+    ),
     (
         ToolFormat.GLM,
         ReasoningFormat.THINK,

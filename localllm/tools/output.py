@@ -50,7 +50,10 @@ class OutputParser:
             ends = _REASONING_ENDS.get(syntax.format, ()) if tools else ()
             self._splitter = ThinkSplitter(opened=reasoning_open, end_tags=ends)
         if tools and syntax.format in TAGGED_FORMATS:
-            self._calls = TaggedCallParser(syntax.format, tools, new_id)
+            # Qwen3-Coder (XML calls, no reasoning) may leave out <tool_call>: TaggedCallParser.
+            bare = syntax.format is ToolFormat.QWEN3_XML
+            bare = bare and syntax.reasoning is ReasoningFormat.NONE
+            self._calls = TaggedCallParser(syntax.format, tools, new_id, bare=bare)
         elif tools:
             self._calls = ToolCallParser(syntax, new_id, names)
 

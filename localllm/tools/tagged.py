@@ -143,7 +143,8 @@ class _ArgsJson:
 
 
 def _scan_qwen3_xml(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
-    c.lit(XML_OPEN)
+    # Qwen3-Coder now and then leaves out <tool_call> (then </tool_call> too): see `bare`.
+    wrapped = c.lit(XML_OPEN, optional=True)
     c.ws()
     c.lit("<function=")
     name = c.until(">", limit=80).strip()
@@ -157,9 +158,11 @@ def _scan_qwen3_xml(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
         args.add(key, c.until("</parameter>"))
     c.lit("</function>")
     args.close()
+    end = c.pos
     c.ws()
-    c.lit(XML_CLOSE)
-    scan.end = c.pos
+    if c.lit(XML_CLOSE, optional=not wrapped):
+        end = c.pos
+    scan.end = end
 
 
 def _scan_glm(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
@@ -229,9 +232,20 @@ class TaggedCallParser:
     interface of `localllm.tools.parser.ToolCallParser`)."""
 
     def __init__(
-        self, fmt: str, tools: Sequence[Tool], new_id: Callable[[], str] | None = None
+        self,
+        fmt: str,
+        tools: Sequence[Tool],
+        new_id: Callable[[], str] | None = None,
+        *,
+        bare: bool = False,
     ) -> None:
-        self._opener, self._scanner = _SCANNERS[fmt]
+        """`bare`: `<function=NAME>` of a declared tool opens a call without `<tool_call>`
+        (llama.cpp's rule for Qwen3-Coder, which is not a reasoning model)."""
+        opener, self._scanner = _SCANNERS[fmt]
+        self._openers: tuple[str, ...] = (opener,)
+        if bare:
+            self._openers += tuple(f"<function={t.name}>" for t in tools)
+        self._opened_with = opener
         self._tools = {t.name: t for t in tools}
         self._new_id = new_id or _default_id
         self._buf = ""
@@ -286,9 +300,13 @@ class TaggedCallParser:
     def _run(self, final: bool) -> None:
         while True:
             if self._region is None:
-                at = self._buf.find(self._opener)
+                at = -1
+                for opener in self._openers:
+                    found = self._buf.find(opener)
+                    if found != -1 and (at == -1 or found < at):
+                        at, self._opened_with = found, opener
                 if at == -1:
-                    keep = 0 if final else partial_suffix(self._buf, (self._opener,))
+                    keep = 0 if final else partial_suffix(self._buf, self._openers)
                     self._content(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep :]
                     return
@@ -315,8 +333,8 @@ class TaggedCallParser:
             done = sum(1 for c in scan.calls if c.closed)
             if done == 0 and not self._sent:
                 # Not a call: the opener is content, and the search goes on after it.
-                self._content(self._region[: len(self._opener)])
-                self._buf = self._region[len(self._opener) :]
+                self._content(self._region[: len(self._opened_with)])
+                self._buf = self._region[len(self._opened_with) :]
             else:
                 self._buf = ""  # a broken call after good ones: the rest of the region is lost
             self._region = None
