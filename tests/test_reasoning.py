@@ -262,6 +262,8 @@ def test_think_splits_whole_and_streamed_at_every_cut() -> None:
         ("Paris <think>is</think> here.", False, "", "Paris <think>is</think> here."),
         ("cut off while thinking </thi", True, "cut off while thinking </thi", ""),
         ("<think></think>Paris.", False, "", "Paris."),
+        ("<think>\nagain\n</think>\nParis.", True, "again", "Paris."),
+        ("<thinking is fun</think>Paris.", True, "<thinking is fun", "Paris."),
     ]
     for text, opened, reasoning, content in cases:
         assert split_reasoning(text, opened=opened) == (reasoning, content), text

@@ -160,7 +160,9 @@ class ThinkSplitter:
 
     def __init__(self, *, opened: bool = False, end_tags: Sequence[str] = ()) -> None:
         self._buf = ""
-        self._state = "reasoning" if opened else "start"
+        # Even when the prompt opened it, some models write <think> again: it is dropped.
+        self._opened = opened
+        self._state = "start"
         self._ends = (THINK_CLOSE, *end_tags)
         self._lead = True  # at the start of the reasoning or of the content: drop whitespace
         self._held_ws = ""  # whitespace inside the reasoning, out once more reasoning follows
@@ -182,6 +184,8 @@ class ThinkSplitter:
                 return "", ""  # may still open a <think>
             if stripped.startswith(THINK_OPEN):
                 self._buf = stripped[len(THINK_OPEN) :]
+                self._state = "reasoning"
+            elif self._opened:
                 self._state = "reasoning"
             else:
                 self._state = "content"
