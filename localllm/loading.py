@@ -15,11 +15,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from localllm.engine.build import cuda_fix_command, gpu_offload, repack_supported
+from localllm.engine.build import (
+    cuda_fix_command,
+    gpu_offload,
+    repack_planned,
+    repack_supported,
+    report_repack,
+)
 from localllm.engine.config import EngineConfig
 from localllm.engine.dry_run import dry_run
 from localllm.errors import SettingsError
-from localllm.fitter import FitRequest, Plan, fit, plan_summary_line
+from localllm.fitter import FitRequest, Plan, fit, plan_summary_line, read_headers
 from localllm.gguf_header import read_header
 from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
 from localllm.rpc import hardware_for_settings, parse_rpc_servers
@@ -71,8 +77,9 @@ def planning_hardware(
                 gpus=(), host=host, threads=settings.threads or host.logical_cores, notes=(note,)
             )
     hardware, _ = hardware_for_settings(hardware, settings, must_answer=serving)
-    # The engine repacks host weights exactly when the machine's probe allows it.
-    return replace(hardware, cpu_repack=repack_supported().supported), warnings
+    # Planning never starts the repack probe (a child process): the probe's cached answer, else
+    # llama.cpp's default for this CPU. `plan_for_serving` probes, as an engine is about to load.
+    return replace(hardware, cpu_repack=repack_planned().supported), warnings
 
 
 def plan_for_serving(
@@ -89,7 +96,15 @@ def plan_for_serving(
     request = FitRequest.from_settings(settings)
     if not hardware.gpus and request.n_gpu_layers:
         request = replace(request, n_gpu_layers=0)
-    plan = fit(model_path, hardware, request)
+    # A missing or damaged file fails here, before the repack probe. Then the probe (an engine
+    # is about to load): the engine repacks host weights exactly when it allows, and so does
+    # the plan.
+    headers = read_headers(model_path)
+    probe = repack_supported()
+    report_repack(probe)
+    repack = probe.supported
+    hardware = replace(hardware, cpu_repack=repack)
+    plan = fit(headers, hardware, request)
     params = plan.llama_params()
     config = EngineConfig(
         model_path=model_path,
@@ -100,9 +115,11 @@ def plan_for_serving(
         type_v=params["type_v"],
         flash_attn=settings.flash_attn,  # None lets llama.cpp decide, as the plan assumed
         swa_full=params["swa_full"],
+        ctx_checkpoints=settings.ctx_checkpoints,
         n_batch=params["n_batch"],
         n_ubatch=params["n_ubatch"],
         n_threads=settings.threads,
+        use_extra_bufts=repack,
         queue_size=settings.queue_size,
         tensor_split=params["tensor_split"],
         tensor_overrides=tuple(params["tensor_overrides"]),
@@ -129,6 +146,7 @@ def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str
         "source": "fit",
         "model": model_path.name,
         "plan": plan_summary_line(plan),
+        "quant": plan.quant,
         "n_ctx": config.n_ctx,
         "n_parallel": config.n_parallel,
         "n_ctx_per_slot": config.n_ctx_slot,

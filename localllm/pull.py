@@ -8,14 +8,23 @@ hub reference is pulled first (the quantization the fitter recommends unless one
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from localllm.errors import LocalLLMError
 from localllm.gguf_header import ModelHeader, read_header
 from localllm.hub import HubClient, RemoteQuant, RepoRef, looks_like_repo, select
-from localllm.models import gguf_stem, ladder_labels, model_files, quant_label, resolve_model
+from localllm.models import (
+    EMBEDDED_MODELS,
+    embedded_bytes,
+    embedded_model,
+    gguf_stem,
+    ladder_labels,
+    model_files,
+    quant_label,
+    resolve_model,
+)
 from localllm.settings import Settings
 from localllm.units import gib
 
@@ -89,8 +98,10 @@ def _download(
 
 
 def ensure_local(name: str | None, settings: Settings) -> Path:
-    """A local model file for `serve`: resolve a name, or pull a hub reference when needed."""
-    if name is None or not looks_like_repo(name):
+    """A local model file for `serve`: resolve a name (None: the default model), or pull a hub
+    reference when needed."""
+    name = name or settings.default_model
+    if not looks_like_repo(name):
         return resolve_model(name, settings.models_dir)
     ref = RepoRef.parse(name)
     client = HubClient()
@@ -113,33 +124,59 @@ class LocalModel:
     n_ctx_train: int
     fits: str  # the fitter's one-line verdict for this machine
     error: str | None = None
+    embedded: str | None = None  # why it is embedded, for the two models that ship inside
+    default: bool = False  # the model used where none is named (`default_model`)
 
 
 def list_models(settings: Settings) -> list[LocalModel]:
-    """Every model in the models folder with the fitter's verdict for this machine."""
+    """Every model in the models folder with the fitter's verdict for this machine, and the
+    embedded models not written there yet (they are, the first time they are named)."""
     folder = settings.models_dir
-    if not folder.is_dir():
-        return []
-    entries = []
-    for path in model_files(folder):
-        try:
-            header = read_header(path)
-        except LocalLLMError as exc:
+    paths = model_files(folder) if folder.is_dir() else []
+    entries = [_local_model(path, settings) for path in paths]
+    present = {path.name.lower() for path in paths}
+    for model in EMBEDDED_MODELS:
+        if model.file not in present:
+            size = embedded_bytes(model) or 0
+            fits = "not written yet: it is, from its package, the first time it is named"
             entries.append(
-                LocalModel(path.stem, str(path), path.stat().st_size, None, 0, "-", str(exc))
-            )
-            continue
-        entries.append(
-            LocalModel(
-                name=path.stem,
-                path=str(path),
-                size_bytes=sum(p.stat().st_size for p in header.paths),
-                quant=_quant_name(path, header),
-                n_ctx_train=header.n_ctx_train,
-                fits=_verdict(header, settings),
-            )
-        )
-    return entries
+                LocalModel(model.name, str(folder / model.file), size, quant_label(model.file),
+                           0, fits)
+            )  # fmt: skip
+    default = _default_name(settings)
+    return [
+        replace(entry, default=entry.name.lower() == default, embedded=_role(entry))
+        for entry in entries
+    ]
+
+
+def _local_model(path: Path, settings: Settings) -> LocalModel:
+    try:
+        header = read_header(path)
+    except LocalLLMError as exc:
+        return LocalModel(path.stem, str(path), path.stat().st_size, None, 0, "-", str(exc))
+    return LocalModel(
+        name=path.stem,
+        path=str(path),
+        size_bytes=sum(p.stat().st_size for p in header.paths),
+        quant=_quant_name(path, header),
+        n_ctx_train=header.n_ctx_train,
+        fits=_verdict(header, settings),
+    )
+
+
+def _default_name(settings: Settings) -> str:
+    """The folder name of the default model, as `localllm models` lists it."""
+    name = settings.default_model
+    embedded = embedded_model(name)
+    if embedded is not None:
+        return embedded.name
+    return gguf_stem(Path(name).name).lower()
+
+
+def _role(entry: LocalModel) -> str | None:
+    embedded = embedded_model(entry.name)
+    return embedded.role if embedded is not None and entry.name.lower() == embedded.name else None
 
 
 def _quant_name(path: Path, header: ModelHeader) -> str | None:

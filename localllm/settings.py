@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,6 +29,7 @@ from pydantic_settings import (
 from localllm.errors import SettingsError
 from localllm.ggml import CacheType
 from localllm.hardware import parse_gpu_names, parse_vram
+from localllm.models import DEFAULT_MODEL
 
 ENV_PREFIX = "LOCALLLM_"
 SYSTEM_CONFIG = Path("/etc/localllm/config.toml")
@@ -65,10 +66,15 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        allow_inf_nan=False,  # every number finite: "inf" or "nan" in a config is a usage error
     )
 
     # Where and what to serve.
-    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind; loopback by default. OLLAMA_HOST's form HOST:PORT (or "
+        "http://HOST:PORT) sets the port too, e.g. 127.0.0.1:11434 for Ollama's.",
+    )
     port: int = Field(
         8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
     )
@@ -80,6 +86,12 @@ class Settings(BaseSettings):
     )
     model_alias: str | None = Field(
         None, description="Name clients use for the model (default: the file's stem)."
+    )
+    default_model: str = Field(
+        DEFAULT_MODEL,
+        description="Model used where none is named (serve's first model, chat, inspect, fit, "
+        "profile): a name in models_dir or a file. The embedded SmolLM2-135M-Instruct answers "
+        "questions; 'gemma-3-270m-q4_k_m', the embedded base model, continues text.",
     )
 
     # Many models (`serve` over the models folder): which stay loaded, for how long.
@@ -133,6 +145,18 @@ class Settings(BaseSettings):
         512, ge=1, description="Micro-batch size (prompt tokens per compute step)."
     )
     n_batch: int = Field(2048, ge=1, description="Logical batch size.")
+    swa_full: bool = Field(
+        False,
+        description="Full-size sliding-window cache (llama-server's --swa-full): more memory; "
+        "off, context checkpoints keep prompt reuse.",
+    )
+    ctx_checkpoints: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Context checkpoints per slot for recurrent, hybrid and sliding-window "
+        "models (llama-server's --ctx-checkpoints), in host memory; 0: none.",
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for decoding (default: cores)."
     )
@@ -181,14 +205,43 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
-    request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may run.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="Longest a request may run."
+    )
     reasoning_format: Literal["auto", "none"] = Field(
         "auto",
         description="Reasoning in answers: auto puts it in reasoning_content; none leaves the "
         "model's raw text in content (a request's reasoning_format wins).",
     )
     shutdown_grace_s: float = Field(
-        10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+        10.0, ge=0, le=3600, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    worker_hang_timeout_s: float = Field(
+        15.0,
+        ge=2,
+        le=3600,
+        description="Serving a models folder: a worker that sends no heartbeat (one a second) "
+        "for this long is killed; its requests fail and the model loads again on demand.",
+    )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A connection must send a whole request head within this long of opening "
+        "(or of its previous answer), else it is closed.",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="A request body must arrive whole within this long of its head (408 beyond).",
+    )
+    idle_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="An idle keep-alive connection is closed after this long (uvicorn's "
+        "timeout_keep_alive).",
     )
 
     # Security.
@@ -212,6 +265,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_with_port(cls, data: Any) -> Any:
+        """host 'HOST:PORT' (OLLAMA_HOST's form) -> host and port; a port also given must agree."""
+        if not isinstance(data, dict) or not isinstance(data.get("host"), str):
+            return data
+        host, port = split_host_port(data["host"])
+        if port is None:
+            return {**data, "host": host}
+        given = data.get("port")
+        if given is not None and int(given) != port:
+            raise ValueError(f"host {data['host']!r} names port {port} but port is {given}")
+        return {**data, "host": host, "port": port}
 
     @field_validator("rpc")
     @classmethod
@@ -404,3 +471,21 @@ def setting_sources(
         else:
             result[name] = "default"
     return result
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """'HOST', 'HOST:PORT', '[V6]:PORT' or 'http://HOST:PORT' (as OLLAMA_HOST is written) ->
+    (host, port or None). A bare IPv6 address (several colons, no brackets) has no port."""
+    value = text.strip().removeprefix("http://").rstrip("/")
+    if value.startswith("["):
+        end = value.find("]")
+        if end > 0:
+            rest = value[end + 1 :]
+            if rest.startswith(":") and rest[1:].isdigit():
+                return value[1:end], int(rest[1:])
+        return text, None
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        if port.isdigit():
+            return host or "127.0.0.1", int(port)
+    return text, None

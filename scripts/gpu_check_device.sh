@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check on a lent GPU machine, in one command (see README, "Measuring on a GPU").
+# The GPU check on a GPU machine without network, in one command (see docs/gpu.md).
 #
-# That machine has nvcc, Python 3.12 with numpy, psutil, nvidia-ml-py, jinja2 and NVIDIA's
+# It expects nvcc, Python 3.12 with numpy, psutil, nvidia-ml-py, jinja2 and NVIDIA's
 # nvidia-cublas / nvidia-cuda-runtime wheels, and no network: what localllm needs beyond that
-# travels in .gpu-carry/ (git-ignored), made here first:
+# travels in .gpu-carry/ (git-ignored), made first on a machine with network:
 #
-#   scripts/gpu_check_device.sh prepare --venv /work/cuda-venv   # here: fills .gpu-carry/
-#   scripts/gpu_check_device.sh run                              # there: about 7 minutes
+#   scripts/gpu_check_device.sh prepare --venv /work/cuda-venv   # with network: fills .gpu-carry/
+#   scripts/gpu_check_device.sh run                              # on the GPU machine: about 7 minutes
 #
 # prepare --venv packs llama-cpp-python's CUDA build from a venv made by
 #   scripts/install-cuda-backend.sh --venv /work/cuda-venv --arch 90   (90: H100/H200)
@@ -15,8 +15,8 @@
 # machine's own cuBLAS and CUDA runtime, and runs scripts/gpu_check.py into $OUT (or --out DIR).
 #
 # prepare --sources SDIST packs llama-cpp-python's sources instead, trimmed to what a CUDA build
-# reads (a few MB); run then builds them there first with install-cuda-backend.sh (16 cores)
-# and gives the check what is left of the command's 10 minutes.
+# reads (a few MB); run then builds them there first with install-cuda-backend.sh and gives the
+# check what is left of its budget.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

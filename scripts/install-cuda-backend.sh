@@ -10,10 +10,13 @@
 #
 #   scripts/install-cuda-backend.sh --venv .venv --arch 86,89 # RTX 3090 and 4090 only
 #
-# Needs the CUDA toolkit (nvcc) and a C++ compiler; a GPU only for --arch native. A toolkit without
-# cuBLAS (the pip-installed ones) is completed from NVIDIA's PyPI wheels (nvidia-cublas and
-# nvidia-cuda-runtime for nvcc's major version), installed into the venv; the built library finds
-# them through an $ORIGIN-relative RPATH, so nobody has to set LD_LIBRARY_PATH.
+# Needs a C++ compiler; a GPU only for --arch native. Without a CUDA toolkit (no nvcc),
+# --cuda-wheels always takes the compiler itself from NVIDIA's PyPI wheels (nvidia-cuda-nvcc and
+# its companions for CUDA --cuda-major, 13 by default), installed into the venv; scripts/dev does
+# that on an NVIDIA machine without a toolkit (scripts/backend.py). A toolkit without cuBLAS (the
+# pip-installed ones) is completed from NVIDIA's wheels too (nvidia-cublas and nvidia-cuda-runtime
+# for nvcc's major version); the built library finds them through an $ORIGIN-relative RPATH, so
+# nobody has to set LD_LIBRARY_PATH.
 set -euo pipefail
 
 # Consumer cards: Ampere (RTX 30xx, sm_86), Ada (RTX 40xx, sm_89), Blackwell (RTX 50xx, sm_120).
@@ -27,9 +30,12 @@ VERSION=""
 NVCC=""
 CONFIGURE_ONLY=0
 BUILD_DIR=""
+WORK=""
+NVCC_SITE=""
 SDIST=""
 CUBLAS_ROOT=""
 CUDA_WHEELS=auto
+CUDA_WHEELS_MAJOR=13
 DRY_RUN=0
 EXTRA_CMAKE_ARGS=()
 EXTRA_PIP_ARGS=()
@@ -45,8 +51,11 @@ usage: $0 [options]
   --version VER       llama-cpp-python version (default: the installed one)
   --nvcc PATH         the CUDA compiler (default: \$CUDACXX, nvcc on PATH, \$CUDA_HOME/bin/nvcc)
   --cublas-root DIR   cuBLAS outside the toolkit (include/ and lib/); its lib/ goes in the RPATH
-  --cuda-wheels WHEN  take cuBLAS and the CUDA runtime from NVIDIA's PyPI wheels: auto (when the
-                      toolkit has no cuBLAS; the default), always, or never
+  --cuda-wheels WHEN  take cuBLAS and the CUDA runtime from NVIDIA's PyPI wheels: auto (when
+                      the toolkit has no cuBLAS; the default), always (and nvcc too when no
+                      toolkit is found), or never
+  --cuda-major N      the CUDA major version of the wheels' nvcc, when it comes from the wheels
+                      (default: $CUDA_WHEELS_MAJOR; the driver must support it: 13 needs 580+)
   --cmake-arg ARG     one more CMake argument (repeatable)
   --pip-arg ARG       one more argument to pip install (repeatable; e.g. --no-build-isolation
                       on a machine without network, with scikit-build-core installed)
@@ -61,6 +70,10 @@ EOF
 
 die() { echo "install-cuda-backend: $*" >&2; exit 1; }
 note() { echo "# $*"; }
+run() {
+    echo "+ $*"
+    if [ "$DRY_RUN" -eq 0 ]; then "$@"; fi
+}
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -70,6 +83,7 @@ while [ $# -gt 0 ]; do
         --nvcc) NVCC=$2; shift ;;
         --cublas-root) CUBLAS_ROOT=$2; shift ;;
         --cuda-wheels) CUDA_WHEELS=$2; shift ;;
+        --cuda-major) CUDA_WHEELS_MAJOR=$2; shift ;;
         --cmake-arg) EXTRA_CMAKE_ARGS+=("$2"); shift ;;
         --pip-arg) EXTRA_PIP_ARGS+=("$2"); shift ;;
         --configure-only) CONFIGURE_ONLY=1 ;;
@@ -132,17 +146,73 @@ if [ -z "$NVCC" ]; then
         NVCC=${CUDA_HOME:-${CUDA_PATH:-/usr/local/cuda}}/bin/nvcc
     fi
 fi
-if ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; then
+SITE_OF_VENV=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# Where the wheels go: the venv, except for --configure-only, which leaves the venv as it is.
+if [ "$CONFIGURE_ONLY" -eq 1 ]; then
+    WORK=${BUILD_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/llama-cuda-configure.XXXXXX")}
+fi
+wheel_site() {
+    # A wheel already in the venv is used where it is; otherwise the install target.
+    if [ "$CONFIGURE_ONLY" -eq 1 ] && ! [ -e "$SITE_OF_VENV/nvidia/$1" ]; then
+        echo "$WORK/cuda-wheels"
+    else
+        echo "$SITE_OF_VENV"
+    fi
+}
+install_wheels() {  # SITE WHEEL...
+    local site=$1
+    shift
+    if [ "$site" = "$SITE_OF_VENV" ]; then
+        run "$PY" -m pip install --quiet "$@"
+    else
+        run "$PY" -m pip install --quiet --target "$site" "$@"
+    fi
+}
+if { ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; } && [ "$CUDA_WHEELS" = always ]; then
+    # No toolkit: NVIDIA's compiler wheel. From CUDA 13 the wheels share one tree (nvidia/cu13:
+    # bin/nvcc beside include/ and lib/), which is what nvcc expects of a toolkit.
+    [ "$CUDA_WHEELS_MAJOR" -ge 13 ] 2>/dev/null || die "no CUDA toolkit found (nvcc: ${NVCC}), and
+  NVIDIA's compiler wheels make a usable toolkit only from CUDA 13 (--cuda-major 13, which needs
+  driver 580 or newer). Install the CUDA toolkit $CUDA_WHEELS_MAJOR.x, or update the driver."
+    NVCC_SITE=$(wheel_site "cu$CUDA_WHEELS_MAJOR/bin/nvcc")
+    note "no CUDA toolkit: taking nvcc $CUDA_WHEELS_MAJOR from NVIDIA's wheels (about 200 MB) into $NVCC_SITE"
+    install_wheels "$NVCC_SITE" --no-deps "nvidia-cuda-nvcc==$CUDA_WHEELS_MAJOR.*"
+    NVCC=$NVCC_SITE/nvidia/cu$CUDA_WHEELS_MAJOR/bin/nvcc
+    # Its companions at nvcc's own minor version: a newer nvvm (cicc) writes PTX that this
+    # nvcc's ptxas rejects ("Unsupported .version 9.5; current version is '9.0'").
+    NVCC_MINOR=$CUDA_WHEELS_MAJOR.N
+    if [ -x "$NVCC" ]; then
+        NVCC_MINOR=$("$NVCC" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
+    fi
+    install_wheels "$NVCC_SITE" "nvidia-nvvm==$NVCC_MINOR.*" "nvidia-cuda-crt==$NVCC_MINOR.*" \
+        "nvidia-cuda-runtime==$NVCC_MINOR.*" "nvidia-cuda-cccl==$CUDA_WHEELS_MAJOR.*"
+    # The wheels carry only versioned libraries (libcudart.so.13): the link-time names below.
+    CUDA_WHEELS=always
+    if [ "$DRY_RUN" -eq 1 ] && ! [ -x "$NVCC" ]; then
+        CUDA_VERSION=$CUDA_WHEELS_MAJOR.0
+        CUDA_ROOT=$NVCC_SITE/nvidia/cu$CUDA_WHEELS_MAJOR
+    fi
+fi
+if [ -n "${CUDA_VERSION:-}" ]; then
+    :  # a dry run of the wheels' nvcc: nothing installed to ask
+elif ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; then
     die "no CUDA toolkit found (nvcc: ${NVCC}).
   Install the CUDA toolkit 12.8 or newer (for RTX 50xx; 11.8+ for RTX 30xx/40xx), e.g. NVIDIA's
   cuda-toolkit package (https://developer.nvidia.com/cuda-downloads) or Debian's
-  nvidia-cuda-toolkit, then rerun; or point at it with --nvcc PATH / CUDACXX=PATH.
+  nvidia-cuda-toolkit, then rerun; or point at it with --nvcc PATH / CUDACXX=PATH; or take
+  nvcc from NVIDIA's PyPI wheels with --cuda-wheels always (CUDA 13: driver 580 or newer).
   The NVIDIA driver alone is not enough: it runs CUDA programs but cannot build them."
 fi
-CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
-# nvcc may be a wrapper script; nvcc itself knows where its toolkit is.
-CUDA_ROOT=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-CUDA_ROOT=$(realpath -m "${CUDA_ROOT:-$(dirname "$(realpath "$NVCC")")/..}")
+if [ -z "${CUDA_VERSION:-}" ]; then
+    CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
+    # nvcc may be a wrapper script; nvcc itself knows where its toolkit is.
+    CUDA_ROOT=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+    CUDA_ROOT=$(realpath -m "${CUDA_ROOT:-$(dirname "$(realpath "$NVCC")")/..}")
+fi
+if [ -n "$NVCC_SITE" ] && ! [ -e "$CUDA_ROOT/lib64" ]; then
+    # nvcc links from its toolkit's lib64 (nvcc.profile); the wheels keep their libraries in lib.
+    run ln -s lib "$CUDA_ROOT/lib64"
+fi
 note "CUDA toolkit $CUDA_VERSION at $CUDA_ROOT (nvcc: $NVCC)"
 
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
@@ -168,15 +238,7 @@ find_first() {
     done
     return 1
 }
-run() {
-    echo "+ $*"
-    if [ "$DRY_RUN" -eq 0 ]; then "$@"; fi
-}
 
-WORK=""
-if [ "$CONFIGURE_ONLY" -eq 1 ]; then
-    WORK=${BUILD_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/llama-cuda-configure.XXXXXX")}
-fi
 # Link-time names (libcublas.so, a driver stub) that the wheels and a GPU-less machine lack. For a
 # real build they live in the venv, not in /tmp: CMake copies link directories into the RPATH, and
 # a world-writable one there would let anyone plant libraries. Only unversioned names live here,
@@ -229,13 +291,17 @@ else
     else
         WHEELS=("nvidia-cublas-cu$CUDA_MAJOR" "nvidia-cuda-runtime-cu$CUDA_MAJOR")
     fi
-    if [ "$CONFIGURE_ONLY" -eq 1 ]; then
+    if [ -e "${NVCC_SITE:-}/nvidia/cu$CUDA_MAJOR/lib/libcublas.so.$CUDA_MAJOR" ]; then
+        WHEEL_SITE=$NVCC_SITE  # already there, beside the wheels' nvcc: nothing to fetch
+    elif [ -e "$SITE_OF_VENV/nvidia/cu$CUDA_MAJOR/lib/libcublas.so.$CUDA_MAJOR" ]; then
+        WHEEL_SITE=$SITE_OF_VENV  # already in the venv: nothing to fetch
+    elif [ "$CONFIGURE_ONLY" -eq 1 ]; then
         # Nothing is built: keep the venv as it is and unpack the wheels next to the build.
         WHEEL_SITE=$WORK/cuda-wheels
         run "$PY" -m pip install --quiet --no-cache-dir --no-deps --target "$WHEEL_SITE" \
             "${WHEELS[@]}"
     else
-        WHEEL_SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        WHEEL_SITE=$SITE_OF_VENV
         run "$PY" -m pip install --quiet --no-cache-dir "${WHEELS[@]}"
     fi
     note "cuBLAS and the CUDA runtime from NVIDIA's wheels (${WHEELS[*]}) in $WHEEL_SITE"
@@ -269,6 +335,7 @@ else
         "-DCUDA_cublas_LIBRARY=$LINK_DIR/lib/libcublas.so"
         "-DCUDA_cublasLt_LIBRARY=$LINK_DIR/lib/libcublasLt.so"
         "-DCUDA_cudart_LIBRARY=$LINK_DIR/lib/libcudart.so"
+        "-DCUDA_CUDART=$LINK_DIR/lib/libcudart.so"
         "-DCMAKE_CUDA_FLAGS=-I$LINK_DIR/include"
     )
     # llama-cpp-python installs its libraries in site-packages/llama_cpp/lib: point from there to
@@ -290,8 +357,12 @@ LIBCUDA=$(find_first "$CUDA_ROOT/lib64/stubs/libcuda.so" "$CUDA_ROOT/lib/stubs/l
     "$CUDA_ROOT/targets/*/lib/stubs/libcuda.so" /usr/lib/*-linux-gnu/libcuda.so \
     /usr/lib64/libcuda.so /usr/lib/libcuda.so || true)
 if [ -z "$LIBCUDA" ]; then
-    CUDA_H=$(find_first "$CUDA_ROOT/include/cuda.h" "$CUDA_ROOT/targets/*/include/cuda.h") \
-        || die "no cuda.h in $CUDA_ROOT/include: the toolkit is incomplete"
+    if ! CUDA_H=$(find_first "$CUDA_ROOT/include/cuda.h" "$CUDA_ROOT/targets/*/include/cuda.h"); then
+        # A dry run of the wheels' nvcc has installed nothing yet: where the wheel puts it.
+        [ "$DRY_RUN" -eq 1 ] && [ -n "$NVCC_SITE" ] \
+            || die "no cuda.h in $CUDA_ROOT/include: the toolkit is incomplete"
+        CUDA_H=$CUDA_ROOT/include/cuda.h
+    fi
     LIBCUDA=$LINK_DIR/lib/libcuda.so
     note "no libcuda.so (driver or toolkit stub): linking against a stub made from $CUDA_H"
     STUB_CMD="echo '#include <cuda.h>' | ${CC:-cc} -E -I$(dirname "$CUDA_H") -x c - | tr -s ' \\n' ' ' | grep -oE 'CUresult cu[A-Za-z0-9_]+ ?[(]' | sed 's/^CUresult \\(cu[A-Za-z0-9_]*\\).*/int \\1(void) { return 999; }/' | sort -u | ${CC:-cc} -shared -fPIC -Wl,-soname,libcuda.so.1 -o $LIBCUDA -x c -"

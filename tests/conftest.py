@@ -29,6 +29,7 @@ from localllm.engine.types import (
 )
 from localllm.errors import CancelledError, ContextLengthExceededError, QueueFullError
 from localllm.models import embedded_model_path as _embedded_model_path
+from localllm.models import instruct_model_path as _instruct_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-1"
@@ -42,6 +43,13 @@ def embedded_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not models.is_dir():
         models = tmp_path_factory.mktemp("models")
     return _embedded_model_path(models)
+
+
+@pytest.fixture(scope="session")
+def instruct_model_path(embedded_model_path: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (the default model: llama architecture, a ChatML
+    template), in the same folder as the embedded Gemma 3 270M."""
+    return _instruct_model_path(embedded_model_path.parent)
 
 
 # ---------------------------------------------------------------------------- a real server

@@ -78,8 +78,8 @@ def test_report_on_this_machine_says_cpu_only(
     assert cpu_only.level == "info"
     assert "tokens/s" in cpu_only.message
 
-    # The default model is the embedded one; doctor reports it without assembling it.
-    assert report.model.name == "embedded Gemma 3 270M Q4_K_M"
+    # The default model is the embedded instruct one; doctor reports it without writing it.
+    assert report.model.name == "embedded SmolLM2-135M-Instruct Q4_1"
     assert report.model.present is False
     assert report.model.fit == "not checked: the model file is not there yet"
     assert not models.exists()

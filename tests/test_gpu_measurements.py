@@ -70,7 +70,7 @@ GPU_ROWS = _rows("gpu")
 CPU_ROWS = _rows("cpu")
 NO_GPU_MEASUREMENTS = (
     "no GPU measurement is committed under benchmarks/gpu/ yet: run scripts/gpu_check_device.sh "
-    "on a GPU machine (README, 'Measuring on a GPU') and commit its gpu_check.json"
+    "on a GPU machine (docs/gpu.md) and commit its gpu_check.json"
 )
 _HEADERS: dict[tuple[str, str], ModelHeader] = {}
 

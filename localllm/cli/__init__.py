@@ -27,6 +27,7 @@ from typing import Any
 from localllm.cli import commands
 from localllm.cli.flags import PLAN_SETTINGS, add_settings_flags
 from localllm.cli.output import print_json, warn
+from localllm.engine.build import REPACK_LOGGER
 from localllm.errors import DoesNotFitError, LocalLLMError, SettingsError
 from localllm.settings import Settings, unknown_env_vars
 
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = _command(sub, "inspect", "Show what a GGUF's header says (reads no weights).",
                        commands.cmd_inspect)
-    inspect.add_argument("model", nargs="?", help="GGUF file or model name (default: embedded).")
+    inspect.add_argument("model", nargs="?",
+                         help="GGUF file or model name (default: the default_model setting).")
     _json_flag(inspect)
     add_settings_flags(inspect, ["models_dir"])
 
@@ -134,13 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "model",
         nargs="?",
-        help="GGUF file, folder or glob of quantizations, or ORG/REPO[:QUANT] (default: embedded).",
+        help="GGUF file, folder or glob of quantizations, or ORG/REPO[:QUANT] (default: the "
+        "default_model setting).",
     )
     _json_flag(fit)
     fit.add_argument("--objective", choices=["balanced", "quality", "speed"], default="balanced",
                      help="balanced: best quality at interactive speed, preferring full offload.")
-    fit.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=None,
-                     help="Full-size sliding-window cache (default: on, as llama-cpp-python).")
     fit.add_argument("--check", action="store_true",
                      help="Also run llama.cpp's own dry run for the plan and compare its buffers.")
     fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = _command(sub, "chat", "Chat with a model in the terminal (/bye or Ctrl-D to end).",
                     cmd_chat)
     chat.add_argument("model", nargs="?",
-                      help="Model name, file or ORG/REPO[:QUANT] (default: embedded); with --url, "
-                      "the model name the server knows.")
+                      help="Model name, file or ORG/REPO[:QUANT] (default: the default_model "
+                      "setting); with --url, the model name the server knows.")
     chat.add_argument("--url", help="Talk to a running OpenAI-compatible server instead.")
     chat.add_argument("--api-key", dest="chat_api_key",
                       help="Bearer token for --url (default: $OPENAI_API_KEY).")
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", nargs="?",
                        help="One model to serve for the server's life: a file, a name or "
                        "ORG/REPO[:QUANT] (default: every model in the models folder, each loaded "
-                       "when a request names it).")
+                       "when a request names it; default_model loads first and answers requests "
+                       "that name none).")
     add_settings_flags(serve, every_setting)
 
     doctor = _command(sub, "doctor", "What this machine and llama.cpp build can do, and fixes.",
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile = _command(sub, "profile",
                        "Load a model as serve would; predicted vs allocated memory per device.",
                        commands.cmd_profile)
-    profile.add_argument("model", nargs="?", help="GGUF file or model name (default: embedded).")
+    profile.add_argument("model", nargs="?",
+                         help="GGUF file or model name (default: the default_model setting).")
     profile.add_argument("--tokens", type=_positive_int, default=32, help="Tokens to generate.")
     _json_flag(profile)
     add_settings_flags(profile, PLAN_SETTINGS)
@@ -263,6 +266,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     if not args.verbose:  # per-request and llama.cpp chatter only with -v
         for noisy in ("httpx", "httpx2", "httpcore", "localllm.llama"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose and args.command != "serve":  # machine facts: the serve log, -v, doctor
+        logging.getLogger(REPACK_LOGGER).setLevel(logging.WARNING)
 
 
 def _warn_unknown_env() -> None:

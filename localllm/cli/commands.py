@@ -72,7 +72,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from localllm.models import resolve_model
 
     settings, _ = settings_from_args(args)
-    header = read_header(resolve_model(args.model, settings.models_dir))
+    header = read_header(resolve_model(args.model or settings.default_model, settings.models_dir))
     summary = header.summary()
     if args.json:
         print_json(summary)
@@ -131,8 +131,8 @@ def _model_headers(args: argparse.Namespace, settings: Settings) -> _Ladder:
     from localllm.hub import HubClient, RepoRef, looks_like_repo
     from localllm.models import group_by_model, ladder_labels, resolve_model
 
-    target = args.model
-    if target and looks_like_repo(target):
+    target = args.model or settings.default_model
+    if looks_like_repo(target):
         ref = RepoRef.parse(target, args.revision)
         with progress(f"reading the GGUF headers of {ref.repo_id} (range requests)"):
             pairs = HubClient().read_headers(ref)
@@ -141,8 +141,8 @@ def _model_headers(args: argparse.Namespace, settings: Settings) -> _Ladder:
             {str(header.path): quant.size for quant, header in pairs},
             {str(header.path): quant.label for quant, header in pairs},
         )
-    is_glob = target is not None and any(ch in target for ch in "*?[")
-    if target is None or (not is_glob and not Path(target).exists()):
+    is_glob = any(ch in target for ch in "*?[")
+    if not is_glob and not Path(target).exists():
         target = str(resolve_model(target, settings.models_dir))
     with progress(f"reading GGUF headers in {target}"):
         headers = read_headers(target)
@@ -160,8 +160,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for warning in hardware_warnings(settings, given):
         warn(warning)
     changes: dict[str, Any] = {"objective": args.objective}
-    if args.swa_full is not None:
-        changes["swa_full"] = args.swa_full
     request = FitRequest.from_settings(settings, **changes)
     hardware = planning_hardware(settings)
     ladder = _model_headers(args, settings)
@@ -345,7 +343,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from localllm.profile import format_profile, profile_model
 
     settings, _ = settings_from_args(args)
-    path = resolve_model(args.model, settings.models_dir)
+    path = resolve_model(args.model or settings.default_model, settings.models_dir)
     with progress(f"loading {path.name} and generating {args.tokens} tokens"):
         report = profile_model(path, settings, args.tokens)
     if args.json:
@@ -468,16 +466,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print_json([asdict(e) for e in entries])
         return 0
-    if not entries:
-        print(f"no models in {settings.models_dir} (pull one with `localllm pull ORG/REPO`)")
-        return 0
     print_table(
         ["model", "size", "quant", "context", "fit on this machine"],
-        [[e.name, gib(e.size_bytes, 2), e.quant or "?", f"{e.n_ctx_train:,}", e.error or e.fits]
+        [[e.name + (" (default)" if e.default else ""), gib(e.size_bytes, 2), e.quant or "?",
+          f"{e.n_ctx_train:,}" if e.n_ctx_train else "-", e.error or e.fits]
          for e in entries],
         right=(1, 3),
     )
+    print(_default_line(settings, given))
+    for e in entries:
+        if e.embedded:
+            print(f"embedded {e.name}: {e.embedded}")
     return 0
+
+
+def _default_line(settings: Settings, given: set[str]) -> str:
+    """Which model answers where none is named, and why that one."""
+    from localllm.models import DEFAULT_MODEL
+
+    if "default_model" in settings.model_fields_set and settings.default_model != DEFAULT_MODEL:
+        why = f"set by {source_name('default_model', given)}"
+    else:
+        why = ("the built-in default: an instruction-tuned model answers a first question, "
+               "where a base model only continues the text; set default_model to change it")
+    return f"default: {settings.default_model} ({why})"
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

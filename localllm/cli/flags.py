@@ -48,6 +48,8 @@ PLAN_SETTINGS = (
     "flash_attn",
     "n_ubatch",
     "n_batch",
+    "swa_full",
+    "ctx_checkpoints",
     "threads",
     "gpu_margin_mib",
     "min_speed",

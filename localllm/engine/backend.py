@@ -130,8 +130,10 @@ class LlamaBackend:
             self.rpc = rpc.attach(config.rpc_servers, config.rpc_allow_public)
             mparams.devices = ctypes.addressof(self.rpc.model_devices)
         use_extra_bufts = config.use_extra_bufts
-        if use_extra_bufts is None:
-            use_extra_bufts = build.repack_supported().supported
+        if use_extra_bufts is None:  # not planned by `loading`: ask the machine's probe here
+            probe = build.repack_supported()
+            build.report_repack(probe)
+            use_extra_bufts = probe.supported
         mparams.use_extra_bufts = use_extra_bufts
         if not config.use_mmap:
             mparams.load_mode = LOAD_MODE_NONE
@@ -175,6 +177,10 @@ class LlamaBackend:
         self.memory = llama.llama_get_memory(ctx)
         self.batch = llama.llama_batch_init(config.n_batch, 0, 1)
         self.n_ctx: int = llama.llama_n_ctx(ctx)
+        self.n_swa: int = llama.llama_model_n_swa(model)
+        self.recurrent: bool = bool(
+            llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model)
+        )
 
     def _set_tensor_overrides(self, mparams: Any) -> None:
         entries: list[tuple[bytes, int]] = []
@@ -275,6 +281,28 @@ class LlamaBackend:
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(_llama().llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """The smallest position a sequence still holds (-1: none). With a small sliding-window
+        cache it climbs as old cells are overwritten; a recurrent state holds only its last."""
+        return int(_llama().llama_memory_seq_pos_min(self.memory, seq_id))
+
+    def partial_state(self, seq_id: int) -> bytes:
+        """The part of a sequence's memory that cannot be cut back (the sliding-window cache,
+        the recurrent state; llama.cpp's PARTIAL_ONLY flag), copied to host memory."""
+        llama = _llama()
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama.llama_state_seq_get_size_ext(self.ctx, seq_id, flags)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data_ext(self.ctx, buffer, size, seq_id, flags)
+        return bytes(memoryview(buffer)[:written])
+
+    def restore_partial_state(self, seq_id: int, data: bytes) -> bool:
+        """Put back what `partial_state` copied; the full-attention cells are left as they are."""
+        llama = _llama()
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        return bool(llama.llama_state_seq_set_data_ext(self.ctx, buffer, len(data), seq_id, flags))
 
     def new_sampler(
         self, params: SamplingParams, seed: int, grammar: Grammar | None = None

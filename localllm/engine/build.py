@@ -5,7 +5,10 @@
 - `gpu_offload()`: the one question the loader asks;
 - `cuda_fix_command(venv)`: the command that rebuilds llama-cpp-python with CUDA in a venv;
 - `repack_supported()`: whether repacked CPU weight buffers (llama.cpp's CPU_REPACK / AMX
-  "extra buffer types") run on this machine, decided by a probe in a child process and cached.
+  "extra buffer types") run on this machine, decided by a probe in a child process and cached;
+  run only where an engine is about to load (and by `doctor`);
+- `repack_planned()`: what planning assumes meanwhile: the cached answer, else llama.cpp's default
+  for this CPU; it never starts the probe.
 
 `localllm doctor` reports all of them; `localllm.loading` and the engine act on them.
 """
@@ -17,6 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -200,7 +204,7 @@ def _dist_version(name: str) -> str | None:
 
 # --- repacked CPU weights -----------------------------------------------------------------------
 
-RepackSource = Literal["probe", "cache", "setting"]
+RepackSource = Literal["probe", "cache", "setting", "default"]
 
 
 @dataclass(frozen=True)
@@ -238,20 +242,60 @@ def _probe_key() -> str:
     return f"{machine_key()}|llama-cpp-python {_dist_version('llama-cpp-python')}"
 
 
+def _cached_repack() -> RepackProbe | None:
+    """The probe's answer for this machine and llama.cpp version, when one was stored."""
+    try:
+        data = json.loads(_cache_path().read_text())
+        if data.get("version") == _REPACK_PROBE_VERSION and data.get("key") == _probe_key():
+            return RepackProbe(bool(data["supported"]), "cache", str(data["detail"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def repack_planned() -> RepackProbe:
+    """What a plan assumes about repacked CPU weights, without starting the probe.
+
+    The probe's cached answer when there is one. Otherwise llama.cpp's own default for this CPU:
+    `use_extra_bufts` is on by default, and its x86 repack kernels (the ones the fitter's memory
+    and speed models describe) are chosen when the CPU has AVX2; elsewhere none are assumed.
+    Planning is cheap and never crashes, so it must not pay for (or be disturbed by) a child
+    process; the engine runs the probe before it loads and follows the probe's answer.
+    """
+    cached = _cached_repack()
+    if cached is not None:
+        return cached
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and "avx2" in _cpu_flags():
+        return RepackProbe(True, "default", "llama.cpp's default with AVX2; not probed yet")
+    return RepackProbe(False, "default", "no x86 repack kernels for this CPU; not probed yet")
+
+
 def repack_supported(refresh: bool = False, model_path: Path | None = None) -> RepackProbe:
     """Run (once per machine and llama.cpp version) the child-process probe of repacked weights.
 
-    Only definite answers are cached: the child decoded, or a signal killed it. A child that
-    failed otherwise (no model, a timeout) answers "not supported" for this run only.
+    Call it only where an engine is about to load (or in `doctor`): it costs a child process
+    and a few seconds the first time. Only definite answers are cached: the child decoded, or
+    a signal killed it. A child that failed otherwise (no model, a timeout) answers "not
+    supported" for this run only. Callers report the answer (`describe_repack`) at INFO in the
+    serve log and doctor: a fact of the machine, not a warning on every command.
     """
-    path, key = _cache_path(), _probe_key()
+    path = _cache_path()
     if not refresh:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") == _REPACK_PROBE_VERSION and data.get("key") == key:
-                return RepackProbe(bool(data["supported"]), "cache", str(data["detail"]))
-        except (OSError, ValueError, KeyError):
-            pass
+        cached = _cached_repack()
+        if cached is not None:
+            return cached
+    key = _probe_key()
     if model_path is None:
         from localllm.models import embedded_model_path
 
@@ -291,6 +335,19 @@ def repack_supported(refresh: bool = False, model_path: Path | None = None) -> R
         path.write_text(json.dumps(record, indent=1))
     except OSError:
         pass  # a read-only home: the answer still holds for this run
-    if not result.supported:
-        log.warning("repacked CPU weights crash here (%s): turned off", result.detail)
     return result
+
+
+def describe_repack(probe: RepackProbe) -> str:
+    """One line for the serve log, -v and doctor: 'on (decoded 4 tokens; probe)'."""
+    state = "on" if probe.supported else "off"
+    return f"repacked CPU weights: {state} ({probe.detail}; {probe.source})"
+
+
+# Its own logger, so the CLI can show the line in the serve log and with -v only.
+REPACK_LOGGER = "localllm.repack"
+
+
+def report_repack(probe: RepackProbe) -> None:
+    """Say at INFO, as an engine loads, whether it repacks (llama.cpp logs its system info so)."""
+    logging.getLogger(REPACK_LOGGER).info("%s", describe_repack(probe))

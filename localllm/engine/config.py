@@ -24,8 +24,13 @@ class EngineConfig:
     type_k: CacheType = "f16"
     type_v: CacheType = "f16"
     flash_attn: bool | None = None  # None lets llama.cpp decide
-    # llama-cpp-python's default; llama.cpp's own tools use False (a smaller SWA cache).
-    swa_full: bool = True
+    # llama-server's default: the small sliding-window cache (n_swa + n_ubatch cells per slot);
+    # context checkpoints keep prompt reuse working (llama-cpp-python's default is True).
+    swa_full: bool = False
+    # Context checkpoints per slot, for models whose memory cannot be cut back (recurrent,
+    # hybrid, sliding-window with swa_full off); 0 turns them off. See `engine.checkpoints`.
+    ctx_checkpoints: int = 4
+    checkpoint_every_n_tokens: int = 0  # also checkpoint long prompts every N tokens (0: no)
     n_batch: int = 2048
     n_ubatch: int = 512
     n_threads: int | None = None  # None: every core
@@ -55,6 +60,8 @@ class EngineConfig:
             raise ValueError("n_batch and n_ubatch must be positive")
         if self.queue_size < 0:
             raise ValueError("queue_size must not be negative")
+        if self.ctx_checkpoints < 0 or self.checkpoint_every_n_tokens < 0:
+            raise ValueError("ctx_checkpoints and checkpoint_every_n_tokens must not be negative")
 
     @property
     def n_ctx_slot(self) -> int:

@@ -8,7 +8,10 @@ stall the running streams.
 
 Slots keep their KV cells after a request ends. A new request goes to the free slot whose cached
 tokens share the longest prefix with its prompt (the next turn of a chat), and only the rest of
-the prompt is decoded. A cancelled request keeps what it computed for the same reason.
+the prompt is decoded. A cancelled request keeps what it computed for the same reason. Where the
+memory cannot be cut back to that prefix (recurrent and hybrid models, sliding-window layers with
+the small cache), context checkpoints saved while decoding earlier prompts stand in for it
+(`localllm.engine.checkpoints`).
 
 Limits (checked in `submit`, before anything is queued):
 - the prompt must leave room for at least one generated token in a slot (n_ctx // n_parallel);
@@ -46,6 +49,14 @@ import numpy as np
 from localllm.engine import logs
 from localllm.engine.backend import BatchItem, Grammar, LlamaBackend, Sampler, log_softmax
 from localllm.engine.chat import ChatTemplate
+from localllm.engine.checkpoints import (
+    Checkpoint,
+    SlotCheckpoints,
+    checkpoint_positions,
+    cut_to_prefix,
+    needs_checkpoints,
+    next_stop,
+)
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
@@ -87,6 +98,8 @@ class Backend(Protocol):
     load_log: list[str]
     architecture: str
     chat_template: str | None
+    n_swa: int  # sliding window of the model's SWA layers (0: none)
+    recurrent: bool  # recurrent or hybrid memory (a state per sequence, not cells per token)
 
     @property
     def embedding_only(self) -> bool: ...
@@ -100,6 +113,9 @@ class Backend(Protocol):
     def logprobs(self, batch_index: int) -> Any: ...
     def logits_row(self, batch_index: int) -> Any: ...
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool: ...
+    def seq_pos_min(self, seq_id: int) -> int: ...
+    def partial_state(self, seq_id: int) -> bytes: ...
+    def restore_partial_state(self, seq_id: int, data: bytes) -> bool: ...
     def compile_grammar(self, text: str) -> Grammar: ...
     def new_sampler(
         self, params: SamplingParams, seed: int, grammar: Grammar | None = None
@@ -133,6 +149,7 @@ class _Job:
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     keep_special: frozenset[int] = frozenset()  # token ids printed with their control text
+    checkpoint_at: tuple[int, ...] = ()  # prompt positions to save a context checkpoint at
 
 
 @dataclass(eq=False)
@@ -141,6 +158,7 @@ class _Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds
     job: _Job | None = None
     last_used: float = 0.0
+    checkpoints: SlotCheckpoints | None = None  # None: the memory can be cut anywhere
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -171,7 +189,11 @@ class Engine:
             max_chars=self.max_prompt_chars,
         )
         self._tool_syntax: ToolSyntax | None = None
-        self._slots = [_Slot(seq_id=i) for i in range(config.n_parallel)]
+        partial = needs_checkpoints(backend, config.swa_full)
+        self._slots = [
+            _Slot(i, checkpoints=SlotCheckpoints(config.ctx_checkpoints) if partial else None)
+            for i in range(config.n_parallel)
+        ]
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -187,6 +209,8 @@ class Engine:
         self._prompt_seconds = 0.0
         self._decode_seconds = 0.0
         self._last_ttft: float | None = None
+        self._checkpoints_saved = 0
+        self._checkpoints_restored = 0
         # One worker: grammar samples queue behind each other, never in front of the batch.
         self._sampling = ThreadPoolExecutor(1, thread_name_prefix="localllm-grammar")
         self._thread = threading.Thread(target=self._run, name="localllm-scheduler", daemon=True)
@@ -395,6 +419,17 @@ class Engine:
         """
         if not inputs:
             raise RequestError("input must not be empty", param="input")
+        # The embedding context's limit per input (as the backend sizes it), and in characters
+        # 64 per token, checked before tokenizing: a 200 KB text would take seconds to tokenize
+        # only to be refused for its token count.
+        max_tokens = max(16, min(self.config.n_ctx_slot, self.config.n_ubatch))
+        for index, item in enumerate(inputs):
+            if isinstance(item, str) and len(item) > 64 * max_tokens:
+                raise ContextLengthExceededError(
+                    f"input {index} is {len(item)} characters; this model embeds at most "
+                    f"{max_tokens} tokens per input: split the text",
+                    param="input",
+                )
         token_lists: list[list[int]] = []
         for item in inputs:
             if isinstance(item, str):
@@ -456,6 +491,9 @@ class Engine:
             prompt_seconds_total=self._prompt_seconds,
             decode_seconds_total=self._decode_seconds,
             last_time_to_first_token_s=self._last_ttft,
+            checkpoints_saved_total=self._checkpoints_saved,
+            checkpoints_restored_total=self._checkpoints_restored,
+            checkpoint_bytes=sum(s.checkpoints.n_bytes for s in slots if s.checkpoints),
         )
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -640,12 +678,19 @@ class Engine:
         job.started_at = time.perf_counter()
         reuse = _common_prefix(slot.cached, job.prompt)
         reuse = min(reuse, len(job.prompt) - 1)  # decode at least one token to get logits
-        if reuse < len(slot.cached) and not self.backend.seq_rm(slot.seq_id, reuse, -1):
-            # A partial removal can fail (e.g. a small SWA cache): start the slot from scratch.
-            self.backend.seq_rm(slot.seq_id, -1, -1)
-            reuse = 0
+        reuse, restored = cut_to_prefix(
+            self.backend, slot.seq_id, len(slot.cached), reuse, slot.checkpoints
+        )
+        self._checkpoints_restored += restored
         del slot.cached[reuse:]
         job.n_cached = job.n_prompt_done = reuse
+        if slot.checkpoints is not None and slot.checkpoints.limit > 0:
+            job.checkpoint_at = checkpoint_positions(
+                len(job.prompt),
+                reuse,
+                self.config.n_ubatch,
+                self.config.checkpoint_every_n_tokens,
+            )
         seed = job.request.sampling.seed
         if seed is None:
             seed = self._rng.getrandbits(32)
@@ -675,6 +720,9 @@ class Engine:
                 continue
             take = min(len(job.prompt) - job.n_prompt_done, budget)
             start = job.n_prompt_done
+            stop = next_stop(job.checkpoint_at, start)
+            if stop is not None:
+                take = min(take, stop - start)  # end the chunk where a checkpoint is due
             for i in range(take):
                 last = start + i == len(job.prompt) - 1
                 if last:
@@ -709,6 +757,10 @@ class Engine:
             slot.cached.extend(job.prompt[job.n_prompt_done : job.n_prompt_done + take])
             job.n_prompt_done += take
             self._prompt_tokens_total += take
+            if job.n_prompt_done in job.checkpoint_at and slot.checkpoints is not None:
+                data = self.backend.partial_state(slot.seq_id)
+                slot.checkpoints.add(Checkpoint(job.n_prompt_done, data))
+                self._checkpoints_saved += 1
             if job.n_prompt_done == len(job.prompt):
                 self._sample(slot, now)
 
@@ -719,6 +771,8 @@ class Engine:
         for slot in slots:
             self.backend.seq_rm(slot.seq_id, -1, -1)
             slot.cached.clear()
+            if slot.checkpoints is not None:
+                slot.checkpoints.clear()
             self._release(slot, error)
 
     def _sample(self, slot: _Slot, now: float) -> None:

@@ -120,6 +120,10 @@ class EngineStats:
     prompt_seconds_total: float  # wall time of decode steps that carried prompt tokens
     decode_seconds_total: float  # wall time of decode steps that carried generated tokens
     last_time_to_first_token_s: float | None
+    # Context checkpoints (recurrent / hybrid / small sliding-window caches; engine.checkpoints).
+    checkpoints_saved_total: int = 0
+    checkpoints_restored_total: int = 0
+    checkpoint_bytes: int = 0  # host memory the slots' checkpoints hold now
 
     @property
     def prompt_tokens_per_s(self) -> float:

@@ -37,7 +37,10 @@ class FitRequest:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp's auto, which enables it on CPU and CUDA
-    swa_full: bool = True  # llama-cpp-python's and localllm's engine default
+    # Direct callers keep the full-size cache; settings (`fit`, `serve`) pass their own default,
+    # llama-server's off.
+    swa_full: bool = True
+    ctx_checkpoints: int = 4  # the engine's context checkpoints per slot (host memory)
     kv_unified: bool = False  # localllm's engine: one KV stream per slot
     n_ubatch: int = 512
     n_batch: int = 2048
@@ -71,6 +74,8 @@ class FitRequest:
             "flash_attn": settings.flash_attn,
             "n_ubatch": settings.n_ubatch,
             "n_batch": settings.n_batch,
+            "swa_full": settings.swa_full,
+            "ctx_checkpoints": settings.ctx_checkpoints,
             "gpu_margin_bytes": settings.gpu_margin_mib * MIB,
             "min_speed_tok_s": settings.min_speed,
             "max_quality_loss": getattr(settings, "max_quality_loss", None),
@@ -94,6 +99,7 @@ class DeviceMemory:
     capacity_bytes: int  # free GPU memory / available RAM before loading
     n_layers: int = 0  # repeating layers whose weights live here
     assumed: bool = False  # a card named by --gpu / --vram, not one detected on this machine
+    checkpoint_bytes: int = 0  # the engine's context checkpoints, at most (host only)
 
     @property
     def total_bytes(self) -> int:
@@ -103,6 +109,7 @@ class DeviceMemory:
             + self.compute_bytes
             + self.output_bytes
             + self.overhead_bytes
+            + self.checkpoint_bytes
         )
 
     @property
@@ -123,6 +130,7 @@ class DeviceMemory:
             "compute_bytes": self.compute_bytes,
             "output_bytes": self.output_bytes,
             "overhead_bytes": self.overhead_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes,
             "margin_bytes": self.margin_bytes,
             "total_bytes": self.total_bytes,
             "capacity_bytes": self.capacity_bytes,

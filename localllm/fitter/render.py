@@ -31,6 +31,10 @@ def format_plan(plan: Plan) -> str:
         f"KV cache {cache}; flash attention {'on' if plan.flash_attn else 'off'}; "
         f"swa_full {'on' if plan.swa_full else 'off'}; n_ubatch {plan.n_ubatch}"
     )
+    host = next((d for d in plan.devices if d.name == "host"), None)
+    if host is not None and host.checkpoint_bytes:
+        lines.append(f"  context checkpoints (host, counted in its overhead): up to "
+                     f"{_gib(host.checkpoint_bytes)} GiB")
     if plan.tensor_split:
         lines.append(f"  tensor split {', '.join(f'{s:g}' for s in plan.tensor_split)}")
     lines.append(f"  predicted: {plan.decode_tok_s:.1f} tok/s decode, "
@@ -48,7 +52,8 @@ def format_plan(plan: Plan) -> str:
             d.name if d.name == "host" else
             f"{d.name} {d.description}" + (" (assumed)" if d.assumed else ""),
             _gib(d.weights_bytes), _gib(d.kv_bytes), _gib(d.compute_bytes),
-            _gib(d.output_bytes), _gib(d.overhead_bytes), _gib(d.total_bytes),
+            _gib(d.output_bytes), _gib(d.overhead_bytes + d.checkpoint_bytes),
+            _gib(d.total_bytes),
             _gib(d.capacity_bytes), _gib(d.free_bytes - d.margin_bytes),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -24,6 +24,7 @@ from localllm.errors import DoesNotFitError, SettingsError
 from localllm.fitter.memory import (
     ContextShape,
     HeaderFacts,
+    checkpoints_total_bytes,
     compute_phases,
     context_shape,
     kv_layer_bytes,
@@ -248,6 +249,10 @@ class _Fitter:
                 margin_bytes=0,
                 capacity_bytes=host.ram_available_bytes,
                 n_layers=layers_on[-1],
+                checkpoint_bytes=checkpoints_total_bytes(
+                    header, shape.n_seq, request.ctx_checkpoints, request.swa_full,
+                    request.type_k, request.type_v,
+                ),
             )
         )
 
@@ -466,8 +471,8 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
     slot_options = (request.n_parallel,) if request.n_parallel else AUTO_SLOTS
     if header.sliding_window and request.swa_full:
         notes.append(
-            "full-size SWA cache (swa_full, llama-cpp-python's default); "
-            "--swa-full off shrinks the sliding-window layers' cache"
+            "full-size SWA cache (--swa-full); --no-swa-full (the default) shrinks the "
+            "sliding-window layers' cache, context checkpoints keep prompt reuse"
         )
     full = n_layer_all = header.n_layer + 1
 

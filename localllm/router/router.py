@@ -18,6 +18,23 @@ A worker that dies (llama.cpp abort, OOM killer, SIGKILL) is noticed by its read
 requests end with ModelCrashedError, the model is marked unloaded (with the exit status), and the
 next request for it loads it again.
 
+A worker that stops answering (no heartbeat for `worker_hang_timeout_s`) is killed by its
+client (`worker.py`) and handled as a crash; every request also has a deadline kept here in the
+parent (`request_timeout_s`), whatever the worker does.
+
+No pool is shared between models: each loaded model has a small executor of its own
+(`LoadedModel.executor`, n_parallel + 2 threads) for the blocking calls into its worker
+(submit, tokenize, chat prompts, embeddings), and the registry's file work (headers, plans,
+listing) runs on the router's own `files` executor. A flood of slow work for one model queues
+behind that model only; the API's other routes and the other models go on.
+
+Model files are checked whenever the folder is listed or a request names a model: a loaded
+model whose file was deleted or replaced (another size, mtime or inode) is retired, that is
+taken out of the loaded set at once (a new request for the name loads the new file, or gets a
+404 for a deleted one) and unloaded as soon as its requests in flight end, whatever its
+keep_alive (-1 included) or pinning: the file it was loaded from is no longer the model of
+that name. Until then it is listed with status `unloading` and can be unloaded by name.
+
 Everything here runs on the event loop except worker start/stop and planning (threads).
 """
 
@@ -25,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,28 +82,52 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)")
 
 
+KEEP_ALIVE_MAX_S = 365 * 86400.0  # a year; longer is a typo or an attack ("-1" means never)
+
+
 def parse_keep_alive(value: str | int | float) -> float | None:
     """Ollama's keep_alive in seconds: a Go-style duration ('5m', '1h30m', '500ms') or a number
-    of seconds; 0 unloads right after the answer; any negative value means never (None)."""
+    of seconds; 0 unloads right after the answer; any negative value means never (None).
+
+    Finite and bounded: 'inf', 'nan', '1e400' or a number of 5000 digits would reach JSON
+    (/v1/models) and the event loop's timer as a value neither can hold."""
     if isinstance(value, bool):
         raise SettingsError(f"keep_alive {value!r} is not a duration; write it like 5m or 30s")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip().lower()
-        try:
-            seconds = float(text)
-        except ValueError:
-            sign = -1.0 if text.startswith("-") else 1.0
-            body = text.lstrip("+-")
-            parts = _DURATION_RE.findall(body)
-            if not body or "".join(n + u for n, u in parts) != body:
-                raise SettingsError(
-                    f"keep_alive {value!r} is not a duration; write it like 5m, 1h30m, 30s, "
-                    "0 (unload after the answer) or -1 (never unload)"
-                ) from None
-            seconds = sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    shown = _shown(value)
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        else:
+            seconds = _duration_seconds(value.strip().lower(), shown)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds > KEEP_ALIVE_MAX_S:
+        raise SettingsError(
+            f"keep_alive {shown} is not a finite duration of at most a year; write it like 5m, "
+            "or -1 to never unload"
+        )
     return None if seconds < 0 else seconds
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _duration_seconds(text: str, shown: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    parts = _DURATION_RE.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise SettingsError(
+            f"keep_alive {shown} is not a duration; write it like 5m, 1h30m, 30s, "
+            "0 (unload after the answer) or -1 (never unload)"
+        )
+    return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
 class _Unset:
@@ -121,6 +164,14 @@ class LoadedModel:
     expires_at: float | None = None  # wall clock; None: not counting down
     timer: asyncio.TimerHandle | None = None
     embedding_bytes: dict[str, int] = field(default_factory=dict)  # once it has embedded
+    retired: str | None = None  # "missing" or "replaced": its file changed; unloads when idle
+    executor: ThreadPoolExecutor = field(init=False)  # this model's blocking calls, no one else's
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.config.n_parallel + 2,
+            thread_name_prefix=f"localllm-{self.entry.name[:40]}",
+        )
 
     @property
     def name(self) -> str:
@@ -155,10 +206,19 @@ class Router:
 
             self.host_limit = parse_size(settings.models_memory_limit)
         self._start_worker = start_worker or (
-            lambda name, config, on_exit: WorkerClient.start(name, config, on_exit)
+            lambda name, config, on_exit: WorkerClient.start(
+                name,
+                config,
+                on_exit,
+                hang_timeout_s=settings.worker_hang_timeout_s,
+                request_timeout_s=settings.request_timeout_s,
+            )
         )
+        # Header reads, plans and folder listings: never behind a model's work.
+        self.files = ThreadPoolExecutor(max_workers=4, thread_name_prefix="localllm-files")
         self.counters: dict[str, ModelCounters] = {}
         self._loaded: dict[str, LoadedModel] = {}
+        self._retiring: list[LoadedModel] = []  # files deleted or replaced; unloaded when idle
         self._loading: str | None = None
         self._failures: dict[str, _Failure] = {}
         self._lock = asyncio.Lock()  # loads, unloads and evictions, one at a time
@@ -183,10 +243,14 @@ class Router:
         self, name: str, keep_alive: Any = UNSET, purpose: str = "generate"
     ) -> LoadedModel:
         """Like `use` without the context manager: pair every call with `release`."""
-        entry = await asyncio.to_thread(self.registry.get, name)
+        await self.check_files()
+        entry = await self._in_files(self.registry.get, name)
         _check_purpose(entry, purpose)
         keep = self.default_keep_alive if keep_alive is UNSET else keep_alive
         model = self._loaded.get(entry.name)
+        if model is not None and model.entry.signature != entry.signature:
+            self._retire(model, "replaced")  # the name is another file now
+            model = None
         if model is None:
             if not self.settings.models_autoload:
                 raise ModelLoadError(
@@ -216,7 +280,47 @@ class Router:
         model.last_used = time.monotonic()
         if model.in_flight == 0 and self._loaded.get(model.name) is model:
             self._schedule_expiry(model)
+        elif model.in_flight == 0 and model in self._retiring:
+            asyncio.get_running_loop().create_task(self._unload_retired(model))
         self._notify()
+
+    async def check_files(self) -> None:
+        """Retire the loaded models whose files were deleted or replaced. A stat each, on the
+        event loop: microseconds, and no pool to wait in."""
+        for model in list(self._loaded.values()):
+            state = self.registry.file_state(model.entry)
+            if state is not None and self._loaded.get(model.name) is model:
+                self._retire(model, state)
+
+    def retiring(self) -> list[LoadedModel]:
+        """Loaded models whose files are gone or replaced, until their requests end."""
+        return list(self._retiring)
+
+    async def _in_files(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.files, function, *args)
+
+    def _retire(self, model: LoadedModel, state: str) -> None:
+        del self._loaded[model.name]
+        model.retired = state
+        self._retiring.append(model)
+        if model.timer is not None:
+            model.timer.cancel()
+            model.timer = None
+        model.expires_at = None
+        log.warning(
+            "model %s: its file %s was %s; the worker unloads once its %d requests end",
+            model.name,
+            model.entry.path,
+            "deleted" if state == "missing" else "replaced",
+            model.in_flight,
+        )
+        if model.in_flight == 0:
+            asyncio.get_running_loop().create_task(self._unload_retired(model))
+
+    async def _unload_retired(self, model: LoadedModel) -> None:
+        async with self._lock:
+            if model in self._retiring and model.in_flight == 0:
+                await self._unload(model, "file " + (model.retired or "changed"))
 
     def note_embeddings(self, model: LoadedModel) -> None:
         """A model built its embedding context: count its memory from now on (about one more
@@ -247,46 +351,63 @@ class Router:
     async def unload(self, name: str, reason: str = "requested") -> bool:
         """Unload a model once its requests in flight end (up to shutdown_grace_s, then they are
         cancelled). False when it was not loaded."""
-        entry = await asyncio.to_thread(self.registry.get, name)
-        model = self._loaded.get(entry.name)
+        await self.check_files()
+        model = self.find(name)  # a retired model's file may be gone: no registry look-up
+        if model is None:
+            entry = await self._in_files(self.registry.get, name)
+            model = self._loaded.get(entry.name)
         if model is None:
             return False
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while model.in_flight and time.monotonic() < deadline:
             await self._wait(deadline - time.monotonic())
         async with self._lock:
-            if self._loaded.get(entry.name) is not model:
+            if self._loaded.get(model.name) is not model and model not in self._retiring:
                 return False
             await self._unload(model, reason)
         return True
+
+    def find(self, name: str) -> LoadedModel | None:
+        """A loaded or retiring model by the name clients use (case-insensitive)."""
+        key = name.lower().removesuffix(".gguf")
+        for model in [*self._loaded.values(), *self._retiring]:
+            if model.name.lower() == key:
+                return model
+        return None
 
     async def start(self) -> None:
         """Start the fork server, then load the start model when `load_on_start` is set."""
         await asyncio.to_thread(prestart)
         if self.settings.load_on_start:
-            name = await asyncio.to_thread(self.start_model_name)
+            name = await self._in_files(self.start_model_name)
             await self.load(name)
 
     def cancel_all(self) -> None:
-        """Cancel every request on every model (shutdown past its grace)."""
-        for model in self._loaded.values():
+        """End every request on every model now (shutdown past its grace), in the parent: a
+        worker that stopped answering cannot keep a request (or its stream's [DONE]) waiting."""
+        for model in [*self._loaded.values(), *self._retiring]:
             model.worker.cancel_all()
 
     async def close(self) -> None:
         """Unload everything (server shutdown)."""
         self._closed = True
         async with self._lock:
-            for model in list(self._loaded.values()):
+            for model in [*self._loaded.values(), *self._retiring]:
                 await self._unload(model, "shutdown")
+        self.files.shutdown(wait=False)
 
     def loaded(self) -> list[LoadedModel]:
         return sorted(self._loaded.values(), key=lambda m: m.loaded_at)
 
     def state_of(self, name: str) -> dict[str, Any]:
         """llama-server's router status object: value loaded | loading | unloaded, and after a
-        crash `failed` and `exit_code`."""
+        crash `failed` and `exit_code`; `unloading` (with `file`: missing | replaced) while a
+        retired model's last requests run."""
         if name in self._loaded:
             return {"value": "loaded"}
+        for model in self._retiring:
+            if model.name == name:
+                return {"value": "unloading", "file": model.retired}
         if self._loading == name:
             return {"value": "loading"}
         status: dict[str, Any] = {"value": "unloaded"}
@@ -305,7 +426,7 @@ class Router:
     def ps(self) -> list[dict[str, Any]]:
         """What `localllm ps` shows: one row per loaded model."""
         rows = []
-        for model in self.loaded():
+        for model in [*self.loaded(), *self._retiring]:
             plan = model.entry.plan
             rows.append(
                 {
@@ -338,7 +459,9 @@ class Router:
         """The model loaded at start and answering requests that name none (blocking)."""
         from localllm.models import resolve_model
 
-        path = resolve_model(self.settings.model, self.settings.models_dir)
+        path = resolve_model(
+            self.settings.model or self.settings.default_model, self.settings.models_dir
+        )
         if path.resolve().parent != self.registry.models_dir.resolve():
             return self.registry.add(path, self.settings.model_alias).name
         if self.settings.model_alias:
@@ -350,7 +473,7 @@ class Router:
             existing = self._loaded.get(entry.name)
             if existing is not None:
                 return existing
-            plan, config = await asyncio.to_thread(self.registry.planned, entry)
+            plan, config = await self._in_files(self.registry.planned, entry)
             need = {device.name: device.total_bytes for device in plan.devices}
             budget = self._budget_of(entry)
             self._check_fits_alone(entry, need, budget)
@@ -435,10 +558,11 @@ class Router:
                 )
 
     def _fits_beside(self, need: dict[str, int], budget: dict[str, int]) -> bool:
-        if len(self._loaded) >= self.settings.models_max:
+        resident = [*self._loaded.values(), *self._retiring]  # retiring ones hold memory too
+        if len(resident) >= self.settings.models_max:
             return False
         for device, n_bytes in need.items():
-            used = sum(model.bytes_on(device) for model in self._loaded.values())
+            used = sum(model.bytes_on(device) for model in resident)
             if used + n_bytes > budget.get(device, 0):
                 return False
         return True
@@ -455,6 +579,8 @@ class Router:
         """Stop a model's worker; the caller holds the lock."""
         if self._loaded.get(model.name) is model:
             del self._loaded[model.name]
+        if model in self._retiring:
+            self._retiring.remove(model)
         if model.timer is not None:
             model.timer.cancel()
             model.timer = None
@@ -462,7 +588,8 @@ class Router:
         counters = self.counters.setdefault(model.name, ModelCounters())
         counters.unloads[reason] = counters.unloads.get(reason, 0) + 1
         started = time.perf_counter()
-        await asyncio.to_thread(model.worker.close)
+        await asyncio.to_thread(model.worker.close, 10.0, _unload_message(model.name, reason))
+        model.executor.shutdown(wait=False)
         seconds = time.perf_counter() - started
         counters.unload_seconds_total += seconds
         log.info("unloaded %s (%s) in %.2f s", model.name, reason, seconds)
@@ -486,16 +613,23 @@ class Router:
     def _on_worker_exit(
         self, name: str, worker: WorkerClient, code: int | None, crashed: bool
     ) -> None:
+        retired = [m for m in self._retiring if m.worker is worker]
+        if crashed and retired:
+            self._retiring.remove(retired[0])
+            retired[0].executor.shutdown(wait=False)
+            return
         model = self._loaded.get(name)
         if not crashed or model is None or model.worker is not worker:
             return
         del self._loaded[name]
+        model.executor.shutdown(wait=False)
         if model.timer is not None:
             model.timer.cancel()
         counters = self.counters.setdefault(name, ModelCounters())
         counters.crashes += 1
         counters.unloads["crashed"] = counters.unloads.get("crashed", 0) + 1
-        self._failures[name] = _Failure(code, f"the worker died ({describe_exit(code)})")
+        what = "stopped answering and was killed" if worker.hung else "died"
+        self._failures[name] = _Failure(code, f"the worker {what} ({describe_exit(code)})")
         log.error("model %s: worker died (%s); it loads again on demand", name, describe_exit(code))
         self._notify()
 
@@ -527,6 +661,7 @@ class Lease:
         self.router = router
         self.model = model
         self.worker = model.worker
+        self.executor = model.executor  # the HTTP layer runs this lease's blocking calls here
         self.n_ctx_slot = model.config.n_ctx_slot
         self._loop = loop
         self._held = True
@@ -600,6 +735,21 @@ class Lease:
             self._loop.call_soon_threadsafe(self.router.release, self.model)
         except RuntimeError:
             pass  # the loop is closed: the server is gone
+
+
+def _unload_message(name: str, reason: str) -> str | None:
+    """What a request still running when its model unloads is told (None: the worker's own
+    "the server is shutting down", true at shutdown)."""
+    if reason == "shutdown":
+        return None
+    if reason == "requested":
+        return (
+            f"model {name} was unloaded (POST /models/unload) before this request ended; "
+            "send it again to load the model again"
+        )
+    if reason.startswith("file"):
+        return f"model {name}'s file was deleted or replaced; send the request again"
+    return f"model {name} was unloaded ({reason}) before this request ended"
 
 
 def _check_purpose(entry: ModelEntry, purpose: str) -> None:

@@ -10,11 +10,14 @@ coroutines through `call_soon_threadsafe`.
     state.py          AppState, the ServingEngine protocol
     auth.py           the API key dependency
     middleware.py     body limit, request metrics, warning header
+    connections.py    idle, request-head and body timeouts (uvicorn protocol + middleware)
     errors.py         exceptions to OpenAI error envelopes
     serving.py        body parsing and the handlers' shared base
     streaming.py      collected JSON or SSE, once for every endpoint
     chat/, completions/, embeddings/, models/
                       api_router.py (thin routes) + serving.py (the handler)
+    ollama/           Ollama's API (/api/*) as adapters over those handlers
+    page/             the chat page at / (static files; Ollama's "is running" for non-browsers)
 
 Serving a models folder, the app holds a `localllm.router.Router` instead of one engine: each
 request names its model, which loads on demand in a worker process of its own.
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -36,6 +40,7 @@ from localllm.server.chat.api_router import router as chat_router
 from localllm.server.chat.serving import ChatServing
 from localllm.server.completions.api_router import router as completions_router
 from localllm.server.completions.serving import CompletionServing
+from localllm.server.connections import BodyDeadlineMiddleware
 from localllm.server.embeddings.api_router import router as embeddings_router
 from localllm.server.embeddings.serving import EmbeddingServing
 from localllm.server.errors import install_handlers
@@ -43,6 +48,9 @@ from localllm.server.metrics import Metrics
 from localllm.server.middleware import WARNING_HEADER, EdgeMiddleware
 from localllm.server.models.api_router import router as models_router
 from localllm.server.models.serving import ModelsServing
+from localllm.server.ollama import Ollama, OllamaErrorMiddleware
+from localllm.server.ollama.api_router import router as ollama_router
+from localllm.server.page.api_router import router as page_router
 from localllm.server.state import AppState, ServingEngine
 from localllm.settings import Settings
 
@@ -64,6 +72,7 @@ def create_app(
     model_names: set[str] | frozenset[str] = frozenset(),
     plan_summary: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
+    model_path: Path | None = None,
 ) -> FastAPI:
     """An app over a loaded engine, or one that loads it in the background (engine_factory).
 
@@ -116,16 +125,24 @@ def create_app(
     app.state.completion = CompletionServing(state)
     app.state.models = ModelsServing(state)
     app.state.embeddings = EmbeddingServing(state)
+    app.state.ollama = Ollama.build(
+        state, app.state.chat, app.state.completion, app.state.embeddings, model_path
+    )
     if router is not None:
         from localllm.router.metrics import RouterCollector
 
         state.metrics.registry.register(RouterCollector(router))
     install_handlers(app)
-    for routes in (models_router, chat_router, completions_router, embeddings_router):
+    for routes in (
+        models_router, chat_router, completions_router, embeddings_router, ollama_router
+    ):
         app.include_router(routes)
+    app.include_router(page_router)  # the chat page at /
     # Order: the edge middleware (body limit, metrics, warning header) runs inside CORS, so
     # CORS headers are added to its error responses too.
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(EdgeMiddleware, state=state)
+    app.add_middleware(OllamaErrorMiddleware)  # outside the edge: its refusals too
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

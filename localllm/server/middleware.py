@@ -21,6 +21,15 @@ _ENDPOINTS = {
     "/v1/models/{model}",
     "/v1/chat/completions",
     "/v1/completions",
+    # Ollama's API
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/tags",
+    "/api/show",
+    "/api/ps",
+    "/api/pull",
 }
 
 

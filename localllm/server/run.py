@@ -1,9 +1,10 @@
 """`serve(settings)`: resolve the model, plan, load in the background, run uvicorn.
 
 With a model named (`serve MODEL`, or `model` in the settings) the server holds that one model
-in-process for its whole life. Without one it serves the models folder through a router: the
-default model (the embedded one) loads at start when `load_on_start`, and any model of the folder
-loads when a request names it.
+in-process for its whole life. Without one it serves the models folder through a router: the two
+embedded models are written into the folder if they are not there yet, `default_model` (the
+embedded SmolLM2-135M-Instruct unless set) loads at start when `load_on_start` and answers
+requests that name no model, and any model of the folder loads when a request names it.
 
 Startup order: bind the socket and answer /health with 503 while the model loads; send systemd
 READY=1 only once the model is loaded AND the socket listens; then ping the watchdog from the
@@ -33,6 +34,7 @@ from localllm.loading import plan_engine_config
 from localllm.pull import ensure_local
 from localllm.server.app import AppState, create_app
 from localllm.server.auth import is_loopback
+from localllm.server.connections import uvicorn_options
 from localllm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,8 +107,11 @@ def serve(settings: Settings) -> None:
     check_bind(settings)
     if settings.model is None:
         # The models folder: every model by name, each loaded on demand in a worker process.
+        from localllm.models import write_embedded_models
         from localllm.router import Router
 
+        for problem in write_embedded_models(settings.models_dir):
+            log.warning("%s", problem)
         router = Router(settings)
         model_id = router.start_model_name()
         app = create_app(settings, router=router, model_id=model_id)
@@ -123,6 +128,7 @@ def serve(settings: Settings) -> None:
             model_names={model_path.stem, model_path.name},
             plan_summary=plan_summary,
             warnings=warnings,
+            model_path=model_path,
         )
     uv_config = uvicorn.Config(
         app,
@@ -134,6 +140,7 @@ def serve(settings: Settings) -> None:
         # One second past the grace: the engine's cancellations are sent before uvicorn cuts.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 1,
         lifespan="on",
+        **uvicorn_options(settings),  # idle and request-head timeouts
     )
     server = uvicorn.Server(uv_config)
     state: AppState = app.state.localllm

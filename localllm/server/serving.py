@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -25,20 +26,33 @@ from localllm.server.streaming import Shaper, respond
 from localllm.tools import json_schema_grammar
 
 _Body = TypeVar("_Body", bound=BaseModel)
+_T = TypeVar("_T")
+
+
+async def offload(engine: object, function: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking call for `engine` off the event loop: on the engine's own executor when
+    it has one (a router's lease: that model's pool, so a flood of slow work for one model
+    never holds up another model or the API's own routes), else on asyncio's default pool."""
+    executor = getattr(engine, "executor", None)
+    if executor is None:
+        return await asyncio.to_thread(function, *args)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(function, *args))
 
 
 MAX_JSON_DEPTH = 128  # nesting of a request body; deeper is refused before validation
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-async def parse_body(request: Request, model: type[_Body]) -> _Body:
+async def parse_body(request: Request, model: type[_Body], *, json_only: bool = True) -> _Body:
     """The JSON object body validated into `model` (a ValidationError becomes a 400).
 
     Only `application/json` is read: the content types a web page may POST without a CORS
-    preflight (text/plain, forms, none) are refused before the body is read.
+    preflight (text/plain, forms, none) are refused before the body is read. `json_only=False`
+    reads any body as JSON (for callers that know the request is not from a web page).
     """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
+    if json_only and media_type != "application/json":
         raise APIError(
             415,
             f"the request body must be sent as Content-Type: application/json "
@@ -216,7 +230,7 @@ class Serving:
                 )
             )
 
-        return await asyncio.to_thread(submit)
+        return await offload(engine, submit)
 
     def response_ids(self, prefix: str, handle: RequestHandle, model_id: str) -> dict[str, Any]:
         """The fields every response body of this request repeats (a shaper's first four)."""

@@ -91,7 +91,7 @@ async def respond(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text, logprobs, finish = await _collect(request, handle)
+    text, logprobs, finish = await collect(request, handle)
     state.metrics.ttft.labels(shaper.model).observe(finish.time_to_first_token_s)
     return JSONResponse(shaper.complete(text, logprobs, finish).model_dump(exclude_none=True))
 
@@ -137,7 +137,7 @@ async def _watch_disconnect(request: Request, handle: RequestHandle) -> None:
             return
 
 
-async def _collect(
+async def collect(
     request: Request, handle: RequestHandle
 ) -> tuple[str, list[TokenLogprob], FinishEvent]:
     watcher = asyncio.create_task(_watch_disconnect(request, handle))

@@ -3,7 +3,6 @@ chat response bodies (`chat.completion`, `chat.completion.chunk`)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +11,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from localllm.engine.grammar import check_grammar
+from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
-from localllm.server.serving import Serving, response_format_grammar
+from localllm.server.serving import Serving, offload, response_format_grammar
 from localllm.server.state import ServingEngine
 from localllm.server.streaming import ShaperBase, usage_body
 from localllm.tools import ContentDelta, OutputParser, ReasoningDelta, ToolCallDelta, ToolUse
@@ -27,6 +27,12 @@ class ChatServing(Serving):
     async def create_chat_completion(
         self, body: t.ChatCompletionRequest, request: Request
     ) -> Response:
+        handle, shaper = await self.start(body)
+        return await self.respond(request, body, handle, shaper)
+
+    async def start(self, body: t.ChatCompletionRequest) -> tuple[RequestHandle, ChatShaper]:
+        """Check, render and queue the chat; the shaper turns its events into chat bodies.
+        Other APIs over the same path (Ollama's /api/chat) reshape what the shaper makes."""
         self.check_common(body)
         uses_completion_tokens = body.max_completion_tokens is not None
         max_tokens = self.max_tokens(
@@ -58,7 +64,7 @@ class ChatServing(Serving):
                     grammar = reasoning_first(answer) if answer is not None else None
                 return tool_use, prompt, grammar, opened
 
-            tool_use, prompt, grammar, opened = await asyncio.to_thread(prepare)
+            tool_use, prompt, grammar, opened = await offload(engine, prepare)
             handle = await self.submit(
                 engine,
                 body,
@@ -76,7 +82,7 @@ class ChatServing(Serving):
                 tool_use=tool_use,
                 parser=tool_use.parser(reasoning_open=opened, raw_reasoning=raw),
             )
-            return await self.respond(request, body, handle, shaper)
+            return handle, shaper
 
     def tool_use(self, engine: ServingEngine, body: t.ChatCompletionRequest) -> ToolUse:
         """The request's tools, tool_choice and parallel_tool_calls, checked against the

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
@@ -18,7 +19,14 @@ from localllm.server.streaming import ShaperBase, usage_body
 
 class CompletionServing(Serving):
     async def create_completion(self, body: t.CompletionRequest, request: Request) -> Response:
+        handle, shaper = await self.start(body)
+        return await self.respond(request, body, handle, shaper)
+
+    async def start(self, body: t.CompletionRequest) -> tuple[RequestHandle, CompletionShaper]:
+        """Check and queue the completion; the shaper turns its events into completion bodies.
+        Other APIs over the same path (Ollama's raw /api/generate) reshape what it makes."""
         self.check_common(body)
+        _check_unsupported(body)
         max_tokens = self.max_tokens(body.max_tokens, "max_tokens")
         prompt = _prompt(body)
         async with self.use_engine(body.model, body.keep_alive) as (engine, model_id):
@@ -35,7 +43,29 @@ class CompletionServing(Serving):
                 logprobs=body.logprobs is not None,
                 prefix=prompt if echo and isinstance(prompt, str) else "",
             )
-            return await self.respond(request, body, handle, shaper)
+            return handle, shaper
+
+
+def _check_unsupported(body: t.CompletionRequest) -> None:
+    """OpenAI fields this server cannot honour: refused, never silently ignored."""
+    extra = body.model_extra or {}
+    if extra.get("suffix") is not None:
+        raise APIError(
+            400,
+            "suffix (fill-in-the-middle) is not supported; send the text before the gap as "
+            "the prompt",
+            param="suffix",
+            code="invalid_value",
+        )
+    best_of = extra.get("best_of")
+    if best_of is not None and (isinstance(best_of, bool) or best_of not in (1, body.n)):
+        raise APIError(
+            400,
+            "best_of is not supported (one completion is generated per request); leave it out "
+            "or set it to 1",
+            param="best_of",
+            code="invalid_value",
+        )
 
 
 def _prompt(body: t.CompletionRequest) -> str | tuple[int, ...]:

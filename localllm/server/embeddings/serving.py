@@ -9,7 +9,6 @@ not something these models were trained for, so it is refused rather than ignore
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 from localllm.engine.embed import EmbeddingResult
 from localllm.errors import APIError
 from localllm.server import types as t
-from localllm.server.serving import Serving
+from localllm.server.serving import Serving, offload
 
 
 def encode_vector(vector: Sequence[float], encoding_format: str) -> list[float] | str:
@@ -60,5 +59,5 @@ class EmbeddingServing(Serving):
             embed = getattr(engine, "embed", None)
             if embed is None:
                 raise APIError(400, "this server's engine cannot embed", code="invalid_value")
-            result: EmbeddingResult = await asyncio.to_thread(embed, inputs)
+            result: EmbeddingResult = await offload(engine, embed, inputs)
         return embeddings_body(result, model_id, body.encoding_format)

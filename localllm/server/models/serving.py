@@ -6,6 +6,9 @@ Serving a folder (a router), /v1/models lists every model with its state (llama-
 while loaded where and how much memory it holds (what `localllm ps` prints). /models/load and
 /models/unload take llama-server's router bodies (`{"model": ...}`) and answer
 `{"success": true}`.
+
+Listing checks the folder: a loaded model whose file was deleted or replaced is retired by the
+router and listed with status `unloading` until its requests end (see `localllm.router`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import asyncio
 from typing import Any
 
 from localllm.errors import APIError, LocalLLMError, SettingsError
+from localllm.router.registry import ModelEntry
 from localllm.server import types as t
-from localllm.server.serving import Serving
+from localllm.server.serving import Serving, offload
 
 
 class ModelsServing(Serving):
@@ -51,17 +55,30 @@ class ModelsServing(Serving):
         return await asyncio.to_thread(self.state.metrics.render)
 
     async def list_models(self) -> t.ModelList:
-        if self.state.router is not None:
-            return t.ModelList(data=await asyncio.to_thread(self._router_cards))
-        return t.ModelList(data=[self._card()])
+        router = self.state.router
+        if router is None:
+            return t.ModelList(data=[self._card()])
+        await router.check_files()
+        # Loaded models outside the listing: one named at start (outside the folder) or one
+        # retired because its file is gone. Router state is read here, on the event loop;
+        # only file work (headers, plans) goes to a thread.
+        resident = [m.entry for m in [*router.loaded(), *router.retiring()]]
+        described = await asyncio.to_thread(self._describe_all, resident)
+        return t.ModelList(data=[self._router_card(entry, extra) for entry, extra in described])
 
     async def model(self, name: str) -> t.ModelCard:
-        if self.state.router is not None:
-            router = self.state.router
+        router = self.state.router
+        if router is None:
+            self.check_model(name)
+            return self._card()
+        await router.check_files()
+        found = router.find(name)
+        if found is not None and found.retired is not None:
+            entry = found.entry  # its file may be gone: no registry look-up
+        else:
             entry = await asyncio.to_thread(router.registry.get, name)
-            return await asyncio.to_thread(self._router_card, entry.name)
-        self.check_model(name)
-        return self._card()
+        extra = await asyncio.to_thread(self._describe, entry)
+        return self._router_card(entry, extra)
 
     async def load(self, body: t.ModelActionRequest) -> dict[str, Any]:
         router = self._router("load")
@@ -82,8 +99,17 @@ class ModelsServing(Serving):
             engine,
             _,
         ):  # a 4 MiB text takes seconds: not on the event loop
-            return await asyncio.to_thread(
-                engine.tokenize, body.content, body.add_special, body.parse_special
+            limit = max(1 << 20, 64 * engine.n_ctx_slot)  # as the engine bounds a prompt
+            if len(body.content) > limit:
+                raise APIError(
+                    400,
+                    f"content is {len(body.content)} characters; this server tokenizes at most "
+                    f"{limit} at once: split the text",
+                    param="content",
+                    code="context_length_exceeded",
+                )
+            return await offload(
+                engine, engine.tokenize, body.content, body.add_special, body.parse_special
             )
 
     async def detokenize(self, body: t.DetokenizeRequest) -> str:
@@ -92,7 +118,7 @@ class ModelsServing(Serving):
             engine,
             _,
         ):
-            return await asyncio.to_thread(engine.detokenize, body.tokens)
+            return await offload(engine, engine.detokenize, body.tokens)
 
     # ------------------------------------------------------------------ one model
 
@@ -128,22 +154,24 @@ class ModelsServing(Serving):
         except SettingsError as exc:
             raise APIError(400, str(exc), param="keep_alive", code="invalid_value") from None
 
-    def _router_cards(self) -> list[t.ModelCard]:
+    def _describe_all(self, resident: list[ModelEntry]) -> list[tuple[ModelEntry, dict[str, Any]]]:
         router = self.state.router
         assert router is not None
-        names = [e.name for e in router.registry.entries()]
-        for model in router.loaded():  # a model named at start may live outside the folder
-            if model.name not in names:
-                names.append(model.name)
-        return [self._router_card(name) for name in names]
+        entries = router.registry.entries()
+        names = {e.name for e in entries}
+        for entry in resident:
+            if entry.name not in names:
+                entries.append(entry)
+                names.add(entry.name)
+        return [(entry, self._describe(entry)) for entry in entries]
 
-    def _router_card(self, name: str) -> t.ModelCard:
-        """Blocking: the first call plans the model (reads its header)."""
+    def _describe(self, entry: ModelEntry) -> dict[str, Any]:
+        """What a card says of a model's file and plan. Blocking: the first call plans the
+        model (reads its header)."""
         from localllm.loading import plan_summary
 
         router = self.state.router
         assert router is not None
-        entry = router.registry.get(name)
         extra: dict[str, Any] = {
             "path": str(entry.path),
             "architecture": entry.architecture,
@@ -154,8 +182,14 @@ class ModelsServing(Serving):
             plan, config = router.registry.planned(entry)
             extra["plan"] = plan_summary(entry.path, plan, config)
             extra["warnings"] = entry.warnings
-        except LocalLLMError as exc:
+        except (LocalLLMError, OSError) as exc:  # a file deleted or broken since: still listed
             extra["plan_error"] = str(exc)
+        return extra
+
+    def _router_card(self, entry: ModelEntry, extra: dict[str, Any]) -> t.ModelCard:
+        """A model's card: its description plus its state now (on the event loop)."""
+        router = self.state.router
+        assert router is not None
         rows = {row["model"]: row for row in router.ps()}
         if entry.name in rows:
             extra["loaded"] = rows[entry.name]
