@@ -14,7 +14,6 @@ from pydantic import BaseModel
 
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
-from localllm.server import types as t
 from localllm.server.errors import error_response
 from localllm.server.ollama import types as o
 from localllm.server.streaming import Shaper
@@ -50,7 +49,13 @@ def chat_messages(messages: list[o.Message]) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         no_images(message.images, f"messages[{i}].images")
         item: dict[str, Any] = {"role": message.role, "content": message.content or ""}
-        if message.thinking and "reasoning_content" in t.ChatMessage.model_fields:
+        if message.thinking:
+            if message.role != "assistant":
+                raise APIError(
+                    400,
+                    "only assistant messages carry thinking; send it on the model's answer",
+                    param=f"messages[{i}].thinking",
+                )
             item["reasoning_content"] = message.thinking  # the template decides whether to show it
         if message.tool_calls:
             calls: list[dict[str, Any]] = []
