@@ -35,6 +35,7 @@ from localllm.fitter.records import (
     AUTO_SLOTS,
     CPU_CTX_CAP,
     DEFAULT_CTX_CAP,
+    DESKTOP_MIN_BITS,
     DESKTOP_MIN_CTX,
     GPU_CONTEXT_OVERHEAD_BYTES,
     HOST_OVERHEAD_BYTES,
@@ -464,6 +465,25 @@ def _wanted_ctx(header: ModelHeader, request: FitRequest, notes: list[str],
     return request.n_ctx
 
 
+def _layout_notes(fitter: _Fitter) -> list[str]:
+    """What the architecture's memory holds beyond a plain KV cache."""
+    facts, notes = fitter.facts, []
+    layout = facts.layout
+    if layout.n_recurrent:
+        per_seq = sum(fitter.state_per_seq)
+        notes.append(
+            f"{layout.n_recurrent} of {layout.n_layer_trunk} layers are recurrent: their state, "
+            f"{per_seq / 2**20:.1f} MiB per conversation whatever its length, is in the KV column"
+            f"; {sum(layout.attention)} layers have a KV cache"
+        )
+    if facts.skipped_bytes:
+        notes.append(
+            f"the file's MTP block ({gib(facts.skipped_bytes)}) is not loaded: llama.cpp uses it "
+            "only for speculative decoding"
+        )
+    return notes
+
+
 def _swa_notes(fitter: _Fitter, n_ctx: int, request: FitRequest) -> list[str]:
     """What the full-size sliding-window cache costs against llama-server's small one."""
     if not fitter.facts.layout.has_swa:
@@ -515,7 +535,7 @@ def _fit_header(
     cap = DEFAULT_CTX_CAP if hardware.gpus else CPU_CTX_CAP
     wanted = _wanted_ctx(header, request, notes, warnings, cap)
     slot_options = (request.n_parallel,) if request.n_parallel else AUTO_SLOTS
-    notes += _swa_notes(fitter, wanted, request)
+    notes += _swa_notes(fitter, wanted, request) + _layout_notes(fitter)
     full = n_layer_all = header.n_layer + 1
 
     if request.n_gpu_layers is not None:  # explicit mode: exactly this configuration
@@ -610,21 +630,26 @@ def _desktop_choice(
     label: Callable[[ModelHeader], str],
 ) -> Plan | None:
     """The order a desktop user wants (balanced objective, context and layers not fixed, a GPU):
-    the wanted context (up to 32768 tokens) entirely on the GPU with the best quant that keeps it
-    there; when no quant does, each quant from the best shrinks its context down to 8192 before
-    the next quant down is tried; then down to 4096; None when nothing fits on the GPU at all
-    (the caller then offloads)."""
+    the wanted context (up to 32768 tokens) entirely on the GPU with the best quant of 4 bits or
+    more that keeps it there; when none does, each such quant from the best shrinks its context
+    down to 8192 before the next quant down is tried; then the quants below 4 bits the same way;
+    then any quant down to 4096 tokens; None when nothing fits on the GPU at all (the caller
+    then offloads)."""
     if (request.objective != "balanced" or request.n_ctx is not None
             or request.n_gpu_layers is not None or not hardware.gpus):
         return None
-    for min_ctx, stage in ((1 << 30, ""), (DESKTOP_MIN_CTX, ""), (MIN_SHRUNK_CTX, "")):
-        for header in ordered:
+    good = [h for h in ordered if h.bits_per_weight >= DESKTOP_MIN_BITS]
+    low = [h for h in ordered if h.bits_per_weight < DESKTOP_MIN_BITS]
+    stages = ((good, 1 << 30), (good, DESKTOP_MIN_CTX), (low, DESKTOP_MIN_CTX),
+              (list(ordered), MIN_SHRUNK_CTX))
+    for headers, min_ctx in stages:
+        for header in headers:
             plan = _fit_header(header, hardware, request, min_ctx=min_ctx, offload=False)
             if plan is not None:
                 note = (
-                    "desktop order: the wanted context entirely on the GPU with the best quant "
-                    "that keeps it there; then a shorter context (not below 8192 before the next "
-                    "quant down); then offload" + stage
+                    "desktop order: the context (up to 32768 tokens) entirely on the GPU with the "
+                    "best quant of 4+ bits that keeps it there; else a shorter context, not below "
+                    "8192 before the next quant down; then lower quants; then offload"
                 )
                 return replace(plan, quant=label(header), notes=(*plan.notes, note))
     return None
