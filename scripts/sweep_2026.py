@@ -37,6 +37,15 @@ PUBLISHED: list[tuple[str, str, bool, float, str]] = [
 ]
 
 
+# Hybrids: predictions only (no llama.cpp figure for these found offline).
+PREDICTED_ONLY: list[tuple[str, str]] = [
+    ("Qwen3.5-27B", "rtx4090"),
+    ("Qwen3.5-35B-A3B", "rtx4090"),
+    ("Nemotron-Nano-9B-v2", "rtx4090"),
+    ("Gemma-4-31B", "rtx4090"),
+]
+
+
 def speed_rows(folder: Path) -> list[str]:
     rows = []
     headers = {}
@@ -57,6 +66,12 @@ def speed_rows(folder: Path) -> list[str]:
         err = 100 * (plan.decode_tok_s - figure) / figure
         rows.append(f"| {name} | {card} ({where}) | {plan.decode_tok_s:.0f} | {figure:.0f} | "
                     f"{err:+.0f}% | {source} |")
+    for name, card in PREDICTED_ONLY:
+        header = read_header(write_model(folder / f"{name}.gguf", MODELS[name], n_vocab=151936))
+        hardware = Hardware(parse_gpu_names(card), TYPICAL_HOST, 8, cpu_repack=False)
+        plan = fit_header(header, hardware, FitRequest(n_ctx=4096, swa_full=False))
+        rows.append(f"| {name} | {card} (all on GPU) | {plan.decode_tok_s:.0f} | - | - | "
+                    "no published llama.cpp figure found offline |")
     return rows
 
 
