@@ -433,7 +433,10 @@ def compute_phases(
     if not flash_attn:
         widest_cells = shape.cells if has_full else shape.swa_cells
         attention += facts.max_n_head * widest_cells * ub * F32_BYTES
-    recurrent = mask + _recurrent_floats(header) * ub * F32_BYTES if layout.n_recurrent else 0
+    recurrent = 0
+    if layout.n_recurrent:  # the layer's intermediates, and its state of every sequence
+        state = (layout.state_r + layout.state_s) * shape.n_seq
+        recurrent = mask + (_recurrent_floats(header) * ub + state) * F32_BYTES
     return ComputePhases(
         output_bytes=output,
         layer_bytes=max(ffn, attention, recurrent),
