@@ -10,6 +10,7 @@ loads is that less the MTP blocks llama.cpp skips.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +106,44 @@ def report(folder: Path) -> list[str]:
                 f"{got['compute_llama'] / 2**20:.1f} ({err('compute')}) |"
             )
     return rows
+
+
+def test_llama_cpp_really_leaves_the_mtp_block_unloaded(tmp_path: Path) -> None:
+    """A real (not dry) load of a small Qwen3.5-shaped file: llama.cpp's model buffer holds the
+    trunk's tensors, not the MTP block's, exactly what the fitter counts."""
+    import dataclasses
+
+    import llama_cpp
+
+    from localllm.engine import logs
+    from localllm.ggml import LOAD_MODE_NONE
+    from localllm.units import MIB
+
+    small = dataclasses.replace(
+        MODELS["Qwen3.5-27B"], n_layer=4, n_embd=256, n_head=2, head_dim=128, n_ff=512,
+        n_vocab=1024,
+        keys={**MODELS["Qwen3.5-27B"].keys, "ssm.inner_size": 256, "ssm.state_size": 64,
+              "ssm.group_count": 2, "ssm.time_step_rank": 4})
+    header = read_header(write_model(tmp_path / "small.gguf", small))
+    llama: Any = llama_cpp
+    with logs.capture() as lines:
+        llama.llama_backend_init()
+        params = llama.llama_model_default_params()
+        params.load_mode = LOAD_MODE_NONE  # read the (all-zero) data into a buffer
+        params.use_extra_bufts = False  # no CPU_REPACK copy
+        params.n_gpu_layers = 0
+        model = llama.llama_model_load_from_file(str(header.path).encode(), params)
+        assert model
+        llama.llama_model_free(model)
+    loaded = sum(b.bytes for b in logs.buffer_lines(lines) if b.kind == "model")
+    facts = HeaderFacts(header)
+    assert facts.skipped_bytes > 0
+    assert abs(loaded - facts.total_bytes) <= 0.006 * MIB
+
+
+def test_fit_check_counts_the_recurrent_state(headers: dict[str, ModelHeader]) -> None:
+    from localllm.loading import check_plan
+
+    plan = fit_header(headers["Nemotron-Nano-9B-v2"], CPU, FitRequest(n_ctx=4096, n_parallel=2))
+    rows = {row.what: row for row in check_plan(plan)}
+    assert rows["KV cache"].gap_percent == pytest.approx(0, abs=0.01)
