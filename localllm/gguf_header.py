@@ -30,7 +30,7 @@ from gguf.constants import (
     LlamaFileType,
 )
 
-from localllm.architectures import swa_period
+from localllm.architectures import ARCHITECTURES, swa_period
 from localllm.errors import GGUFError, ModelNotFoundError
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -55,6 +55,12 @@ _SCALAR_FORMATS: dict[GGUFValueType, str] = {
 }
 _KNOWN_ARCHITECTURES = frozenset(MODEL_ARCH_NAMES.values())
 
+
+# llama.cpp's hard-coded sliding-window periods, now kept in localllm/architectures.py (kept here
+# under the old name for code that imports it).
+SWA_PERIODS: Mapping[str, int] = {
+    arch: row.swa_period for arch, row in ARCHITECTURES.items() if row.swa_period
+}
 
 Scalar = int | float | bool | str
 MetadataValue = Scalar | tuple[Scalar, ...]
