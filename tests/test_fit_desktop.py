@@ -46,11 +46,11 @@ def test_gemma4_31b_fits_32k_with_the_small_swa_cache(full: dict[str, ModelHeade
     small = fit_header(header, RTX4090, FitRequest(swa_full=False))
     assert (small.n_ctx_slot, small.full_offload) == (32768, True)
     assert any("small sliding-window cache" in n for n in small.notes)
-    # today's default, the full-size cache, must shorten the context; the plan says the cost
-    full_size = fit_header(header, RTX4090, FitRequest())
+    # the full-size cache must shorten the context; the plan says what it costs
+    full_size = fit_header(header, RTX4090, FitRequest(swa_full=True))
     assert full_size.full_offload and full_size.n_ctx_slot < 32768
     note = next(n for n in full_size.notes if n.startswith("full-size sliding-window cache"))
-    assert "--no-swa-full" in note and "llama-server's small cache needs" in note
+    assert "--no-swa-full" in note and "27.5 GiB" in note and "3.7 GiB" in note
 
 
 def test_qwen25_32b_gets_q4_k_m_with_8k_or_more_on_24gb(tmp_path: Path) -> None:

@@ -453,40 +453,19 @@ def compute_phases(
 STATE_CELL_META_BYTES = 12  # pos, n_seq_id, seq_id per cell
 STATE_LAYER_META_BYTES = 32  # type and row size of each tensor of a layer
 STATE_HEADER_BYTES = 64  # counts and flags of the state as a whole
-RECURRENT_ARCHS_WITH_INTERVAL = frozenset({"qwen3next", "qwen35", "qwen35moe"})
 
 
 def recurrent_layers(header: ModelHeader) -> tuple[bool, ...]:
-    """Which layers keep a recurrent state: those without attention heads, or for the Gated
-    DeltaNet hybrids all but every `full_attention_interval`-th (llama.cpp's default 4)."""
-    meta = header.metadata
-    arch = header.architecture
-    if f"{arch}.ssm.state_size" not in meta and f"{arch}.ssm.conv_kernel" not in meta:
-        return (False,) * header.n_layer
-    if any(kv == 0 for kv in header.n_head_kv):
-        return tuple(kv == 0 for kv in header.n_head_kv)
-    if arch in RECURRENT_ARCHS_WITH_INTERVAL:
-        interval = meta.get(f"{arch}.full_attention_interval", 4)
-        step = interval if isinstance(interval, int) and interval > 0 else 4
-        return tuple((il + 1) % step != 0 for il in range(header.n_layer))
-    return (True,) * header.n_layer  # a pure recurrent model (Mamba)
+    """Which layers keep a recurrent state (MemoryLayout.recurrent)."""
+    return memory_layout(header).recurrent
 
 
 def recurrent_state_bytes(header: ModelHeader) -> int:
-    """One sequence's recurrent state over all layers (llama_hparams::n_embd_r / n_embd_s, f32)."""
-    meta = header.metadata
-    arch = header.architecture
-
-    def key(name: str) -> int:
-        value = meta.get(f"{arch}.ssm.{name}", 0)
-        return value if isinstance(value, int) else 0
-
-    d_conv, d_inner, d_state = key("conv_kernel"), key("inner_size"), key("state_size")
-    n_group = key("group_count")
-    n_embd_r = max(0, d_conv - 1) * (d_inner + 2 * n_group * d_state)
-    n_embd_s = d_state * d_inner
-    per_layer = (n_embd_r + n_embd_s) * F32_BYTES + STATE_LAYER_META_BYTES
-    return per_layer * sum(recurrent_layers(header))
+    """One sequence's recurrent state over all layers, as llama_memory_recurrent::state_write
+    writes it (f32 r and s rows, and each layer's tensor descriptions)."""
+    layout = memory_layout(header)
+    data = sum(state_layer_bytes(header, 1, layout))
+    return data + STATE_LAYER_META_BYTES * layout.n_recurrent
 
 
 def checkpoint_bytes(
@@ -494,14 +473,15 @@ def checkpoint_bytes(
 ) -> int:
     """Host bytes of one context checkpoint of one sequence (0: the model needs none)."""
     total = recurrent_state_bytes(header)
-    if header.sliding_window and any(header.swa_layers) and not swa_full:
-        attends = [kv > 0 for kv in header.n_head_kv]
-        swa = [il for il in range(header.n_layer) if header.swa_layers[il] and attends[il]]
+    layout = memory_layout(header)
+    if layout.has_swa and not swa_full:
+        swa = [il for il in range(header.n_layer) if layout.swa[il] and layout.attention[il]]
         per_cell = STATE_CELL_META_BYTES + sum(
-            row_bytes(type_k, header.n_embd_k_gqa[il]) + row_bytes(type_v, header.n_embd_v_gqa[il])
+            row_bytes(type_k, layout.k_width[il])
+            + (row_bytes(type_v, layout.v_width[il]) if layout.v_width[il] else 0)
             for il in swa
         )
-        total += per_cell * header.sliding_window + STATE_LAYER_META_BYTES * len(swa)
+        total += per_cell * layout.n_swa + STATE_LAYER_META_BYTES * len(swa)
     return total + STATE_HEADER_BYTES if total else 0
 
 

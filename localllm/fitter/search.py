@@ -495,14 +495,13 @@ def _swa_notes(fitter: _Fitter, n_ctx: int, request: FitRequest) -> list[str]:
     full, small = (this, other) if request.swa_full else (other, this)
     if request.swa_full:
         return [
-            f"full-size sliding-window cache (swa_full, llama-cpp-python's default): KV "
-            f"{gib(full)} at {n_ctx} tokens, where llama-server's small cache needs "
-            f"{gib(small)}; --no-swa-full plans the small one"
+            f"full-size sliding-window cache (--swa-full): KV {gib(full)} at {n_ctx} tokens, "
+            f"where the small one (--no-swa-full, the default) needs {gib(small)}"
         ]
     return [
-        f"small sliding-window cache (--no-swa-full, llama-server's default): KV {gib(small)} at "
-        f"{n_ctx} tokens instead of {gib(full)} full-size; a prompt the cache no longer holds "
-        "is processed again"
+        f"small sliding-window cache (--no-swa-full, the default): KV {gib(small)} at {n_ctx} "
+        f"tokens instead of {gib(full)} full-size; context checkpoints in host memory keep "
+        "prompt reuse"
     ]
 
 
