@@ -216,7 +216,9 @@ def check_plan(plan: Plan) -> list[CheckRow]:
     rows = [
         CheckRow("weights (all tensors)", read_header(plan.file).total_bytes,
                  measured.weights_bytes),
-        CheckRow("KV cache", sum(d.kv_bytes for d in plan.devices), measured.kv_bytes),
+        # the plan's KV column holds recurrent layers' state too (llama_memory_recurrent)
+        CheckRow("KV cache", sum(d.kv_bytes for d in plan.devices),
+                 measured.kv_bytes + measured.state_bytes),
         CheckRow("output buffer", sum(d.output_bytes for d in plan.devices),
                  measured.total_output_bytes),
     ]

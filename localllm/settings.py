@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="Tokens per conversation (each slot has its own); 0: the model's training "
-        "context; unset: up to 8192, shortened only if the GPU needs it.",
+        "context; unset: up to 32768 with a GPU (8192 on the CPU), shortened only if the GPU "
+        "needs it.",
     )
     parallel: int | None = Field(
         None,
