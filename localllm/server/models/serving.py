@@ -14,12 +14,15 @@ router and listed with status `unloading` until its requests end (see `localllm.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from localllm.errors import APIError, LocalLLMError, SettingsError
 from localllm.router.registry import ModelEntry
 from localllm.server import types as t
 from localllm.server.serving import Serving, offload
+
+log = logging.getLogger(__name__)
 
 
 class ModelsServing(Serving):
@@ -188,6 +191,9 @@ class ModelsServing(Serving):
             extra["warnings"] = entry.warnings
         except (LocalLLMError, OSError) as exc:  # a file deleted or broken since: still listed
             extra["plan_error"] = str(exc)
+        except Exception as exc:  # a file the planner trips on: one card says so, not a 500
+            log.exception("planning %s failed", entry.path)
+            extra["plan_error"] = f"{type(exc).__name__}: {exc}"
         return extra
 
     def _router_card(self, entry: ModelEntry, extra: dict[str, Any]) -> t.ModelCard:
