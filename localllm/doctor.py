@@ -31,6 +31,8 @@ from localllm.engine.build import (
     BuildInfo,
     RepackProbe,
     cuda_fix_command,
+    cuda_library,
+    describe_cuda_build,
     describe_repack,
     probe_build,
     repack_supported,
@@ -115,6 +117,7 @@ class DoctorReport:
     repack: RepackProbe | None = None  # None: not probed (llama.cpp not importable)
     host_error: str | None = None
     rpc_hosts: tuple[RpcHostCheck, ...] = ()
+    cuda_library: str | None = None  # libggml-cuda of the installed llama-cpp-python, if any
 
     @property
     def ok(self) -> bool:
@@ -125,6 +128,10 @@ class DoctorReport:
         """The `--json` shape: plain dicts, lists, strings and numbers."""
         data = dataclasses.asdict(self)
         data["ok"] = self.ok
+        data["cuda_build"] = {
+            "built": self.build.cuda or self.cuda_library is not None,
+            "architectures": list(self.build.cuda_architectures),
+        }
         return data
 
 
@@ -334,6 +341,7 @@ def doctor_report(
     repack: RepackProbe | None = None,
     venv: Path | None = None,
     rpc_hosts: tuple[RpcHostCheck, ...] | None = None,
+    cuda_lib: Path | None = None,
 ) -> DoctorReport:
     """Probe (unless given the results) and advise.
 
@@ -343,7 +351,8 @@ def doctor_report(
     given = (
         {k for k, v in flags.items() if v is not None} if isinstance(flags, Mapping) else set(flags)
     )
-    build = build if build is not None else probe_build()
+    if build is None:
+        build, cuda_lib = probe_build(), cuda_library()
     gpus = gpus if gpus is not None else probe_gpus()
     host_error = None
     if host is None:
@@ -378,6 +387,7 @@ def doctor_report(
         repack=repack,
         host_error=host_error,
         rpc_hosts=rpc_hosts,
+        cuda_library=str(cuda_lib) if cuda_lib else None,
     )
 
 
@@ -414,6 +424,8 @@ def format_doctor(report: DoctorReport) -> str:
             lines.append(f"  {b.error}")
         if b.system_info:
             lines.append(f"  {b.system_info}")
+    library = Path(report.cuda_library) if report.cuda_library else None
+    lines.append(f"  {describe_cuda_build(b, library)}")
     if report.repack is not None:
         lines.append(f"  {describe_repack(report.repack)}")
 

@@ -30,6 +30,7 @@ from gguf.constants import (
     LlamaFileType,
 )
 
+from localllm.architectures import ARCHITECTURES, swa_period
 from localllm.errors import GGUFError, ModelNotFoundError
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -54,14 +55,11 @@ _SCALAR_FORMATS: dict[GGUFValueType, str] = {
 }
 _KNOWN_ARCHITECTURES = frozenset(MODEL_ARCH_NAMES.values())
 
-# Sliding-window layer period per architecture, as llama.cpp hard-codes it (`set_swa_pattern(N)`:
-# layer il slides when il % N < N - 1); a `{arch}.attention.sliding_window_pattern` key overrides.
+
+# llama.cpp's hard-coded sliding-window periods, now kept in localllm/architectures.py (kept here
+# under the old name for code that imports it).
 SWA_PERIODS: Mapping[str, int] = {
-    "gemma2": 2,
-    "gemma3": 6,
-    "gemma3n": 5,
-    "cohere2": 4,
-    "gpt-oss": 2,
+    arch: row.swa_period for arch, row in ARCHITECTURES.items() if row.swa_period
 }
 
 Scalar = int | float | bool | str
@@ -559,7 +557,7 @@ def _swa_layers(
         return tuple(flags[il % len(flags)] for il in range(n_layer))
     period = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) else None
     if period is None:
-        period = SWA_PERIODS.get(arch, 0)
+        period = swa_period(arch) or 0  # llama.cpp's hard-coded period (architectures.py)
     # llama.cpp: period 0 makes every layer slide; otherwise the last of each period is global.
     return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
 

@@ -137,7 +137,18 @@ def plan_engine_config(
     plan, config, warnings = plan_for_serving(model_path, settings)
     summary = plan_summary(model_path, plan, config)
     log.info("plan: %s", summary["plan"])
+    log.info("repeating layers: %s", layer_placement(plan))
     return config, summary, warnings
+
+
+def layer_placement(plan: Plan) -> str:
+    """Where the plan puts the repeating layers, device by device, for the serve log:
+    'CUDA0 (NVIDIA GeForce RTX 4090) 28, CUDA1 (NVIDIA GeForce RTX 3090) 20, host 0 of 48'."""
+    parts = [
+        f"{d.name} ({d.description}) {d.n_layers}" if d.name != "host" else f"host {d.n_layers}"
+        for d in plan.devices
+    ]
+    return f"{', '.join(parts)} of {plan.n_layer}"
 
 
 def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str, Any]:
@@ -206,7 +217,9 @@ def check_plan(plan: Plan) -> list[CheckRow]:
     rows = [
         CheckRow("weights (all tensors)", read_header(plan.file).total_bytes,
                  measured.weights_bytes),
-        CheckRow("KV cache", sum(d.kv_bytes for d in plan.devices), measured.kv_bytes),
+        # the plan's KV column holds recurrent layers' state too (llama_memory_recurrent)
+        CheckRow("KV cache", sum(d.kv_bytes for d in plan.devices),
+                 measured.kv_bytes + measured.state_bytes),
         CheckRow("output buffer", sum(d.output_bytes for d in plan.devices),
                  measured.total_output_bytes),
     ]

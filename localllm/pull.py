@@ -138,7 +138,7 @@ def list_models(settings: Settings) -> list[LocalModel]:
     for model in EMBEDDED_MODELS:
         if model.file not in present:
             size = embedded_bytes(model) or 0
-            fits = "not written yet: it is, from its package, the first time it is named"
+            fits = "embedded: written here from its package on first use"
             entries.append(
                 LocalModel(model.name, str(folder / model.file), size, quant_label(model.file),
                            0, fits)

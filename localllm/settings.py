@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="Tokens per conversation (each slot has its own); 0: the model's training "
-        "context; unset: up to 8192, shortened only if the GPU needs it.",
+        "context; unset: up to 32768 with a GPU (8192 on the CPU), shortened only if the GPU "
+        "needs it.",
     )
     parallel: int | None = Field(
         None,
@@ -429,7 +430,10 @@ def _describe(
 
 # Variables of localllm's scripts and tests, not settings: scripts/dev (LOCALLLM_VENV),
 # scripts/build-rpc.sh (LOCALLLM_RPC_CACHE), tests/test_rpc.py (LOCALLLM_RPC_BUILD).
-_NOT_SETTINGS = frozenset({"LOCALLLM_VENV", "LOCALLLM_RPC_CACHE", "LOCALLLM_RPC_BUILD"})
+_NOT_SETTINGS = frozenset({"LOCALLLM_VENV", "LOCALLLM_RPC_CACHE", "LOCALLLM_RPC_BUILD"}) | {
+    # scripts/backend.py's set-up choices (which llama.cpp build ./scripts/dev installs)
+    "LOCALLLM_BACKEND", "LOCALLLM_CUDA_ARCH", "LOCALLLM_WHEEL_INDEX",
+}
 
 
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:

@@ -1,5 +1,6 @@
 """The embedded models side by side, as a first user meets them: five one-line questions through
-the chat template at temperature 0, each answer, its length and the decode speed; and the size.
+the chat template at temperature 0, each answer, its length and the decode speed; the size; and
+the decode speed over a longer plain-text continuation (the same for both models).
 
 This is how the default model was chosen (docs/models.md has the table):
 
@@ -28,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--speed-tokens", type=int, default=128,
+                        help="Length of the plain-text continuation timed for decode speed.")
     parser.add_argument("--json", action="store_true", help="Print the rows as JSON.")
     args = parser.parse_args()
     rows = []
@@ -56,6 +59,24 @@ def main() -> None:
                         "decode_tokens_per_s": round(result.decode_tokens_per_s, 1),
                     }
                 )
+            speed = engine.submit(
+                GenerationRequest(
+                    prompt="The history of the city begins",
+                    max_tokens=args.speed_tokens,
+                    sampling=SamplingParams(temperature=0),
+                )
+            ).result()
+            rows.append(
+                {
+                    "model": model.name,
+                    "size_bytes": path.stat().st_size,
+                    "question": "(plain-text continuation, for speed)",
+                    "answer": speed.text,
+                    "tokens": speed.usage.completion_tokens,
+                    "finish_reason": speed.finish_reason,
+                    "decode_tokens_per_s": round(speed.decode_tokens_per_s, 1),
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
         return

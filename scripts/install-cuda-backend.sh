@@ -32,6 +32,8 @@ CONFIGURE_ONLY=0
 BUILD_DIR=""
 WORK=""
 NVCC_SITE=""
+CUDA_VERSION=""  # not the environment's (NVIDIA's container images set one)
+CUDA_ROOT=""
 SDIST=""
 CUBLAS_ROOT=""
 CUDA_WHEELS=auto
@@ -151,10 +153,13 @@ SITE_OF_VENV=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"
 if [ "$CONFIGURE_ONLY" -eq 1 ]; then
     WORK=${BUILD_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/llama-cuda-configure.XXXXXX")}
 fi
+# --configure-only puts wheels the venv lacks in a scratch venv beside the build (pip --target
+# cannot add one wheel to a tree another one made).
+SCRATCH_VENV=$WORK/cuda-venv
 wheel_site() {
     # A wheel already in the venv is used where it is; otherwise the install target.
     if [ "$CONFIGURE_ONLY" -eq 1 ] && ! [ -e "$SITE_OF_VENV/nvidia/$1" ]; then
-        echo "$WORK/cuda-wheels"
+        echo "$SCRATCH_VENV/lib/python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages"
     else
         echo "$SITE_OF_VENV"
     fi
@@ -165,7 +170,8 @@ install_wheels() {  # SITE WHEEL...
     if [ "$site" = "$SITE_OF_VENV" ]; then
         run "$PY" -m pip install --quiet "$@"
     else
-        run "$PY" -m pip install --quiet --target "$site" "$@"
+        [ -x "$SCRATCH_VENV/bin/python" ] || run "$PY" -m venv "$SCRATCH_VENV"
+        run "$SCRATCH_VENV/bin/python" -m pip install --quiet "$@"
     fi
 }
 if { ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; } && [ "$CUDA_WHEELS" = always ]; then
@@ -193,7 +199,7 @@ if { ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; } && [ "$CUDA_WHEE
         CUDA_ROOT=$NVCC_SITE/nvidia/cu$CUDA_WHEELS_MAJOR
     fi
 fi
-if [ -n "${CUDA_VERSION:-}" ]; then
+if [ -n "$CUDA_VERSION" ]; then
     :  # a dry run of the wheels' nvcc: nothing installed to ask
 elif ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; then
     die "no CUDA toolkit found (nvcc: ${NVCC}).
@@ -203,7 +209,7 @@ elif ! [ -x "$NVCC" ] || ! "$NVCC" --version >/dev/null 2>&1; then
   nvcc from NVIDIA's PyPI wheels with --cuda-wheels always (CUDA 13: driver 580 or newer).
   The NVIDIA driver alone is not enough: it runs CUDA programs but cannot build them."
 fi
-if [ -z "${CUDA_VERSION:-}" ]; then
+if [ -z "$CUDA_VERSION" ]; then
     CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
     # nvcc may be a wrapper script; nvcc itself knows where its toolkit is.
     CUDA_ROOT=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
@@ -295,6 +301,9 @@ else
         WHEEL_SITE=$NVCC_SITE  # already there, beside the wheels' nvcc: nothing to fetch
     elif [ -e "$SITE_OF_VENV/nvidia/cu$CUDA_MAJOR/lib/libcublas.so.$CUDA_MAJOR" ]; then
         WHEEL_SITE=$SITE_OF_VENV  # already in the venv: nothing to fetch
+    elif [ -n "$NVCC_SITE" ]; then
+        WHEEL_SITE=$NVCC_SITE  # into the same tree as the wheels' nvcc
+        install_wheels "$NVCC_SITE" --no-cache-dir "${WHEELS[@]}"
     elif [ "$CONFIGURE_ONLY" -eq 1 ]; then
         # Nothing is built: keep the venv as it is and unpack the wheels next to the build.
         WHEEL_SITE=$WORK/cuda-wheels
@@ -359,8 +368,9 @@ LIBCUDA=$(find_first "$CUDA_ROOT/lib64/stubs/libcuda.so" "$CUDA_ROOT/lib/stubs/l
 if [ -z "$LIBCUDA" ]; then
     if ! CUDA_H=$(find_first "$CUDA_ROOT/include/cuda.h" "$CUDA_ROOT/targets/*/include/cuda.h"); then
         # A dry run of the wheels' nvcc has installed nothing yet: where the wheel puts it.
-        [ "$DRY_RUN" -eq 1 ] && [ -n "$NVCC_SITE" ] \
-            || die "no cuda.h in $CUDA_ROOT/include: the toolkit is incomplete"
+        if [ "$DRY_RUN" -eq 0 ] || [ -z "$NVCC_SITE" ]; then
+            die "no cuda.h in $CUDA_ROOT/include: the toolkit is incomplete"
+        fi
         CUDA_H=$CUDA_ROOT/include/cuda.h
     fi
     LIBCUDA=$LINK_DIR/lib/libcuda.so

@@ -178,17 +178,7 @@ def _add_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, quant: str) -> None:
     if spec.n_expert:
         writer.add_uint32(f"{a}.expert_count", spec.n_expert)
         writer.add_uint32(f"{a}.expert_used_count", spec.n_expert_used)
-    # A SentencePiece-style vocabulary llama.cpp accepts: control tokens, byte tokens, the rest.
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    tokens += [f"t{i}".encode() for i in range(spec.n_vocab - len(tokens))]
-    types = [2, 3, 3] + [6] * 256 + [1] * (spec.n_vocab - 259)
-    writer.add_string("tokenizer.ggml.model", "llama")
-    writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.scores", [0.0] * spec.n_vocab)
-    writer.add_array("tokenizer.ggml.token_type", types)
-    writer.add_uint32("tokenizer.ggml.unknown_token_id", 0)
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    add_test_tokenizer(writer, spec.n_vocab)
 
 
 def write_gguf(
@@ -203,8 +193,19 @@ def write_gguf(
     _add_metadata(writer, spec, quant)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    return write_tensor_infos(writer, path, tensor_plan(spec, quant), sparse)
+
+
+def write_tensor_infos(
+    writer: gguf.GGUFWriter,
+    path: Path,
+    plan: list[tuple[str, tuple[int, ...], Q]],
+    sparse: bool = True,
+) -> Path:
+    """Finish a GGUF: the tensor infos of `plan` (name, ggml shape, type), then the data a hole
+    (sparse) or absent."""
     end = 0
-    for name, shape, qtype in tensor_plan(spec, quant):
+    for name, shape, qtype in plan:
         nbytes = tensor_bytes(qtype, shape)
         # GGUFWriter takes numpy-order shapes (reversed ggml order), rows in bytes for raw types
         block, type_size = GGML_QUANT_SIZES[qtype]
@@ -292,7 +293,6 @@ def write_bert(
     llama.cpp accepts for any architecture. pooling_type: 1 mean, 2 cls, 4 rank (a reranker)."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "bert")
-    spec = ArchSpec("bert", n_layer, n_embd, n_head, n_head, n_ff, n_vocab, n_ctx_train)
     a = "bert"
     writer.add_string("general.name", "tiny bert")
     writer.add_uint32("general.file_type", LlamaFileType.ALL_F32.value)
@@ -304,15 +304,7 @@ def write_bert(
     writer.add_float32(f"{a}.attention.layer_norm_epsilon", 1e-12)
     writer.add_bool(f"{a}.attention.causal", False)
     writer.add_uint32(f"{a}.pooling_type", pooling_type)
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    tokens += [f"t{i}".encode() for i in range(spec.n_vocab - len(tokens))]
-    writer.add_string("tokenizer.ggml.model", "llama")
-    writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.scores", [0.0] * n_vocab)
-    writer.add_array("tokenizer.ggml.token_type", [2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
-    writer.add_uint32("tokenizer.ggml.unknown_token_id", 0)
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    add_test_tokenizer(writer, n_vocab)
     writer.add_uint32("tokenizer.ggml.token_type_count", 2)
 
     def add(name: str, *numpy_shape: int, scale: float = 0.1, fill: float | None = None) -> None:
@@ -346,3 +338,17 @@ def write_bert(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def add_test_tokenizer(writer: gguf.GGUFWriter, n_vocab: int) -> None:
+    """A SentencePiece-style vocabulary llama.cpp accepts for any architecture: control tokens,
+    byte tokens, the rest."""
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [f"t{i}".encode() for i in range(n_vocab - len(tokens))]
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", [0.0] * n_vocab)
+    writer.add_array("tokenizer.ggml.token_type", [2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)

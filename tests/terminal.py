@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import platform
 import pty
 import select
 import time
+
+# System calls a process waiting for its terminal sleeps in: read, and the select/poll family
+# (readline), by architecture (the numbers /proc/PID/syscall shows).
+_WAITING_SYSCALLS = {
+    "x86_64": {"0", "7", "23", "270", "271"},
+    "aarch64": {"63", "72", "73"},
+}
 
 
 class Terminal:
@@ -52,6 +60,27 @@ class Terminal:
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"nothing more after {self.seen[-2000:]!r}"
             self._read(remaining)
+
+    def wait_reading(self, timeout_s: float = 240.0) -> bool:
+        """Wait until the child sleeps waiting for its terminal, so a key (a Ctrl-C) typed now
+        reaches the wait, not the moment between drawing a prompt and waiting (where Python
+        loses a signal until the next one). False where /proc cannot tell."""
+        waiting = _WAITING_SYSCALLS.get(platform.machine())
+        if waiting is None:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.pid}/stat") as stat:
+                    state = stat.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/{self.pid}/syscall") as syscall:
+                    number = syscall.read().split()[0]
+            except (OSError, IndexError):
+                return False
+            if state == "S" and number in waiting:
+                return True
+            time.sleep(0.01)  # polling a state, not waiting for time to pass
+        raise AssertionError(f"the child never waited for input: {self.seen[-2000:]!r}")
 
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())

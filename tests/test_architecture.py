@@ -239,6 +239,7 @@ def test_the_fitter_core_does_no_io() -> None:
         "localllm.units",
         "localllm.gguf_header",  # the ModelHeader record
         "localllm.hardware",  # the Hardware record
+        "localllm.architectures",  # llama.cpp's per-architecture memory facts, pure data
     }
     for name, deps in graph.items():
         if name.startswith("localllm.fitter.") and name != "localllm.fitter.sources":

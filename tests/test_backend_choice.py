@@ -143,6 +143,13 @@ def test_the_decision_is_stamped_and_a_rerun_does_nothing(
     assert json.loads((venv / ".localllm-backend").read_text())["installed"] == "cpu"
 
 
+def test_the_set_up_variables_are_not_called_unknown_settings() -> None:
+    from localllm.settings import unknown_env_vars
+
+    env = {"LOCALLLM_BACKEND": "cpu", "LOCALLLM_CUDA_ARCH": "89", "LOCALLLM_WHEEL_INDEX": "u"}
+    assert unknown_env_vars(env) == []
+
+
 def test_a_failed_build_is_not_stamped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         backend.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1)
@@ -250,6 +257,7 @@ def test_without_a_toolkit_the_script_takes_nvcc_from_the_wheels(tmp_path: Path)
     "LOCALLLM_TEST_CUDA_WHEELS_VENV and LOCALLLM_TEST_LLAMA_SDIST name them; 2 minutes)",
 )
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+@pytest.mark.timeout(3600)  # a gigabyte of wheels, then CMake at nice 19
 def test_cuda_configure_with_the_wheels_nvcc(tmp_path: Path) -> None:
     """CMake's configure step of llama.cpp's CUDA build, sm_89, with no CUDA toolkit: nvcc,
     cuBLAS and the runtime from NVIDIA's wheels. Nothing CUDA is compiled but CMake's own

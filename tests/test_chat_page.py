@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from localllm.errors import ModelLoadError
 from localllm.server import create_app
 from localllm.server.page.api_router import FILES, OLLAMA_RUNNING
 from localllm.settings import Settings
@@ -274,8 +276,6 @@ def test_chat_in_the_browser_stream_stop_reload(
         arg=len(early),
     )
     assert page.locator("#stop").is_visible()  # still writing: the text streamed in
-    if os.environ.get("LOCALLLM_PAGE_SCREENSHOT"):  # docs/chat-page.png is made this way
-        page.screenshot(path=os.environ["LOCALLLM_PAGE_SCREENSHOT"])
     page.click("#stop")
     expect(second.locator(".message-stats")).to_contain_text("stopped")
     expect(page.locator("#send")).to_be_visible()
@@ -323,7 +323,10 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
     page = watch.page
     replies: list[tuple[int, dict[str, str], str]] = []
 
+    sent: list[tuple[dict[str, Any], dict[str, str]]] = []
+
     def answer(route: Any) -> None:
+        sent.append((route.request.post_data_json, route.request.headers))
         status, headers, body = replies.pop(0)
         route.fulfill(status=status, headers=headers, body=body)
 
@@ -331,6 +334,19 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
         page.route("**/v1/chat/completions", answer)
         page.goto(server.url + "/")
         expect(page.locator("#model-info")).to_contain_text("Q8_0")
+        # The browser enforces the policy: an inline script is refused, and reported.
+        violated = page.evaluate(
+            """() => new Promise((resolve) => {
+                document.addEventListener("securitypolicyviolation",
+                    (e) => resolve([e.violatedDirective, window.injected === undefined]));
+                const script = document.createElement("script");
+                script.textContent = "window.injected = 1";
+                document.body.append(script);
+            })"""
+        )
+        assert violated == ["script-src-elem", True]
+        assert any("Content Security Policy" in p for p in watch.problems)  # the watch sees it
+        watch.problems.clear()
         answer_md = (
             "Here:\n\n```python\nprint('<b>hi</b>')\n```\n\n- **bold** and `code`\n"
             "- <img src=x onerror=alert(1)> [link](javascript:alert(1))"
@@ -350,8 +366,27 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
                 ),
             )
         )
+        page.click("#toggle-settings")  # what the settings send, and the key as Bearer
+        page.fill("#system-prompt", "Answer in English.")
+        page.fill("#temperature", "0.3")
+        page.fill("#max-tokens", "64")
+        page.fill("#api-key", "my-key")
         page.fill("#prompt", "code please")
         page.press("#prompt", "Enter")
+        expect(page.locator(".message.assistant")).to_have_count(1)
+        body_sent, headers_sent = sent[0]
+        assert body_sent == {
+            "model": "tiny",
+            "messages": [
+                {"role": "system", "content": "Answer in English."},
+                {"role": "user", "content": "code please"},
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0.3,
+            "max_tokens": 64,
+        }
+        assert headers_sent["authorization"] == "Bearer my-key"
         message = page.locator(".message.assistant")
         reasoning = message.locator("details.reasoning")
         expect(reasoning).to_be_visible()
@@ -408,6 +443,82 @@ def test_reasoning_markdown_errors_and_keys_with_canned_answers(browser: Any) ->
         server.stop()
 
 
+def test_a_loading_model_is_said_and_the_page_follows_it_to_loaded(browser: Any) -> None:
+    expect = _expect()
+    ready = threading.Event()
+
+    def load() -> FakeEngine:
+        ready.wait(timeout=300)
+        return FakeEngine()
+
+    app = create_app(Settings(), engine_factory=load, model_id="tiny")
+    server = UvicornThread(app).start()
+    watch = PageWatch(browser)
+    page = watch.page
+    try:
+        page.goto(server.url + "/")
+        expect(page.locator("#model option")).to_have_text(["tiny (loading)"])
+        page.fill("#prompt", "hello there")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#error")).to_have_text(
+            "The model is still loading. Send again in a moment."
+        )
+        ready.set()  # the page looks again by itself while a model loads
+        expect(page.locator("#model-info .facts")).to_have_attribute("data-status", "loaded")
+        page.locator(".message.assistant").get_by_role("button", name="Regenerate").click()
+        expect(page.locator(".message.assistant .message-body")).to_have_text("user: hello there")
+        expect(page.locator("#error")).to_be_hidden()
+    finally:
+        ready.set()
+        watch.close()
+        server.stop()
+
+
+def test_a_failed_load_is_said(browser: Any) -> None:
+    def load() -> FakeEngine:
+        raise ModelLoadError("out of memory while loading tiny.gguf")
+
+    server = UvicornThread(create_app(Settings(), engine_factory=load, model_id="tiny")).start()
+    watch = PageWatch(browser)
+    try:
+        watch.page.goto(server.url + "/")
+        _expect()(watch.page.locator("#error")).to_have_text(
+            "The model failed to load: out of memory while loading tiny.gguf."
+        )
+    finally:
+        watch.close()
+        server.stop()
+
+
+def test_the_keyboard_reaches_every_control_in_reading_order(browser: Any) -> None:
+    server = UvicornThread(create_app(Settings(), FakeEngine(), model_id="tiny")).start()
+    watch = PageWatch(browser, viewport={"width": 1000, "height": 700})
+    page = watch.page
+    focused = "() => document.activeElement.id || document.activeElement.textContent.trim()"
+    try:
+        page.goto(server.url + "/")
+        _expect()(page.locator("#prompt")).to_be_focused()  # ready to type at once
+        page.focus("a.skip")  # the first control of the page
+        order = []
+        for _ in range(6):
+            page.keyboard.press("Tab")
+            order.append(page.evaluate(focused))
+        assert order == ["new-chat", "export", "model", "toggle-settings", "prompt", "send"]
+        for _ in range(6):
+            page.keyboard.press("Shift+Tab")
+        assert page.evaluate(focused) == "Skip to the message box"
+        page.keyboard.press("Enter")  # the skip link lands in the message box
+        _expect()(page.locator("#prompt")).to_be_focused()
+        page.keyboard.type("hi")
+        page.keyboard.press("Enter")
+        _expect()(page.locator(".message.assistant .message-body")).to_have_text("user: hi")
+        page.keyboard.press("Shift+Tab")  # back from the box: the answer's own buttons
+        assert page.evaluate(focused) == "Regenerate"
+    finally:
+        watch.close()
+        server.stop()
+
+
 def test_conversations_rename_delete_export_at_phone_width(browser: Any, tmp_path: Path) -> None:
     expect = _expect()
     app = create_app(Settings(), FakeEngine(), model_id="tiny")
@@ -447,6 +558,9 @@ def test_conversations_rename_delete_export_at_phone_width(browser: Any, tmp_pat
         page.reload()
         page.click("#toggle-sidebar")
         expect(page.locator(".conversation-title")).to_have_text(["Renamed"])
+        page.keyboard.press("Escape")  # closes the drawn-over list, focus back on its button
+        expect(page.locator("#sidebar")).to_be_hidden()
+        expect(page.locator("#toggle-sidebar")).to_be_focused()
     finally:
         watch.close()
         server.stop()

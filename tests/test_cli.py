@@ -208,7 +208,10 @@ def test_hub_fit_pull_models_rm(tmp_path: Path, embedded_model_path: Path) -> No
 
     listed = run_cli("models", "--models-dir", str(models), "--json")
     assert listed.returncode == 0, listed.stderr
-    [entry] = json.loads(listed.stdout)
+    # the pulled file, and the embedded instruct model that is not written there yet
+    entries = {entry["name"]: entry for entry in json.loads(listed.stdout)}
+    assert set(entries) == {"gemma-3-270m-q4_k_m", "smollm2-135m-instruct-q4_1"}
+    entry = entries["gemma-3-270m-q4_k_m"]
     assert entry["quant"] == "Q4_K_M" and "GPU" in entry["fits"]
     removed = run_cli("rm", "gemma-3-270m-q4_k_m", "--models-dir", str(models))
     assert removed.returncode == 0 and not local.exists()

@@ -64,6 +64,11 @@ def test_the_router_serves_both_embedded_models_by_name(default_server: str) -> 
     listed = httpx.get(default_server + "/v1/models", timeout=60).json()["data"]
     cards = {card["id"]: card for card in listed}
     assert {SMOLLM2.name, GEMMA3.name} <= set(cards)
+    # The default first, marked: clients that take the first model talk to it.
+    assert listed[0]["id"] == SMOLLM2.name and listed[0]["localllm"]["default"] is True
+    assert cards[GEMMA3.name]["localllm"]["default"] is False
+    assert cards[GEMMA3.name]["localllm"]["architecture"] == "gemma3"
+    assert cards[SMOLLM2.name]["localllm"]["architecture"] == "llama"
     assert cards[SMOLLM2.name]["status"]["value"] == "loaded"  # the default loads at start
     smol = ask(default_server, SMOLLM2.name, "Say hi", max_tokens=16)
     gemma = ask(default_server, GEMMA3.name, "Say hi", max_tokens=16)
@@ -76,11 +81,11 @@ def test_the_router_serves_both_embedded_models_by_name(default_server: str) -> 
     assert states[SMOLLM2.name] == states[GEMMA3.name] == "loaded"
 
 
-def test_chat_with_no_model_answers_on_stdin(instruct_model_path: Path, tmp_path: Path) -> None:
+def ask_chat(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`localllm chat ARGS` with no model named, the question on stdin, no config file."""
     (tmp_path / "none.toml").write_text("")
-    result = subprocess.run(
-        [sys.executable, "-m", "localllm", "chat", "--models-dir",
-         str(instruct_model_path.parent), "--threads", "1", "-c", "1024", "--temperature", "0",
+    return subprocess.run(
+        [sys.executable, "-m", "localllm", "chat", *args, "--temperature", "0",
          "--max-tokens", "48"],
         input=QUESTION + "\n",
         capture_output=True,
@@ -88,8 +93,22 @@ def test_chat_with_no_model_answers_on_stdin(instruct_model_path: Path, tmp_path
         timeout=300,
         env=clean_env(LOCALLLM_CONFIG=str(tmp_path / "none.toml")),
     )  # fmt: skip
+
+
+def test_chat_with_no_model_answers_on_stdin(instruct_model_path: Path, tmp_path: Path) -> None:
+    folder = str(instruct_model_path.parent)
+    result = ask_chat(tmp_path, "--models-dir", folder, "--threads", "1", "-c", "1024")
     assert result.returncode == 0, result.stderr
     assert f"{SMOLLM2.file}: Q4_1" in result.stderr
+    assert "Paris" in result.stdout, result.stdout
+
+
+def test_chat_url_with_no_model_talks_to_the_servers_default(
+    default_server: str, tmp_path: Path
+) -> None:
+    result = ask_chat(tmp_path, "--url", default_server)
+    assert result.returncode == 0, result.stderr
+    assert f"{default_server}: model {SMOLLM2.name}" in result.stderr
     assert "Paris" in result.stdout, result.stdout
 
 

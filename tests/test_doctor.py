@@ -104,7 +104,11 @@ def test_report_on_this_machine_says_cpu_only(
         "repack",
         "host_error",
         "rpc_hosts",
+        "cuda_library",
+        "cuda_build",
     }
+    assert data["cuda_build"] == {"built": False, "architectures": []}
+    assert "CUDA build: no (llama.cpp was built for the CPU only)" in format_doctor(report)
     assert data["build"]["gpu_offload"] is False
     assert data["build"]["devices"][0]["kind"] == "cpu"
     assert data["gpus"]["gpus"] == []

@@ -218,7 +218,7 @@ def test_a_template_may_not_build_huge_values_or_run_long() -> None:
 # ---------------------------------------------------------------------------- real model
 
 
-def _wait(predicate: Any, timeout_s: float = 5.0) -> bool:
+def _wait(predicate: Any, timeout_s: float = 120.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -324,7 +324,7 @@ def test_cancel_frees_the_slot_within_a_step(engine: Any) -> None:
     assert isinstance(first, TextEvent)
     assert engine.stats().busy_slots == 1
     handle.cancel()
-    assert _wait(lambda: engine.stats().busy_slots == 0, 2.0)
+    assert _wait(lambda: engine.stats().busy_slots == 0)
     with pytest.raises(CancelledError):
         for _ in events:
             pass

@@ -350,7 +350,7 @@ def test_pull_unsloth_dynamic_and_split_quants(
         tmp_path / "unsloth" / "Q8_0" / "Model-Q8_0-00002-of-00003.gguf"
     )
     # `models` shows the quantization the file name gives, not the type the GGUF declares
-    listed = {Path(m.path).name: m.quant for m in list_models(settings)}
+    listed = {Path(m.path).name: m.quant for m in list_models(settings) if not m.embedded}
     assert listed == {"Model-UD-Q4_K_XL.gguf": "UD-Q4_K_XL", first.name: "Q8_0"}
 
 

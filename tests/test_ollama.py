@@ -224,6 +224,7 @@ def test_errors_in_ollamas_shape(live_server: UvicornThread) -> None:
 def test_langchain_ollama(live_server: UvicornThread) -> None:
     from langchain_core.messages import AIMessage
     from langchain_ollama import ChatOllama, OllamaEmbeddings
+    from pydantic import BaseModel
 
     kwargs = {"headers": AUTH, "timeout": 300}
     chat = ChatOllama(model="gemma-3-270m", base_url=live_server.url, num_predict=8,
@@ -233,6 +234,13 @@ def test_langchain_ollama(live_server: UvicornThread) -> None:
     assert message.usage_metadata is not None and message.usage_metadata["output_tokens"] > 0
     pieces = list(chat.stream("Say hello."))
     assert pieces and "".join(str(p.content) for p in pieces) == message.content
+    class Answer(BaseModel):
+        ok: bool
+
+    structured = ChatOllama(model="gemma-3-270m", base_url=live_server.url, num_predict=48,
+                            temperature=0.0, client_kwargs=kwargs)
+    parsed = structured.with_structured_output(Answer, method="json_schema").invoke("Is it ok?")
+    assert isinstance(parsed, Answer)  # `format` with the schema: the grammar made it valid
     embeddings = OllamaEmbeddings(model="gemma-3-270m", base_url=live_server.url,
                                   client_kwargs=kwargs)
     assert len(embeddings.embed_query("hello")) == 640
@@ -363,9 +371,9 @@ def test_think_maps_onto_the_chat_paths_fields() -> None:
             "enable_thinking": False
         }
         high = think_fields("high", True, "m")
-        assert high["chat_template_kwargs"] == {"enable_thinking": True}
-        if "reasoning_effort" in declared:
-            assert high["reasoning_effort"] == "high"
+        assert high == {"chat_template_kwargs": {"enable_thinking": True}}
+        if "reasoning_effort" in declared:  # only for a template that reads an effort
+            assert think_fields("high", True, "m", takes_effort=True)["reasoning_effort"] == "high"
     else:  # it cannot yet: refused, not ignored
         with pytest.raises(APIError, match="cannot switch"):
             think_fields(True, True, "m")
@@ -374,7 +382,7 @@ def test_think_maps_onto_the_chat_paths_fields() -> None:
 def test_reasoning_content_becomes_thinking() -> None:
     from types import SimpleNamespace
 
-    from localllm.server.ollama.serving import OllamaShaper
+    from localllm.server.ollama.shapes import OllamaShaper
 
     delta = SimpleNamespace(content="4", reasoning_content="2+2", tool_calls=None)
     chunk = SimpleNamespace(choices=[SimpleNamespace(delta=delta, logprobs=None)])
@@ -433,3 +441,121 @@ def test_capabilities_from_the_header(tmp_path: Path) -> None:
     assert shown["details"]["family"] == "llama"
     assert shown["details"]["parameter_size"].endswith("B")
     assert "<|im_start|>" in shown["template"]  # no template in the file: ChatML, as rendered
+
+
+def test_thinking_capability_from_real_templates() -> None:
+    from localllm.server.ollama.catalog import thinks
+    from tests.conftest import REPO
+
+    folder = REPO / "tests/data/templates"
+    expected = {
+        "Qwen-Qwen3-0.6B.jinja": True,
+        "Qwen3.5-4B.jinja": True,
+        "openai-gpt-oss-120b.jinja": True,  # harmony's analysis channel
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": True,
+        "Qwen-Qwen2.5-7B-Instruct.jinja": False,
+        "meta-llama-Llama-3.1-8B-Instruct.jinja": False,
+        "google-gemma-2-2b-it.jinja": False,
+    }
+    assert {name: thinks((folder / name).read_text()) for name in expected} == expected
+
+
+def test_serve_on_ollamas_address_from_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localllm.cli import main as cli_main
+
+    received: list[Settings] = []
+    monkeypatch.setattr("localllm.server.run.serve", received.append)
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("LOCALLLM_CONFIG", str(tmp_path / "none.toml"))
+    assert cli_main(["serve", "--host", "127.0.0.1:11434"]) == 0
+    monkeypatch.setenv("LOCALLLM_HOST", "http://127.0.0.1:11434")
+    assert cli_main(["serve"]) == 0
+    assert [(s.host, s.port) for s in received] == [("127.0.0.1", 11434)] * 2
+
+
+def wait_until(condition: Any, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_goes_away_frees_the_slot(live_server: UvicornThread) -> None:
+    engine = live_server.app.state.localllm.engine
+    body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "A long story."}],
+            "options": {"num_predict": 300}}
+    with httpx.Client(timeout=300) as c, c.stream(
+        "POST", live_server.url + "/api/chat", json=body, headers=AUTH
+    ) as response:
+        first = json.loads(next(response.iter_lines()))
+        assert first["done"] is False
+        assert engine.stats().busy_slots == 1
+    # leaving the block closed the connection mid-stream
+    assert wait_until(lambda: engine.stats().busy_slots == 0)
+
+
+def test_busy_and_failed_streams_in_ollamas_shape(fake_engine: Any) -> None:
+    from localllm.server import create_app
+
+    server = UvicornThread(create_app(Settings(), fake_engine, model_id="fake")).start()
+    try:
+        say = {"model": "fake", "messages": [{"role": "user", "content": "one two three"}]}
+        fake_engine.queue_full = True
+        busy = httpx.post(server.url + "/api/chat", json=say, timeout=60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "3"
+        assert busy.json() == {"error": "all slots busy"}
+        fake_engine.queue_full, fake_engine.hold = False, True
+        with httpx.stream("POST", server.url + "/api/chat", json=say, timeout=60) as response:
+            lines = response.iter_lines()
+            assert json.loads(next(lines))["message"]["content"] == "user:"  # the fake echoes
+            fake_engine.cancel_all()  # the server stopping under a running stream
+            rest = [json.loads(line) for line in lines if line]
+        assert rest[-1] == {"error": "the server is shutting down"}
+    finally:
+        server.stop()
+
+
+def test_think_reaches_the_template_and_thinking_comes_back(tmp_path: Path) -> None:
+    """A tiny random-weight Qwen3.5 with Qwen3.5's real chat template: its generation prompt
+    opens <think> unless enable_thinking is false, so `think` decides whether the text comes
+    back as message.thinking or as content."""
+    import subprocess
+    import sys
+
+    from localllm.engine import Engine, EngineConfig
+    from localllm.server import create_app
+    from tests.conftest import REPO
+    from tests.tiny_models import write_qwen35
+
+    template = (REPO / "tests/data/templates/Qwen3.5-4B.jinja").read_text()
+    bare = write_qwen35(tmp_path / "bare.gguf").path
+    model = tmp_path / "thinker.gguf"
+    subprocess.run(
+        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bare), str(model),
+         "--chat-template", template, "--force"],
+        check=True, capture_output=True, timeout=120,
+    )
+    config = EngineConfig(model_path=model, n_ctx=1024, n_parallel=1, n_threads=1, n_batch=256,
+                          n_ubatch=256)
+    with Engine.load(config) as engine:
+        server = UvicornThread(create_app(Settings(), engine, model_id="thinker",
+                                          model_path=model)).start()
+        try:
+            client = ollama.Client(host=server.url, timeout=300)
+            assert "thinking" in (client.show("thinker").capabilities or [])
+            say = [{"role": "user", "content": "hi"}]
+            thought = client.chat("thinker", messages=say, think=True, options=FEW)
+            assert thought.message.thinking and not thought.message.content
+            streamed = list(client.chat("thinker", messages=say, think="high", options=FEW,
+                                        stream=True))
+            assert "".join(c.message.thinking or "" for c in streamed)
+            plain = client.chat("thinker", messages=say, think=False, options=FEW)
+            assert not plain.message.thinking and plain.message.content
+            generated = client.generate("thinker", "hi", think=True, options=FEW)
+            assert generated.thinking and not generated.response
+        finally:
+            server.stop()

@@ -70,7 +70,8 @@ def test_fit_of_a_missing_file_prints_one_line_and_starts_no_probe(
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0, err
     assert "missing.gguf" in err and "repack" not in err
-    assert children == [] and not fresh_cache.exists()
+    assert children == []
+    assert not fresh_cache.parent.exists()  # nor was the host probed for an argument error
 
 
 def test_a_command_that_only_plans_starts_no_probe(

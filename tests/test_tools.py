@@ -17,7 +17,13 @@ import pytest
 from localllm.engine.chat import ChatTemplate
 from localllm.engine.types import GenerationRequest, SamplingParams
 from localllm.errors import ChatTemplateError, RequestError, UnsupportedSchemaError
-from localllm.tools.formats import ToolFormat, ToolSyntax, detect_format, tool_syntax
+from localllm.tools.formats import (
+    TAGGED_FORMATS,
+    ToolFormat,
+    ToolSyntax,
+    detect_format,
+    tool_syntax,
+)
 from localllm.tools.gbnf import repeat
 from localllm.tools.parser import ContentDelta, ToolCallDelta, ToolCallParser, parse_output
 from localllm.tools.render import mistral_call_id, render_prompt
@@ -131,7 +137,7 @@ def test_templates_without_tool_support_use_the_generic_format() -> None:
     chatml = ChatTemplate.for_model(None, "unknown-arch", bos_token="", eos_token="")
     assert tool_syntax(chatml).format is ToolFormat.GENERIC
     # Qwen3-Coder's XML parameters are not Hermes JSON, even with <tool_call> in the source.
-    assert detect_format("<tool_call><function=x><parameter=y>")[0] is ToolFormat.GENERIC
+    assert detect_format("<tool_call><function=x><parameter=y>")[0] is ToolFormat.QWEN3_XML
     assert detect_format("[TOOL_CALLS]{{name}}[ARGS]") == (ToolFormat.MISTRAL, True)
 
 
@@ -575,7 +581,12 @@ def test_schema_grammars_only_generate_valid_documents(engine: Any, name: str) -
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("fmt", list(ToolFormat))
+@pytest.mark.parametrize(
+    "fmt",
+    # The tagged formats write strings as free text, which the tiny model does not end without
+    # a maxLength: tests/test_reasoning_e2e.py runs them with bounded strings.
+    [f for f in ToolFormat if f not in TAGGED_FORMATS and f is not ToolFormat.HARMONY],
+)
 def test_forced_tool_call_grammars_parse_and_validate(engine: Any, fmt: ToolFormat) -> None:
     """tool_choice required: under each format's grammar the tiny model writes calls that the
     same format's parser reads back, with arguments valid under the tool's schema. (With

@@ -91,6 +91,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(p.strip()) for p in parts)
 
 
+FIT_ORDER = (
+    "The default plan (balanced, no --ctx-size, a GPU): 1. context first: up to 32768 tokens per "
+    "conversation (or the training context if smaller; 8192 on the CPU alone), all on the GPU; "
+    "2. the highest quant of 4+ bits that keeps that context on the GPU; 3. only when none does, "
+    "a shorter context (halved, not below 8192) with each quant in turn before the next quant "
+    "down; then quants below 4 bits; then contexts down to 4096; 4. last, layers or MoE experts "
+    "move to host memory. More parallel slots are added while they fit beside a full context each."
+)
+
+
 def _command(
     commands_: Any, name: str, help_text: str, handler: Handler
 ) -> argparse.ArgumentParser:
@@ -139,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GGUF file, folder or glob of quantizations, or ORG/REPO[:QUANT] (default: the "
         "default_model setting).",
     )
+    fit.epilog = FIT_ORDER
     _json_flag(fit)
     fit.add_argument("--objective", choices=["balanced", "quality", "speed"], default="balanced",
-                     help="balanced: best quality at interactive speed, preferring full offload.")
+                     help="balanced: the desktop order below; quality: the best quant that meets "
+                     "the speed floor, partial offload allowed; speed: the fastest plan.")
     fit.add_argument("--check", action="store_true",
                      help="Also run llama.cpp's own dry run for the plan and compare its buffers.")
     fit.add_argument("--revision", help="Hub revision (branch, tag or commit).")

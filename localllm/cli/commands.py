@@ -161,8 +161,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         warn(warning)
     changes: dict[str, Any] = {"objective": args.objective}
     request = FitRequest.from_settings(settings, **changes)
+    ladder = _model_headers(args, settings)  # a missing file is said before the machine is probed
     hardware = planning_hardware(settings)
-    ladder = _model_headers(args, settings)
     if len(ladder.groups) > 1:
         return _fit_each_model(ladder.groups, hardware, request, args.json)
     headers = ladder.groups[0]

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,20 @@ class BuildInfo:
     @property
     def gpu_devices(self) -> tuple[BackendDevice, ...]:
         return tuple(d for d in self.devices if d.kind in ("gpu", "igpu"))
+
+    @property
+    def cuda(self) -> bool:
+        """Built with llama.cpp's CUDA backend (whether or not a card answers here)."""
+        return "CUDA" in self.backends or "CUDA : " in self.system_info
+
+    @property
+    def cuda_architectures(self) -> tuple[str, ...]:
+        """The compute capabilities compiled in, as ggml-cuda reports them in the system info
+        ("CUDA : ARCHS = 860,890 | ..."): ("86", "89"); empty when not said."""
+        found = re.search(r"CUDA : ARCHS = ([\d,]+)", self.system_info)
+        if not found:
+            return ()
+        return tuple(a[:-1] if a.endswith("0") else a for a in found[1].split(",") if a)
 
 
 def gpu_offload() -> bool:
@@ -193,6 +208,31 @@ def _cuda_script(venv: Path) -> str:
         if candidate.is_file():
             return str(candidate)
     return f"scripts/{CUDA_SCRIPT}  # from a localllm checkout"
+
+
+def cuda_library() -> Path | None:
+    """libggml-cuda beside llama-cpp-python's libraries, found without importing llama_cpp
+    (a CUDA build cannot be imported on a machine without the NVIDIA driver)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted((Path(spec.origin).parent / "lib").glob("libggml-cuda.*"))
+    return found[0] if found else None
+
+
+def describe_cuda_build(info: BuildInfo, library: Path | None) -> str:
+    """doctor's line about the GPU build: 'CUDA build: yes, for sm_86, sm_89' or 'no'."""
+    if not info.cuda and library is None:
+        return "CUDA build: no (llama.cpp was built for the CPU only)"
+    archs = ", ".join(f"sm_{a}" for a in info.cuda_architectures)
+    line = f"CUDA build: yes, for {archs}" if archs else "CUDA build: yes"
+    if info.llama_cpp_version is None:
+        line += " (but it cannot load here: see above)"
+    elif not info.gpu_devices:
+        line += " (no CUDA device answers: is the NVIDIA driver loaded?)"
+    return line
 
 
 def _dist_version(name: str) -> str | None:

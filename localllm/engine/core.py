@@ -224,11 +224,12 @@ class Engine:
         """Load the model (blocking, about a second for the embedded one) and start scheduling."""
         backend = LlamaBackend(config)
         log.info(
-            "loaded %s in %.1f s: %d slots of %d tokens",
+            "loaded %s in %.1f s: %d slots of %d tokens; %s",
             config.model_path.name,
             backend.load_seconds,
             config.n_parallel,
             config.n_ctx_slot,
+            logs.placement(backend.load_log) or "placement not logged by llama.cpp",
         )
         return cls(config, backend)
 
@@ -282,6 +283,17 @@ class Engine:
         """`chat_prompt` with more template variables (`template_kwargs`: a request's
         chat_template_kwargs and reasoning_effort), and whether the prompt ends inside the
         model's reasoning (a template that opens `<think>` for the answer)."""
+        chars = sum(
+            len(m.get("content") or "")
+            for m in messages
+            if isinstance(m, Mapping) and isinstance(m.get("content"), str)
+        )
+        if chars > self.max_prompt_chars:  # before rendering and tokenizing (seconds per MB)
+            raise ContextLengthExceededError(
+                f"the messages are {chars} characters, more than a context of "
+                f"{self.config.n_ctx} tokens can hold; shorten them",
+                param="messages",
+            )
         text = self.chat_template.render(
             messages, add_generation_prompt=True, tools=tools, extra=template_kwargs
         )

@@ -25,6 +25,9 @@ from localllm.units import MIB
 _KV_RE = re.compile(
     r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\)"
 )
+_STATE_RE = re.compile(
+    r"llama_memory_recurrent: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+) seqs"
+)
 _FLASH_RE = re.compile(r"Flash Attention (enabled|disabled)")
 _FILE_SIZE_RE = re.compile(r"print_info: file size\s*=\s*([\d.]+) (MiB|GiB)")
 
@@ -45,8 +48,14 @@ class DryRunResult:
     output_bytes: dict[str, int]  # by buffer name ("CPU", "CUDA_Host", ...)
     compute_bytes: dict[str, int]  # by buffer name ("CPU", "CUDA0", ...)
     flash_attn: bool | None
-    weights_bytes: int  # llama.cpp's "file size" line: the bytes of every tensor it loads
+    weights_bytes: int  # llama.cpp's "file size" line: the bytes of every tensor in the file
     lines: tuple[str, ...]
+    # recurrent-state caches (llama_memory_recurrent), one per model with recurrent layers
+    state_caches: tuple[KVCacheLine, ...] = ()
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(state.bytes for state in self.state_caches)
 
     @property
     def kv_bytes(self) -> int:
@@ -64,6 +73,7 @@ class DryRunResult:
 def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
     """Pull the allocation figures out of llama.cpp's model and context load log."""
     kv: list[KVCacheLine] = []
+    state: list[KVCacheLine] = []
     output: dict[str, int] = {}
     compute: dict[str, int] = {}
     flash: bool | None = None
@@ -71,6 +81,8 @@ def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
     for line in lines:
         if m := _KV_RE.search(line):
             kv.append(KVCacheLine(round(float(m[1]) * MIB), int(m[2]), int(m[3]), int(m[5])))
+        elif m := _STATE_RE.search(line):
+            state.append(KVCacheLine(round(float(m[1]) * MIB), int(m[2]), int(m[3]), int(m[4])))
         elif m := _FLASH_RE.search(line):
             flash = m[1] == "enabled"
         elif m := _FILE_SIZE_RE.search(line):
@@ -79,7 +91,7 @@ def parse_load_log(lines: list[str] | tuple[str, ...]) -> DryRunResult:
         target = {"output": output, "compute": compute}.get(buffer.kind)
         if target is not None:
             target[buffer.buffer] = target.get(buffer.buffer, 0) + buffer.bytes
-    return DryRunResult(tuple(kv), output, compute, flash, weights, tuple(lines))
+    return DryRunResult(tuple(kv), output, compute, flash, weights, tuple(lines), tuple(state))
 
 
 def dry_run(

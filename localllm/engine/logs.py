@@ -109,3 +109,21 @@ def buffer_lines(lines: Iterable[str]) -> list[BufferLine]:
             kind = cast(BufferKind, match["kind"])
             found.append(BufferLine(match["buffer"], kind, round(float(match["mib"]) * MIB)))
     return found
+
+
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+def placement(lines: Iterable[str]) -> str:
+    """llama.cpp's own account of where the weights went, for the load's log line:
+    'offloaded 29/29 layers to GPU; weights: CUDA0 1234.50 MiB, CPU_Mapped 98.00 MiB'."""
+    lines = list(lines)
+    parts = []
+    for line in lines:
+        if match := _OFFLOADED.search(line):
+            parts.append(f"offloaded {match[1]}/{match[2]} layers to GPU")
+    weights = [b for b in buffer_lines(lines) if b.kind == "model"]
+    if weights:
+        sizes = ", ".join(f"{b.buffer} {b.bytes / MIB:.2f} MiB" for b in weights)
+        parts.append(f"weights: {sizes}")
+    return "; ".join(parts)

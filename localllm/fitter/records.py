@@ -14,8 +14,15 @@ Objective = Literal["balanced", "quality", "speed"]
 OBJECTIVES: tuple[str, ...] = ("balanced", "quality", "speed")
 
 # Tokens per conversation the fitter plans for when none is asked: the model's training context,
-# capped here (a desktop conversation with documents pasted in).
-DEFAULT_CTX_CAP = 8192
+# capped here. With a GPU: 32768 (Ollama's default on cards of 23 GiB and more; a desktop
+# conversation with documents pasted in); on the CPU alone 8192 (prompt processing is slow there).
+DEFAULT_CTX_CAP = 32768
+CPU_CTX_CAP = 8192
+# The desktop order (fit_ladder): shrink the context down to this before trying a smaller quant.
+DESKTOP_MIN_CTX = 8192
+# ... trying quants of at least this many bits per weight first (Q4_0 4.5, Q4_K_M ~4.8, IQ4_XS
+# 4.25); below it (Q3_K_M and smaller) answers degrade visibly, so a long context does not buy them.
+DESKTOP_MIN_BITS = 4.2
 # Parallel slots tried, most first, when --parallel is not given: as many conversations at once as
 # fit beside the full context each (llama-server's default is 4 slots).
 AUTO_SLOTS = (4, 2, 1)

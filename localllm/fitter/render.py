@@ -29,7 +29,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(
         f"  n_ctx {plan.n_ctx} ({streams}); "
         f"KV cache {cache}; flash attention {'on' if plan.flash_attn else 'off'}; "
-        f"swa_full {'on' if plan.swa_full else 'off'}; n_ubatch {plan.n_ubatch}"
+        + (f"swa_full {'on' if plan.swa_full else 'off'}; " if plan.has_swa else "")
+        + f"n_ubatch {plan.n_ubatch}"
     )
     host = next((d for d in plan.devices if d.name == "host"), None)
     if host is not None and host.checkpoint_bytes:

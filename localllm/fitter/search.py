@@ -15,7 +15,7 @@ tensors of the first layers (`--n-cpu-moe`), whichever decodes faster. Explicit 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,14 @@ from localllm.fitter.memory import (
     context_shape,
     kv_layer_bytes,
     output_buffer_bytes,
+    state_layer_bytes,
 )
 from localllm.fitter.records import (
     AUTO_SLOTS,
+    CPU_CTX_CAP,
     DEFAULT_CTX_CAP,
+    DESKTOP_MIN_BITS,
+    DESKTOP_MIN_CTX,
     GPU_CONTEXT_OVERHEAD_BYTES,
     HOST_OVERHEAD_BYTES,
     MIN_SHRUNK_CTX,
@@ -127,6 +131,7 @@ class _Fitter:
             )
         self.split = _split_weights(hardware, request) if hardware.gpus else []
         self._shapes: dict[tuple[int, int], tuple[ContextShape, tuple[int, ...], Any]] = {}
+        self.state_per_seq = state_layer_bytes(header, 1, self.facts.layout)
         n_expert = header.n_expert
         self.expert_read_share = header.n_expert_used / n_expert if n_expert else 1.0
         host = hardware.host
@@ -144,11 +149,16 @@ class _Fitter:
         if key not in self._shapes:
             r = self.request
             n_ctx = n_ctx_slot if r.kv_unified else n_ctx_slot * n_seq
+            layout = self.facts.layout
             shape = context_shape(
-                self.header, n_ctx, n_seq, r.n_ubatch, r.n_batch, r.swa_full, r.kv_unified
+                self.header, n_ctx, n_seq, r.n_ubatch, r.n_batch, r.swa_full, r.kv_unified,
+                layout,
             )
-            kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v)
-            self._shapes[key] = (shape, kv, compute_phases(self.facts, shape, self.flash_attn))
+            kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v, self.flash_attn, layout)
+            state = state_layer_bytes(self.header, shape.n_seq, layout)
+            # a layer's recurrent state lives on its device, like its KV cache
+            memory = tuple(k + s for k, s in zip(kv, state, strict=True))
+            self._shapes[key] = (shape, memory, compute_phases(self.facts, shape, self.flash_attn))
         return self._shapes[key]
 
     def plan(self, ctx: tuple[int, int], n_gpu_layers: int, n_cpu_moe: int = 0) -> Plan:
@@ -173,7 +183,8 @@ class _Fitter:
             weights[expert_dev] += expert_bytes
             kv_on[dev] += kv[il]
             layers_on[dev] += 1
-            read[dev] += dense_bytes
+            # a recurrent layer reads and writes one sequence's state per generated token
+            read[dev] += dense_bytes + 2 * self.state_per_seq[il]
             read[expert_dev] += expert_bytes * share
             elements[dev] += dense_el
             elements[expert_dev] += expert_el * share
@@ -317,7 +328,7 @@ class _Fitter:
             decode_tok_s=decode,
             prompt_tok_s=prompt,
             fits=all(d.fits for d in devices),
-            has_swa=bool(header.sliding_window) and any(header.swa_layers),
+            has_swa=facts.layout.has_swa,
             link_transfers=len(transfers),
             link_seconds=link_seconds,
             rpc_servers=tuple(dict.fromkeys(g.endpoint or "" for g in hardware.remote_gpus)),
@@ -432,17 +443,17 @@ def _does_not_fit(plan: Plan, header: ModelHeader, request: FitRequest) -> DoesN
 
 
 def _wanted_ctx(header: ModelHeader, request: FitRequest, notes: list[str],
-                warnings: list[str]) -> int:
-    """Tokens per conversation: asked for, the training context (0), or up to DEFAULT_CTX_CAP."""
-    trained = header.n_ctx_train or DEFAULT_CTX_CAP
+                warnings: list[str], cap: int = DEFAULT_CTX_CAP) -> int:
+    """Tokens per conversation: asked for, the training context (0), or up to `cap`."""
+    trained = header.n_ctx_train or cap
     if request.n_ctx == 0:
         notes.append(f"context: the model's training context, {trained} tokens (--ctx-size 0)")
         return trained
     if request.n_ctx is None:
-        wanted = min(trained, DEFAULT_CTX_CAP)
+        wanted = min(trained, cap)
         notes.append(
             f"{wanted} tokens per conversation: the model's training context ({trained}) capped "
-            f"at {DEFAULT_CTX_CAP}; --ctx-size N asks for more, 0 for all of it"
+            f"at {cap}; --ctx-size N asks for more, 0 for all of it"
         )
         return wanted
     if header.n_ctx_train and request.n_ctx > header.n_ctx_train:
@@ -454,26 +465,76 @@ def _wanted_ctx(header: ModelHeader, request: FitRequest, notes: list[str],
     return request.n_ctx
 
 
+def _layout_notes(fitter: _Fitter) -> list[str]:
+    """What the architecture's memory holds beyond a plain KV cache."""
+    facts, notes = fitter.facts, []
+    layout = facts.layout
+    if layout.n_recurrent:
+        per_seq = sum(fitter.state_per_seq)
+        notes.append(
+            f"{layout.n_recurrent} of {layout.n_layer_trunk} layers are recurrent: their state, "
+            f"{per_seq / 2**20:.1f} MiB per conversation whatever its length, is in the KV column"
+            f"; {sum(layout.attention)} layers have a KV cache"
+        )
+    if facts.skipped_bytes:
+        notes.append(
+            f"the file's MTP block ({gib(facts.skipped_bytes)}) is not loaded: llama.cpp uses it "
+            "only for speculative decoding"
+        )
+    return notes
+
+
+def _swa_notes(fitter: _Fitter, n_ctx: int, request: FitRequest) -> list[str]:
+    """What the full-size sliding-window cache costs against llama-server's small one."""
+    if not fitter.facts.layout.has_swa:
+        return []
+    n_seq = request.n_parallel or 1
+    this = sum(fitter.shape(n_ctx, n_seq)[1])
+    other_request = replace(request, swa_full=not request.swa_full)
+    other = sum(_Fitter(fitter.header, fitter.hardware, other_request).shape(n_ctx, n_seq)[1])
+    full, small = (this, other) if request.swa_full else (other, this)
+    if request.swa_full:
+        return [
+            f"full-size sliding-window cache (--swa-full): KV {gib(full)} at {n_ctx} tokens, "
+            f"where the small one (--no-swa-full, the default) needs {gib(small)}"
+        ]
+    return [
+        f"small sliding-window cache (--no-swa-full, the default): KV {gib(small)} at {n_ctx} "
+        f"tokens instead of {gib(full)} full-size; context checkpoints in host memory keep "
+        "prompt reuse"
+    ]
+
+
 def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | None = None) -> Plan:
     """The plan for one model file; raises DoesNotFitError when no configuration fits.
 
-    Context comes first: each conversation gets the context asked for (by default up to 8192
-    tokens), each in its own KV stream so no user's context is taken by another's; then as many
-    parallel slots (AUTO_SLOTS, unless --parallel fixes them) as fit with every layer on the GPU;
-    only then, if the context was not fixed, is it halved (not below 4096); last, layers (or MoE
-    experts) move to host memory, with one slot.
+    Context comes first: each conversation gets the context asked for (by default up to 32768
+    tokens with a GPU, 8192 on the CPU alone), each in its own KV stream so no user's context is
+    taken by another's; then as many parallel slots (AUTO_SLOTS, unless --parallel fixes them)
+    as fit with every layer on the GPU; only then, if the context was not fixed, is it halved
+    (not below 4096); last, layers (or MoE experts) move to host memory, with one slot.
     """
-    request = request or FitRequest()
+    plan = _fit_header(header, hardware, request or FitRequest())
+    assert plan is not None  # with offload allowed a plan comes back or DoesNotFitError
+    return plan
+
+
+def _fit_header(
+    header: ModelHeader,
+    hardware: Hardware,
+    request: FitRequest,
+    min_ctx: int = MIN_SHRUNK_CTX,
+    offload: bool = True,
+) -> Plan | None:
+    """fit_header, with the floor the context may be halved to; offload False: None when no
+    context down to min_ctx fits every layer on the GPU(s)."""
     fitter = _Fitter(header, hardware, request)
     notes = [MODELLED_NOTE, *hardware.notes]
     warnings: list[str] = []
-    wanted = _wanted_ctx(header, request, notes, warnings)
+    cap = DEFAULT_CTX_CAP if hardware.gpus else CPU_CTX_CAP
+    wanted = _wanted_ctx(header, request, notes, warnings, cap)
     slot_options = (request.n_parallel,) if request.n_parallel else AUTO_SLOTS
-    if header.sliding_window and request.swa_full:
-        notes.append(
-            "full-size SWA cache (--swa-full); --no-swa-full (the default) shrinks the "
-            "sliding-window layers' cache, context checkpoints keep prompt reuse"
-        )
+    notes += _swa_notes(fitter, wanted, request) + _layout_notes(fitter)
     full = n_layer_all = header.n_layer + 1
 
     if request.n_gpu_layers is not None:  # explicit mode: exactly this configuration
@@ -492,7 +553,7 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
 
     contexts = [wanted]
     if request.n_ctx is None:
-        while contexts[-1] // 2 >= MIN_SHRUNK_CTX:
+        while contexts[-1] // 2 >= min_ctx:
             contexts.append(contexts[-1] // 2)
     chosen: Plan | None = None
     for ctx in contexts:
@@ -509,6 +570,8 @@ def fit_header(header: ModelHeader, hardware: Hardware, request: FitRequest | No
                     "GPU layers"
                 )
             break
+    if chosen is None and not offload:
+        return None
     if chosen is None:
         one = (wanted, min(slot_options))
         options = [fitter.most_layers(one)]
@@ -557,6 +620,38 @@ def _finish(
 
 def _quality_key(header: ModelHeader) -> float:
     return header.bits_per_weight
+
+
+def _desktop_choice(
+    ordered: Sequence[ModelHeader],
+    hardware: Hardware,
+    request: FitRequest,
+    label: Callable[[ModelHeader], str],
+) -> Plan | None:
+    """The order a desktop user wants (balanced objective, context and layers not fixed, a GPU):
+    the wanted context (up to 32768 tokens) entirely on the GPU with the best quant of 4 bits or
+    more that keeps it there; when none does, each such quant from the best shrinks its context
+    down to 8192 before the next quant down is tried; then the quants below 4 bits the same way;
+    then any quant down to 4096 tokens; None when nothing fits on the GPU at all (the caller
+    then offloads)."""
+    if (request.objective != "balanced" or request.n_ctx is not None
+            or request.n_gpu_layers is not None or not hardware.gpus):
+        return None
+    good = [h for h in ordered if h.bits_per_weight >= DESKTOP_MIN_BITS]
+    low = [h for h in ordered if h.bits_per_weight < DESKTOP_MIN_BITS]
+    stages = ((good, 1 << 30), (good, DESKTOP_MIN_CTX), (low, DESKTOP_MIN_CTX),
+              (list(ordered), MIN_SHRUNK_CTX))
+    for headers, min_ctx in stages:
+        for header in headers:
+            plan = _fit_header(header, hardware, request, min_ctx=min_ctx, offload=False)
+            if plan is not None:
+                note = (
+                    "desktop order: the context (up to 32768 tokens) entirely on the GPU with the "
+                    "best quant of 4+ bits that keeps it there; else a shorter context, not below "
+                    "8192 before the next quant down; then lower quants; then offload"
+                )
+                return replace(plan, quant=label(header), notes=(*plan.notes, note))
+    return None
 
 
 def fit_ladder(
@@ -628,7 +723,10 @@ def fit_ladder(
     fast = [(h, p) for h, p in plans if p.decode_tok_s >= floor]
     objective = request.objective
     chosen: Plan
-    if objective == "speed":
+    desktop = _desktop_choice(ordered, hardware, request, label)
+    if desktop is not None:
+        chosen = desktop
+    elif objective == "speed":
         chosen = max((p for _, p in plans), key=lambda p: p.decode_tok_s)
     elif fast:
         full = [p for _, p in fast if p.full_offload]
@@ -639,10 +737,15 @@ def fit_ladder(
         chosen = max((p for _, p in plans), key=lambda p: p.decode_tok_s)
     best_full = next((p for _, p in plans if p.full_offload), None)
     for _, plan in plans:
-        if plan is chosen:
+        if plan.quant == chosen.quant:
             continue
         better_quality = ladder.index(plan.quant) < ladder.index(chosen.quant)
-        if plan.decode_tok_s < floor:
+        if better_quality and plan.full_offload and plan.n_ctx_slot < chosen.n_ctx_slot:
+            reasons[plan.quant] = (
+                f"fits on the GPU only with {plan.n_ctx_slot} tokens per conversation; "
+                f"{chosen.quant} keeps {chosen.n_ctx_slot} (context first)"
+            )
+        elif plan.decode_tok_s < floor:
             reasons[plan.quant] = (
                 f"{plan.decode_tok_s:.1f} tok/s is below the {floor:g} tok/s "
                 f"floor ({plan.n_gpu_layers}/{plan.n_layer + 1} layers on GPU)"

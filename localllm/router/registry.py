@@ -14,6 +14,7 @@ a readable GGUF is one too (400, `param` model), never a 500.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class ModelEntry:
     file_type: str | None
     pooling: int | None  # `<arch>.pooling_type` when the GGUF declares one
     signature: tuple[int, int, int]  # (size, mtime_ns, inode): a changed file is a new model
+    data_complete: bool = True  # False: tensor data past the end of the file (truncated)
     plan: Plan | None = None
     config: EngineConfig | None = None
     warnings: list[str] = field(default_factory=list)
@@ -106,6 +108,7 @@ class Registry:
         self._extra: dict[str, Path] = {}  # models named at start (lower-case name -> path)
         self._alias: dict[Path, str] = {}
         self._entries: dict[Path, ModelEntry] = {}
+        self._unreadable: dict[Path, tuple[int, int, int]] = {}  # skipped files, as they were
         self._lock = threading.RLock()
 
     def add(self, path: Path, name: str | None = None) -> ModelEntry:
@@ -127,9 +130,14 @@ class Registry:
             found = []
             for path in paths:
                 try:
+                    signature = _signature(path)
+                    if self._unreadable.get(path) == signature:
+                        continue  # said once; read again when the file changes
                     entry = self._entry(path, self._alias.get(path))
                 except (OSError, LocalLLMError) as exc:
                     log.warning("skipping %s: %s", path.name, exc)
+                    with contextlib.suppress(OSError):
+                        self._unreadable[path] = _signature(path)
                     continue
                 if entry.architecture != "clip":  # a vision projector, not a model
                     found.append(entry)
@@ -230,6 +238,7 @@ class Registry:
             file_type=header.file_type,
             pooling=int(declared) if isinstance(declared, int) else None,
             signature=signature,
+            data_complete=header.data_complete,
         )
         self._entries[path] = entry
         return entry

@@ -28,7 +28,8 @@ No pool is shared between models: each loaded model has a small executor of its 
 listing) runs on the router's own `files` executor. A flood of slow work for one model queues
 behind that model only; the API's other routes and the other models go on.
 
-Model files are checked whenever the folder is listed or a request names a model: a loaded
+Model files are checked whenever the folder is listed or a request names a model, and every
+FILE_CHECK_S seconds once `start` ran: a loaded
 model whose file was deleted or replaced (another size, mtime or inode) is retired, that is
 taken out of the loaded set at once (a new request for the name loads the new file, or gets a
 404 for a deleted one) and unloaded as soon as its requests in flight end, whatever its
@@ -62,6 +63,7 @@ from localllm.errors import (
     GenerationNotSupportedError,
     ModelLoadError,
     QueueFullError,
+    RequestError,
     SettingsError,
 )
 from localllm.router.registry import ModelEntry, Registry
@@ -82,6 +84,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)")
 
 
+FILE_CHECK_S = 5.0  # how often the loaded models' files are checked besides listings and requests
 KEEP_ALIVE_MAX_S = 365 * 86400.0  # a year; longer is a typo or an attack ("-1" means never)
 
 
@@ -219,6 +222,7 @@ class Router:
         self.counters: dict[str, ModelCounters] = {}
         self._loaded: dict[str, LoadedModel] = {}
         self._retiring: list[LoadedModel] = []  # files deleted or replaced; unloaded when idle
+        self._file_check: asyncio.Task[None] | None = None
         self._loading: str | None = None
         self._failures: dict[str, _Failure] = {}
         self._lock = asyncio.Lock()  # loads, unloads and evictions, one at a time
@@ -245,6 +249,12 @@ class Router:
         """Like `use` without the context manager: pair every call with `release`."""
         await self.check_files()
         entry = await self._in_files(self.registry.get, name)
+        if not entry.data_complete:
+            raise RequestError(
+                f"model {entry.name}: its file {entry.path.name} ends before its tensor data "
+                "does (truncated: a download cut short?); download it again",
+                param="model",
+            )
         _check_purpose(entry, purpose)
         keep = self.default_keep_alive if keep_alive is UNSET else keep_alive
         model = self._loaded.get(entry.name)
@@ -291,6 +301,16 @@ class Router:
             state = self.registry.file_state(model.entry)
             if state is not None and self._loaded.get(model.name) is model:
                 self._retire(model, state)
+
+    async def _check_files_often(self) -> None:
+        """Also between requests: a deleted file's model is unloaded even if nobody lists the
+        folder or names it again (with keep_alive -1 nothing else would)."""
+        while True:
+            await asyncio.sleep(FILE_CHECK_S)
+            try:
+                await self.check_files()
+            except Exception:  # a bug here must not end the checks
+                log.exception("checking the model files failed")
 
     def retiring(self) -> list[LoadedModel]:
         """Loaded models whose files are gone or replaced, until their requests end."""
@@ -376,8 +396,10 @@ class Router:
         return None
 
     async def start(self) -> None:
-        """Start the fork server, then load the start model when `load_on_start` is set."""
+        """Start the fork server and the file check, then load the start model when
+        `load_on_start` is set."""
         await asyncio.to_thread(prestart)
+        self._file_check = asyncio.get_running_loop().create_task(self._check_files_often())
         if self.settings.load_on_start:
             name = await self._in_files(self.start_model_name)
             await self.load(name)
@@ -391,9 +413,11 @@ class Router:
     async def close(self) -> None:
         """Unload everything (server shutdown)."""
         self._closed = True
-        async with self._lock:
-            for model in [*self._loaded.values(), *self._retiring]:
-                await self._unload(model, "shutdown")
+        if self._file_check is not None:
+            self._file_check.cancel()
+        async with self._lock:  # all at once: a stuck worker's 10 s do not add up
+            models = [*self._loaded.values(), *self._retiring]
+            await asyncio.gather(*(self._unload(model, "shutdown") for model in models))
         self.files.shutdown(wait=False)
 
     def loaded(self) -> list[LoadedModel]:
@@ -528,12 +552,15 @@ class Router:
             keep_alive_s=self.default_keep_alive,
         )
         self._loaded[entry.name] = model
+        from localllm.loading import layer_placement
+
         log.info(
-            "loaded %s in %.2f s (pid %d, %s)",
+            "loaded %s in %.2f s (pid %d, %s); repeating layers: %s",
             entry.name,
             seconds,
             worker.pid,
             ", ".join(f"{d} {gib(b, 2)}" for d, b in need.items() if b),
+            layer_placement(entry.plan) if entry.plan is not None else "not planned",
         )
         return model
 

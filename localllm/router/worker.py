@@ -319,20 +319,20 @@ class WorkerClient:
         child_end.close()
         try:
             message = _first_message(parent_end, process, hang_timeout_s)
-        except (EOFError, OSError):
-            process.join(10)
-            parent_end.close()
-            raise ModelLoadError(
-                f"the worker loading {config.model_path.name} ended "
-                f"({describe_exit(process.exitcode)}) before it was ready: see its log above"
-            ) from None
-        except TimeoutError:
+        except TimeoutError:  # before OSError, its base class
             process.kill()
             process.join(10)
             parent_end.close()
             raise ModelLoadError(
                 f"the worker loading {config.model_path.name} sent nothing for "
                 f"{hang_timeout_s:g} s (worker_hang_timeout_s) and was killed"
+            ) from None
+        except (EOFError, OSError):
+            process.join(10)
+            parent_end.close()
+            raise ModelLoadError(
+                f"the worker loading {config.model_path.name} ended "
+                f"({describe_exit(process.exitcode)}) before it was ready: see its log above"
             ) from None
         if message[0] != "ready":
             process.join(10)

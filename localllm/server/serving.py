@@ -203,7 +203,7 @@ class Serving:
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=body.seed,
-            grammar=grammar or _grammar(body.response_format),
+            grammar=grammar or response_format_grammar(body.response_format),
             logit_bias=_logit_bias(body.logit_bias),
         )
 
@@ -269,7 +269,8 @@ def _logit_bias(biases: dict[str, float] | None) -> tuple[tuple[int, float], ...
     return tuple(pairs)
 
 
-def _grammar(response_format: t.ResponseFormat | None) -> str | None:
+def response_format_grammar(response_format: t.ResponseFormat | None) -> str | None:
+    """The grammar `response_format` asks for (None for text), checked."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":

@@ -4,7 +4,7 @@ back while it streams, and GBNF grammars from JSON Schemas (forced calls,
 `response_format: json_schema`)."""
 
 from localllm.tools.formats import TemplateCaps, ToolFormat, ToolSyntax, detect_format, tool_syntax
-from localllm.tools.output import OutputParser
+from localllm.tools.output import OutputParser, ReasoningSplitter, split_reasoning
 from localllm.tools.parser import (
     ContentDelta,
     ParsedOutput,
@@ -13,7 +13,7 @@ from localllm.tools.parser import (
     ToolCallParser,
     parse_output,
 )
-from localllm.tools.reasoning import ReasoningFormat, ReasoningSplitter, split_reasoning
+from localllm.tools.reasoning import ReasoningFormat
 from localllm.tools.render import render_prompt
 from localllm.tools.request import ToolUse
 from localllm.tools.schema import GrammarBuilder, json_schema_grammar

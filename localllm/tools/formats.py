@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from localllm.errors import ChatTemplateError
 from localllm.tools.gbnf import gbnf_literal
-from localllm.tools.reasoning import ReasoningFormat, detect_reasoning, reasoning_markers
+from localllm.tools.reasoning import (
+    THINK_GRAMMAR,
+    ReasoningFormat,
+    detect_reasoning,
+    reasoning_markers,
+)
 from localllm.tools.schema import GrammarBuilder
 from localllm.tools.spec import Tool, ToolChoice
 from localllm.tools.tags import (
@@ -208,8 +213,7 @@ class ToolSyntax:
             ]
             root = tagged_root(self.format, b.add("call", " | ".join(bodies)), multiple)
             if reasoning_open:
-                # The reasoning (text without "</"), its end, then the call.
-                root = f'([^<] | "<" [^/])* "</think>" [ \t\n]* {root}'
+                root = f"{THINK_GRAMMAR} {root}"
             return b.render(root)
         calls = []
         for tool in chosen:
@@ -246,7 +250,7 @@ class ToolSyntax:
             else:
                 root = listed
         if reasoning_open:
-            root = f'([^<] | "<" [^/])* "</think>" [ \t\n]* {root}'
+            root = f"{THINK_GRAMMAR} {root}"
         return b.render(root)
 
 
@@ -266,7 +270,8 @@ def detect_format(source: str) -> tuple[ToolFormat, bool]:
     """(format, mistral_args) from a template's source, by llama.cpp's markers."""
     if "<|channel|>" in source:
         return ToolFormat.HARMONY, False
-    if DS_CALLS_BEGIN in source and "dsml_token" not in source:
+    # V3.1 writes NAME<｜tool▁sep｜>{json}; R1 and V3 wrote the type first (not handled here).
+    if f"['name'] + '{DS_SEP}'" in source and "dsml_token" not in source:
         return ToolFormat.DEEPSEEK, False
     if "<tool_call>" in source and "<arg_key>" in source:
         return ToolFormat.GLM, False

@@ -25,6 +25,7 @@ import string
 from collections.abc import Callable
 
 from localllm.tools.parser import ContentDelta, Delta, ReasoningDelta, ToolCallDelta
+from localllm.tools.reasoning import partial_suffix
 from localllm.tools.spec import ToolCall
 
 MESSAGE = "<|message|>"
@@ -173,6 +174,9 @@ class HarmonyParser:
             self._kind = "reasoning"
         else:
             self._kind = "content"
+            if recipient is not None and not self._raw:
+                # A call to an undeclared function or a built-in: content, as written.
+                self._content(header + MESSAGE)
         if self._raw and self._kind != "call":
             self._kind = "content"
             self._content(header + MESSAGE)
@@ -186,7 +190,7 @@ class HarmonyParser:
             if i != -1 and (at == -1 or i < at):
                 at, end = i, tag
         if at == -1:
-            keep = 0 if final else _partial_suffix(self._buf, _BODY_ENDS)
+            keep = 0 if final else partial_suffix(self._buf, _BODY_ENDS)
             self._body(self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep :]
             return False
@@ -215,13 +219,3 @@ class HarmonyParser:
                 self._out.append(ToolCallDelta(len(self._calls) - 1, arguments=piece))
             else:
                 self._args_ws += text
-
-
-def _partial_suffix(text: str, tags: tuple[str, ...]) -> int:
-    best = 0
-    for tag in tags:
-        for length in range(min(len(tag) - 1, len(text)), best, -1):
-            if text.endswith(tag[:length]):
-                best = length
-                break
-    return best

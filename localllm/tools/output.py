@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from localllm.tools.formats import TAGGED_FORMATS, ToolFormat, ToolSyntax
 from localllm.tools.harmony import HarmonyParser
 from localllm.tools.parser import ContentDelta, Delta, ReasoningDelta, ToolCallParser
-from localllm.tools.reasoning import ReasoningFormat, ReasoningSplitter
+from localllm.tools.reasoning import ReasoningFormat, ThinkSplitter
 from localllm.tools.spec import Tool, ToolCall
 from localllm.tools.tagged import TaggedCallParser
 from localllm.tools.tags import XML_OPEN
@@ -41,16 +41,19 @@ class OutputParser:
     ) -> None:
         names = frozenset(t.name for t in tools)
         self._harmony: HarmonyParser | None = None
-        self._splitter: ReasoningSplitter | None = None
+        self._splitter: ThinkSplitter | None = None
         self._calls: ToolCallParser | TaggedCallParser | None = None
         if syntax.reasoning is ReasoningFormat.HARMONY or syntax.format is ToolFormat.HARMONY:
             self._harmony = HarmonyParser(names=names, raw=raw_reasoning, new_id=new_id)
             return
         if syntax.reasoning is ReasoningFormat.THINK and not raw_reasoning:
             ends = _REASONING_ENDS.get(syntax.format, ()) if tools else ()
-            self._splitter = ReasoningSplitter(opened=reasoning_open, end_tags=ends)
+            self._splitter = ThinkSplitter(opened=reasoning_open, end_tags=ends)
         if tools and syntax.format in TAGGED_FORMATS:
-            self._calls = TaggedCallParser(syntax.format, tools, new_id)
+            # Qwen3-Coder (XML calls, no reasoning) may leave out <tool_call>: TaggedCallParser.
+            bare = syntax.format is ToolFormat.QWEN3_XML
+            bare = bare and syntax.reasoning is ReasoningFormat.NONE
+            self._calls = TaggedCallParser(syntax.format, tools, new_id, bare=bare)
         elif tools:
             self._calls = ToolCallParser(syntax, new_id, names)
 
@@ -94,3 +97,49 @@ def needs_output_parser(syntax: ToolSyntax, calls: bool, raw_reasoning: bool) ->
     if calls:
         return True
     return syntax.reasoning is not ReasoningFormat.NONE and not raw_reasoning
+
+
+class ReasoningSplitter:
+    """Reasoning apart from the answer for any reasoning format, fed as the text streams:
+    `feed(text)` and `finish()` return (reasoning, content). No tool calls are parsed (a
+    gpt-oss call's text is content). For Ollama's `think` and any caller that only needs the
+    thinking apart."""
+
+    def __init__(self, fmt: ReasoningFormat = ReasoningFormat.THINK, *, opened: bool = False):
+        self._think: ThinkSplitter | None = None
+        self._harmony: HarmonyParser | None = None
+        if fmt is ReasoningFormat.THINK:
+            self._think = ThinkSplitter(opened=opened)
+        elif fmt is ReasoningFormat.HARMONY:
+            self._harmony = HarmonyParser()
+
+    def feed(self, text: str) -> tuple[str, str]:
+        if self._think is not None:
+            return self._think.feed(text)
+        if self._harmony is not None:
+            return _joined(self._harmony.feed(text))
+        return "", text
+
+    def finish(self) -> tuple[str, str]:
+        if self._think is not None:
+            return self._think.finish()
+        if self._harmony is not None:
+            return _joined(self._harmony.finish())
+        return "", ""
+
+
+def split_reasoning(
+    text: str, fmt: ReasoningFormat = ReasoningFormat.THINK, *, opened: bool = False
+) -> tuple[str, str]:
+    """(reasoning, content) of a whole answer; `opened`: the prompt opened `<think>`
+    (`localllm.tools.reasoning.prompt_opens_reasoning` tells from the rendered prompt)."""
+    splitter = ReasoningSplitter(fmt, opened=opened)
+    r1, c1 = splitter.feed(text)
+    r2, c2 = splitter.finish()
+    return r1 + r2, c1 + c2
+
+
+def _joined(deltas: Sequence[Delta]) -> tuple[str, str]:
+    reasoning = "".join(d.text for d in deltas if isinstance(d, ReasoningDelta))
+    content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+    return reasoning, content

@@ -8,20 +8,18 @@ Two families, recognised from the chat template as llama.cpp's `common/chat.cpp`
 - HARMONY: gpt-oss's channels, `<|channel|>analysis<|message|>...<|end|>` for reasoning,
   `final` for the answer, `commentary` for preambles and tool calls (`localllm.tools.harmony`).
 
-`split_reasoning(text, fmt)` splits a whole answer; `ReasoningSplitter` does it while the text
-streams, piece by piece, correct wherever the pieces are cut. Both return (reasoning, content).
+`ThinkSplitter` splits `<think>` output as it streams; `localllm.tools.output` has the entry
+points for any format (`split_reasoning`, `ReasoningSplitter`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from localllm.errors import RequestError
-
-if TYPE_CHECKING:
-    from localllm.tools.harmony import HarmonyParser
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -56,6 +54,18 @@ def detect_reasoning(source: str) -> ReasoningFormat:
 def prompt_opens_reasoning(prompt: str, fmt: ReasoningFormat) -> bool:
     """Whether a rendered prompt ends inside an open `<think>` (the output starts reasoning)."""
     return fmt is ReasoningFormat.THINK and prompt.rstrip(_WS).endswith(THINK_OPEN)
+
+
+# GBNF for the rest of an opened <think> (text without "</") and its end, before the answer.
+THINK_GRAMMAR = '([^<] | "<" [^/])* "</think>" [ \\t\\n]*'
+
+
+def reasoning_first(grammar: str) -> str:
+    """A grammar for an answer that starts inside an opened `<think>`: the reasoning, its end,
+    then what `grammar` (its root rule `root`) allows."""
+    # No rule refers back to root (ours never do, nor llama.cpp's JSON grammar).
+    renamed = re.sub(r"^root(\s*)::=", r"answer-root\1::=", grammar, count=1, flags=re.M)
+    return f"root ::= {THINK_GRAMMAR} answer-root\n{renamed}"
 
 
 def reasoning_markers(fmt: ReasoningFormat) -> tuple[str, ...]:
@@ -139,49 +149,31 @@ def history_for_template(
     return out
 
 
-class ReasoningSplitter:
+class ThinkSplitter:
     """`<think>` reasoning apart from the answer, fed as the text streams.
 
     `opened`: the prompt opened `<think>` (the output starts inside it); otherwise a `<think>`
     counts only at the very start of the output (after whitespace). `end_tags`: more texts that
     end the reasoning without being part of it (a tool call opener: a model that forgets
     `</think>` before calling). Whitespace around the reasoning is dropped.
-    For HARMONY output the work is done by `localllm.tools.harmony.HarmonyParser`.
     """
 
-    def __init__(
-        self,
-        fmt: ReasoningFormat = ReasoningFormat.THINK,
-        *,
-        opened: bool = False,
-        end_tags: Sequence[str] = (),
-    ) -> None:
-        self.fmt = fmt
+    def __init__(self, *, opened: bool = False, end_tags: Sequence[str] = ()) -> None:
         self._buf = ""
-        self._state = "reasoning" if opened else "start"
+        # Even when the prompt opened it, some models write <think> again: it is dropped.
+        self._opened = opened
+        self._state = "start"
         self._ends = (THINK_CLOSE, *end_tags)
         self._lead = True  # at the start of the reasoning or of the content: drop whitespace
         self._held_ws = ""  # whitespace inside the reasoning, out once more reasoning follows
-        self._harmony: HarmonyParser | None = None
-        if fmt is ReasoningFormat.HARMONY:
-            from localllm.tools.harmony import HarmonyParser
-
-            self._harmony = HarmonyParser()
-        elif fmt is ReasoningFormat.NONE:
-            self._state = "content"
-            self._lead = False
 
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, content) decided by this piece of text."""
-        if self._harmony is not None:
-            return _joined(self._harmony.feed(text))
         self._buf += text
         return self._run(final=False)
 
     def finish(self) -> tuple[str, str]:
         """The rest, once the text has ended (a cut-off reasoning is still reasoning)."""
-        if self._harmony is not None:
-            return _joined(self._harmony.finish())
         return self._run(final=True)
 
     def _run(self, final: bool) -> tuple[str, str]:
@@ -193,13 +185,15 @@ class ReasoningSplitter:
             if stripped.startswith(THINK_OPEN):
                 self._buf = stripped[len(THINK_OPEN) :]
                 self._state = "reasoning"
+            elif self._opened:
+                self._state = "reasoning"
             else:
                 self._state = "content"
                 self._lead = False
         if self._state == "reasoning":
             at, tag = _first(self._buf, self._ends)
             if at == -1:
-                keep = 0 if final else _partial_suffix(self._buf, self._ends)
+                keep = 0 if final else partial_suffix(self._buf, self._ends)
                 reasoning = self._reasoning_piece(self._buf[: len(self._buf) - keep])
                 self._buf = self._buf[len(self._buf) - keep :]
                 return reasoning, ""
@@ -232,24 +226,6 @@ class ReasoningSplitter:
         return out
 
 
-def split_reasoning(
-    text: str, fmt: ReasoningFormat = ReasoningFormat.THINK, *, opened: bool = False
-) -> tuple[str, str]:
-    """(reasoning, content) of a whole answer."""
-    splitter = ReasoningSplitter(fmt, opened=opened)
-    r1, c1 = splitter.feed(text)
-    r2, c2 = splitter.finish()
-    return r1 + r2, c1 + c2
-
-
-def _joined(deltas: Sequence[Any]) -> tuple[str, str]:
-    from localllm.tools.parser import ContentDelta, ReasoningDelta
-
-    reasoning = "".join(d.text for d in deltas if isinstance(d, ReasoningDelta))
-    content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
-    return reasoning, content
-
-
 def _first(text: str, tags: Sequence[str]) -> tuple[int, str]:
     best, which = -1, ""
     for tag in tags:
@@ -259,7 +235,7 @@ def _first(text: str, tags: Sequence[str]) -> tuple[int, str]:
     return best, which
 
 
-def _partial_suffix(text: str, tags: Sequence[str]) -> int:
+def partial_suffix(text: str, tags: Sequence[str]) -> int:
     """How many characters at the end of `text` could be the start of one of `tags`."""
     best = 0
     for tag in tags:

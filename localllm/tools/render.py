@@ -125,6 +125,10 @@ def template_messages(
     flush_results()
     shown = show_tools and not generic and not in_system
     template_tools = [t.as_openai() for t in tools] if shown else None
+    if template_tools and syntax.format is ToolFormat.HARMONY:
+        # gpt-oss's template adds the description to a string: undefined would fail.
+        for tool in template_tools:
+            tool["function"].setdefault("description", "")
     return out, template_tools
 
 

@@ -235,6 +235,9 @@ class _SchemaVisitor:
         self.root = root
         self.where = where
         self.refs: dict[str, str] = {}
+        # References being expanded with nothing written yet: one met again is a loop, a rule
+        # that refers to itself first (llama.cpp refuses such left recursion).
+        self._head: set[str] = set()
 
     # ------------------------------------------------------------------ errors
 
@@ -316,7 +319,13 @@ class _SchemaVisitor:
         if handler is None:
             raise self.fail(path, f"unknown type {types!r}")
         # Keywords of other types (maxLength next to type integer) do not apply, per JSON Schema.
-        return handler(schema, hint, path)
+        if types not in ("object", "array"):
+            return handler(schema, hint, path)
+        head, self._head = self._head, set()  # "{" or "[" is written before anything recurs
+        try:
+            return handler(schema, hint, path)
+        finally:
+            self._head = head
 
     def alternatives(self, schema: dict[str, Any], key: str, hint: str, path: str) -> str:
         options = schema[key]
@@ -356,10 +365,20 @@ class _SchemaVisitor:
     def ref(self, ref: Any, path: str) -> str:
         target = self.lookup(ref, path)
         key = str(ref)
+        if key in self._head:
+            raise self.fail(
+                path,
+                f"the reference {key!r} leads back to itself before any value is written "
+                "(a $ref loop)",
+            )
         if key not in self.refs:
             name = self.b.reserve("ref-" + key.rsplit("/", 1)[-1])
             self.refs[key] = name  # before visiting: recursive schemas refer to the name
-            self.b.define(name, self.visit(target, name + "-body", key))
+            self._head.add(key)
+            try:
+                self.b.define(name, self.visit(target, name + "-body", key))
+            finally:
+                self._head.discard(key)
         return self.refs[key]
 
     # ------------------------------------------------------------------ types

@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from localllm.tools.formats import ToolFormat, ToolSyntax
 from localllm.tools.parser import ContentDelta, Delta, ToolCallDelta
+from localllm.tools.reasoning import partial_suffix
 from localllm.tools.spec import Tool, ToolCall
 from localllm.tools.tags import (
     DS_CALL_BEGIN,
@@ -94,7 +96,7 @@ class _Cursor:
     def pending(self, stops: Sequence[str]) -> str:
         """The text from here, less a tail that could start one of `stops`."""
         rest = self.text[self.pos :]
-        return rest[: len(rest) - _partial_suffix(rest, stops)]
+        return rest[: len(rest) - partial_suffix(rest, stops)]
 
 
 def typed_value(raw: str, schema: Any) -> Any:
@@ -124,11 +126,13 @@ def _strip_newline(value: str) -> str:
 class _ArgsJson:
     """XML arguments as a growing JSON object text."""
 
-    def __init__(self, call: _Scanned, properties: Mapping[str, Any]) -> None:
-        self.call, self.properties, self.n = call, properties, 0
+    def __init__(self, call: _Scanned, properties: Mapping[str, Any], newlines: bool) -> None:
+        """`newlines`: the value sits on lines of its own (Qwen's), one newline each side."""
+        self.call, self.properties, self.n, self.newlines = call, properties, 0, newlines
 
     def add(self, key: str, raw: str) -> None:
-        value = typed_value(_strip_newline(raw), self.properties.get(key))
+        text = _strip_newline(raw) if self.newlines else raw
+        value = typed_value(text, self.properties.get(key))
         pair = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"
         self.call.args += ("{" if self.n == 0 else ", ") + pair
         self.n += 1
@@ -139,12 +143,13 @@ class _ArgsJson:
 
 
 def _scan_qwen3_xml(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
-    c.lit(XML_OPEN)
+    # Qwen3-Coder now and then leaves out <tool_call> (then </tool_call> too): see `bare`.
+    wrapped = c.lit(XML_OPEN, optional=True)
     c.ws()
     c.lit("<function=")
     name = c.until(">", limit=80).strip()
     call = _named(scan, name, tools)
-    args = _ArgsJson(call, tool_properties(tools[name]))
+    args = _ArgsJson(call, tool_properties(tools[name]), newlines=True)
     while True:
         c.ws()
         if not c.lit("<parameter=", optional=True):
@@ -153,9 +158,11 @@ def _scan_qwen3_xml(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
         args.add(key, c.until("</parameter>"))
     c.lit("</function>")
     args.close()
+    end = c.pos
     c.ws()
-    c.lit(XML_CLOSE)
-    scan.end = c.pos
+    if c.lit(XML_CLOSE, optional=not wrapped):
+        end = c.pos
+    scan.end = end
 
 
 def _scan_glm(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
@@ -169,7 +176,7 @@ def _scan_glm(c: _Cursor, scan: _Scan, tools: Mapping[str, Tool]) -> None:
     name = rest[: min(ends)].strip()
     c.pos += min(ends)
     call = _named(scan, name, tools)
-    args = _ArgsJson(call, tool_properties(tools[name]))
+    args = _ArgsJson(call, tool_properties(tools[name]), newlines=False)
     while True:
         c.ws()
         if not c.lit("<arg_key>", optional=True):
@@ -225,9 +232,20 @@ class TaggedCallParser:
     interface of `localllm.tools.parser.ToolCallParser`)."""
 
     def __init__(
-        self, fmt: str, tools: Sequence[Tool], new_id: Callable[[], str] | None = None
+        self,
+        fmt: str,
+        tools: Sequence[Tool],
+        new_id: Callable[[], str] | None = None,
+        *,
+        bare: bool = False,
     ) -> None:
-        self._opener, self._scanner = _SCANNERS[fmt]
+        """`bare`: `<function=NAME>` of a declared tool opens a call without `<tool_call>`
+        (llama.cpp's rule for Qwen3-Coder, which is not a reasoning model)."""
+        opener, self._scanner = _SCANNERS[fmt]
+        self._openers: tuple[str, ...] = (opener,)
+        if bare:
+            self._openers += tuple(f"<function={t.name}>" for t in tools)
+        self._opened_with = opener
         self._tools = {t.name: t for t in tools}
         self._new_id = new_id or _default_id
         self._buf = ""
@@ -282,9 +300,13 @@ class TaggedCallParser:
     def _run(self, final: bool) -> None:
         while True:
             if self._region is None:
-                at = self._buf.find(self._opener)
+                at = -1
+                for opener in self._openers:
+                    found = self._buf.find(opener)
+                    if found != -1 and (at == -1 or found < at):
+                        at, self._opened_with = found, opener
                 if at == -1:
-                    keep = 0 if final else _partial_suffix(self._buf, (self._opener,))
+                    keep = 0 if final else partial_suffix(self._buf, self._openers)
                     self._content(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep :]
                     return
@@ -311,8 +333,8 @@ class TaggedCallParser:
             done = sum(1 for c in scan.calls if c.closed)
             if done == 0 and not self._sent:
                 # Not a call: the opener is content, and the search goes on after it.
-                self._content(self._region[: len(self._opener)])
-                self._buf = self._region[len(self._opener) :]
+                self._content(self._region[: len(self._opened_with)])
+                self._buf = self._region[len(self._opened_with) :]
             else:
                 self._buf = ""  # a broken call after good ones: the rest of the region is lost
             self._region = None
@@ -344,16 +366,4 @@ class TaggedCallParser:
 
 
 def _default_id() -> str:
-    from localllm.tools.formats import ToolFormat, ToolSyntax
-
     return ToolSyntax(ToolFormat.HERMES).new_call_id()
-
-
-def _partial_suffix(text: str, tags: Sequence[str]) -> int:
-    best = 0
-    for tag in tags:
-        for length in range(min(len(tag) - 1, len(text)), best, -1):
-            if text.endswith(tag[:length]):
-                best = length
-                break
-    return best

@@ -15,12 +15,12 @@ from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
-from localllm.server.serving import Serving, offload
+from localllm.server.serving import Serving, offload, response_format_grammar
 from localllm.server.state import ServingEngine
 from localllm.server.streaming import ShaperBase, usage_body
 from localllm.tools import ContentDelta, OutputParser, ReasoningDelta, ToolCallDelta, ToolUse
 from localllm.tools.parser import Delta
-from localllm.tools.reasoning import check_reasoning_request
+from localllm.tools.reasoning import check_reasoning_request, reasoning_first
 
 
 class ChatServing(Serving):
@@ -58,6 +58,10 @@ class ChatServing(Serving):
                 grammar = tool_use.grammar(reasoning_open=opened)
                 if grammar is not None:
                     check_grammar(grammar, param="tools")
+                elif opened and body.response_format is not None:
+                    answer = response_format_grammar(body.response_format)
+                    # The model is inside its <think>: it closes it before the JSON.
+                    grammar = reasoning_first(answer) if answer is not None else None
                 return tool_use, prompt, grammar, opened
 
             tool_use, prompt, grammar, opened = await offload(engine, prepare)
@@ -102,6 +106,15 @@ class ChatServing(Serving):
 
     def template_messages(self, body: t.ChatCompletionRequest) -> list[dict[str, Any]]:
         """The request's messages as the chat template reads them (tool fields included)."""
+        for i, m in enumerate(body.messages):
+            if m.reasoning_content is not None and m.role != "assistant":
+                raise APIError(
+                    400,
+                    f"messages[{i}] (role {m.role}) has reasoning_content; only assistant "
+                    "messages carry reasoning",
+                    param=f"messages[{i}].reasoning_content",
+                    code="invalid_value",
+                )
         try:
             return [
                 {
@@ -109,7 +122,7 @@ class ChatServing(Serving):
                     "content": None if m.content is None and m.tool_calls else m.text(),
                     "tool_calls": m.tool_calls,
                     "tool_call_id": m.tool_call_id,
-                    "reasoning_content": m.reasoning_content if m.role == "assistant" else None,
+                    "reasoning_content": m.reasoning_content,
                     "name": m.name if m.role == "tool" else None,
                 }
                 for m in body.messages

@@ -14,12 +14,15 @@ router and listed with status `unloading` until its requests end (see `localllm.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from localllm.errors import APIError, LocalLLMError, SettingsError
 from localllm.router.registry import ModelEntry
 from localllm.server import types as t
 from localllm.server.serving import Serving, offload
+
+log = logging.getLogger(__name__)
 
 
 class ModelsServing(Serving):
@@ -163,6 +166,9 @@ class ModelsServing(Serving):
             if entry.name not in names:
                 entries.append(entry)
                 names.add(entry.name)
+        # The default model (answering requests that name none) first: clients that take the
+        # first model, `localllm chat --url` among them, then talk to it.
+        entries.sort(key=lambda entry: entry.name != self.state.model_id)
         return [(entry, self._describe(entry)) for entry in entries]
 
     def _describe(self, entry: ModelEntry) -> dict[str, Any]:
@@ -177,6 +183,7 @@ class ModelsServing(Serving):
             "architecture": entry.architecture,
             "quant": entry.file_type,
             "capabilities": entry.capabilities,
+            "default": entry.name == self.state.model_id,
         }
         try:
             plan, config = router.registry.planned(entry)
@@ -184,6 +191,9 @@ class ModelsServing(Serving):
             extra["warnings"] = entry.warnings
         except (LocalLLMError, OSError) as exc:  # a file deleted or broken since: still listed
             extra["plan_error"] = str(exc)
+        except Exception as exc:  # a file the planner trips on: one card says so, not a 500
+            log.exception("planning %s failed", entry.path)
+            extra["plan_error"] = f"{type(exc).__name__}: {exc}"
         return extra
 
     def _router_card(self, entry: ModelEntry, extra: dict[str, Any]) -> t.ModelCard:

@@ -3,6 +3,7 @@
     api_router.py   the routes (thin: parse, hand over)
     serving.py      /api/chat, /api/generate, /api/embed(dings) as adapters over the chat,
                     completion and embedding handlers; NDJSON streaming
+    shapes.py       Ollama's messages in, the OpenAI bodies reshaped into Ollama's out
     catalog.py      names, GGUF details, /api/tags, /api/show, /api/ps
     manage.py       /api/pull, /api/delete, /api/copy over the models folder
     types.py        Ollama's request bodies and `options`

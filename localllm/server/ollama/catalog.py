@@ -21,9 +21,9 @@ from localllm.engine.types import SamplingParams
 from localllm.errors import ModelNotFoundError
 from localllm.gguf_header import ArraySummary, ModelHeader, read_header
 from localllm.server.state import AppState
+from localllm.tools.reasoning import ReasoningFormat, detect_reasoning
 
 FOREVER = "2318-01-01T00:00:00Z"  # Ollama's expires_at of a model that never unloads
-THINKING_MARKERS = ("enable_thinking", "<think>", "reasoning_content")
 
 
 def keep_alive_forever(value: str | int | float) -> bool:
@@ -130,9 +130,17 @@ class Catalog:
         caps = [] if embedding_only else ["completion", "tools"]
         if pooling != POOLING_RANK:
             caps.append("embedding")
-        if not embedding_only and any(m in template_of(header) for m in THINKING_MARKERS):
+        if not embedding_only and thinks(template_of(header)):
             caps.append("thinking")
         return caps
+
+    def thinking(self, name: str) -> tuple[bool, bool]:
+        """(does the model think, does its template read a reasoning effort, as gpt-oss's)."""
+        path = self.path_of(name)
+        if path is None:
+            return False, False
+        template = template_of(self.header(path))
+        return "thinking" in self.capabilities(name), "reasoning_effort" in template
 
     def context_length(self, name: str) -> int | None:
         """Tokens per conversation as loaded (or as planned, if not loaded yet)."""
@@ -288,6 +296,12 @@ class Catalog:
                 "context_length": state.engine.n_ctx_slot,
             }
         ]
+
+
+def thinks(template: str) -> bool:
+    """The model thinks: its template shows reasoning as the chat path splits it (`<think>`,
+    gpt-oss's channels) or lets a request switch it (`enable_thinking`)."""
+    return detect_reasoning(template) is not ReasoningFormat.NONE or "enable_thinking" in template
 
 
 def template_of(header: ModelHeader) -> str:

@@ -23,7 +23,7 @@ from localllm.errors import APIError, ModelNotFoundError
 from localllm.router import Router
 from localllm.server.ollama import types as o
 from localllm.server.ollama.catalog import Catalog
-from localllm.server.ollama.serving import NDJSON, error_line
+from localllm.server.ollama.shapes import NDJSON, error_line
 from localllm.server.state import AppState
 
 NAME_RE = re.compile(r"^[\w][\w.:-]{0,199}$")

@@ -42,7 +42,9 @@ class ToolCall(_Request):
 class Message(_Request):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = ""
-    thinking: str | None = None  # earlier reasoning, sent back by clients; not re-rendered
+    # Earlier reasoning sent back: the chat path's reasoning_content where it has that field
+    # (templates mostly drop past reasoning anyway).
+    thinking: str | None = None
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None

@@ -80,6 +80,7 @@
         return "The server is busy: every slot is answering and the waiting queue is full." + wait;
       }
       if (err.code === "does_not_fit") return "This model does not fit on this machine: " + err.message;
+      if (err.code === "model_loading") return "The model is still loading. Send again in a moment.";
       if (err.code === "model_not_loaded") return "The model is not loaded: " + err.message;
       if (err.code === "model_crashed") return "The model crashed while answering: " + err.message;
       if (err.code === "context_length_exceeded") {
@@ -133,6 +134,7 @@
 
   let models = [];
   let routerMode = false;
+  let refreshTimer = 0;
 
   function planOf(card) {
     const extra = card.localllm || {};
@@ -163,6 +165,16 @@
       models = list.data || [];
       if (els.error.dataset.source === "models") showError("");
       drawModels();
+      if (health.status === "error") {
+        showError("The model failed to load: " + (health.error || "see the server's log") + ".");
+        els.error.dataset.source = "models";
+        return;
+      }
+      // While a model loads (the server starting, or a load in flight), look again shortly.
+      if (health.status === "loading" || models.some((m) => statusOf(m) === "loading")) {
+        clearTimeout(refreshTimer);
+        refreshTimer = setTimeout(refreshModels, 2000);
+      }
     } catch (err) {
       models = [];
       drawModels();
@@ -341,7 +353,7 @@
     const link = document.createElement("a");
     link.href = url;
     link.download = "localllm-conversations-" + new Date().toISOString().slice(0, 10) + ".json";
-    document.body.append(link);
+    els.sidebar.append(link); // inside the sidebar: its click must not close the sidebar
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
@@ -547,6 +559,7 @@
     els.send.hidden = on;
     els.stop.hidden = !on;
     els.composer.classList.toggle("busy", on);
+    els.messages.setAttribute("aria-busy", String(on)); // screen readers wait for the whole answer
     if (!on && document.activeElement === document.body) els.prompt.focus();
   }
 
@@ -622,11 +635,12 @@
         const choice = event.choices && event.choices[0];
         if (!choice) return;
         const delta = choice.delta || {};
-        if (delta.content || delta.reasoning_content) {
+        const thought = delta.reasoning_content || delta.reasoning || ""; // llama-server's, vLLM's
+        if (delta.content || thought) {
           lastToken = performance.now();
           if (firstToken === null) firstToken = lastToken;
           msg.content += delta.content || "";
-          msg.reasoning += delta.reasoning_content || "";
+          msg.reasoning += thought;
           schedule();
         }
         if (choice.finish_reason) msg.stats.finishReason = choice.finish_reason;
@@ -712,7 +726,17 @@
   els.prompt.addEventListener("input", autoGrow);
   els.stop.addEventListener("click", () => { if (streaming) streaming.controller.abort(); els.prompt.focus(); });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && streaming) streaming.controller.abort();
+    if (e.key !== "Escape") return;
+    if (document.body.classList.contains("sidebar-open")) {
+      closeSidebarOnPhone();
+      els.toggleSidebar.focus();
+    } else if (streaming) {
+      streaming.controller.abort();
+    }
+  });
+  document.addEventListener("click", (e) => { // a tap beside the drawn-over sidebar closes it
+    const path = e.composedPath(); // as dispatched: a rename may have replaced the target since
+    if (!path.includes(els.sidebar) && !path.includes(els.toggleSidebar)) closeSidebarOnPhone();
   });
   els.newChat.addEventListener("click", () => { switchTo(null); closeSidebarOnPhone(); els.prompt.focus(); });
   els.exportAll.addEventListener("click", exportAll);
