@@ -72,6 +72,16 @@ def test_text_completion(openai_client: openai.OpenAI) -> None:
 
 
 def test_streaming_chat_with_usage(openai_client: openai.OpenAI) -> None:
+    # Warm-up: afterwards the prompt is cached in a slot, so both requests below take the same
+    # path (restore the checkpoint, decode the prompt's last tokens). A cold prompt and a reused
+    # one differ in batch shapes, and llama.cpp's logits are not bit-identical across those (as
+    # llama-server warns for cache_prompt): a near-tie could flip a greedy token between them.
+    openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=1,
+        temperature=0,
+    )
     stream = openai_client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Count to five."}],
