@@ -202,6 +202,8 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(client: ollama.Client) -> No
         {"role": "user", "content": "What is this?", "images": [b"\x89PNG"]}]), 400,
         "no vision projector")
     refused(lambda: client.generate("gemma-3-270m", "x", suffix="y"), 400, "suffix")
+    refused(lambda: client.chat("gemma-3-270m", messages=[
+        {"role": "user", "content": "Hi", "thinking": "hmm"}]), 400, "messages[0].thinking")
     refused(lambda: client.chat("no-such-model", messages=say), 404, "no-such-model")
     # Accepted: what changes nothing, and what localllm does anyway.
     ok = chat(options={**FEW, "num_ctx": 256, "mirostat": 0, "seed": -1, "stop": ["\n\n"]},

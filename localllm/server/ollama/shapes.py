@@ -53,7 +53,8 @@ def chat_messages(messages: list[o.Message]) -> list[dict[str, Any]]:
             if message.role != "assistant":
                 raise APIError(
                     400,
-                    "only assistant messages carry thinking; send it on the model's answer",
+                    f"messages[{i}].thinking: only assistant messages carry thinking; "
+                    "send it on the model's answer",
                     param=f"messages[{i}].thinking",
                 )
             item["reasoning_content"] = message.thinking  # the template decides whether to show it
