@@ -256,6 +256,8 @@ def model_files(folder: Path) -> list[Path]:
     """One path per model in a folder: plain GGUFs and the first file of each split set."""
     found = []
     for path in sorted(folder.glob("*.gguf")):
+        if not is_model_file(path.name):
+            continue  # a projector, imatrix or draft head beside a model
         match = SPLIT_RE.match(path.name)
         if match is None or int(match["index"]) == 1:
             found.append(path)

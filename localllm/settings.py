@@ -151,6 +151,15 @@ class Settings(BaseSettings):
         description="Full-size sliding-window cache (llama-server's --swa-full): more memory; "
         "off, context checkpoints keep prompt reuse.",
     )
+    mmproj: str = Field(
+        "auto",
+        description="Vision projector (llama-server's --mmproj FILE / --no-mmproj): 'auto' "
+        "uses the mmproj-*.gguf beside the model, 'off' none, or a path.",
+    )
+    mmproj_offload: bool = Field(
+        True,
+        description="Vision projector on the GPU (llama-server's --mmproj-offload); off: host.",
+    )
     ctx_checkpoints: int = Field(
         4,
         ge=0,

@@ -240,6 +240,7 @@ def test_the_fitter_core_does_no_io() -> None:
         "localllm.gguf_header",  # the ModelHeader record
         "localllm.hardware",  # the Hardware record
         "localllm.architectures",  # llama.cpp's per-architecture memory facts, pure data
+        "localllm.vision.projector",  # the Projector record and its per-type facts, pure
     }
     for name, deps in graph.items():
         if name.startswith("localllm.fitter.") and name != "localllm.fitter.sources":

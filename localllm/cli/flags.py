@@ -50,6 +50,8 @@ PLAN_SETTINGS = (
     "n_batch",
     "swa_full",
     "ctx_checkpoints",
+    "mmproj",
+    "mmproj_offload",
     "threads",
     "gpu_margin_mib",
     "min_speed",
@@ -157,6 +159,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | N
         if hidden:
             group.add_argument(*hidden, dest=name, default=None, help=argparse.SUPPRESS,
                                **options)
+        if name == "mmproj":  # llama-server's --no-mmproj
+            group.add_argument("--no-mmproj", dest=name, action="store_const", const="off",
+                               default=None, help="No vision projector (--mmproj off).")
         if name == "flash_attn":  # --no-flash-attn, as before -fa took a value
             group.add_argument("--no-" + shown.removeprefix("--"), dest=name,
                                action="store_false", default=None, help=argparse.SUPPRESS)

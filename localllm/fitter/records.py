@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from localllm.ggml import CACHE_TYPES
 from localllm.units import MIB
+from localllm.vision.projector import Projector
 
 Objective = Literal["balanced", "quality", "speed"]
 OBJECTIVES: tuple[str, ...] = ("balanced", "quality", "speed")
@@ -58,6 +59,11 @@ class FitRequest:
     # Reject quants whose measured loss (mean KL divergence vs a reference, from `localllm eval`)
     # exceeds this; quants never measured are kept.
     max_quality_loss: float | None = None
+    # The vision projector the model loads with (`localllm.vision.projector_for`), counted on the
+    # first GPU (llama.cpp's --mmproj-offload) or, with mmproj_offload False or no GPU, the host.
+    projector: Projector | None = None
+    mmproj_offload: bool = True
+    mmproj: str = "auto"  # how `fit` finds the projector: "auto" (beside the model), "off", a path
 
     def __post_init__(self) -> None:
         if self.type_k not in CACHE_TYPES or self.type_v not in CACHE_TYPES:
@@ -86,6 +92,8 @@ class FitRequest:
             "gpu_margin_bytes": settings.gpu_margin_mib * MIB,
             "min_speed_tok_s": settings.min_speed,
             "max_quality_loss": getattr(settings, "max_quality_loss", None),
+            "mmproj_offload": getattr(settings, "mmproj_offload", True),
+            "mmproj": getattr(settings, "mmproj", "auto"),
         }
         values.update(changes)
         return cls(**values)
@@ -107,11 +115,13 @@ class DeviceMemory:
     n_layers: int = 0  # repeating layers whose weights live here
     assumed: bool = False  # a card named by --gpu / --vram, not one detected on this machine
     checkpoint_bytes: int = 0  # the engine's context checkpoints, at most (host only)
+    projector_bytes: int = 0  # the vision projector's weights and image-encoder compute buffer
 
     @property
     def total_bytes(self) -> int:
         return (
-            self.weights_bytes
+            self.projector_bytes
+            + self.weights_bytes
             + self.kv_bytes
             + self.compute_bytes
             + self.output_bytes
@@ -138,6 +148,7 @@ class DeviceMemory:
             "output_bytes": self.output_bytes,
             "overhead_bytes": self.overhead_bytes,
             "checkpoint_bytes": self.checkpoint_bytes,
+            "projector_bytes": self.projector_bytes,
             "margin_bytes": self.margin_bytes,
             "total_bytes": self.total_bytes,
             "capacity_bytes": self.capacity_bytes,
@@ -181,6 +192,14 @@ class Plan:
     link_transfers: int = 0  # network transfers per token to and from RPC hosts
     link_seconds: float = 0.0  # their share of a token's time
     rpc_servers: tuple[str, ...] = ()  # "host:port" of each rpc-server, in llama.cpp's order
+    projector: Projector | None = None  # the vision projector, counted in `projector_device`
+    projector_device: str = ""  # "CUDA0", ... or "host"
+
+    @property
+    def projector_dict(self) -> dict[str, Any] | None:
+        if self.projector is None:
+            return None
+        return {**self.projector.to_dict(self.flash_attn), "device": self.projector_device}
 
     @property
     def file(self) -> Path:
@@ -239,6 +258,7 @@ class Plan:
             "link_transfers_per_token": self.link_transfers,
             "link_ms_per_token": round(self.link_seconds * 1000, 3),
             "rpc_servers": list(self.rpc_servers),
+            "projector": self.projector_dict,
         }
 
     def llama_params(self) -> dict[str, Any]:
@@ -293,6 +313,10 @@ class Plan:
             args.append("--no-kv-unified")
         if self.rpc_servers:
             args += ["--rpc", ",".join(self.rpc_servers)]
+        if self.projector is not None:
+            args += ["--mmproj", str(self.projector.path)]
+            if self.projector_device == "host" and self.gpus:
+                args.append("--no-mmproj-offload")
         if self.tensor_split:
             args += ["-ts", ",".join(f"{x:g}" for x in self.tensor_split)]
         if self.n_cpu_moe:

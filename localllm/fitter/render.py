@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from localllm.fitter.records import Plan
-from localllm.units import gib
+from localllm.units import gib, mib
 
 
 def _gib(n_bytes: int) -> str:
@@ -36,6 +36,8 @@ def format_plan(plan: Plan) -> str:
     if host is not None and host.checkpoint_bytes:
         lines.append(f"  context checkpoints (host, counted in its overhead): up to "
                      f"{_gib(host.checkpoint_bytes)} GiB")
+    if plan.projector is not None:
+        lines.append(projector_line(plan))
     if plan.tensor_split:
         lines.append(f"  tensor split {', '.join(f'{s:g}' for s in plan.tensor_split)}")
     lines.append(f"  predicted: {plan.decode_tok_s:.1f} tok/s decode, "
@@ -53,7 +55,8 @@ def format_plan(plan: Plan) -> str:
             d.name if d.name == "host" else
             f"{d.name} {d.description}" + (" (assumed)" if d.assumed else ""),
             _gib(d.weights_bytes), _gib(d.kv_bytes), _gib(d.compute_bytes),
-            _gib(d.output_bytes), _gib(d.overhead_bytes + d.checkpoint_bytes),
+            _gib(d.output_bytes),
+            _gib(d.overhead_bytes + d.checkpoint_bytes + d.projector_bytes),
             _gib(d.total_bytes),
             _gib(d.capacity_bytes), _gib(d.free_bytes - d.margin_bytes),
         ))
@@ -86,4 +89,19 @@ def plan_summary_line(plan: Plan) -> str:
         f"{plan.n_ctx_slot} tokens per conversation x{plan.n_parallel}, "
         f"~{plan.decode_tok_s:.0f} tok/s decode, "
         f"~{plan.prompt_tok_s:.0f} tok/s prompt"
+    )
+
+
+def projector_line(plan: Plan) -> str:
+    """The vision projector's line: where it lives, what it holds, what one image costs."""
+    projector = plan.projector
+    assert projector is not None
+    weights = projector.weights_bytes
+    compute = projector.compute_bytes(plan.flash_attn)
+    modelled = "" if projector.known else " (type not modelled: compute is a ViT estimate)"
+    return (
+        f"  vision projector {projector.projector_type} on {plan.projector_device}: "
+        f"{mib(weights, 1)} weights + {mib(compute, 1)} image-encoder compute "
+        f"(counted in that device's overhead); one image = {projector.image_tokens} tokens of "
+        f"context ({projector.image_side} px){modelled}"
     )

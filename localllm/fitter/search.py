@@ -141,6 +141,8 @@ class _Fitter:
         self.host_rate = per_flop * host.matmul_flops_per_core * cores
         self.host_bytes_factor = REPACK_BYTES_FACTOR if repack else HOST_BANDWIDTH_OVERLAP
         self.host_prefill_flops = CPU_PREFILL_EFFICIENCY * host.matmul_flops_per_core * cores
+        projector = request.projector
+        self.projector_bytes = projector.total_bytes(self.flash_attn) if projector else 0
 
     def shape(self, n_ctx_slot: int, n_seq: int) -> tuple[ContextShape, tuple[int, ...], Any]:
         """The context for n_seq conversations of n_ctx_slot tokens each (one KV stream each,
@@ -206,6 +208,7 @@ class _Fitter:
         elements[out_dev] += facts.output_elements
         prefill_elements[out_dev] += facts.output_elements
 
+        projector_on, projector_device = self._projector_device()
         any_gpu_layers = any(d >= 0 for d in layout.layer_device) or out_dev >= 0
         all_on_gpu = all(d >= 0 for d in layout.layer_device) and out_dev >= 0
         devices: list[DeviceMemory] = []
@@ -239,6 +242,7 @@ class _Fitter:
                     capacity_bytes=gpu.free_bytes,
                     n_layers=layers_on[g],
                     assumed=gpu.source != "nvml",
+                    projector_bytes=self.projector_bytes if projector_on == g else 0,
                 )
             )
         if not hardware.gpus:
@@ -264,6 +268,7 @@ class _Fitter:
                     header, shape.n_seq, request.ctx_checkpoints, request.swa_full,
                     request.type_k, request.type_v,
                 ),
+                projector_bytes=self.projector_bytes if projector_on == -1 else 0,
             )
         )
 
@@ -332,7 +337,21 @@ class _Fitter:
             link_transfers=len(transfers),
             link_seconds=link_seconds,
             rpc_servers=tuple(dict.fromkeys(g.endpoint or "" for g in hardware.remote_gpus)),
+            projector=request.projector,
+            projector_device=projector_device,
         )
+
+    def _projector_device(self) -> tuple[int, str]:
+        """Where llama.cpp's clip puts the projector: the first GPU backend (a local card before
+        RPC hosts) unless --no-mmproj-offload; index -1 and "host" otherwise, "" without one."""
+        if self.request.projector is None:
+            return -2, ""
+        gpus = self.hardware.gpus
+        if not gpus or not self.request.mmproj_offload:
+            return -1, "host"
+        local = [g for g, gpu in enumerate(gpus) if gpu.endpoint is None]
+        index = local[0] if local else 0
+        return index, "CUDA0" if local else "RPC0"
 
     def _link_transfers(self, layout: _Layout) -> list[int]:
         """Bytes of each network transfer of one token: every change between this host and a

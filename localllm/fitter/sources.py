@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import DoesNotFitError, SettingsError
+from localllm.errors import DoesNotFitError, GGUFError, SettingsError
 from localllm.fitter.records import FitRequest, Plan
 from localllm.fitter.search import fit_header, fit_ladder
 from localllm.gguf_header import ModelHeader, read_header
 from localllm.hardware import Hardware, hardware_for
 from localllm.models import ladder_labels, model_files, quality_sidecar_path
+from localllm.vision import projector_for
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def fit(
         hardware = hardware_for(settings)
     if request is None:
         request = FitRequest.from_settings(settings) if settings is not None else FitRequest()
+    request = with_projector(request, headers[0].path)
     if len(headers) == 1 and request.max_quality_loss is None:
         return fit_header(headers[0], hardware, request)
     if request.n_gpu_layers is not None and len(headers) > 1:
@@ -93,3 +96,18 @@ def measured_quality_losses(headers: Sequence[ModelHeader]) -> dict[Path, float]
             if loss is not None:
                 losses[header.path] = loss
     return losses
+
+
+def with_projector(request: FitRequest, model: Path) -> FitRequest:
+    """The request with the vision projector the model loads with (the `mmproj` setting): one
+    found beside the model is skipped with a warning when unreadable; a named one must read."""
+    if request.projector is not None or request.mmproj == "off":
+        return request
+    try:
+        projector = projector_for(model, request.mmproj)
+    except GGUFError as exc:
+        if request.mmproj != "auto":
+            raise
+        log.warning("ignoring the vision projector beside %s: %s", model.name, exc)
+        return request
+    return replace(request, projector=projector) if projector is not None else request

@@ -26,6 +26,7 @@ from localllm.engine.embed import POOLING_NONE, POOLING_RANK
 from localllm.errors import GGUFError, LocalLLMError, ModelNotFoundError, RequestError
 from localllm.models import model_files, resolve_model
 from localllm.settings import Settings
+from localllm.vision import projector_path
 
 if TYPE_CHECKING:
     from localllm.fitter import Plan
@@ -49,6 +50,7 @@ class ModelEntry:
     config: EngineConfig | None = None
     warnings: list[str] = field(default_factory=list)
     plan_error: str | None = None
+    projector: Path | None = None  # the vision projector it loads with (`mmproj` setting)
 
     @property
     def embedding_only(self) -> bool:
@@ -62,6 +64,8 @@ class ModelEntry:
     @property
     def capabilities(self) -> list[str]:
         caps = [] if self.embedding_only else ["completion", "chat"]
+        if self.projector is not None and not self.embedding_only:
+            caps.append("vision")
         return caps + (["embeddings"] if self.can_embed else [])
 
 
@@ -239,6 +243,7 @@ class Registry:
             pooling=int(declared) if isinstance(declared, int) else None,
             signature=signature,
             data_complete=header.data_complete,
+            projector=projector_path(path, self.settings.mmproj),
         )
         self._entries[path] = entry
         return entry

@@ -22,6 +22,7 @@ from localllm.errors import ModelNotFoundError
 from localllm.gguf_header import ArraySummary, ModelHeader, read_header
 from localllm.server.state import AppState
 from localllm.tools.reasoning import ReasoningFormat, detect_reasoning
+from localllm.vision import projector_path
 
 FOREVER = "2318-01-01T00:00:00Z"  # Ollama's expires_at of a model that never unloads
 
@@ -104,6 +105,10 @@ class Catalog:
         path = getattr(config, "model_path", None)
         return Path(path) if path is not None else None
 
+    def projector(self, path: Path) -> Path | None:
+        """The vision projector a model loads with, under the `mmproj` setting."""
+        return projector_path(path, self.state.settings.mmproj)
+
     def header(self, path: Path) -> ModelHeader:
         stat = path.stat()
         signature = (stat.st_size, stat.st_mtime_ns)
@@ -120,7 +125,7 @@ class Catalog:
 
     def capabilities(self, name: str) -> list[str]:
         """Ollama's capability names. Every text model here can call tools (its own template's
-        syntax, else localllm's generic one) and embed; none has vision yet."""
+        syntax, else localllm's generic one) and embed; "vision" with a projector beside it."""
         path = self.path_of(name)
         if path is None:
             return ["completion", "tools"]
@@ -132,6 +137,8 @@ class Catalog:
             caps.append("embedding")
         if not embedding_only and thinks(template_of(header)):
             caps.append("thinking")
+        if not embedding_only and self.projector(path) is not None:
+            caps.append("vision")
         return caps
 
     def thinking(self, name: str) -> tuple[bool, bool]:

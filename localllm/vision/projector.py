@@ -1,0 +1,191 @@
+"""Multimodal projectors (`mmproj-*.gguf`): what one holds and what it costs.
+
+A projector is llama.cpp's second file for a vision model: a CLIP/SigLIP-style image encoder and
+the projection of its output into the text model's embeddings (`tools/mtmd/clip.cpp`). This module
+is pure (the fitter uses it): a parsed header becomes a `Projector` record (`files` reads one), and
+the figures the fitter needs follow from it:
+
+- `weights_bytes`: every tensor's bytes (clip.cpp's "model size" line);
+- `compute_bytes(flash_attn)`: the encoder's compute buffer for one image of the largest size
+  (clip.cpp's "compute buffer size" line at warmup);
+- `image_tokens`: the context tokens one image takes (clip.cpp's `clip_n_output_tokens`).
+
+What differs between projector types lives in `PROJECTOR_KINDS`, one row per type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from localllm.errors import GGUFError
+from localllm.gguf_header import TensorInfo
+
+# A GGUF is a projector when its name says so (llama.cpp's own test: the file name contains
+# "mmproj") or its header does (`general.type = "mmproj"`, `clip.*` keys, written by
+# convert_hf_to_gguf.py --mmproj).
+PROJECTOR_MARK = "mmproj"
+F32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ProjectorKind:
+    """How one `clip.projector_type` turns an image into tokens (clip.cpp, `load_hparams`)."""
+
+    # "pooled": a fixed square image of `image_size`, (image_size / patch / n_merge)^2 tokens.
+    # "dynamic": any size up to `max_tokens` merged tokens; the encoder sees n_merge^2 patches
+    # per token.
+    tokens: Literal["pooled", "dynamic"]
+    n_merge: int  # the default when the header has no `merge_key`
+    merge_key: str
+    max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
+    graph: Literal["vit"] = "vit"  # the compute formula below was measured for this graph
+    measured: bool = False  # the compute formula checked against llama.cpp for this type
+
+
+_SCALE = "clip.vision.projector.scale_factor"
+_SPATIAL = "clip.vision.spatial_merge_size"
+PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
+    # Gemma 3: SigLIP at 896 px, 14 px patches, 4x4 average pooling -> 256 tokens
+    "gemma3": ProjectorKind("pooled", 4, _SCALE, measured=True),
+    # Qwen2-VL / 2.5-VL / 3-VL: any size, 2x2 patch merge, 8 to 4096 tokens per image
+    "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, max_tokens=4096),
+    "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, max_tokens=4096),
+    "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, max_tokens=4096),
+}
+# Types without a row: weights are counted, the encoder is assumed to see one image of
+# `image_size` with no merge (an upper bound on tokens for the pooled families).
+_UNKNOWN_KIND = ProjectorKind("pooled", 1, _SCALE)
+
+
+@dataclass(frozen=True)
+class Projector:
+    """What a projector file's header says, and what follows for memory and context."""
+
+    path: Path
+    projector_type: str  # clip.projector_type, e.g. "gemma3", "qwen2.5vl_merger"
+    image_size: int
+    patch_size: int
+    n_embd: int  # the encoder's width
+    n_ff: int
+    n_head: int
+    n_layer: int
+    projection_dim: int  # the text model's embedding width it projects into
+    n_merge: int
+    weights_bytes: int
+    patch_kernel_bytes: int  # bytes per element of the patch-embedding kernel (im2col's type)
+
+    @property
+    def kind(self) -> ProjectorKind:
+        return PROJECTOR_KINDS.get(self.projector_type, _UNKNOWN_KIND)
+
+    @property
+    def known(self) -> bool:
+        return self.projector_type in PROJECTOR_KINDS
+
+    @property
+    def image_tokens(self) -> int:
+        """Context tokens one image takes at most (clip_n_output_tokens)."""
+        kind = self.kind
+        if kind.tokens == "dynamic":
+            return kind.max_tokens
+        side = self.image_size // self.patch_size // max(1, self.n_merge)
+        return side * side
+
+    @property
+    def encoder_patches(self) -> int:
+        """Patches the encoder runs over for the largest image."""
+        if self.kind.tokens == "dynamic":
+            return self.image_tokens * self.n_merge * self.n_merge
+        side = self.image_size // self.patch_size
+        return side * side
+
+    @property
+    def image_side(self) -> int:
+        """Pixels per side of the largest (square) image the encoder takes."""
+        if self.kind.tokens == "dynamic":
+            return math.isqrt(self.encoder_patches) * self.patch_size
+        return self.image_size
+
+    def compute_bytes(self, flash_attn: bool) -> int:
+        """The encoder's compute buffer for one image of the largest size.
+
+        Measured against llama.cpp's `reserve_compute_meta` lines for the ViT graph: the largest
+        of three live sets, in f32: the FFN (n_ff + 3 n_embd per patch); without flash attention
+        the attention scores (n_head x patches per patch, plus 6 n_embd); and the image with its
+        im2col copy in the kernel's type.
+        """
+        n = self.encoder_patches
+        ffn = F32_BYTES * n * (self.n_ff + 3 * self.n_embd)
+        attention = 0 if flash_attn else F32_BYTES * n * (self.n_head * n + 6 * self.n_embd)
+        image = 3 * self.image_side**2 * (F32_BYTES + self.patch_kernel_bytes)
+        return max(ffn, attention, image)
+
+    def total_bytes(self, flash_attn: bool) -> int:
+        return self.weights_bytes + self.compute_bytes(flash_attn)
+
+    def to_dict(self, flash_attn: bool) -> dict[str, object]:
+        return {
+            "file": str(self.path),
+            "projector_type": self.projector_type,
+            "image_size": self.image_side,
+            "image_tokens": self.image_tokens,
+            "weights_bytes": self.weights_bytes,
+            "compute_bytes": self.compute_bytes(flash_attn),
+            "modelled": self.known,
+        }
+
+
+def is_projector_metadata(metadata: Mapping[str, object]) -> bool:
+    """The header of a projector: `general.type = "mmproj"` or clip.cpp's keys."""
+    if metadata.get("general.type") == "mmproj":
+        return True
+    return metadata.get("general.architecture") == "clip" or any(
+        key.startswith("clip.") for key in metadata
+    )
+
+
+def projector_from_header(
+    path: Path, metadata: Mapping[str, object], tensors: Iterable[TensorInfo]
+) -> Projector:
+    """A Projector from a parsed header (pure: tests build headers without files)."""
+    if not is_projector_metadata(metadata):
+        raise GGUFError(path, "not a multimodal projector (no general.type mmproj, no clip.* keys)")
+    if metadata.get("clip.has_vision_encoder") is False:
+        raise GGUFError(path, "this projector has no vision encoder (audio only)")
+
+    def number(key: str, default: int | None = None) -> int:
+        value = metadata.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if default is not None:
+                return default
+            raise GGUFError(path, f"projector key {key} is missing or not a positive integer")
+        return value
+
+    ptype = metadata.get("clip.vision.projector_type", metadata.get("clip.projector_type"))
+    projector_type = ptype if isinstance(ptype, str) else "unknown"
+    kind = PROJECTOR_KINDS.get(projector_type, _UNKNOWN_KIND)
+    tensor_list = list(tensors)
+    kernel = next((t for t in tensor_list if t.name == "v.patch_embd.weight"), None)
+    kernel_bytes = 2 if kernel is not None and kernel.ggml_type in ("F16", "BF16") else F32_BYTES
+    image_size = number("clip.vision.image_size")
+    patch_size = number("clip.vision.patch_size")
+    if image_size > 16384 or patch_size > image_size:
+        raise GGUFError(path, f"image size {image_size} / patch size {patch_size} not plausible")
+    return Projector(
+        path=path,
+        projector_type=projector_type,
+        image_size=image_size,
+        patch_size=patch_size,
+        n_embd=number("clip.vision.embedding_length"),
+        n_ff=number("clip.vision.feed_forward_length"),
+        n_head=number("clip.vision.attention.head_count"),
+        n_layer=number("clip.vision.block_count"),
+        projection_dim=number("clip.vision.projection_dim", 0),
+        n_merge=number(kind.merge_key, kind.n_merge),
+        weights_bytes=sum(t.n_bytes for t in tensor_list),
+        patch_kernel_bytes=kernel_bytes,
+    )
