@@ -141,7 +141,7 @@ def test_projector_figures_from_the_header(vision_folder: Path) -> None:
 
 
 def test_gemma3_27b_projector_costs_what_llama_cpp_reports() -> None:
-    """Real dimensions, header only: 256 tokens per image, ~818 MiB of F16 weights, the encoder's
+    """Real dimensions, header only: 256 tokens per image, ~808 MiB of F16 weights, the encoder's
     buffer 121.25 MiB with flash attention and 1132 MiB without (16 heads x 4096^2 scores)."""
     projector = _header_projector(GEMMA3_27B_VISION)
     assert projector.image_tokens == 256  # type: ignore[attr-defined]
@@ -233,3 +233,19 @@ def test_projector_figures_match_llama_cpp(
     assert abs(projector.weights_bytes - measured.model_bytes) <= tolerance
     predicted = projector.compute_bytes(measured.flash_attn)
     assert abs(predicted - measured.compute_bytes) <= tolerance, (predicted, measured)
+
+
+def test_ollama_show_lists_vision(vision_folder: Path) -> None:
+    from types import SimpleNamespace
+
+    from localllm.server.ollama.catalog import Catalog
+
+    model = vision_folder / "tiny-gemma3-F16.gguf"
+
+    def caps(mmproj: str) -> list[str]:
+        state = SimpleNamespace(router=None, model_id="m", model_names={"m"}, engine=None,
+                                settings=Settings(mmproj=mmproj))
+        return Catalog(state, model).capabilities("m")  # type: ignore[arg-type]
+
+    assert "vision" in caps("auto")
+    assert "vision" not in caps("off")

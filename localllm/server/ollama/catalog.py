@@ -107,7 +107,8 @@ class Catalog:
 
     def projector(self, path: Path) -> Path | None:
         """The vision projector a model loads with, under the `mmproj` setting."""
-        return projector_path(path, self.state.settings.mmproj)
+        settings = getattr(self.state, "settings", None)  # test doubles may carry none
+        return projector_path(path, getattr(settings, "mmproj", "auto"))
 
     def header(self, path: Path) -> ModelHeader:
         stat = path.stat()
