@@ -366,6 +366,22 @@ class HubClient:
 
     def list_quants(self, ref: RepoRef) -> tuple[str, list[RemoteQuant]]:
         """(commit sha, quantizations) of a repo; from the cache when offline or unreachable."""
+        commit, files = self.list_files(ref)
+        quants = group_quants(files)
+        if not quants:
+            raise HubError(f"{ref.repo_id} holds no GGUF files; localllm serves GGUF models only")
+        return commit, quants
+
+    def projector_file(self, ref: RepoRef, quant: RemoteQuant) -> RemoteFile | None:
+        """The vision projector `llama-server -hf` downloads with this quantization, if any."""
+        from localllm.vision import best_projector
+
+        _, files = self.list_files(ref)
+        name = best_projector([f.filename for f in files], quant.files[0].filename)
+        return next((f for f in files if f.filename == name), None)
+
+    def list_files(self, ref: RepoRef) -> tuple[str, list[RemoteFile]]:
+        """(commit sha, every GGUF) of a repo; from the cache when offline or unreachable."""
         cache = self._listing_cache(ref)
         try:
             if self.offline:
@@ -387,10 +403,7 @@ class HubClient:
         else:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"commit": commit, "files": [asdict(f) for f in files]}))
-        quants = group_quants(files)
-        if not quants:
-            raise HubError(f"{ref.repo_id} holds no GGUF files; localllm serves GGUF models only")
-        return commit, quants
+        return commit, files
 
     def _hf_cache_listing(self, ref: RepoRef) -> tuple[str, list[RemoteFile]] | None:
         """The GGUFs of a repo's snapshot in huggingface-hub's cache (what `hf download` left),
@@ -483,12 +496,19 @@ class HubClient:
     # -- downloads -------------------------------------------------------------------------
 
     def download(
-        self, ref: RepoRef, quant: RemoteQuant, models_dir: Path, progress: Progress | None = None
+        self,
+        ref: RepoRef,
+        quant: RemoteQuant,
+        models_dir: Path,
+        progress: Progress | None = None,
+        names: tuple[str, ...] | None = None,
     ) -> Path:
-        """Download a quantization (all its split files) into models_dir; resumable, verified."""
-        commit, _ = self.list_quants(ref)
+        """Download a quantization (all its split files) into models_dir; resumable, verified.
+        `names`: the local file names, when not the hub's (a projector named after its model)."""
+        commit, _ = self.list_files(ref)
         models_dir.mkdir(parents=True, exist_ok=True)
-        targets = [models_dir / Path(remote.filename).name for remote in quant.files]
+        local_names = names or tuple(Path(remote.filename).name for remote in quant.files)
+        targets = [models_dir / name for name in local_names]
         for remote, target in zip(quant.files, targets, strict=True):
             cached = None if _complete(target, remote) else self.hf_cached(ref, remote, commit)
             if cached is not None:

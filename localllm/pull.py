@@ -27,6 +27,7 @@ from localllm.models import (
 )
 from localllm.settings import Settings
 from localllm.units import gib
+from localllm.vision import local_projector_name
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,28 @@ def pull(
     quant, plan = recommend(ref, settings, client)
     if plan is not None:
         log.info("fitter's choice for this machine: %s", quant.label)
-    return _download(ref, quant, settings, client, progress)
+    path = _download(ref, quant, settings, client, progress)
+    _pull_projector(ref, quant, settings, client)
+    return path
+
+
+def _pull_projector(
+    ref: RepoRef, quant: RemoteQuant, settings: Settings, client: HubClient
+) -> Path | None:
+    """The repo's vision projector for this quant, beside it, as `llama-server -hf` fetches it
+    (unless `mmproj` is off or a path); named after the model in the flat models folder."""
+    if settings.mmproj != "auto":
+        return None
+    remote = client.projector_file(ref, quant)
+    if remote is None:
+        return None
+    name = local_projector_name(remote.filename, quant.files[0].filename)
+    target = settings.models_dir / name
+    if target.is_file() and target.stat().st_size == remote.size:
+        return target
+    log.info("%s: fetching its vision projector %s", ref.repo_id, remote.filename)
+    return client.download(ref, RemoteQuant("mmproj", (remote,)), settings.models_dir,
+                           names=(name,))
 
 
 def _download(
@@ -107,12 +129,13 @@ def ensure_local(name: str | None, settings: Settings) -> Path:
     client = HubClient()
     quant, _ = recommend(ref, settings, client)
     local = [settings.models_dir / Path(remote.filename).name for remote in quant.files]
-    if all(
+    if not all(
         path.is_file() and path.stat().st_size == remote.size
         for path, remote in zip(local, quant.files, strict=True)
     ):
-        return local[0]
-    return _download(ref, quant, settings, client, progress=False)  # the quant chosen above
+        _download(ref, quant, settings, client, progress=False)  # the quant chosen above
+    _pull_projector(ref, quant, settings, client)
+    return local[0]
 
 
 @dataclass(frozen=True)

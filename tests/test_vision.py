@@ -249,3 +249,53 @@ def test_ollama_show_lists_vision(vision_folder: Path) -> None:
 
     assert "vision" in caps("auto")
     assert "vision" not in caps("off")
+
+
+# ------------------------------------------------------------------------- hub
+
+
+def test_pull_fetches_the_projector_as_llama_server_hf(
+    vision_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localllm.pull import ensure_local, pull
+    from tests.fake_hub import FakeHub, running_hub
+
+    model = vision_folder / "tiny-gemma3-F16.gguf"
+    mmproj = vision_folder / "mmproj-tiny-gemma3-F16.gguf"
+    fake = FakeHub()
+    fake.add("org/tiny-vision-GGUF", model)
+    fake.add("org/tiny-vision-GGUF", mmproj, name="mmproj-model-f16.gguf")
+    fake.add("org/tiny-vision-GGUF", mmproj, name="mmproj-model-Q8_0.gguf")
+    fake.add("org/other-vision-GGUF", model, name="other-F16.gguf")
+    fake.add("org/other-vision-GGUF", mmproj, name="mmproj-model-f16.gguf")
+    with running_hub(fake):
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        models = tmp_path / "models"
+        settings = Settings(models_dir=models)
+        path = pull("org/tiny-vision-GGUF", settings, progress=False)
+        assert path.name == "tiny-gemma3-F16.gguf"  # the quant choice is unchanged
+        # the F16 projector (closest in bits to the F16 model), named after its model
+        assert sorted(p.name for p in models.glob("*.gguf")) == [
+            "mmproj-tiny-gemma3-F16.gguf", "tiny-gemma3-F16.gguf"
+        ]
+        assert "mmproj-model-Q8_0.gguf" not in fake.sent_bytes
+        other = pull("org/other-vision-GGUF:F16", settings, progress=False)
+        # two repos' `mmproj-model-f16.gguf` in one flat folder: each model keeps its own
+        assert find_projector(other) == models / "mmproj-other-F16.gguf"
+        assert find_projector(path) == models / "mmproj-tiny-gemma3-F16.gguf"
+        registry = Registry(Settings(models_dir=models, load_on_start=False))
+        entries = {e.name: e for e in registry.entries()}
+        assert sorted(entries) == ["other-F16", "tiny-gemma3-F16"]
+        assert all("vision" in e.capabilities for e in entries.values())
+        # pulled again: nothing is fetched twice
+        sent = fake.total_sent()
+        pull("org/tiny-vision-GGUF:F16", settings, progress=False)
+        assert fake.total_sent() == sent
+        # `chat/serve ORG/REPO` brings it too; --no-mmproj does not
+        fresh = Settings(models_dir=tmp_path / "fresh")
+        ensure_local("org/tiny-vision-GGUF:F16", fresh)
+        assert (tmp_path / "fresh" / "mmproj-tiny-gemma3-F16.gguf").is_file()
+        off = Settings(models_dir=tmp_path / "off", mmproj="off")
+        pull("org/tiny-vision-GGUF:F16", off, progress=False)
+        assert [p.name for p in (tmp_path / "off").glob("*.gguf")] == ["tiny-gemma3-F16.gguf"]

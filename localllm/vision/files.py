@@ -9,7 +9,7 @@ from pathlib import Path
 
 from localllm.errors import GGUFError
 from localllm.gguf_header import FileSource, parse_source
-from localllm.models import quant_label
+from localllm.models import model_stem, quant_label
 from localllm.vision.projector import PROJECTOR_MARK, Projector, projector_from_header
 
 
@@ -65,13 +65,29 @@ def best_projector(files: Iterable[str], model: str) -> str | None:
 
 
 def find_projector(model_path: Path) -> Path | None:
-    """The projector beside a local model file (same folder, llama.cpp's naming), if any."""
+    """The projector beside a local model file (same folder, llama.cpp's naming), if any.
+
+    In a folder of several models, projectors whose name holds the model's name (as `pull` names
+    them) are its own; the others are considered only when none does."""
     folder = model_path.parent
     if not folder.is_dir():
         return None
-    names = sorted(p.name for p in folder.glob("*.gguf"))
-    found = best_projector(names, model_path.name)
+    names = sorted(p.name for p in folder.glob("*.gguf") if is_projector_name(p.name))
+    stem = model_stem(model_path.name)
+    own = [name for name in names if stem in name.lower()]
+    found = best_projector(own or names, model_path.name)
     return folder / found if found is not None else None
+
+
+def local_projector_name(remote_name: str, model_filename: str) -> str:
+    """The name a pulled projector gets in the (flat) models folder: the hub's when it holds the
+    model's name, else `mmproj-<model>-<its quant>.gguf`, so that two repos' `mmproj-model-f16`
+    files neither collide nor pair with the other's model."""
+    name = Path(remote_name).name
+    stem = model_stem(model_filename)
+    if stem in name.lower():
+        return name
+    return f"{PROJECTOR_MARK}-{stem}-{quant_label(name)}.gguf"
 
 
 def projector_path(model_path: Path, mmproj: str) -> Path | None:
