@@ -299,3 +299,18 @@ def test_pull_fetches_the_projector_as_llama_server_hf(
         off = Settings(models_dir=tmp_path / "off", mmproj="off")
         pull("org/tiny-vision-GGUF:F16", off, progress=False)
         assert [p.name for p in (tmp_path / "off").glob("*.gguf")] == ["tiny-gemma3-F16.gguf"]
+
+
+def test_qwen25vl_projector_loads_and_its_weights_and_tokens_match(
+    vision_folder: Path, tmp_path: Path
+) -> None:
+    """The second family: llama.cpp loads it; weights match; one image takes up to 4096 tokens.
+    Its compute buffer is not modelled (marked so in the plan): llama.cpp reserves it for a
+    1288 px warmup image and grows it for larger ones."""
+    mmproj = tmp_path / "mmproj-qwen-F16.gguf"
+    tv.write_qwen25vl_mmproj(mmproj)
+    measured = tv.load_with_mtmd(mmproj, vision_folder / "tiny-gemma3-F16.gguf", None)
+    projector = read_projector(mmproj)
+    assert abs(projector.weights_bytes - measured.model_bytes) <= 0.005 * MIB + 1
+    assert projector.image_tokens == 4096 and not projector.compute_measured
+    assert any("warmup with image size = 1288 x 1288" in line for line in measured.lines)

@@ -125,6 +125,58 @@ def write_gemma3_mmproj(path: Path, spec: VisionSpec | None = None, seed: int = 
     return spec
 
 
+def write_qwen25vl_mmproj(
+    path: Path, n_embd: int = 64, n_ff: int = 128, n_head: int = 4, projection_dim: int = 64
+) -> None:
+    """A Qwen2.5-VL-style projector (`qwen2.5vl_merger`): two patch-embedding convolutions (the
+    temporal pair), no learned positions (M-RoPE), RMS norms, a gated SiLU FFN, full attention
+    (`n_wa_pattern` 0), and the 2x2 merger `mm.0` / `mm.2` (clip.cpp `clip_graph_qwen2vl`)."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_type("mmproj")
+    writer.add_name("tiny qwen2.5vl mmproj")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "qwen2.5vl_merger")
+    e, f, p = n_embd, n_ff, 14
+    keys = {"image_size": 560, "patch_size": p, "embedding_length": e, "feed_forward_length": f,
+            "block_count": 2, "projection_dim": projection_dim, "n_wa_pattern": 0,
+            "attention.head_count": n_head}
+    for key, value in keys.items():
+        writer.add_uint32("clip.vision." + key, value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    writer.add_bool("clip.use_silu", True)
+
+    def add(name: str, ggml_shape: tuple[int, ...], fill: float | None = None) -> None:
+        shape = tuple(reversed(ggml_shape))
+        data = (np.full(shape, fill, dtype=np.float32) if fill is not None
+                else rng.standard_normal(shape).astype(np.float32) * 0.05)
+        writer.add_tensor(name, data.astype(np.float16) if len(shape) > 1 else data)
+
+    add("v.patch_embd.weight", (p, p, 3, e))
+    add("v.patch_embd.weight.1", (p, p, 3, e))
+    for il in range(2):
+        b = f"v.blk.{il}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            add(b + name + ".weight", (e, e))
+            add(b + name + ".bias", (e,))
+        add(b + "ln1.weight", (e,), 1.0)
+        add(b + "ln2.weight", (e,), 1.0)
+        for name, shape in (("ffn_up", (e, f)), ("ffn_gate", (e, f)), ("ffn_down", (f, e))):
+            add(b + name + ".weight", shape)
+            add(b + name + ".bias", (shape[1],))
+    add("v.post_ln.weight", (e,), 1.0)
+    add("mm.0.weight", (4 * e, 4 * e))
+    add("mm.0.bias", (4 * e,))
+    add("mm.2.weight", (4 * e, projection_dim))
+    add("mm.2.bias", (projection_dim,))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 @dataclass(frozen=True)
 class ClipMeasurement:
     """What llama.cpp's clip logs when it loads a projector: weights and warmup compute buffer."""

@@ -98,7 +98,9 @@ def projector_line(plan: Plan) -> str:
     assert projector is not None
     weights = projector.weights_bytes
     compute = projector.compute_bytes(plan.flash_attn)
-    modelled = "" if projector.known else " (type not modelled: compute is a ViT estimate)"
+    modelled = "" if projector.compute_measured else (
+        f" (compute not measured for {projector.projector_type}: a ViT estimate)"
+    )
     return (
         f"  vision projector {projector.projector_type} on {plan.projector_device}: "
         f"{mib(weights, 1)} weights + {mib(compute, 1)} image-encoder compute "

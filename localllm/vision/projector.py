@@ -83,8 +83,9 @@ class Projector:
         return PROJECTOR_KINDS.get(self.projector_type, _UNKNOWN_KIND)
 
     @property
-    def known(self) -> bool:
-        return self.projector_type in PROJECTOR_KINDS
+    def compute_measured(self) -> bool:
+        """The compute formula was checked against llama.cpp for this projector type."""
+        return self.kind.measured
 
     @property
     def image_tokens(self) -> int:
@@ -135,7 +136,7 @@ class Projector:
             "image_tokens": self.image_tokens,
             "weights_bytes": self.weights_bytes,
             "compute_bytes": self.compute_bytes(flash_attn),
-            "modelled": self.known,
+            "compute_measured": self.compute_measured,
         }
 
 
