@@ -248,7 +248,13 @@ async def run_bench_async(
 
 
 def run_bench(url: str, **options: Any) -> BenchResult:
-    return asyncio.run(run_bench_async(url, **options))
+    try:
+        return asyncio.run(run_bench_async(url, **options))
+    except asyncio.CancelledError:
+        # asyncio.run answers Ctrl-C by cancelling the load test; when httpx's own cancel
+        # scopes were cancelling at that moment too, the CancelledError escapes instead of a
+        # KeyboardInterrupt. Either way the user pressed Ctrl-C.
+        raise KeyboardInterrupt from None
 
 
 def format_bench(result: BenchResult) -> str:

