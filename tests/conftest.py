@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,14 @@ from localllm.models import embedded_model_path as _embedded_model_path
 from localllm.models import instruct_model_path as _instruct_model_path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests press Ctrl-C in child processes (chat, bench) as a person at a terminal would. A
+    suite started in the background by sh (`&`, nohup) inherits SIGINT ignored, and every child
+    would too (an ignored signal stays ignored across exec): give it back its default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 API_KEY = "test-key-1"
 OTHER_API_KEY = "test-key-2"
 
