@@ -769,8 +769,6 @@ class Engine:
         if prefilling:
             self._prompt_seconds += elapsed
             self._shared_steps += bool(generating)
-        self._pacer.observe(len(items) - len(generating), elapsed)
-        self.recent_steps.append((len(generating), len(items) - len(generating), elapsed))
 
         now = time.perf_counter()
         for slot in generating:
@@ -791,6 +789,10 @@ class Engine:
                 self._checkpoints_saved += 1
             if job.n_prompt_done == len(job.prompt):
                 self._sample(slot, now)
+        # The pacer times the whole step, sampling included: a stream waits for all of it.
+        n_prompt, step_s = len(items) - len(generating), time.perf_counter() - started
+        self._pacer.observe(n_prompt, step_s)
+        self.recent_steps.append((len(generating), n_prompt, step_s))
 
     def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
         # 1: no KV slot (should not happen, sizes are checked); <0: llama.cpp error.
