@@ -119,6 +119,7 @@ def plan_for_serving(
         n_batch=params["n_batch"],
         n_ubatch=params["n_ubatch"],
         n_threads=settings.threads,
+        max_decode_stall_ms=settings.max_decode_stall_ms,
         use_extra_bufts=repack,
         queue_size=settings.queue_size,
         tensor_split=params["tensor_split"],

@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         512, ge=1, description="Micro-batch size (prompt tokens per compute step)."
     )
     n_batch: int = Field(2048, ge=1, description="Logical batch size.")
+    max_decode_stall_ms: float = Field(
+        200.0,
+        ge=0,
+        description="While streams are generating, feed a long prompt in chunks sized so a "
+        "stream waits about this long per token behind it (measured cost per token); 0: fixed "
+        "n_ubatch chunks.",
+    )
     swa_full: bool = Field(
         False,
         description="Full-size sliding-window cache (llama-server's --swa-full): more memory; "

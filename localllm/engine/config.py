@@ -34,6 +34,10 @@ class EngineConfig:
     n_batch: int = 2048
     n_ubatch: int = 512
     n_threads: int | None = None  # None: every core
+    # While slots are generating, a step carries only as many prompt tokens (at most n_ubatch)
+    # as the measured cost per token fits into this many ms, so a stream waits about this long
+    # behind another user's long prompt (engine.pacing); 0: fixed n_ubatch chunks.
+    max_decode_stall_ms: float = 200.0
     queue_size: int = 16
     tensor_split: tuple[float, ...] | None = None
     # (regex, buffer type) pairs, e.g. (r"\.ffn_.*_exps\.", "CPU") to keep MoE experts in RAM.
@@ -58,6 +62,8 @@ class EngineConfig:
             raise ValueError(f"n_ctx {self.n_ctx} is too small for {self.n_parallel} slots")
         if self.n_batch < 1 or self.n_ubatch < 1:
             raise ValueError("n_batch and n_ubatch must be positive")
+        if self.max_decode_stall_ms < 0:
+            raise ValueError("max_decode_stall_ms must not be negative")
         if self.queue_size < 0:
             raise ValueError("queue_size must not be negative")
         if self.ctx_checkpoints < 0 or self.checkpoint_every_n_tokens < 0:

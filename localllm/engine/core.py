@@ -2,9 +2,10 @@
 
 Continuous batching, as llama-server does it: every step the scheduler builds ONE batch holding
 the next token of every generating slot plus a chunk of pending prompt tokens, calls llama_decode
-once, and samples every slot that has an output. Prompt prefill is chunked (at most n_ubatch
-tokens per step while other slots are generating, n_batch otherwise) so a long prompt does not
-stall the running streams.
+once, and samples every slot that has an output. Prompt prefill is chunked so a long prompt does
+not stall the running streams: while other slots are generating, a step carries as many prompt
+tokens as fit in EngineConfig.max_decode_stall_ms by the measured cost per token (at most n_ubatch;
+`localllm.engine.pacing`), and n_batch otherwise.
 
 Slots keep their KV cells after a request ends. A new request goes to the free slot whose cached
 tokens share the longest prefix with its prompt (the next turn of a chat), and only the rest of
@@ -60,6 +61,7 @@ from localllm.engine.checkpoints import (
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
+from localllm.engine.pacing import PrefillPacer
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.engine.types import (
     Completion,
@@ -211,6 +213,10 @@ class Engine:
         self._last_ttft: float | None = None
         self._checkpoints_saved = 0
         self._checkpoints_restored = 0
+        self._shared_steps = 0
+        self._pacer = PrefillPacer(config.max_decode_stall_ms / 1000, config.n_ubatch)
+        # The last steps as (generated tokens, prompt tokens, seconds): what the pacer did.
+        self.recent_steps: deque[tuple[int, int, float]] = deque(maxlen=1024)
         # One worker: grammar samples queue behind each other, never in front of the batch.
         self._sampling = ThreadPoolExecutor(1, thread_name_prefix="localllm-grammar")
         self._thread = threading.Thread(target=self._run, name="localllm-scheduler", daemon=True)
@@ -506,6 +512,10 @@ class Engine:
             checkpoints_saved_total=self._checkpoints_saved,
             checkpoints_restored_total=self._checkpoints_restored,
             checkpoint_bytes=sum(s.checkpoints.n_bytes for s in slots if s.checkpoints),
+            shared_steps_total=self._shared_steps,
+            prefill_ms_per_token=(
+                None if self._pacer.token_s is None else round(self._pacer.token_s * 1000, 3)
+            ),
         )
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -723,8 +733,11 @@ class Engine:
             slot.job.batch_index = len(items)
             items.append(BatchItem(slot.job.next_token, len(slot.cached), slot.seq_id, True))
         budget = self.config.n_batch - len(items)
-        if generating:
-            budget = min(budget, self.config.n_ubatch)
+        # Every decoding slot waits for this whole step (one with a grammar sample on the worker
+        # too, when pacing is on): cap the prompt chunk so the step stays near the stall target.
+        sampling = any(s.job is not None and s.job.pending is not None for s in self._slots)
+        if generating or (sampling and self._pacer.target_s > 0):
+            budget = min(budget, self._pacer.budget(len(generating)))
         prefilling: list[tuple[_Slot, int]] = []
         for slot in self._slots:
             job = slot.job
@@ -755,6 +768,7 @@ class Engine:
             self._decode_seconds += elapsed
         if prefilling:
             self._prompt_seconds += elapsed
+            self._shared_steps += bool(generating)
 
         now = time.perf_counter()
         for slot in generating:
@@ -775,6 +789,10 @@ class Engine:
                 self._checkpoints_saved += 1
             if job.n_prompt_done == len(job.prompt):
                 self._sample(slot, now)
+        # The pacer times the whole step, sampling included: a stream waits for all of it.
+        n_prompt, step_s = len(items) - len(generating), time.perf_counter() - started
+        self._pacer.observe(n_prompt, step_s)
+        self.recent_steps.append((len(generating), n_prompt, step_s))
 
     def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
         # 1: no KV slot (should not happen, sizes are checked); <0: llama.cpp error.

@@ -124,6 +124,10 @@ class EngineStats:
     checkpoints_saved_total: int = 0
     checkpoints_restored_total: int = 0
     checkpoint_bytes: int = 0  # host memory the slots' checkpoints hold now
+    # Prefill pacing (engine.pacing): steps that carried prompt tokens beside generated ones, and
+    # the measured ms per prompt token the chunks are sized from (None: none measured).
+    shared_steps_total: int = 0
+    prefill_ms_per_token: float | None = None
 
     @property
     def prompt_tokens_per_s(self) -> float:
