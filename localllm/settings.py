@@ -147,11 +147,12 @@ class Settings(BaseSettings):
     )
     n_batch: int = Field(2048, ge=1, description="Logical batch size.")
     max_decode_stall_ms: float = Field(
-        200.0,
+        0.0,
         ge=0,
+        le=60000,
         description="While streams are generating, feed a long prompt in chunks sized so a "
-        "stream waits about this long per token behind it (measured cost per token); 0: fixed "
-        "n_ubatch chunks.",
+        "stream waits about this long per token behind it (measured cost per token); 0 (the "
+        "default until it is measured on a quiet machine): fixed n_ubatch chunks.",
     )
     swa_full: bool = Field(
         False,

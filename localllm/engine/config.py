@@ -37,7 +37,7 @@ class EngineConfig:
     # While slots are generating, a step carries only as many prompt tokens (at most n_ubatch)
     # as the measured cost per token fits into this many ms, so a stream waits about this long
     # behind another user's long prompt (engine.pacing); 0: fixed n_ubatch chunks.
-    max_decode_stall_ms: float = 200.0
+    max_decode_stall_ms: float = 0.0  # 0: fixed n_ubatch chunks (localllm.engine.pacing)
     queue_size: int = 16
     tensor_split: tuple[float, ...] | None = None
     # (regex, buffer type) pairs, e.g. (r"\.ffn_.*_exps\.", "CPU") to keep MoE experts in RAM.
