@@ -24,7 +24,13 @@ import re
 import string
 from collections.abc import Callable
 
-from localllm.tools.parser import ContentDelta, Delta, ReasoningDelta, ToolCallDelta
+from localllm.tools.parser import (
+    ContentDelta,
+    Delta,
+    ReasoningDelta,
+    ToolCallDelta,
+    merge_deltas,
+)
 from localllm.tools.reasoning import partial_suffix
 from localllm.tools.spec import ToolCall
 
@@ -89,24 +95,8 @@ class HarmonyParser:
         return self._take()
 
     def _take(self) -> list[Delta]:
-        merged: list[Delta] = []
-        for d in self._out:
-            last = merged[-1] if merged else None
-            if isinstance(d, ContentDelta) and isinstance(last, ContentDelta):
-                merged[-1] = ContentDelta(last.text + d.text)
-            elif isinstance(d, ReasoningDelta) and isinstance(last, ReasoningDelta):
-                merged[-1] = ReasoningDelta(last.text + d.text)
-            elif (
-                isinstance(d, ToolCallDelta)
-                and isinstance(last, ToolCallDelta)
-                and d.id is None
-                and last.id is None
-            ):
-                merged[-1] = ToolCallDelta(last.index, arguments=last.arguments + d.arguments)
-            else:
-                merged.append(d)
-        self._out = []
-        return [d for d in merged if not isinstance(d, ContentDelta | ReasoningDelta) or d.text]
+        out, self._out = self._out, []
+        return merge_deltas(out)
 
     def _content(self, text: str) -> None:
         if text:

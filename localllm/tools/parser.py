@@ -43,6 +43,29 @@ class ReasoningDelta:
 Delta = ContentDelta | ToolCallDelta | ReasoningDelta
 
 
+def merge_deltas(deltas: list[Delta]) -> list[Delta]:
+    """Adjacent pieces of one kind as one delta (content, reasoning, one call's arguments; a
+    call's header, with its id and name, stays a delta of its own); empty text dropped."""
+    merged: list[Delta] = []
+    for d in deltas:
+        last = merged[-1] if merged else None
+        if isinstance(d, ContentDelta) and isinstance(last, ContentDelta):
+            merged[-1] = ContentDelta(last.text + d.text)
+        elif isinstance(d, ReasoningDelta) and isinstance(last, ReasoningDelta):
+            merged[-1] = ReasoningDelta(last.text + d.text)
+        elif (
+            isinstance(d, ToolCallDelta)
+            and isinstance(last, ToolCallDelta)
+            and d.index == last.index
+            and d.id is None
+            and last.id is None
+        ):
+            merged[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + d.arguments)
+        else:
+            merged.append(d)
+    return [d for d in merged if not isinstance(d, ContentDelta | ReasoningDelta) or d.text]
+
+
 @dataclass
 class ParsedOutput:
     content: str | None
@@ -315,25 +338,8 @@ class ToolCallParser:
     # ------------------------------------------------------------------ plumbing
 
     def _take(self) -> list[Delta]:
-        merged: list[Delta] = []
-        for d in self._out:
-            last = merged[-1] if merged else None
-            if isinstance(d, ContentDelta) and isinstance(last, ContentDelta):
-                merged[-1] = ContentDelta(last.text + d.text)
-            elif (
-                isinstance(d, ToolCallDelta)
-                and isinstance(last, ToolCallDelta)
-                and d.index == last.index
-                and d.id is None
-                and last.id is None  # the header (id, name) stays a delta of its own
-            ):
-                merged[-1] = ToolCallDelta(
-                    last.index, last.id, last.name, last.arguments + d.arguments
-                )
-            else:
-                merged.append(d)
-        self._out = []
-        return [d for d in merged if not (isinstance(d, ContentDelta) and not d.text)]
+        out, self._out = self._out, []
+        return merge_deltas(out)
 
     def _emit_content(self, text: str) -> None:
         """Content goes out, except trailing whitespace, held until more content comes (the

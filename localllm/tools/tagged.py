@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.tools.formats import ToolFormat, ToolSyntax
-from localllm.tools.parser import ContentDelta, Delta, ToolCallDelta
+from localllm.tools.parser import ContentDelta, Delta, ToolCallDelta, merge_deltas
 from localllm.tools.reasoning import partial_suffix
 from localllm.tools.spec import Tool, ToolCall
 from localllm.tools.tags import (
@@ -278,15 +278,8 @@ class TaggedCallParser:
         return self._take()
 
     def _take(self) -> list[Delta]:
-        merged: list[Delta] = []
-        for d in self._out:
-            last = merged[-1] if merged else None
-            if isinstance(d, ContentDelta) and isinstance(last, ContentDelta):
-                merged[-1] = ContentDelta(last.text + d.text)
-            else:
-                merged.append(d)
-        self._out = []
-        return merged
+        out, self._out = self._out, []
+        return merge_deltas(out)
 
     def _content(self, text: str) -> None:
         """Content out, but trailing whitespace held until more content comes (the blank lines
