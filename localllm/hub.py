@@ -25,14 +25,21 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from localllm.errors import HubError, HubUnreachableError, LocalLLMError
-from localllm.gguf_header import SPLIT_RE, FileSource, ModelHeader, read_sources
+from localllm.errors import GGUFError, HubError, HubUnreachableError, LocalLLMError
+from localllm.gguf_header import (
+    SPLIT_RE,
+    ByteSource,
+    FileSource,
+    ModelHeader,
+    parse_source,
+    read_sources,
+)
 from localllm.models import (
     free_disk_bytes,
     gguf_stem,
@@ -40,9 +47,11 @@ from localllm.models import (
     looks_like_path,
     quant_label,
 )
+from localllm.vision.projector import Projector, projector_from_header
 
 log = logging.getLogger(__name__)
 
+_Parsed = TypeVar("_Parsed")
 REPO_RE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
 # How Ollama users and browsers write a repo: hf.co/ORG/REPO:QUANT, https://huggingface.co/...
 HUB_PREFIX_RE = re.compile(
@@ -380,6 +389,31 @@ class HubClient:
         name = best_projector([f.filename for f in files], quant.files[0].filename)
         return next((f for f in files if f.filename == name), None)
 
+    def read_projectors(
+        self, ref: RepoRef, quants: Sequence[RemoteQuant]
+    ) -> list[Projector | None]:
+        """For each quantization, the header of the projector `pull` fetches with it (the choice
+        of `projector_file`), read by range requests like a model's; None where there is none."""
+        from localllm.vision import best_projector
+
+        commit, files = self.list_files(ref)
+        by_name = {f.filename: f for f in files}
+        read: dict[str, Projector | None] = {}
+        found: list[Projector | None] = []
+        for quant in quants:
+            name = best_projector(list(by_name), quant.files[0].filename)
+            if name is None:
+                found.append(None)
+                continue
+            if name not in read:
+                try:
+                    read[name] = self.read_projector(ref, by_name[name], commit)
+                except GGUFError as exc:  # as for one beside a local model: skipped, said
+                    log.warning("ignoring the vision projector %s: %s", name, exc)
+                    read[name] = None
+            found.append(read[name])
+        return found
+
     def list_files(self, ref: RepoRef) -> tuple[str, list[RemoteFile]]:
         """(commit sha, every GGUF) of a repo; from the cache when offline or unreachable."""
         cache = self._listing_cache(ref)
@@ -448,6 +482,21 @@ class HubClient:
 
     def read_header(self, ref: RepoRef, quant: RemoteQuant, commit: str) -> ModelHeader:
         """The quantization's header, from the cache or by range requests (never the weights)."""
+        return self._read_prefix(ref, quant, commit, read_sources)
+
+    def read_projector(self, ref: RepoRef, remote: RemoteFile, commit: str) -> Projector:
+        """A vision projector's header, as `read_header` reads a model's (never its weights)."""
+
+        def build(sources: Sequence[ByteSource], paths: Sequence[Path]) -> Projector:
+            raw = parse_source(sources[0])
+            return projector_from_header(paths[0], raw.metadata, raw.tensors)
+
+        return self._read_prefix(ref, RemoteQuant("mmproj", (remote,)), commit, build)
+
+    def _read_prefix(
+        self, ref: RepoRef, quant: RemoteQuant, commit: str,
+        build: Callable[[Sequence[ByteSource], Sequence[Path]], _Parsed],
+    ) -> _Parsed:
         sources: list[HttpRangeSource | CachedPrefixSource | FileSource] = []
         fresh: list[tuple[HttpRangeSource, Path]] = []
         try:
@@ -472,11 +521,11 @@ class HubClient:
                     fresh.append((remote_source, cache))
             paths = [Path(f"{ref.repo_id}/{remote.filename}") for remote in quant.files]
             try:
-                header = read_sources(sources, paths)
+                header = build(sources, paths)
             except LookupError:  # a cache entry too short for this parser: refetch it
                 for remote in quant.files:
                     self._header_cache(remote, commit).unlink(missing_ok=True)
-                return self.read_header(ref, quant, commit)
+                return self._read_prefix(ref, quant, commit, build)
         finally:
             for opened in sources:
                 opened.close()

@@ -13,6 +13,7 @@ import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -125,56 +126,111 @@ def write_gemma3_mmproj(path: Path, spec: VisionSpec | None = None, seed: int = 
     return spec
 
 
+@dataclass(frozen=True)
+class QwenVisionSpec:
+    """A Qwen2-VL / Qwen2.5-VL-style projector (`clip_graph_qwen2vl`)."""
+
+    projector_type: str = "qwen2.5vl_merger"  # or "qwen2vl_merger"
+    patch_size: int = 14
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    projection_dim: int = 64
+    n_wa_pattern: int = 0  # 2.5-VL: every n-th layer full attention, the others windowed; 0 none
+    image_size: int = 560
+
+
 def write_qwen25vl_mmproj(
     path: Path, n_embd: int = 64, n_ff: int = 128, n_head: int = 4, projection_dim: int = 64
 ) -> None:
-    """A Qwen2.5-VL-style projector (`qwen2.5vl_merger`): two patch-embedding convolutions (the
-    temporal pair), no learned positions (M-RoPE), RMS norms, a gated SiLU FFN, full attention
-    (`n_wa_pattern` 0), and the 2x2 merger `mm.0` / `mm.2` (clip.cpp `clip_graph_qwen2vl`)."""
-    rng = np.random.default_rng(0)
+    """The default tiny Qwen2.5-VL-style projector (full attention), see `write_qwen_mmproj`."""
+    write_qwen_mmproj(path, QwenVisionSpec(n_embd=n_embd, n_ff=n_ff, n_head=n_head,
+                                           projection_dim=projection_dim))
+
+
+def qwen_header(
+    spec: QwenVisionSpec,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
+    """(header keys, [(tensor name, ggml shape, constant fill or None for random)]) of a Qwen2-VL
+    / Qwen2.5-VL-style projector: two patch-embedding convolutions (the temporal pair), no
+    learned positions (M-RoPE), the 2x2 merger `mm.0` / `mm.2` (clip.cpp `clip_graph_qwen2vl`).
+    2.5-VL: RMS norms, a gated SiLU FFN, window attention in every layer but each
+    `n_wa_pattern`-th; 2-VL: layer norms with bias, a plain GELU FFN."""
+    qwen25 = spec.projector_type == "qwen2.5vl_merger"
+    e, f, p = spec.n_embd, spec.n_ff, spec.patch_size
+    v = "clip.vision."
+    keys: dict[str, object] = {
+        "general.architecture": "clip", "general.type": "mmproj",
+        "clip.has_vision_encoder": True, "clip.projector_type": spec.projector_type,
+        v + "image_size": spec.image_size, v + "patch_size": p, v + "embedding_length": e,
+        v + "feed_forward_length": f, v + "block_count": spec.n_layer,
+        v + "projection_dim": spec.projection_dim, v + "attention.head_count": spec.n_head,
+    }
+    if qwen25:
+        keys[v + "n_wa_pattern"] = spec.n_wa_pattern
+    plan: list[tuple[str, tuple[int, ...], float | None]] = [
+        ("v.patch_embd.weight", (p, p, 3, e), None),
+        ("v.patch_embd.weight.1", (p, p, 3, e), None),
+    ]
+    ffn = (("ffn_up", (e, f)), ("ffn_gate", (e, f)), ("ffn_down", (f, e)))
+    for il in range(spec.n_layer):
+        b = f"v.blk.{il}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            plan += [(b + name + ".weight", (e, e), None), (b + name + ".bias", (e,), None)]
+        for name in ("ln1", "ln2"):
+            plan.append((b + name + ".weight", (e,), 1.0))
+            if not qwen25:
+                plan.append((b + name + ".bias", (e,), 0.0))
+        for name, shape in ffn if qwen25 else (ffn[0], ffn[2]):
+            plan += [(b + name + ".weight", shape, None), (b + name + ".bias", (shape[1],), None)]
+    plan.append(("v.post_ln.weight", (e,), 1.0))
+    if not qwen25:
+        plan.append(("v.post_ln.bias", (e,), 0.0))
+    plan += [
+        ("mm.0.weight", (4 * e, 4 * e), None),
+        ("mm.0.bias", (4 * e,), None),
+        ("mm.2.weight", (4 * e, spec.projection_dim), None),
+        ("mm.2.bias", (spec.projection_dim,), None),
+    ]
+    return keys, plan
+
+
+def write_qwen_mmproj(
+    path: Path, spec: QwenVisionSpec | None = None, seed: int = 0
+) -> QwenVisionSpec:
+    """Write the projector `qwen_header` describes (matrices F16, vectors F32)."""
+    spec = spec or QwenVisionSpec()
+    rng = np.random.default_rng(seed)
+    keys, plan = qwen_header(spec)
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type("mmproj")
-    writer.add_name("tiny qwen2.5vl mmproj")
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "qwen2.5vl_merger")
-    e, f, p = n_embd, n_ff, 14
-    keys = {"image_size": 560, "patch_size": p, "embedding_length": e, "feed_forward_length": f,
-            "block_count": 2, "projection_dim": projection_dim, "n_wa_pattern": 0,
-            "attention.head_count": n_head}
+    writer.add_name("tiny qwen-vl mmproj")
     for key, value in keys.items():
-        writer.add_uint32("clip.vision." + key, value)
+        if key in ("general.architecture", "general.type"):
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            assert isinstance(value, int)
+            writer.add_uint32(key, value)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    writer.add_bool("clip.use_silu", True)
-
-    def add(name: str, ggml_shape: tuple[int, ...], fill: float | None = None) -> None:
+    writer.add_bool("clip.use_silu" if spec.projector_type == "qwen2.5vl_merger"
+                    else "clip.use_gelu", True)
+    for name, ggml_shape, fill in plan:
         shape = tuple(reversed(ggml_shape))
         data = (np.full(shape, fill, dtype=np.float32) if fill is not None
                 else rng.standard_normal(shape).astype(np.float32) * 0.05)
         writer.add_tensor(name, data.astype(np.float16) if len(shape) > 1 else data)
-
-    add("v.patch_embd.weight", (p, p, 3, e))
-    add("v.patch_embd.weight.1", (p, p, 3, e))
-    for il in range(2):
-        b = f"v.blk.{il}."
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            add(b + name + ".weight", (e, e))
-            add(b + name + ".bias", (e,))
-        add(b + "ln1.weight", (e,), 1.0)
-        add(b + "ln2.weight", (e,), 1.0)
-        for name, shape in (("ffn_up", (e, f)), ("ffn_gate", (e, f)), ("ffn_down", (f, e))):
-            add(b + name + ".weight", shape)
-            add(b + name + ".bias", (shape[1],))
-    add("v.post_ln.weight", (e,), 1.0)
-    add("mm.0.weight", (4 * e, 4 * e))
-    add("mm.0.bias", (4 * e,))
-    add("mm.2.weight", (4 * e, projection_dim))
-    add("mm.2.bias", (projection_dim,))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return spec
 
 
 @dataclass(frozen=True)
@@ -185,6 +241,7 @@ class ClipMeasurement:
     compute_bytes: int  # "reserve_compute_meta: CPU compute buffer size = X MiB"
     flash_attn: bool
     lines: tuple[str, ...]
+    image_tokens: int = 0  # the encoded image's tokens, when one was encoded
 
 
 _MODEL_SIZE = re.compile(r"model size:\s*([\d.]+) MiB")
@@ -192,9 +249,15 @@ _COMPUTE = re.compile(r"compute buffer size =\s*([\d.]+) MiB")
 _FLASH = re.compile(r"flash attention is (enabled|disabled)")
 
 
-def load_with_mtmd(mmproj: Path, text_model: Path, flash_attn: bool | None) -> ClipMeasurement:
+def load_with_mtmd(
+    mmproj: Path, text_model: Path, flash_attn: bool | None, image: tuple[int, int] | None = None
+) -> ClipMeasurement:
     """Load a projector through llama-cpp-python's mtmd bindings beside a text model (CPU) and
-    read llama.cpp's own buffer lines. flash_attn None: llama.cpp's auto."""
+    read llama.cpp's own buffer lines. flash_attn None: llama.cpp's auto.
+
+    image (width, height): no warm-up at load; one blank image of that size is encoded instead,
+    so the compute buffer is reserved for it (clip_encode warms up with the image it is given)
+    and `image_tokens` is what mtmd counted for it."""
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
 
@@ -202,20 +265,25 @@ def load_with_mtmd(mmproj: Path, text_model: Path, flash_attn: bool | None) -> C
 
     fa = {None: -1, False: 0, True: 1}[flash_attn]
     llm = llama_cpp.Llama(str(text_model), n_ctx=256, n_threads=1, verbose=False)
+    image_tokens = 0
     try:
         with logs.capture() as lines:
             # clip has its own logger: route it through localllm's capture like llama.cpp's
             mtmd.mtmd_log_set(logs._callback, ctypes.c_void_p(0))
             params = mtmd.mtmd_context_params_default()
             params.use_gpu = False
-            params.n_threads = 1
-            params.warmup = True
+            params.n_threads = 2
+            params.warmup = image is None
             params.flash_attn_type = fa
             ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
             if not ctx:
                 raise RuntimeError("mtmd_init_from_file failed:\n" + "\n".join(lines))
-            assert mtmd.mtmd_support_vision(ctx)
-            mtmd.mtmd_free(ctx)
+            try:
+                assert mtmd.mtmd_support_vision(ctx)
+                if image is not None:
+                    image_tokens = _encode_blank(mtmd, ctx, *image)
+            finally:
+                mtmd.mtmd_free(ctx)
     finally:
         llm.close()
     text = "\n".join(lines)
@@ -228,4 +296,28 @@ def load_with_mtmd(mmproj: Path, text_model: Path, flash_attn: bool | None) -> C
         round(float(compute[-1]) * MIB),  # the last reserve is the one kept
         flash[-1] == "enabled",
         tuple(lines),
+        image_tokens,
     )
+
+
+def _encode_blank(mtmd: Any, ctx: Any, width: int, height: int) -> int:
+    """Encode one black RGB image of width x height through mtmd; its token count."""
+    data = (ctypes.c_uint8 * (width * height * 3))()
+    bitmap = mtmd.mtmd_bitmap_init(width, height, data)
+    chunks = mtmd.mtmd_input_chunks_init()
+    marker = mtmd.mtmd_default_marker()
+    text = mtmd.mtmd_input_text(marker, len(marker), False, True)
+    try:
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+            raise RuntimeError("mtmd_tokenize failed")
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == 1:  # MTMD_INPUT_CHUNK_TYPE_IMAGE
+                if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
+                    raise RuntimeError("mtmd_encode_chunk failed")
+                return int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+        raise RuntimeError("no image chunk")
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)

@@ -122,8 +122,10 @@ class _Ladder:
     """What `fit` chooses among: the headers of each model, file sizes and quant labels (as the
     hub or the file names give them: UD-Q4_K_XL and Q4_K_M both declare Q4_K_M) by path."""
 
-    def __init__(self, groups: list[list[Any]], sizes: dict[str, int], labels: dict[str, str]):
+    def __init__(self, groups: list[list[Any]], sizes: dict[str, int], labels: dict[str, str],
+                 projectors: tuple[tuple[str, Any], ...] = ()):
         self.groups, self.sizes, self.labels = groups, sizes, labels
+        self.projectors = projectors  # a hub repo's: the one `pull` fetches with each quant
 
 
 def _model_headers(args: argparse.Namespace, settings: Settings) -> _Ladder:
@@ -135,11 +137,16 @@ def _model_headers(args: argparse.Namespace, settings: Settings) -> _Ladder:
     if looks_like_repo(target):
         ref = RepoRef.parse(target, args.revision)
         with progress(f"reading the GGUF headers of {ref.repo_id} (range requests)"):
-            pairs = HubClient().read_headers(ref)
+            client = HubClient()
+            pairs = client.read_headers(ref)
+            found = client.read_projectors(ref, [q for q, _ in pairs]) if (
+                settings.mmproj == "auto") else []
+            projectors = [(str(h.path), p) for (_, h), p in zip(pairs, found, strict=False)]
         return _Ladder(
             [[header for _, header in pairs]],
             {str(header.path): quant.size for quant, header in pairs},
             {str(header.path): quant.label for quant, header in pairs},
+            tuple((path, p) for path, p in projectors if p is not None),
         )
     is_glob = any(ch in target for ch in "*?[")
     if not is_glob and not Path(target).exists():
@@ -166,6 +173,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if len(ladder.groups) > 1:
         return _fit_each_model(ladder.groups, hardware, request, args.json)
     headers = ladder.groups[0]
+    request = replace(request, model_projectors=ladder.projectors)
     plan = fit(headers, hardware, request)
     notes = _unit_notes(settings, headers, request, plan)
     for note in notes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +64,9 @@ class FitRequest:
     projector: Projector | None = None
     mmproj_offload: bool = True
     mmproj: str = "auto"  # how `fit` finds the projector: "auto" (beside the model), "off", a path
+    # Per model file (a hub repo's quants: each with the projector `pull` fetches with it), by
+    # str(header.path); `for_model` puts the file's own in `projector`.
+    model_projectors: tuple[tuple[str, Projector], ...] = ()
 
     def __post_init__(self) -> None:
         if self.type_k not in CACHE_TYPES or self.type_v not in CACHE_TYPES:
@@ -74,6 +77,13 @@ class FitRequest:
             self.n_batch < 1
         ):
             raise ValueError("n_parallel, n_ubatch and n_batch must be positive")
+
+    def for_model(self, model: Path) -> FitRequest:
+        """The request for one model file: its own projector when `model_projectors` names one."""
+        for path, projector in self.model_projectors:
+            if path == str(model):
+                return replace(self, projector=projector)
+        return self
 
     @classmethod
     def from_settings(cls, settings: Any, **changes: Any) -> FitRequest:

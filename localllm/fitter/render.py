@@ -101,6 +101,12 @@ def projector_line(plan: Plan) -> str:
     modelled = "" if projector.compute_measured else (
         f" (compute not measured for {projector.projector_type}: a ViT estimate)"
     )
+    warmup = projector.warmup_compute_bytes(plan.flash_attn)
+    if warmup != compute:  # dynamic-resolution encoders: llama.cpp grows its buffer later
+        modelled += (
+            f"; llama.cpp reserves {mib(warmup, 1)} at load ({projector.warmup_side} px) and "
+            "grows to this with the largest image"
+        )
     return (
         f"  vision projector {projector.projector_type} on {plan.projector_device}: "
         f"{mib(weights, 1)} weights + {mib(compute, 1)} image-encoder compute "

@@ -547,6 +547,7 @@ def _fit_header(
 ) -> Plan | None:
     """fit_header, with the floor the context may be halved to; offload False: None when no
     context down to min_ctx fits every layer on the GPU(s)."""
+    request = request.for_model(header.path)  # a hub quant's own projector
     fitter = _Fitter(header, hardware, request)
     notes = [MODELLED_NOTE, *hardware.notes]
     warnings: list[str] = []

@@ -7,14 +7,22 @@ the figures the fitter needs follow from it:
 
 - `weights_bytes`: every tensor's bytes (clip.cpp's "model size" line);
 - `compute_bytes(flash_attn)`: the encoder's compute buffer for one image of the largest size
-  (clip.cpp's "compute buffer size" line at warmup);
+  (clip.cpp's "compute buffer size" line: at warm-up for the fixed-size families; for the
+  dynamic-resolution ones llama.cpp reserves a smaller warm-up image at load and grows the buffer
+  when a larger image comes, so the plan counts the largest; `warmup_compute_bytes` is the line
+  printed at load);
 - `image_tokens`: the context tokens one image takes (clip.cpp's `clip_n_output_tokens`).
+
+The compute buffer comes from a formula for the ViT graph (Gemma 3) and, for the Qwen-VL
+families, from replaying ggml's graph allocator over the encoder's graph (`encoders`), which
+gives llama.cpp's figure to the byte.
 
 What differs between projector types lives in `PROJECTOR_KINDS`, one row per type.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +31,7 @@ from typing import Literal
 
 from localllm.errors import GGUFError
 from localllm.gguf_header import TensorInfo
+from localllm.vision.encoders import EncoderShape, qwen2vl_buffer_bytes
 
 # A GGUF is a projector when its name says so (llama.cpp's own test: the file name contains
 # "mmproj") or its header does (`general.type = "mmproj"`, `clip.*` keys, written by
@@ -42,8 +51,10 @@ class ProjectorKind:
     n_merge: int  # the default when the header has no `merge_key`
     merge_key: str
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
-    graph: Literal["vit"] = "vit"  # the compute formula below was measured for this graph
-    measured: bool = False  # the compute formula checked against llama.cpp for this type
+    warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
+    # "vit": the formula in `compute_bytes`; "qwen2vl": clip_graph_qwen2vl replayed (`encoders`)
+    graph: Literal["vit", "qwen2vl"] = "vit"
+    measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
 _SCALE = "clip.vision.projector.scale_factor"
@@ -51,11 +62,14 @@ _SPATIAL = "clip.vision.spatial_merge_size"
 PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     # Gemma 3: SigLIP at 896 px, 14 px patches, 4x4 average pooling -> 256 tokens
     "gemma3": ProjectorKind("pooled", 4, _SCALE, measured=True),
-    # Qwen2-VL / 2.5-VL / 3-VL: any size, 2x2 patch merge, 8 to 4096 tokens per image
-    "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, max_tokens=4096),
-    "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, max_tokens=4096),
-    "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, max_tokens=4096),
+    # Qwen2-VL / 2.5-VL / 3-VL: any size, 2x2 patch merge, 8 to 4096 tokens per image, a
+    # 46 x 46-token warm-up image at load
+    "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
+    "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
+    "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46),
 }
+# ggml's CPU buffers align tensors to 32 bytes (CUDA's to 128: a few KiB more per graph)
+BUFFER_ALIGNMENT = 32
 # Types without a row: weights are counted, the encoder is assumed to see one image of
 # `image_size` with no merge (an upper bound on tokens for the pooled families).
 _UNKNOWN_KIND = ProjectorKind("pooled", 1, _SCALE)
@@ -77,6 +91,11 @@ class Projector:
     n_merge: int
     weights_bytes: int
     patch_kernel_bytes: int  # bytes per element of the patch-embedding kernel (im2col's type)
+    patch_kernel_type: str = "F16"  # its ggml type: im2col runs in F16, in F32 for a BF16 one
+    n_wa_pattern: int = 0  # Qwen2.5-VL: every n-th layer full attention, the others windowed
+    ffn_gate: bool = False  # the encoder's FFN is gated (ffn_gate tensors)
+    pre_norm: bool = False  # v.pre_ln
+    post_norm: bool = True  # v.post_ln
 
     @property
     def kind(self) -> ProjectorKind:
@@ -111,8 +130,49 @@ class Projector:
             return math.isqrt(self.encoder_patches) * self.patch_size
         return self.image_size
 
+    @property
+    def warmup_side(self) -> int:
+        """Pixels per side of the image llama.cpp reserves the compute buffer with at load."""
+        kind = self.kind
+        if kind.tokens == "dynamic" and kind.warmup_tokens:
+            return math.isqrt(kind.warmup_tokens) * self.patch_size * self.n_merge
+        return self.image_side
+
+    def encoder_shape(self) -> EncoderShape:
+        return EncoderShape(
+            patch_size=self.patch_size, n_embd=self.n_embd, n_ff=self.n_ff, n_head=self.n_head,
+            n_layer=self.n_layer, projection_dim=self.projection_dim, n_merge=self.n_merge,
+            n_wa_pattern=self.n_wa_pattern, rms_norm=self.projector_type == "qwen2.5vl_merger",
+            ffn_gate=self.ffn_gate, pre_norm=self.pre_norm, post_norm=self.post_norm,
+            kernel_dtype="bf16" if self.patch_kernel_type == "BF16" else "f16",
+        )
+
+    def image_compute_bytes(self, width: int, height: int, flash_attn: bool) -> int:
+        """The compute buffer llama.cpp reserves for one image of width x height pixels (after
+        its resize to whole merged patches), for the graph types replayed in `encoders`."""
+        if self.kind.graph == "qwen2vl":
+            return _qwen2vl_bytes(self.encoder_shape(), width, height, flash_attn)
+        raise ValueError(f"no encoder graph for {self.projector_type}")
+
+    def warmup_compute_bytes(self, flash_attn: bool) -> int:
+        """The compute buffer llama.cpp prints at load (its warm-up image)."""
+        if self.kind.graph == "vit":
+            return self.compute_bytes(flash_attn)
+        side = self.warmup_side
+        return self.image_compute_bytes(side, side, flash_attn)
+
     def compute_bytes(self, flash_attn: bool) -> int:
         """The encoder's compute buffer for one image of the largest size.
+
+        Qwen-VL: ggml's allocator replayed over clip_graph_qwen2vl for the largest square image
+        (4096 tokens); llama.cpp grows its buffer to this when such an image comes.
+"""
+        if self.kind.graph == "qwen2vl":
+            return self.image_compute_bytes(self.image_side, self.image_side, flash_attn)
+        return self._vit_compute_bytes(flash_attn)
+
+    def _vit_compute_bytes(self, flash_attn: bool) -> int:
+        """The ViT graph's compute buffer (Gemma 3's SigLIP).
 
         Measured against llama.cpp's `reserve_compute_meta` lines for the ViT graph: the largest
         of three live sets, in f32: the FFN (n_ff + 3 n_embd per patch); without flash attention
@@ -136,6 +196,8 @@ class Projector:
             "image_tokens": self.image_tokens,
             "weights_bytes": self.weights_bytes,
             "compute_bytes": self.compute_bytes(flash_attn),
+            "warmup_image_size": self.warmup_side,
+            "warmup_compute_bytes": self.warmup_compute_bytes(flash_attn),
             "compute_measured": self.compute_measured,
         }
 
@@ -170,6 +232,7 @@ def projector_from_header(
     projector_type = ptype if isinstance(ptype, str) else "unknown"
     kind = PROJECTOR_KINDS.get(projector_type, _UNKNOWN_KIND)
     tensor_list = list(tensors)
+    names = {t.name for t in tensor_list}
     kernel = next((t for t in tensor_list if t.name == "v.patch_embd.weight"), None)
     kernel_bytes = 2 if kernel is not None and kernel.ggml_type in ("F16", "BF16") else F32_BYTES
     image_size = number("clip.vision.image_size")
@@ -189,4 +252,15 @@ def projector_from_header(
         n_merge=number(kind.merge_key, kind.n_merge),
         weights_bytes=sum(t.n_bytes for t in tensor_list),
         patch_kernel_bytes=kernel_bytes,
+        patch_kernel_type=kernel.ggml_type if kernel is not None else "F32",
+        n_wa_pattern=number("clip.vision.n_wa_pattern", 0),
+        ffn_gate="v.blk.0.ffn_gate.weight" in names,
+        pre_norm="v.pre_ln.weight" in names,
+        post_norm="v.post_ln.weight" in names,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _qwen2vl_bytes(shape: EncoderShape, width: int, height: int, flash_attn: bool) -> int:
+    # the fitter asks again for each candidate plan: replay the allocator once per shape
+    return qwen2vl_buffer_bytes(shape, width, height, flash_attn, BUFFER_ALIGNMENT)

@@ -1,0 +1,133 @@
+"""Image-encoder graphs as llama.cpp builds them (`tools/mtmd/models/*.cpp`), for sizing their
+compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
+
+    qwen2vl_buffer_bytes(shape, width, height, flash_attn, alignment)
+        clip_graph_qwen2vl: Qwen2-VL and Qwen2.5-VL (window attention, gated FFN, M-RoPE)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from localllm.vision.ggml_graph import F16, F32, I32, Graph, Tensor
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the graph builder reads from a projector's header."""
+
+    patch_size: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_layer: int
+    projection_dim: int
+    n_merge: int = 2
+    n_wa_pattern: int = 0  # every n-th layer full attention, the others within windows; 0: none
+    rms_norm: bool = False  # Qwen2.5-VL: RMS norms (no bias); Qwen2-VL: layer norms with bias
+    ffn_gate: bool = False  # a gated FFN (SwiGLU) or a plain one
+    pre_norm: bool = False
+    post_norm: bool = True
+    kernel_dtype: str = F16
+
+
+def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
+    e = shape.n_embd
+    if shape.rms_norm:
+        return g.mul(g.unary(cur, "rms_norm"), g.weight(e, dtype=F32))
+    cur = g.mul(g.unary(cur, "norm"), g.weight(e, dtype=F32))
+    return g.add(cur, g.weight(e, dtype=F32))
+
+
+def _linear(g: Graph, cur: Tensor, n_in: int, n_out: int) -> Tensor:
+    return g.add(g.mul_mat(g.weight(n_in, n_out), cur), g.weight(n_out, dtype=F32))
+
+
+def _ffn(g: Graph, cur: Tensor, n_in: int, n_ff: int, n_out: int, gated: bool) -> Tensor:
+    """clip_graph::build_ffn: up (+ gate), the activation, down."""
+    up = _linear(g, cur, n_in, n_ff)
+    if gated:
+        act = g.glu_split(_linear(g, cur, n_in, n_ff), up)
+    else:
+        act = g.unary(up, "unary")
+    return _linear(g, act, n_ff, n_out)
+
+
+def _attention(
+    g: Graph, roots: list[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+    shape: EncoderShape, flash_attn: bool,
+) -> Tensor:
+    """clip_graph::build_attn; q, k, v are [d_head, n_head, n_pos]."""
+    roots += [q, k, v]  # ggml_build_forward_order: these three join the graph first
+    d_head, n_head, n_pos = q.ne[0], q.ne[1], q.ne[2]
+    qp = g.permute(q, 0, 2, 1, 3)
+    kp = g.permute(k, 0, 2, 1, 3)
+    if flash_attn:
+        vp = g.cast(g.permute(v, 0, 2, 1, 3), F16)
+        kp = g.cast(kp, F16)
+        if mask is not None:
+            mask = g.cast(mask, F16)
+        out = g.flash_attn(qp, kp, vp, mask)
+        cur = g.reshape(out, out.ne[0] * out.ne[1], out.ne[2] * out.ne[3])
+    else:
+        vp = g.cont(g.permute(v, 1, 2, 0, 3))
+        kq = g.soft_max(g.mul_mat(kp, qp), mask)
+        kqv = g.mul_mat(vp, kq)
+        cur = g.cont(g.permute(kqv, 0, 2, 1, 3), d_head * n_head, n_pos)
+    return _linear(g, cur, shape.n_embd, shape.n_embd)
+
+
+def qwen2vl_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_qwen2vl::build` for one image of width x height px."""
+    g = Graph()
+    roots: list[Tensor] = []
+    p, e, merge = shape.patch_size, shape.n_embd, shape.n_merge
+    px, py = width // p, height // p
+    n_pos = px * py
+    d_head = e // shape.n_head
+
+    image = g.input(width, height, 3, 1, name="inp_raw")
+    inp = g.add(g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p),
+                g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p))
+    inp = g.permute(inp, 1, 2, 0, 3)
+    inp = g.cont(inp, e * 2, px // 2, py, 1)
+    inp = g.reshape(inp, e * 2, px // 2, 2, py // 2)
+    inp = g.permute(inp, 0, 2, 1, 3)
+    inpl = g.cont(inp, e, n_pos, 1)
+    positions = g.input(n_pos * 4, dtype=I32, name="positions")
+    if shape.pre_norm:
+        inpl = _norm(g, inpl, shape)
+    window_mask: Tensor | None = None
+    if shape.n_wa_pattern > 0:
+        inv_window_idx = g.input(n_pos // 4, dtype=I32, name="inv_window_idx")
+        window_mask = g.input(n_pos, n_pos, name="window_mask")
+        if flash_attn:
+            window_mask = g.cast(window_mask, F16)
+        inpl = g.get_rows(g.reshape(inpl, e * 4, n_pos // 4), inv_window_idx)
+        inpl = g.reshape(inpl, e, n_pos, 1)
+
+    for il in range(shape.n_layer):
+        full = (il + 1) % shape.n_wa_pattern == 0 if shape.n_wa_pattern > 0 else True
+        cur = _norm(g, inpl, shape)
+        q = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos)
+        k = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos)
+        v = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos)
+        q = g.binary(q, positions, "rope")
+        k = g.binary(k, positions, "rope")
+        cur = _attention(g, roots, q, k, v, None if full else window_mask, shape, flash_attn)
+        inpl = g.add(cur, inpl)
+        cur = _ffn(g, _norm(g, inpl, shape), e, shape.n_ff, e, shape.ffn_gate)
+        inpl = g.add(inpl, cur)
+
+    if shape.post_norm:
+        inpl = _norm(g, inpl, shape)
+    emb = g.reshape(inpl, e * 4, n_pos // 4, 1)
+    emb = _ffn(g, emb, e * 4, e * 4, shape.projection_dim, gated=False)
+    if shape.n_wa_pattern > 0:
+        window_idx = g.input(n_pos // 4, dtype=I32, name="window_idx")
+        emb = g.reshape(emb, shape.projection_dim, n_pos // 4)
+        emb = g.reshape(g.get_rows(emb, window_idx), shape.projection_dim, n_pos // 4, 1)
+    del merge
+    return g.buffer_bytes([*roots, emb], alignment)
