@@ -68,12 +68,19 @@ WARMUP_SHAPES = [
     (tv.QwenVisionSpec(projector_type="qwen2vl_merger", n_embd=256, n_ff=1024, n_head=8), True),
     (tv.QwenVisionSpec(projector_type="qwen2vl_merger", n_embd=128, n_ff=512, n_layer=3,
                        patch_size=16), False),
+    # Qwen3-VL: learned positions resized (8 x 8 grid) or not (92 x 92: the warm-up's), deepstack
+    (tv.Qwen3VisionSpec(), True),
+    (tv.Qwen3VisionSpec(pos_embd_side=92, patch_size=14), False),
+    (tv.Qwen3VisionSpec(n_embd=256, n_ff=1024, n_head=4), True),
+    (tv.Qwen3VisionSpec(n_embd=128, n_ff=384, n_head=2, deepstack_layers=(1,),
+                        projection_dim=32), False),
 ]
 
 
 @pytest.mark.parametrize(("spec", "flash_attn"), WARMUP_SHAPES)
 def test_qwen_vl_warmup_buffer_matches_llama_cpp(
-    text_model: Path, tmp_path: Path, spec: tv.QwenVisionSpec, flash_attn: bool
+    text_model: Path, tmp_path: Path, spec: tv.QwenVisionSpec | tv.Qwen3VisionSpec,
+    flash_attn: bool,
 ) -> None:
     """The compute buffer llama.cpp reserves at load (its 46 x 46-token warm-up image) equals
     the plan's replay of ggml's allocator over the same graph, to the printed 0.01 MiB."""
@@ -95,11 +102,13 @@ def test_qwen_vl_warmup_buffer_matches_llama_cpp(
     [
         (tv.QwenVisionSpec(n_layer=1), True, (896, 560)),  # not square, below the warm-up size
         (tv.QwenVisionSpec(n_layer=1, n_wa_pattern=2), False, (448, 1120)),
+        (tv.Qwen3VisionSpec(n_layer=2, deepstack_layers=(1,), projection_dim=32), True,
+         (640, 1024)),
     ],
 )
 def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
-    text_model: Path, tmp_path: Path, spec: tv.QwenVisionSpec, flash_attn: bool,
-    image: tuple[int, int],
+    text_model: Path, tmp_path: Path, spec: tv.QwenVisionSpec | tv.Qwen3VisionSpec,
+    flash_attn: bool, image: tuple[int, int],
 ) -> None:
     """An image of another size: llama.cpp reserves for the image it encodes (no warm-up at
     load), and counts its tokens; both equal the plan's."""
@@ -110,7 +119,8 @@ def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
     width, height = image
     predicted = projector.image_compute_bytes(width, height, flash_attn)
     assert abs(predicted - measured.compute_bytes) <= PRINTED, (predicted, measured.compute_bytes)
-    assert measured.image_tokens == (width // 28) * (height // 28)
+    merged = spec.patch_size * 2
+    assert measured.image_tokens == (width // merged) * (height // merged)
 
 
 def test_qwen_vl_largest_image_is_what_the_plan_counts(text_model: Path, tmp_path: Path) -> None:

@@ -149,6 +149,65 @@ def write_qwen25vl_mmproj(
                                            projection_dim=projection_dim))
 
 
+@dataclass(frozen=True)
+class Qwen3VisionSpec:
+    """A Qwen3-VL-style projector (`clip_graph_qwen3vl`)."""
+
+    patch_size: int = 16
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 3
+    n_head: int = 4
+    projection_dim: int = 16  # x (1 + deepstack layers) = the text model's width (64)
+    deepstack_layers: tuple[int, ...] = (0, 1, 2)
+    pos_embd_side: int = 8  # learned positions on this grid, resized to the image's
+    image_size: int = 768
+
+
+def qwen3_header(
+    spec: Qwen3VisionSpec,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
+    """(header keys, tensors) of a Qwen3-VL-style projector: the two patch convolutions with a
+    bias, learned positions, fused QKV, layer norms, a plain GELU FFN, deepstack mergers
+    (`v.deepstack.N.*`) after some blocks whose outputs are concatenated to the main merger's."""
+    e, f, p, m = spec.n_embd, spec.n_ff, spec.patch_size, 4 * spec.n_embd
+    v = "clip.vision."
+    keys: dict[str, object] = {
+        "general.architecture": "clip", "general.type": "mmproj",
+        "clip.has_vision_encoder": True, "clip.projector_type": "qwen3vl_merger",
+        v + "image_size": spec.image_size, v + "patch_size": p, v + "embedding_length": e,
+        v + "feed_forward_length": f, v + "block_count": spec.n_layer,
+        v + "projection_dim": spec.projection_dim, v + "attention.head_count": spec.n_head,
+    }
+    plan: list[tuple[str, tuple[int, ...], float | None]] = [
+        ("v.patch_embd.weight", (p, p, 3, e), None),
+        ("v.patch_embd.weight.1", (p, p, 3, e), None),
+        ("v.patch_embd.bias", (e,), None),
+        ("v.position_embd.weight", (e, spec.pos_embd_side**2), None),
+    ]
+    for il in range(spec.n_layer):
+        b = f"v.blk.{il}."
+        plan += [(b + "attn_qkv.weight", (e, 3 * e), None), (b + "attn_qkv.bias", (3 * e,), None),
+                 (b + "attn_out.weight", (e, e), None), (b + "attn_out.bias", (e,), None)]
+        for name in ("ln1", "ln2"):
+            plan += [(b + name + ".weight", (e,), 1.0), (b + name + ".bias", (e,), 0.0)]
+        plan += [(b + "ffn_up.weight", (e, f), None), (b + "ffn_up.bias", (f,), None),
+                 (b + "ffn_down.weight", (f, e), None), (b + "ffn_down.bias", (e,), None)]
+        if il in spec.deepstack_layers:
+            d = f"v.deepstack.{il}."
+            plan += [(d + "norm.weight", (m,), 1.0), (d + "norm.bias", (m,), 0.0),
+                     (d + "fc1.weight", (m, m), None), (d + "fc1.bias", (m,), None),
+                     (d + "fc2.weight", (m, spec.projection_dim), None),
+                     (d + "fc2.bias", (spec.projection_dim,), None)]
+    plan += [
+        ("v.post_ln.weight", (e,), 1.0), ("v.post_ln.bias", (e,), 0.0),
+        ("mm.0.weight", (m, m), None), ("mm.0.bias", (m,), None),
+        ("mm.2.weight", (m, spec.projection_dim), None),
+        ("mm.2.bias", (spec.projection_dim,), None),
+    ]
+    return keys, plan
+
+
 def qwen_header(
     spec: QwenVisionSpec,
 ) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
@@ -197,12 +256,13 @@ def qwen_header(
 
 
 def write_qwen_mmproj(
-    path: Path, spec: QwenVisionSpec | None = None, seed: int = 0
-) -> QwenVisionSpec:
-    """Write the projector `qwen_header` describes (matrices F16, vectors F32)."""
+    path: Path, spec: QwenVisionSpec | Qwen3VisionSpec | None = None, seed: int = 0
+) -> QwenVisionSpec | Qwen3VisionSpec:
+    """Write the projector `qwen_header` (or `qwen3_header`) describes (matrices F16, vectors
+    F32)."""
     spec = spec or QwenVisionSpec()
     rng = np.random.default_rng(seed)
-    keys, plan = qwen_header(spec)
+    keys, plan = qwen3_header(spec) if isinstance(spec, Qwen3VisionSpec) else qwen_header(spec)
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type("mmproj")
     writer.add_name("tiny qwen-vl mmproj")
@@ -219,13 +279,15 @@ def write_qwen_mmproj(
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    writer.add_bool("clip.use_silu" if spec.projector_type == "qwen2.5vl_merger"
+    writer.add_bool("clip.use_silu" if keys["clip.projector_type"] == "qwen2.5vl_merger"
                     else "clip.use_gelu", True)
     for name, ggml_shape, fill in plan:
         shape = tuple(reversed(ggml_shape))
         data = (np.full(shape, fill, dtype=np.float32) if fill is not None
                 else rng.standard_normal(shape).astype(np.float32) * 0.05)
-        writer.add_tensor(name, data.astype(np.float16) if len(shape) > 1 else data)
+        # the learned positions stay F32 (ggml_interpolate resizes them in F32 only)
+        half = len(shape) > 1 and name != "v.position_embd.weight"
+        writer.add_tensor(name, data.astype(np.float16) if half else data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -3,11 +3,13 @@ compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
 
     qwen2vl_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_qwen2vl: Qwen2-VL and Qwen2.5-VL (window attention, gated FFN, M-RoPE)
+    qwen3vl_buffer_bytes(shape, width, height, flash_attn, alignment)
+        clip_graph_qwen3vl: Qwen3-VL (fused QKV, learned positions resized, deepstack mergers)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from localllm.vision.ggml_graph import F16, F32, I32, Graph, Tensor
 
@@ -29,6 +31,10 @@ class EncoderShape:
     pre_norm: bool = False
     post_norm: bool = True
     kernel_dtype: str = F16
+    # Qwen3-VL: learned positions on a side x side grid (resized to the image), deepstack
+    # mergers after these blocks
+    pos_embd_side: int = 0
+    deepstack_layers: tuple[int, ...] = ()
 
 
 def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
@@ -77,25 +83,34 @@ def _attention(
     return _linear(g, cur, shape.n_embd, shape.n_embd)
 
 
+def _patches(g: Graph, shape: EncoderShape, width: int, height: int) -> Tensor:
+    """build_inp_with_temporal_merge for a still image: two patch convolutions, added."""
+    p, e = shape.patch_size, shape.n_embd
+    image = g.input(width, height, 3, 1, name="inp_raw")
+    return g.add(g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p),
+                 g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p))
+
+
+def _merge_order(g: Graph, inp: Tensor, e: int, px: int, py: int) -> Tensor:
+    """[px, py, e] patches into [e, px * py] with each 2x2 block of patches adjacent."""
+    inp = g.cont(inp, e * 2, px // 2, py, 1)
+    inp = g.reshape(inp, e * 2, px // 2, 2, py // 2)
+    inp = g.permute(inp, 0, 2, 1, 3)
+    return g.cont(inp, e, px * py, 1)
+
+
 def qwen2vl_buffer_bytes(
     shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
 ) -> int:
     """The compute buffer of `clip_graph_qwen2vl::build` for one image of width x height px."""
     g = Graph()
     roots: list[Tensor] = []
-    p, e, merge = shape.patch_size, shape.n_embd, shape.n_merge
+    p, e = shape.patch_size, shape.n_embd
     px, py = width // p, height // p
     n_pos = px * py
     d_head = e // shape.n_head
 
-    image = g.input(width, height, 3, 1, name="inp_raw")
-    inp = g.add(g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p),
-                g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p))
-    inp = g.permute(inp, 1, 2, 0, 3)
-    inp = g.cont(inp, e * 2, px // 2, py, 1)
-    inp = g.reshape(inp, e * 2, px // 2, 2, py // 2)
-    inp = g.permute(inp, 0, 2, 1, 3)
-    inpl = g.cont(inp, e, n_pos, 1)
+    inpl = _merge_order(g, g.permute(_patches(g, shape, width, height), 1, 2, 0, 3), e, px, py)
     positions = g.input(n_pos * 4, dtype=I32, name="positions")
     if shape.pre_norm:
         inpl = _norm(g, inpl, shape)
@@ -129,5 +144,61 @@ def qwen2vl_buffer_bytes(
         window_idx = g.input(n_pos // 4, dtype=I32, name="window_idx")
         emb = g.reshape(emb, shape.projection_dim, n_pos // 4)
         emb = g.reshape(g.get_rows(emb, window_idx), shape.projection_dim, n_pos // 4, 1)
-    del merge
+    return g.buffer_bytes([*roots, emb], alignment)
+
+
+def qwen3vl_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_qwen3vl::build` for one image of width x height px."""
+    g = Graph()
+    roots: list[Tensor] = []
+    p, e = shape.patch_size, shape.n_embd
+    px, py = width // p, height // p
+    n_pos = px * py
+    d_head = e // shape.n_head
+    merged = 4 * e
+
+    inp = _merge_order(g, g.permute(_patches(g, shape, width, height), 1, 2, 0, 3), e, px, py)
+    inp = g.add(inp, g.weight(e, dtype=F32))  # the patch bias
+    # resize_position_embeddings: the learned grid, interpolated when the image's differs
+    side = shape.pos_embd_side
+    pos = g.weight(e, side * side, dtype=F32)
+    if (px, py) != (side, side):
+        grid = g.permute(g.reshape(pos, e, side, side), 2, 0, 1, 3)
+        scaled = g.new((px, py, e, 1), F32, "upscale", [grid])
+        pos = g.cont(g.permute(scaled, 1, 2, 0, 3), e, px * py)
+    inp = g.add(inp, _merge_order(g, pos, e, px, py))
+    inpl = inp
+    positions = g.input(n_pos * 4, dtype=I32, name="positions")
+    if shape.pre_norm:
+        inpl = _norm(g, inpl, shape)
+
+    deepstack: Tensor | None = None
+    for il in range(shape.n_layer):
+        cur = _norm(g, inpl, shape)
+        qkv = _linear(g, cur, e, 3 * e)
+        row = qkv.nb[1]
+        q = g.view(qkv, (d_head, shape.n_head, n_pos), (4 * d_head, row))
+        k = g.view(qkv, (d_head, shape.n_head, n_pos), (4 * d_head, row))
+        v = g.view(qkv, (d_head, shape.n_head, n_pos), (4 * d_head, row))
+        q = g.binary(q, positions, "rope")
+        k = g.binary(k, positions, "rope")
+        cur = _attention(g, roots, q, k, v, None, shape, flash_attn)
+        inpl = g.add(cur, inpl)
+        cur = _ffn(g, _norm(g, inpl, shape), e, shape.n_ff, e, shape.ffn_gate)
+        cur = g.add(inpl, cur)
+        if il in shape.deepstack_layers:
+            feat = g.reshape(cur, merged, n_pos // 4, 1)
+            feat = _norm(g, feat, replace(shape, n_embd=merged))
+            feat = _ffn(g, feat, merged, merged, shape.projection_dim, gated=False)
+            deepstack = feat if deepstack is None else g.concat(deepstack, feat)
+        inpl = cur
+
+    if shape.post_norm:
+        inpl = _norm(g, inpl, shape)
+    emb = g.reshape(inpl, merged, n_pos // 4, 1)
+    emb = _ffn(g, emb, merged, merged, shape.projection_dim, gated=False)
+    if deepstack is not None:
+        emb = g.concat(emb, deepstack)
     return g.buffer_bytes([*roots, emb], alignment)

@@ -139,6 +139,10 @@ class Graph:
         return self.new((a.ne[0], rows.ne[0], rows.ne[1], rows.ne[2]), dtype, "get_rows",
                         [a, rows])
 
+    def concat(self, a: Tensor, b: Tensor) -> Tensor:
+        """ggml_concat along the first dimension."""
+        return self.new((a.ne[0] + b.ne[0], *a.ne[1:]), a.dtype, "concat", [a, b])
+
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         src = [q, k, v] + ([mask] if mask is not None else [])
         return self.new((v.ne[0], q.ne[2], q.ne[1], q.ne[3]), F32, "flash_attn_ext", src)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Literal
 
 from localllm.errors import GGUFError
 from localllm.gguf_header import TensorInfo
-from localllm.vision.encoders import EncoderShape, qwen2vl_buffer_bytes
+from localllm.vision.encoders import EncoderShape, qwen2vl_buffer_bytes, qwen3vl_buffer_bytes
 
 # A GGUF is a projector when its name says so (llama.cpp's own test: the file name contains
 # "mmproj") or its header does (`general.type = "mmproj"`, `clip.*` keys, written by
@@ -52,8 +53,8 @@ class ProjectorKind:
     merge_key: str
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
     warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
-    # "vit": the formula in `compute_bytes`; "qwen2vl": clip_graph_qwen2vl replayed (`encoders`)
-    graph: Literal["vit", "qwen2vl"] = "vit"
+    # "vit": the formula in `compute_bytes`; "qwen2vl" / "qwen3vl": llama.cpp's graph replayed
+    graph: Literal["vit", "qwen2vl", "qwen3vl"] = "vit"
     measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
@@ -66,7 +67,7 @@ PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     # 46 x 46-token warm-up image at load
     "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
-    "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46),
+    "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen3vl", True),
 }
 # ggml's CPU buffers align tensors to 32 bytes (CUDA's to 128: a few KiB more per graph)
 BUFFER_ALIGNMENT = 32
@@ -96,6 +97,8 @@ class Projector:
     ffn_gate: bool = False  # the encoder's FFN is gated (ffn_gate tensors)
     pre_norm: bool = False  # v.pre_ln
     post_norm: bool = True  # v.post_ln
+    pos_embd_side: int = 0  # Qwen3-VL: learned positions on a side x side grid
+    deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: blocks followed by a deepstack merger
 
     @property
     def kind(self) -> ProjectorKind:
@@ -144,14 +147,15 @@ class Projector:
             n_layer=self.n_layer, projection_dim=self.projection_dim, n_merge=self.n_merge,
             n_wa_pattern=self.n_wa_pattern, rms_norm=self.projector_type == "qwen2.5vl_merger",
             ffn_gate=self.ffn_gate, pre_norm=self.pre_norm, post_norm=self.post_norm,
+            pos_embd_side=self.pos_embd_side, deepstack_layers=self.deepstack_layers,
             kernel_dtype="bf16" if self.patch_kernel_type == "BF16" else "f16",
         )
 
     def image_compute_bytes(self, width: int, height: int, flash_attn: bool) -> int:
         """The compute buffer llama.cpp reserves for one image of width x height pixels (after
         its resize to whole merged patches), for the graph types replayed in `encoders`."""
-        if self.kind.graph == "qwen2vl":
-            return _qwen2vl_bytes(self.encoder_shape(), width, height, flash_attn)
+        if self.kind.graph in ("qwen2vl", "qwen3vl"):
+            return _graph_bytes(self.kind.graph, self.encoder_shape(), width, height, flash_attn)
         raise ValueError(f"no encoder graph for {self.projector_type}")
 
     def warmup_compute_bytes(self, flash_attn: bool) -> int:
@@ -167,7 +171,7 @@ class Projector:
         Qwen-VL: ggml's allocator replayed over clip_graph_qwen2vl for the largest square image
         (4096 tokens); llama.cpp grows its buffer to this when such an image comes.
 """
-        if self.kind.graph == "qwen2vl":
+        if self.kind.graph != "vit":
             return self.image_compute_bytes(self.image_side, self.image_side, flash_attn)
         return self._vit_compute_bytes(flash_attn)
 
@@ -233,6 +237,7 @@ def projector_from_header(
     kind = PROJECTOR_KINDS.get(projector_type, _UNKNOWN_KIND)
     tensor_list = list(tensors)
     names = {t.name for t in tensor_list}
+    positions = next((t for t in tensor_list if t.name == "v.position_embd.weight"), None)
     kernel = next((t for t in tensor_list if t.name == "v.patch_embd.weight"), None)
     kernel_bytes = 2 if kernel is not None and kernel.ggml_type in ("F16", "BF16") else F32_BYTES
     image_size = number("clip.vision.image_size")
@@ -257,10 +262,19 @@ def projector_from_header(
         ffn_gate="v.blk.0.ffn_gate.weight" in names,
         pre_norm="v.pre_ln.weight" in names,
         post_norm="v.post_ln.weight" in names,
+        pos_embd_side=math.isqrt(positions.shape[1]) if positions and len(positions.shape) > 1
+        else 0,
+        deepstack_layers=tuple(sorted(
+            int(m.group(1)) for n in names if (m := _DEEPSTACK.fullmatch(n)) is not None
+        )),
     )
 
 
+_DEEPSTACK = re.compile(r"v\.deepstack\.(\d+)\.fc1\.weight")
+
+
 @functools.lru_cache(maxsize=64)
-def _qwen2vl_bytes(shape: EncoderShape, width: int, height: int, flash_attn: bool) -> int:
+def _graph_bytes(graph: str, shape: EncoderShape, width: int, height: int, flash_attn: bool) -> int:
     # the fitter asks again for each candidate plan: replay the allocator once per shape
-    return qwen2vl_buffer_bytes(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
+    build = qwen3vl_buffer_bytes if graph == "qwen3vl" else qwen2vl_buffer_bytes
+    return build(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
