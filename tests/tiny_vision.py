@@ -383,3 +383,55 @@ def _encode_blank(mtmd: Any, ctx: Any, width: int, height: int) -> int:
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
         mtmd.mtmd_bitmap_free(bitmap)
+
+
+def compare_table() -> list[list[str]]:
+    """llama.cpp's clip lines against the plan's figures for tiny projectors of each family
+    (the shapes tests/test_vision*.py check), one row per load."""
+    import tempfile
+
+    from localllm.vision import read_projector
+    from tests.tiny_models import write_gemma3_swa
+
+    cases: list[tuple[str, VisionSpec | QwenVisionSpec | Qwen3VisionSpec, bool]] = []
+    for fa in (True, False):
+        cases += [
+            ("gemma3 224px e64 h4", VisionSpec(), fa),
+            ("gemma3 448px e256 h8", VisionSpec(image_size=448, n_embd=256, n_ff=1024,
+                                                n_head=8), fa),
+            ("qwen2vl e256 h8", QwenVisionSpec(projector_type="qwen2vl_merger", n_embd=256,
+                                                n_ff=1024, n_head=8), fa),
+            ("qwen2.5vl e64 h4", QwenVisionSpec(), fa),
+            ("qwen2.5vl e128 h2 p16 window/4", QwenVisionSpec(
+                n_embd=128, n_ff=384, n_head=2, n_layer=4, patch_size=16, n_wa_pattern=4), fa),
+            ("qwen3vl e256 h4 deepstack x3", Qwen3VisionSpec(n_embd=256, n_ff=1024, n_head=4),
+             fa),
+        ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        text = folder / "text.gguf"
+        write_gemma3_swa(text)
+        for name, spec, fa in cases:
+            mmproj = folder / "mmproj.gguf"
+            if isinstance(spec, VisionSpec):
+                write_gemma3_mmproj(mmproj, spec)
+            else:
+                write_qwen_mmproj(mmproj, spec)
+            measured = load_with_mtmd(mmproj, text, fa)
+            projector = read_projector(mmproj)
+            plan = projector.warmup_compute_bytes(fa)
+            rows.append([name, "on" if fa else "off", f"{projector.warmup_side} px",
+                         f"{measured.compute_bytes / MIB:.2f}", f"{plan / MIB:.3f}",
+                         f"{projector.compute_bytes(fa) / MIB:.2f}", str(projector.image_tokens)])
+    return rows
+
+
+if __name__ == "__main__":
+    # .venv/bin/python -m tests.tiny_vision: the table in docs/vision.md
+    header = ["projector", "flash attn", "reserved for", "llama.cpp MiB", "plan MiB",
+              "plan, largest image MiB", "tokens/image"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in compare_table():
+        print("| " + " | ".join(row) + " |")
