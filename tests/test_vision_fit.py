@@ -68,6 +68,9 @@ WARMUP_SHAPES = [
     (tv.QwenVisionSpec(projector_type="qwen2vl_merger", n_embd=256, n_ff=1024, n_head=8), True),
     (tv.QwenVisionSpec(projector_type="qwen2vl_merger", n_embd=128, n_ff=512, n_layer=3,
                        patch_size=16), False),
+    # Gemma 3 (fixed size: the warm-up image is the only one), replayed as the others
+    (tv.VisionSpec(image_size=320, patch_size=16, n_embd=128, n_ff=512, n_head=2), True),
+    (tv.VisionSpec(image_size=448, n_embd=192, n_ff=768, n_head=6, n_layer=3), False),
     # Qwen3-VL: learned positions resized (8 x 8 grid) or not (92 x 92: the warm-up's), deepstack
     (tv.Qwen3VisionSpec(), True),
     (tv.Qwen3VisionSpec(pos_embd_side=92, patch_size=14), False),
@@ -78,18 +81,22 @@ WARMUP_SHAPES = [
 
 
 @pytest.mark.parametrize(("spec", "flash_attn"), WARMUP_SHAPES)
-def test_qwen_vl_warmup_buffer_matches_llama_cpp(
-    text_model: Path, tmp_path: Path, spec: tv.QwenVisionSpec | tv.Qwen3VisionSpec,
-    flash_attn: bool,
+def test_warmup_buffer_matches_llama_cpp(
+    text_model: Path, tmp_path: Path,
+    spec: tv.VisionSpec | tv.QwenVisionSpec | tv.Qwen3VisionSpec, flash_attn: bool,
 ) -> None:
     """The compute buffer llama.cpp reserves at load (its 46 x 46-token warm-up image) equals
     the plan's replay of ggml's allocator over the same graph, to the printed 0.01 MiB."""
-    mmproj = tmp_path / "mmproj-qwen-F16.gguf"
-    tv.write_qwen_mmproj(mmproj, spec)
+    mmproj = tmp_path / "mmproj-F16.gguf"
+    if isinstance(spec, tv.VisionSpec):
+        tv.write_gemma3_mmproj(mmproj, spec)
+    else:
+        tv.write_qwen_mmproj(mmproj, spec)
     measured = tv.load_with_mtmd(mmproj, text_model, flash_attn)
     projector = read_projector(mmproj)
     assert projector.compute_measured and measured.flash_attn == flash_attn
-    assert projector.warmup_side == 46 * spec.patch_size * 2
+    fixed = isinstance(spec, tv.VisionSpec)
+    assert projector.warmup_side == (spec.image_size if fixed else 46 * spec.patch_size * 2)
     assert any(f"warmup with image size = {projector.warmup_side} x" in line
                for line in measured.lines)
     assert abs(projector.weights_bytes - measured.model_bytes) <= PRINTED

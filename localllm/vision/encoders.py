@@ -5,6 +5,8 @@ compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
         clip_graph_qwen2vl: Qwen2-VL and Qwen2.5-VL (window attention, gated FFN, M-RoPE)
     qwen3vl_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_qwen3vl: Qwen3-VL (fused QKV, learned positions resized, deepstack mergers)
+    gemma3_buffer_bytes(shape, width, height, flash_attn, alignment)
+        clip_graph_siglip for Gemma 3: build_vit, average pooling, the projection
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class EncoderShape:
     # mergers after these blocks
     pos_embd_side: int = 0
     deepstack_layers: tuple[int, ...] = ()
+    patch_bias: bool = False  # v.patch_embd.bias
 
 
 def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
@@ -202,3 +205,48 @@ def qwen3vl_buffer_bytes(
     if deepstack is not None:
         emb = g.concat(emb, deepstack)
     return g.buffer_bytes([*roots, emb], alignment)
+
+
+def gemma3_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_siglip::build` for Gemma 3 (build_inp, build_vit with
+    learned positions, average pooling by n_merge, RMS norm, the input projection)."""
+    g = Graph()
+    roots: list[Tensor] = []
+    p, e = shape.patch_size, shape.n_embd
+    px, py = width // p, height // p
+    n_pos = px * py
+    d_head = e // shape.n_head
+
+    image = g.input(width, height, 3, 1, name="inp_raw")
+    inp = g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p)
+    inp = g.cont(g.transpose(g.reshape(inp, n_pos, e, 1)))
+    if shape.patch_bias:
+        inp = g.add(inp, g.weight(e, dtype=F32))
+    if shape.pos_embd_side:
+        inp = g.add(inp, g.weight(e, n_pos, dtype=F32))
+    inpl = g.reshape(inp, e, n_pos)
+    if shape.pre_norm:
+        inpl = _norm(g, inpl, shape)
+    for _ in range(shape.n_layer):
+        cur = _norm(g, inpl, shape)
+        q = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos, 1)
+        k = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos, 1)
+        v = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos, 1)
+        cur = _attention(g, roots, q, k, v, None, shape, flash_attn)
+        inpl = g.add(cur, inpl)
+        cur = _ffn(g, _norm(g, inpl, shape), e, shape.n_ff, e, shape.ffn_gate)
+        inpl = g.add(inpl, cur)
+    if shape.post_norm:
+        inpl = _norm(g, inpl, shape)
+    cur = g.reshape(inpl, e, n_pos, 1)
+
+    cur = g.cont(g.transpose(cur), px, py, e, 1)
+    cur = g.pool_2d(cur, shape.n_merge)
+    cur = g.reshape(cur, cur.ne[0] * cur.ne[0], e, 1)
+    cur = g.cont(g.transpose(cur))
+    cur = g.mul(g.unary(cur, "rms_norm"), g.weight(e, dtype=F32))
+    projection = g.cont(g.transpose(g.weight(shape.projection_dim, e)))
+    out = g.mul_mat(projection, cur)
+    return g.buffer_bytes([*roots, out], alignment)

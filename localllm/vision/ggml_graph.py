@@ -97,6 +97,16 @@ class Graph:
             ne[axis], nb[axis] = a.ne[i], a.nb[i]
         return self._view(a, tuple(ne), tuple(nb), "permute")
 
+    def transpose(self, a: Tensor) -> Tensor:
+        ne, nb = list(a.ne), list(a.nb)
+        ne[0], ne[1], nb[0], nb[1] = ne[1], ne[0], nb[1], nb[0]
+        return self._view(a, tuple(ne), tuple(nb), "transpose")
+
+    def pool_2d(self, a: Tensor, kernel: int) -> Tensor:
+        """ggml_pool_2d with stride = kernel, no padding."""
+        ne = (a.ne[0] // kernel, a.ne[1] // kernel, a.ne[2], a.ne[3])
+        return self.new(ne, F32, "pool_2d", [a])
+
     def cont(self, a: Tensor, *ne: int) -> Tensor:
         return self.new(ne or a.ne, a.dtype, "cont", [a])
 

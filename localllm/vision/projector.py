@@ -13,9 +13,10 @@ the figures the fitter needs follow from it:
   printed at load);
 - `image_tokens`: the context tokens one image takes (clip.cpp's `clip_n_output_tokens`).
 
-The compute buffer comes from a formula for the ViT graph (Gemma 3) and, for the Qwen-VL
-families, from replaying ggml's graph allocator over the encoder's graph (`encoders`), which
-gives llama.cpp's figure to the byte.
+For Gemma 3 and the Qwen2-VL / Qwen2.5-VL / Qwen3-VL families the compute buffer comes from
+replaying ggml's graph allocator over the encoder's graph as llama.cpp builds it (`encoders`),
+which gives llama.cpp's figure to the byte; other types get a ViT estimate (`_vit_compute_bytes`),
+marked not measured.
 
 What differs between projector types lives in `PROJECTOR_KINDS`, one row per type.
 """
@@ -32,7 +33,12 @@ from typing import Literal
 
 from localllm.errors import GGUFError
 from localllm.gguf_header import TensorInfo
-from localllm.vision.encoders import EncoderShape, qwen2vl_buffer_bytes, qwen3vl_buffer_bytes
+from localllm.vision.encoders import (
+    EncoderShape,
+    gemma3_buffer_bytes,
+    qwen2vl_buffer_bytes,
+    qwen3vl_buffer_bytes,
+)
 
 # A GGUF is a projector when its name says so (llama.cpp's own test: the file name contains
 # "mmproj") or its header does (`general.type = "mmproj"`, `clip.*` keys, written by
@@ -53,8 +59,8 @@ class ProjectorKind:
     merge_key: str
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
     warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
-    # "vit": the formula in `compute_bytes`; "qwen2vl" / "qwen3vl": llama.cpp's graph replayed
-    graph: Literal["vit", "qwen2vl", "qwen3vl"] = "vit"
+    # "vit": the formula in `compute_bytes` (an estimate); the others: llama.cpp's graph replayed
+    graph: Literal["vit", "gemma3", "qwen2vl", "qwen3vl"] = "vit"
     measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
@@ -62,7 +68,7 @@ _SCALE = "clip.vision.projector.scale_factor"
 _SPATIAL = "clip.vision.spatial_merge_size"
 PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     # Gemma 3: SigLIP at 896 px, 14 px patches, 4x4 average pooling -> 256 tokens
-    "gemma3": ProjectorKind("pooled", 4, _SCALE, measured=True),
+    "gemma3": ProjectorKind("pooled", 4, _SCALE, graph="gemma3", measured=True),
     # Qwen2-VL / 2.5-VL / 3-VL: any size, 2x2 patch merge, 8 to 4096 tokens per image, a
     # 46 x 46-token warm-up image at load
     "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
@@ -99,6 +105,7 @@ class Projector:
     post_norm: bool = True  # v.post_ln
     pos_embd_side: int = 0  # Qwen3-VL: learned positions on a side x side grid
     deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: blocks followed by a deepstack merger
+    patch_bias: bool = False  # v.patch_embd.bias
 
     @property
     def kind(self) -> ProjectorKind:
@@ -148,40 +155,37 @@ class Projector:
             n_wa_pattern=self.n_wa_pattern, rms_norm=self.projector_type == "qwen2.5vl_merger",
             ffn_gate=self.ffn_gate, pre_norm=self.pre_norm, post_norm=self.post_norm,
             pos_embd_side=self.pos_embd_side, deepstack_layers=self.deepstack_layers,
+            patch_bias=self.patch_bias,
             kernel_dtype="bf16" if self.patch_kernel_type == "BF16" else "f16",
         )
 
     def image_compute_bytes(self, width: int, height: int, flash_attn: bool) -> int:
         """The compute buffer llama.cpp reserves for one image of width x height pixels (after
         its resize to whole merged patches), for the graph types replayed in `encoders`."""
-        if self.kind.graph in ("qwen2vl", "qwen3vl"):
+        if self.kind.graph != "vit":
             return _graph_bytes(self.kind.graph, self.encoder_shape(), width, height, flash_attn)
         raise ValueError(f"no encoder graph for {self.projector_type}")
 
     def warmup_compute_bytes(self, flash_attn: bool) -> int:
         """The compute buffer llama.cpp prints at load (its warm-up image)."""
+        side = self.warmup_side
         if self.kind.graph == "vit":
             return self.compute_bytes(flash_attn)
-        side = self.warmup_side
         return self.image_compute_bytes(side, side, flash_attn)
 
     def compute_bytes(self, flash_attn: bool) -> int:
-        """The encoder's compute buffer for one image of the largest size.
-
-        Qwen-VL: ggml's allocator replayed over clip_graph_qwen2vl for the largest square image
-        (4096 tokens); llama.cpp grows its buffer to this when such an image comes.
-"""
+        """The encoder's compute buffer for one image of the largest size (Qwen-VL: the largest
+        square image, 4096 tokens; llama.cpp grows its buffer to this when such an image comes).
+        """
         if self.kind.graph != "vit":
             return self.image_compute_bytes(self.image_side, self.image_side, flash_attn)
         return self._vit_compute_bytes(flash_attn)
 
     def _vit_compute_bytes(self, flash_attn: bool) -> int:
-        """The ViT graph's compute buffer (Gemma 3's SigLIP).
-
-        Measured against llama.cpp's `reserve_compute_meta` lines for the ViT graph: the largest
-        of three live sets, in f32: the FFN (n_ff + 3 n_embd per patch); without flash attention
-        the attention scores (n_head x patches per patch, plus 6 n_embd); and the image with its
-        im2col copy in the kernel's type.
+        """An estimate for projector types whose graph is not replayed: the largest of three live
+        sets of a ViT, in f32 (it equals the replay for Gemma 3's SigLIP at the sizes tested): the
+        FFN (n_ff + 3 n_embd per patch); without flash attention the attention scores (n_head x
+        patches per patch, plus 6 n_embd); and the image with its im2col copy.
         """
         n = self.encoder_patches
         ffn = F32_BYTES * n * (self.n_ff + 3 * self.n_embd)
@@ -264,6 +268,7 @@ def projector_from_header(
         post_norm="v.post_ln.weight" in names,
         pos_embd_side=math.isqrt(positions.shape[1]) if positions and len(positions.shape) > 1
         else 0,
+        patch_bias="v.patch_embd.bias" in names,
         deepstack_layers=tuple(sorted(
             int(m.group(1)) for n in names if (m := _DEEPSTACK.fullmatch(n)) is not None
         )),
@@ -276,5 +281,6 @@ _DEEPSTACK = re.compile(r"v\.deepstack\.(\d+)\.fc1\.weight")
 @functools.lru_cache(maxsize=64)
 def _graph_bytes(graph: str, shape: EncoderShape, width: int, height: int, flash_attn: bool) -> int:
     # the fitter asks again for each candidate plan: replay the allocator once per shape
-    build = qwen3vl_buffer_bytes if graph == "qwen3vl" else qwen2vl_buffer_bytes
+    build = {"gemma3": gemma3_buffer_bytes, "qwen2vl": qwen2vl_buffer_bytes,
+             "qwen3vl": qwen3vl_buffer_bytes}[graph]
     return build(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
