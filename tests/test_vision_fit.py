@@ -71,6 +71,11 @@ WARMUP_SHAPES = [
     # Gemma 3 (fixed size: the warm-up image is the only one), replayed as the others
     (tv.VisionSpec(image_size=320, patch_size=16, n_embd=128, n_ff=512, n_head=2), True),
     (tv.VisionSpec(image_size=448, n_embd=192, n_ff=768, n_head=6, n_layer=3), False),
+    # Pixtral / Mistral Small 3.x: 2D RoPE, a 16 x 16-token warm-up, the patch merger or none
+    (tv.PixtralVisionSpec(), True),
+    (tv.PixtralVisionSpec(n_merge=1, patch_size=16), False),
+    (tv.PixtralVisionSpec(n_embd=128, n_ff=256, n_head=2, biases=True), False),
+    (tv.PixtralVisionSpec(n_embd=256, n_ff=512, n_head=4), True),
     # Qwen3-VL: learned positions resized (8 x 8 grid) or not (92 x 92: the warm-up's), deepstack
     (tv.Qwen3VisionSpec(), True),
     (tv.Qwen3VisionSpec(pos_embd_side=92, patch_size=14), False),
@@ -83,7 +88,7 @@ WARMUP_SHAPES = [
 @pytest.mark.parametrize(("spec", "flash_attn"), WARMUP_SHAPES)
 def test_warmup_buffer_matches_llama_cpp(
     text_model: Path, tmp_path: Path,
-    spec: tv.VisionSpec | tv.QwenVisionSpec | tv.Qwen3VisionSpec, flash_attn: bool,
+    spec: tv.VisionSpec | tv.AnySpec, flash_attn: bool,
 ) -> None:
     """The compute buffer llama.cpp reserves at load (its 46 x 46-token warm-up image) equals
     the plan's replay of ggml's allocator over the same graph, to the printed 0.01 MiB."""
@@ -95,8 +100,12 @@ def test_warmup_buffer_matches_llama_cpp(
     measured = tv.load_with_mtmd(mmproj, text_model, flash_attn)
     projector = read_projector(mmproj)
     assert projector.compute_measured and measured.flash_attn == flash_attn
-    fixed = isinstance(spec, tv.VisionSpec)
-    assert projector.warmup_side == (spec.image_size if fixed else 46 * spec.patch_size * 2)
+    if isinstance(spec, tv.VisionSpec):
+        assert projector.warmup_side == spec.image_size
+    elif isinstance(spec, tv.PixtralVisionSpec):
+        assert projector.warmup_side == 16 * spec.patch_size * spec.n_merge
+    else:
+        assert projector.warmup_side == 46 * spec.patch_size * 2
     assert any(f"warmup with image size = {projector.warmup_side} x" in line
                for line in measured.lines)
     assert abs(projector.weights_bytes - measured.model_bytes) <= PRINTED
@@ -111,11 +120,12 @@ def test_warmup_buffer_matches_llama_cpp(
         (tv.QwenVisionSpec(n_layer=1, n_wa_pattern=2), False, (448, 1120)),
         (tv.Qwen3VisionSpec(n_layer=2, deepstack_layers=(1,), projection_dim=32), True,
          (640, 1024)),
+        (tv.PixtralVisionSpec(), False, (896, 448)),
     ],
 )
 def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
-    text_model: Path, tmp_path: Path, spec: tv.QwenVisionSpec | tv.Qwen3VisionSpec,
-    flash_attn: bool, image: tuple[int, int],
+    text_model: Path, tmp_path: Path, spec: tv.AnySpec, flash_attn: bool,
+    image: tuple[int, int],
 ) -> None:
     """An image of another size: llama.cpp reserves for the image it encodes (no warm-up at
     load), and counts its tokens; both equal the plan's."""
@@ -126,8 +136,13 @@ def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
     width, height = image
     predicted = projector.image_compute_bytes(width, height, flash_attn)
     assert abs(predicted - measured.compute_bytes) <= PRINTED, (predicted, measured.compute_bytes)
-    merged = spec.patch_size * 2
-    assert measured.image_tokens == (width // merged) * (height // merged)
+    if isinstance(spec, tv.PixtralVisionSpec):  # an [IMG_BREAK] after each row but the last
+        merged = spec.patch_size * spec.n_merge
+        rows = height // merged
+        assert measured.image_tokens == (width // merged) * rows + rows - 1
+    else:
+        merged = spec.patch_size * 2
+        assert measured.image_tokens == (width // merged) * (height // merged)
 
 
 def test_qwen_vl_largest_image_is_what_the_plan_counts(text_model: Path, tmp_path: Path) -> None:

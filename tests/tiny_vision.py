@@ -208,6 +208,66 @@ def qwen3_header(
     return keys, plan
 
 
+@dataclass(frozen=True)
+class PixtralVisionSpec:
+    """A Pixtral / Mistral Small 3.x-style projector (`clip_graph_pixtral`)."""
+
+    patch_size: int = 14
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    projection_dim: int = 64
+    n_merge: int = 2  # Mistral Small 3.1's patch merger; 1: Pixtral 12B's none
+    biases: bool = False  # Mistral's vision matrices have none
+    image_size: int = 1540
+
+
+def pixtral_header(
+    spec: PixtralVisionSpec,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
+    """(header keys, tensors) of a Pixtral-style projector: one patch convolution, RMS norms
+    (ln_pre too), 2D RoPE (no tensor), a gated SiLU FFN, with n_merge > 1 an RMS norm and a
+    patch merger (`mm.patch_merger`), the two-layer GELU projector `mm.1` / `mm.2` and the
+    [IMG_BREAK] embedding."""
+    e, f, p, m, o = spec.n_embd, spec.n_ff, spec.patch_size, spec.n_merge, spec.projection_dim
+    v = "clip.vision."
+    keys: dict[str, object] = {
+        "general.architecture": "clip", "general.type": "mmproj",
+        "clip.has_vision_encoder": True, "clip.projector_type": "pixtral",
+        v + "image_size": spec.image_size, v + "patch_size": p, v + "embedding_length": e,
+        v + "feed_forward_length": f, v + "block_count": spec.n_layer,
+        v + "projection_dim": o, v + "attention.head_count": spec.n_head,
+    }
+    if m > 1:
+        keys[v + "spatial_merge_size"] = m
+    plan: list[tuple[str, tuple[int, ...], float | None]] = [
+        ("v.patch_embd.weight", (p, p, 3, e), None),
+        ("v.pre_ln.weight", (e,), 1.0),
+    ]
+
+    def linear(name: str, n_in: int, n_out: int, bias: bool) -> None:
+        plan.append((name + ".weight", (n_in, n_out), None))
+        if bias:
+            plan.append((name + ".bias", (n_out,), None))
+
+    for il in range(spec.n_layer):
+        b = f"v.blk.{il}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            linear(b + name, e, e, spec.biases)
+        plan += [(b + "ln1.weight", (e,), 1.0), (b + "ln2.weight", (e,), 1.0)]
+        linear(b + "ffn_up", e, f, spec.biases)
+        linear(b + "ffn_gate", e, f, spec.biases)
+        linear(b + "ffn_down", f, e, spec.biases)
+    if m > 1:
+        plan += [("mm.input_norm.weight", (e,), 1.0),
+                 ("mm.patch_merger.weight", (m * m * e, e), None)]
+    linear("mm.1", e, o, spec.biases)
+    linear("mm.2", o, o, spec.biases)
+    plan.append(("v.token_embd.img_break", (o,), None))
+    return keys, plan
+
+
 def qwen_header(
     spec: QwenVisionSpec,
 ) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
@@ -255,14 +315,20 @@ def qwen_header(
     return keys, plan
 
 
-def write_qwen_mmproj(
-    path: Path, spec: QwenVisionSpec | Qwen3VisionSpec | None = None, seed: int = 0
-) -> QwenVisionSpec | Qwen3VisionSpec:
-    """Write the projector `qwen_header` (or `qwen3_header`) describes (matrices F16, vectors
-    F32)."""
+AnySpec = QwenVisionSpec | Qwen3VisionSpec | PixtralVisionSpec
+
+
+def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) -> AnySpec:
+    """Write the projector `qwen_header` (or `qwen3_header`, `pixtral_header`) describes
+    (matrices F16, vectors F32)."""
     spec = spec or QwenVisionSpec()
     rng = np.random.default_rng(seed)
-    keys, plan = qwen3_header(spec) if isinstance(spec, Qwen3VisionSpec) else qwen_header(spec)
+    if isinstance(spec, Qwen3VisionSpec):
+        keys, plan = qwen3_header(spec)
+    elif isinstance(spec, PixtralVisionSpec):
+        keys, plan = pixtral_header(spec)
+    else:
+        keys, plan = qwen_header(spec)
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type("mmproj")
     writer.add_name("tiny qwen-vl mmproj")
@@ -279,8 +345,8 @@ def write_qwen_mmproj(
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    writer.add_bool("clip.use_silu" if keys["clip.projector_type"] == "qwen2.5vl_merger"
-                    else "clip.use_gelu", True)
+    silu = keys["clip.projector_type"] in ("qwen2.5vl_merger", "pixtral")
+    writer.add_bool("clip.use_silu" if silu else "clip.use_gelu", True)
     for name, ggml_shape, fill in plan:
         shape = tuple(reversed(ggml_shape))
         data = (np.full(shape, fill, dtype=np.float32) if fill is not None
@@ -393,7 +459,7 @@ def compare_table() -> list[list[str]]:
     from localllm.vision import read_projector
     from tests.tiny_models import write_gemma3_swa
 
-    cases: list[tuple[str, VisionSpec | QwenVisionSpec | Qwen3VisionSpec, bool]] = []
+    cases: list[tuple[str, VisionSpec | AnySpec, bool]] = []
     for fa in (True, False):
         cases += [
             ("gemma3 224px e64 h4", VisionSpec(), fa),
@@ -405,6 +471,8 @@ def compare_table() -> list[list[str]]:
             ("qwen2.5vl e128 h2 p16 window/4", QwenVisionSpec(
                 n_embd=128, n_ff=384, n_head=2, n_layer=4, patch_size=16, n_wa_pattern=4), fa),
             ("qwen3vl e256 h4 deepstack x3", Qwen3VisionSpec(n_embd=256, n_ff=1024, n_head=4),
+             fa),
+            ("pixtral e256 h4 merger 2x2", PixtralVisionSpec(n_embd=256, n_ff=512, n_head=4),
              fa),
         ]
     rows = []

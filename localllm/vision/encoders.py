@@ -7,6 +7,8 @@ compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
         clip_graph_qwen3vl: Qwen3-VL (fused QKV, learned positions resized, deepstack mergers)
     gemma3_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_siglip for Gemma 3: build_vit, average pooling, the projection
+    pixtral_buffer_bytes(shape, width, height, flash_attn, alignment)
+        clip_graph_pixtral: Pixtral, Mistral Small 3.x (2D RoPE, patch merger, [IMG_BREAK])
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class EncoderShape:
     pos_embd_side: int = 0
     deepstack_layers: tuple[int, ...] = ()
     patch_bias: bool = False  # v.patch_embd.bias
+    linear_bias: bool = True  # the encoder's matrices have biases (Pixtral's do not)
+    img_break: bool = False  # Pixtral: an [IMG_BREAK] embedding after each row of tokens
+    projector_bias: bool = True  # the projector's (mm.*) matrices have biases
 
 
 def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
@@ -48,18 +53,21 @@ def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
     return g.add(cur, g.weight(e, dtype=F32))
 
 
-def _linear(g: Graph, cur: Tensor, n_in: int, n_out: int) -> Tensor:
-    return g.add(g.mul_mat(g.weight(n_in, n_out), cur), g.weight(n_out, dtype=F32))
+def _linear(g: Graph, cur: Tensor, n_in: int, n_out: int, bias: bool = True) -> Tensor:
+    out = g.mul_mat(g.weight(n_in, n_out), cur)
+    return g.add(out, g.weight(n_out, dtype=F32)) if bias else out
 
 
-def _ffn(g: Graph, cur: Tensor, n_in: int, n_ff: int, n_out: int, gated: bool) -> Tensor:
+def _ffn(
+    g: Graph, cur: Tensor, n_in: int, n_ff: int, n_out: int, gated: bool, bias: bool = True
+) -> Tensor:
     """clip_graph::build_ffn: up (+ gate), the activation, down."""
-    up = _linear(g, cur, n_in, n_ff)
+    up = _linear(g, cur, n_in, n_ff, bias)
     if gated:
-        act = g.glu_split(_linear(g, cur, n_in, n_ff), up)
+        act = g.glu_split(_linear(g, cur, n_in, n_ff, bias), up)
     else:
         act = g.unary(up, "unary")
-    return _linear(g, act, n_ff, n_out)
+    return _linear(g, act, n_ff, n_out, bias)
 
 
 def _attention(
@@ -83,7 +91,7 @@ def _attention(
         kq = g.soft_max(g.mul_mat(kp, qp), mask)
         kqv = g.mul_mat(vp, kq)
         cur = g.cont(g.permute(kqv, 0, 2, 1, 3), d_head * n_head, n_pos)
-    return _linear(g, cur, shape.n_embd, shape.n_embd)
+    return _linear(g, cur, shape.n_embd, shape.n_embd, shape.linear_bias)
 
 
 def _patches(g: Graph, shape: EncoderShape, width: int, height: int) -> Tensor:
@@ -250,3 +258,60 @@ def gemma3_buffer_bytes(
     projection = g.cont(g.transpose(g.weight(shape.projection_dim, e)))
     out = g.mul_mat(projection, cur)
     return g.buffer_bytes([*roots, out], alignment)
+
+
+def pixtral_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_pixtral::build` (build_inp, build_vit with RMS norms
+    and 2D RoPE, Mistral Small 3.1's patch merger, the GELU projector, the [IMG_BREAK] rows)."""
+    g = Graph()
+    roots: list[Tensor] = []
+    p, e, m, bias = shape.patch_size, shape.n_embd, shape.n_merge, shape.linear_bias
+    px, py = width // p, height // p
+    n_pos = px * py
+    d_head = e // shape.n_head
+
+    image = g.input(width, height, 3, 1, name="inp_raw")
+    inp = g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p)
+    inp = g.cont(g.transpose(g.reshape(inp, n_pos, e, 1)))
+    if shape.patch_bias:
+        inp = g.add(inp, g.weight(e, dtype=F32))
+    pos_h = g.input(n_pos, dtype=I32, name="pos_h")
+    pos_w = g.input(n_pos, dtype=I32, name="pos_w")
+    inpl = g.reshape(inp, e, n_pos)
+    if shape.pre_norm:
+        inpl = _norm(g, inpl, shape)
+    for _ in range(shape.n_layer):
+        cur = _norm(g, inpl, shape)
+        q = g.reshape(_linear(g, cur, e, e, bias), d_head, shape.n_head, n_pos, 1)
+        k = g.reshape(_linear(g, cur, e, e, bias), d_head, shape.n_head, n_pos, 1)
+        v = g.reshape(_linear(g, cur, e, e, bias), d_head, shape.n_head, n_pos, 1)
+        # build_rope_2d: one rope per half of each head
+        q = g.binary(g.binary(q, pos_h, "rope"), pos_w, "rope")
+        k = g.binary(g.binary(k, pos_h, "rope"), pos_w, "rope")
+        cur = _attention(g, roots, q, k, v, None, shape, flash_attn)
+        inpl = g.add(cur, inpl)
+        cur = _ffn(g, _norm(g, inpl, shape), e, shape.n_ff, e, shape.ffn_gate, bias)
+        inpl = g.add(inpl, cur)
+    if shape.post_norm:
+        inpl = _norm(g, inpl, shape)
+    cur = g.reshape(inpl, e, n_pos, 1)
+
+    if m > 1:  # Mistral Small 3.1's patch merger: an unfold (im2col) then one projection
+        cur = g.mul(g.unary(cur, "rms_norm"), g.weight(e, dtype=F32))
+        cur = g.cont(g.permute(g.reshape(cur, e, px, py), 2, 0, 1, 3))
+        kernel = g.view(cur, (m, m, cur.ne[2]), (0, 0))  # only its shape is read
+        cur = g.im2col(kernel, cur, m, dtype=F32)
+        cur = g.reshape(cur, cur.ne[0], cur.ne[1] * cur.ne[2])
+        cur = g.mul_mat(g.weight(m * m * e, e), cur)
+    out_dim = shape.projection_dim
+    cur = _ffn(g, cur, e, out_dim, out_dim, gated=False, bias=shape.projector_bias)
+    if shape.img_break:
+        cols, rows = px // m, py // m
+        tmp = g.reshape(cur, out_dim, cols, rows)
+        tok = g.new((out_dim, 1, rows), F32)  # a leaf the graph allocates, then clears
+        tok = g.add(g.unary(tok, "scale"), g.weight(out_dim, dtype=F32))
+        tmp = g.concat(tmp, tok, 1)
+        cur = g.view(tmp, (out_dim, cols * rows + rows - 1), (tmp.nb[1],))
+    return g.buffer_bytes([*roots, cur], alignment)

@@ -130,10 +130,11 @@ class Graph:
     def mul_mat(self, a: Tensor, b: Tensor) -> Tensor:
         return self.new((a.ne[1], b.ne[1], b.ne[2], b.ne[3]), F32, "mul_mat", [a, b])
 
-    def im2col(self, kernel: Tensor, image: Tensor, stride: int) -> Tensor:
+    def im2col(self, kernel: Tensor, image: Tensor, stride: int, dtype: str = "") -> Tensor:
         ow, oh = image.ne[0] // stride, image.ne[1] // stride
         ne = (kernel.ne[0] * kernel.ne[1] * kernel.ne[2], ow, oh, image.ne[3])
-        return self.new(ne, F32 if kernel.dtype == "bf16" else F16, "im2col", [kernel, image])
+        dtype = dtype or (F32 if kernel.dtype == "bf16" else F16)  # ggml_conv_2d's choice
+        return self.new(ne, dtype, "im2col", [kernel, image])
 
     def conv_2d(self, kernel: Tensor, image: Tensor, stride: int) -> Tensor:
         """ggml_conv_2d: im2col, one matrix product, a permuted copy."""
@@ -149,9 +150,10 @@ class Graph:
         return self.new((a.ne[0], rows.ne[0], rows.ne[1], rows.ne[2]), dtype, "get_rows",
                         [a, rows])
 
-    def concat(self, a: Tensor, b: Tensor) -> Tensor:
-        """ggml_concat along the first dimension."""
-        return self.new((a.ne[0] + b.ne[0], *a.ne[1:]), a.dtype, "concat", [a, b])
+    def concat(self, a: Tensor, b: Tensor, dim: int = 0) -> Tensor:
+        ne = list(a.ne)
+        ne[dim] += b.ne[dim]
+        return self.new(tuple(ne), a.dtype, "concat", [a, b])
 
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         src = [q, k, v] + ([mask] if mask is not None else [])

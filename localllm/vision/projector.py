@@ -36,6 +36,7 @@ from localllm.gguf_header import TensorInfo
 from localllm.vision.encoders import (
     EncoderShape,
     gemma3_buffer_bytes,
+    pixtral_buffer_bytes,
     qwen2vl_buffer_bytes,
     qwen3vl_buffer_bytes,
 )
@@ -60,7 +61,7 @@ class ProjectorKind:
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
     warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
     # "vit": the formula in `compute_bytes` (an estimate); the others: llama.cpp's graph replayed
-    graph: Literal["vit", "gemma3", "qwen2vl", "qwen3vl"] = "vit"
+    graph: Literal["vit", "gemma3", "qwen2vl", "qwen3vl", "pixtral"] = "vit"
     measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
@@ -74,6 +75,9 @@ PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen3vl", True),
+    # Pixtral (n_merge 1), Mistral Small 3.x (a 2x2 patch merger): up to 1024 tokens per image,
+    # a 16 x 16-token warm-up image
+    "pixtral": ProjectorKind("dynamic", 1, _SPATIAL, 1024, 16 * 16, "pixtral", True),
 }
 # ggml's CPU buffers align tensors to 32 bytes (CUDA's to 128: a few KiB more per graph)
 BUFFER_ALIGNMENT = 32
@@ -106,6 +110,9 @@ class Projector:
     pos_embd_side: int = 0  # Qwen3-VL: learned positions on a side x side grid
     deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: blocks followed by a deepstack merger
     patch_bias: bool = False  # v.patch_embd.bias
+    linear_bias: bool = True  # the encoder's matrices have biases (v.blk.0.attn_q.bias)
+    projector_bias: bool = True  # the projection's do (mm.1.bias / mm.0.bias)
+    img_break: bool = False  # Pixtral: an [IMG_BREAK] token after each row but the last
 
     @property
     def kind(self) -> ProjectorKind:
@@ -121,7 +128,8 @@ class Projector:
         """Context tokens one image takes at most (clip_n_output_tokens)."""
         kind = self.kind
         if kind.tokens == "dynamic":
-            return kind.max_tokens
+            # the largest square image; Pixtral adds an [IMG_BREAK] after each row but the last
+            return kind.max_tokens + (math.isqrt(kind.max_tokens) - 1 if self.img_break else 0)
         side = self.image_size // self.patch_size // max(1, self.n_merge)
         return side * side
 
@@ -129,7 +137,7 @@ class Projector:
     def encoder_patches(self) -> int:
         """Patches the encoder runs over for the largest image."""
         if self.kind.tokens == "dynamic":
-            return self.image_tokens * self.n_merge * self.n_merge
+            return self.kind.max_tokens * self.n_merge * self.n_merge
         side = self.image_size // self.patch_size
         return side * side
 
@@ -155,7 +163,8 @@ class Projector:
             n_wa_pattern=self.n_wa_pattern, rms_norm=self.projector_type == "qwen2.5vl_merger",
             ffn_gate=self.ffn_gate, pre_norm=self.pre_norm, post_norm=self.post_norm,
             pos_embd_side=self.pos_embd_side, deepstack_layers=self.deepstack_layers,
-            patch_bias=self.patch_bias,
+            patch_bias=self.patch_bias, linear_bias=self.linear_bias,
+            projector_bias=self.projector_bias, img_break=self.img_break,
             kernel_dtype="bf16" if self.patch_kernel_type == "BF16" else "f16",
         )
 
@@ -269,6 +278,9 @@ def projector_from_header(
         pos_embd_side=math.isqrt(positions.shape[1]) if positions and len(positions.shape) > 1
         else 0,
         patch_bias="v.patch_embd.bias" in names,
+        linear_bias="v.blk.0.attn_q.bias" in names,
+        projector_bias=bool(names & {"mm.0.bias", "mm.1.bias"}),
+        img_break="v.token_embd.img_break" in names,
         deepstack_layers=tuple(sorted(
             int(m.group(1)) for n in names if (m := _DEEPSTACK.fullmatch(n)) is not None
         )),
@@ -282,5 +294,5 @@ _DEEPSTACK = re.compile(r"v\.deepstack\.(\d+)\.fc1\.weight")
 def _graph_bytes(graph: str, shape: EncoderShape, width: int, height: int, flash_attn: bool) -> int:
     # the fitter asks again for each candidate plan: replay the allocator once per shape
     build = {"gemma3": gemma3_buffer_bytes, "qwen2vl": qwen2vl_buffer_bytes,
-             "qwen3vl": qwen3vl_buffer_bytes}[graph]
+             "qwen3vl": qwen3vl_buffer_bytes, "pixtral": pixtral_buffer_bytes}[graph]
     return build(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
