@@ -309,3 +309,16 @@ def test_router_placement_counts_each_models_projector(tmp_path: Path) -> None:
         assert all(need[d] == plain[d] for d in need if d != device)
         costs.add(cost)
     assert len(costs) == 2  # each model's own projector
+
+
+def test_a_hostile_projector_header_is_refused_before_any_replay() -> None:
+    """The plan replays the graph block by block: a header claiming a billion blocks (or more
+    heads than its width) is refused as implausible, quickly."""
+    from localllm.errors import GGUFError
+
+    metadata, plan = tv.qwen_header(tv.QwenVisionSpec())
+    for key, value in (("clip.vision.block_count", 10**9), ("clip.vision.attention.head_count",
+                                                             4096)):
+        hostile = {**metadata, key: value}
+        with pytest.raises(GGUFError, match="not plausible"):
+            projector_from_header(Path("mmproj-hostile.gguf"), hostile, [])

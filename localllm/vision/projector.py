@@ -79,6 +79,7 @@ PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     # a 16 x 16-token warm-up image
     "pixtral": ProjectorKind("dynamic", 1, _SPATIAL, 1024, 16 * 16, "pixtral", True),
 }
+MAX_ENCODER_LAYERS = 256  # vision encoders have 12 to 48 blocks
 # ggml's CPU buffers align tensors to 32 bytes (CUDA's to 128: a few KiB more per graph)
 BUFFER_ALIGNMENT = 32
 # Types without a row: weights are counted, the encoder is assumed to see one image of
@@ -257,15 +258,22 @@ def projector_from_header(
     patch_size = number("clip.vision.patch_size")
     if image_size > 16384 or patch_size > image_size:
         raise GGUFError(path, f"image size {image_size} / patch size {patch_size} not plausible")
+    n_layer, n_embd, n_head = (number("clip.vision.block_count"),
+                               number("clip.vision.embedding_length"),
+                               number("clip.vision.attention.head_count"))
+    # the plan replays the encoder's graph layer by layer: a hostile header must not make that
+    # loop run for ever
+    if n_layer > MAX_ENCODER_LAYERS or n_head > n_embd:
+        raise GGUFError(path, f"{n_layer} blocks of {n_head} heads over {n_embd} not plausible")
     return Projector(
         path=path,
         projector_type=projector_type,
         image_size=image_size,
         patch_size=patch_size,
-        n_embd=number("clip.vision.embedding_length"),
+        n_embd=n_embd,
         n_ff=number("clip.vision.feed_forward_length"),
-        n_head=number("clip.vision.attention.head_count"),
-        n_layer=number("clip.vision.block_count"),
+        n_head=n_head,
+        n_layer=n_layer,
         projection_dim=number("clip.vision.projection_dim", 0),
         n_merge=number(kind.merge_key, kind.n_merge),
         weights_bytes=sum(t.n_bytes for t in tensor_list),
