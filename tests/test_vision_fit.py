@@ -71,6 +71,10 @@ WARMUP_SHAPES = [
     # Gemma 3 (fixed size: the warm-up image is the only one), replayed as the others
     (tv.VisionSpec(image_size=320, patch_size=16, n_embd=128, n_ff=512, n_head=2), True),
     (tv.VisionSpec(image_size=448, n_embd=192, n_ff=768, n_head=6, n_layer=3), False),
+    # Gemma 4: clamped linears, per-head norms, x/y position tables, 3x3 pooling
+    (tv.Gemma4VisionSpec(), True),
+    (tv.Gemma4VisionSpec(), False),
+    (tv.Gemma4VisionSpec(n_embd=128, n_ff=512, n_head=2, std_scale=True), True),
     # Pixtral / Mistral Small 3.x: 2D RoPE, a 16 x 16-token warm-up, the patch merger or none
     (tv.PixtralVisionSpec(), True),
     (tv.PixtralVisionSpec(n_merge=1, patch_size=16), False),
@@ -104,6 +108,8 @@ def test_warmup_buffer_matches_llama_cpp(
         assert projector.warmup_side == spec.image_size
     elif isinstance(spec, tv.PixtralVisionSpec):
         assert projector.warmup_side == 16 * spec.patch_size * spec.n_merge
+    elif isinstance(spec, tv.Gemma4VisionSpec):
+        assert projector.warmup_side == 16 * spec.patch_size * 3
     else:
         assert projector.warmup_side == 46 * spec.patch_size * 2
     assert any(f"warmup with image size = {projector.warmup_side} x" in line
@@ -121,6 +127,7 @@ def test_warmup_buffer_matches_llama_cpp(
         (tv.Qwen3VisionSpec(n_layer=2, deepstack_layers=(1,), projection_dim=32), True,
          (640, 1024)),
         (tv.PixtralVisionSpec(), False, (896, 448)),
+        (tv.Gemma4VisionSpec(), True, (960, 528)),
     ],
 )
 def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
@@ -141,7 +148,7 @@ def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
         rows = height // merged
         assert measured.image_tokens == (width // merged) * rows + rows - 1
     else:
-        merged = spec.patch_size * 2
+        merged = spec.patch_size * (3 if isinstance(spec, tv.Gemma4VisionSpec) else 2)
         assert measured.image_tokens == (width // merged) * (height // merged)
 
 
@@ -179,7 +186,12 @@ def test_qwen25vl_7b_projector_figures() -> None:
 def _projector_from_spec(spec: tv.QwenVisionSpec) -> Projector:
     """A projector record from the keys and tensor shapes `write_qwen_mmproj` would write,
     without writing a gigabyte of weights."""
-    metadata, plan = tv.qwen_header(spec)
+    return _projector(*tv.qwen_header(spec))
+
+
+def _projector(
+    metadata: dict[str, object], plan: list[tuple[str, tuple[int, ...], float | None]]
+) -> Projector:
     infos = []
     for name, shape, _ in plan:
         n = 1
@@ -187,7 +199,7 @@ def _projector_from_spec(spec: tv.QwenVisionSpec) -> Projector:
             n *= dim
         size = n * (2 if len(shape) > 1 else 4)
         infos.append(TensorInfo(name, "F16" if len(shape) > 1 else "F32", shape, 0, n, size))
-    return projector_from_header(Path("mmproj-qwen.gguf"), metadata, infos)
+    return projector_from_header(Path("mmproj-tiny.gguf"), metadata, infos)
 
 
 # ------------------------------------------------------------------------- plans
@@ -322,3 +334,27 @@ def test_a_hostile_projector_header_is_refused_before_any_replay() -> None:
         hostile = {**metadata, key: value}
         with pytest.raises(GGUFError, match="not plausible"):
             projector_from_header(Path("mmproj-hostile.gguf"), hostile, [])
+
+
+@pytest.mark.parametrize(
+    ("spec", "image", "tokens"),
+    [
+        (tv.QwenVisionSpec(), (1792, 1792), 4096),  # 64 x 64 tokens of 2x2 patches of 14 px
+        (tv.Qwen3VisionSpec(), (2048, 2048), 4096),  # 16 px patches
+        (tv.PixtralVisionSpec(), (896, 896), 1024 + 31),  # an [IMG_BREAK] ending 31 rows
+        (tv.Gemma4VisionSpec(), (1680, 1536), 1120),  # 35 x 32 tokens of 3x3 patches of 16 px
+    ],
+)
+def test_the_largest_image_the_plan_counts(
+    spec: tv.AnySpec, image: tuple[int, int], tokens: int
+) -> None:
+    """The largest image llama.cpp takes for each dynamic family (its token limit, as square as
+    it divides) and the tokens it costs; the plan's compute is for that image."""
+    keys, plan = {
+        tv.QwenVisionSpec: tv.qwen_header, tv.Qwen3VisionSpec: tv.qwen3_header,
+        tv.PixtralVisionSpec: tv.pixtral_header, tv.Gemma4VisionSpec: tv.gemma4_header,
+    }[type(spec)](spec)
+    projector = _projector(keys, plan)
+    assert projector.largest_image == image and projector.image_tokens == tokens
+    assert projector.compute_bytes(True) == projector.image_compute_bytes(*image, True)
+    assert projector.compute_bytes(True) > projector.warmup_compute_bytes(True)

@@ -268,6 +268,57 @@ def pixtral_header(
     return keys, plan
 
 
+@dataclass(frozen=True)
+class Gemma4VisionSpec:
+    """A Gemma 4-style projector (`clip_graph_gemma4v`)."""
+
+    patch_size: int = 16
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    projection_dim: int = 64
+    pos_rows: int = 256  # rows of each of the x and y position tables
+    std_scale: bool = False
+    image_size: int = 768
+
+
+def gemma4_header(
+    spec: Gemma4VisionSpec,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
+    """(header keys, tensors) of a Gemma 4-style projector: one patch convolution without bias,
+    x and y position tables, RMS norms before and after attention and FFN, per-head Q/K norms,
+    a gated GELU FFN, no biases, then 3x3 pooling and `mm.input_projection`."""
+    e, f, p, o = spec.n_embd, spec.n_ff, spec.patch_size, spec.projection_dim
+    d_head = e // spec.n_head
+    v = "clip.vision."
+    keys: dict[str, object] = {
+        "general.architecture": "clip", "general.type": "mmproj",
+        "clip.has_vision_encoder": True, "clip.projector_type": "gemma4v",
+        v + "image_size": spec.image_size, v + "patch_size": p, v + "embedding_length": e,
+        v + "feed_forward_length": f, v + "block_count": spec.n_layer,
+        v + "projection_dim": o, v + "attention.head_count": spec.n_head,
+    }
+    plan: list[tuple[str, tuple[int, ...], float | None]] = [
+        ("v.patch_embd.weight", (p, p, 3, e), None),
+        ("v.position_embd.weight", (e, spec.pos_rows, 2), None),
+    ]
+    for il in range(spec.n_layer):
+        b = f"v.blk.{il}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            plan.append((b + name + ".weight", (e, e), None))
+        plan += [(b + "attn_q_norm.weight", (d_head,), 1.0),
+                 (b + "attn_k_norm.weight", (d_head,), 1.0)]
+        for name in ("ln1", "ln2", "attn_post_norm", "ffn_post_norm"):
+            plan.append((b + name + ".weight", (e,), 1.0))
+        plan += [(b + "ffn_up.weight", (e, f), None), (b + "ffn_gate.weight", (e, f), None),
+                 (b + "ffn_down.weight", (f, e), None)]
+    if spec.std_scale:
+        plan += [("v.std_bias", (e,), 0.0), ("v.std_scale", (e,), 1.0)]
+    plan.append(("mm.input_projection.weight", (e, o), None))
+    return keys, plan
+
+
 def qwen_header(
     spec: QwenVisionSpec,
 ) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
@@ -315,7 +366,7 @@ def qwen_header(
     return keys, plan
 
 
-AnySpec = QwenVisionSpec | Qwen3VisionSpec | PixtralVisionSpec
+AnySpec = QwenVisionSpec | Qwen3VisionSpec | PixtralVisionSpec | Gemma4VisionSpec
 
 
 def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) -> AnySpec:
@@ -327,6 +378,8 @@ def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) ->
         keys, plan = qwen3_header(spec)
     elif isinstance(spec, PixtralVisionSpec):
         keys, plan = pixtral_header(spec)
+    elif isinstance(spec, Gemma4VisionSpec):
+        keys, plan = gemma4_header(spec)
     else:
         keys, plan = qwen_header(spec)
     writer = gguf.GGUFWriter(str(path), "clip")
@@ -474,6 +527,8 @@ def compare_table() -> list[list[str]]:
              fa),
             ("pixtral e256 h4 merger 2x2", PixtralVisionSpec(n_embd=256, n_ff=512, n_head=4),
              fa),
+            ("gemma4 e128 h2 std scale", Gemma4VisionSpec(n_embd=128, n_ff=512, n_head=2,
+                                                          std_scale=True), fa),
         ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

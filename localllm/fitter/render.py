@@ -104,12 +104,17 @@ def projector_line(plan: Plan) -> str:
     warmup = projector.warmup_compute_bytes(plan.flash_attn)
     if warmup != compute:  # dynamic-resolution encoders: llama.cpp grows its buffer later
         modelled += (
-            f"; llama.cpp reserves {mib(warmup, 1)} at load ({projector.warmup_side} px) and "
+            f"; llama.cpp reserves {mib(warmup, 1)} at load "
+            f"({_pixels(projector.warmup_side, projector.warmup_side)}) and "
             "grows to this with the largest image"
         )
     return (
         f"  vision projector {projector.projector_type} on {plan.projector_device}: "
         f"{mib(weights, 1)} weights + {mib(compute, 1)} image-encoder compute "
         f"(counted in that device's overhead); one image = {projector.image_tokens} tokens of "
-        f"context ({projector.image_side} px){modelled}"
+        f"context ({_pixels(*projector.largest_image)}){modelled}"
     )
+
+
+def _pixels(width: int, height: int) -> str:
+    return f"{width} px" if width == height else f"{width} x {height} px"

@@ -9,6 +9,8 @@ compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
         clip_graph_siglip for Gemma 3: build_vit, average pooling, the projection
     pixtral_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_pixtral: Pixtral, Mistral Small 3.x (2D RoPE, patch merger, [IMG_BREAK])
+    gemma4_buffer_bytes(shape, width, height, flash_attn, alignment)
+        clip_graph_gemma4v: Gemma 4 (clamped linears, per-head norms, 2D RoPE, pooling)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class EncoderShape:
     linear_bias: bool = True  # the encoder's matrices have biases (Pixtral's do not)
     img_break: bool = False  # Pixtral: an [IMG_BREAK] embedding after each row of tokens
     projector_bias: bool = True  # the projector's (mm.*) matrices have biases
+    std_scale: bool = False  # Gemma 4: v.std_bias / v.std_scale after pooling
 
 
 def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
@@ -314,4 +317,71 @@ def pixtral_buffer_bytes(
         tok = g.add(g.unary(tok, "scale"), g.weight(out_dim, dtype=F32))
         tmp = g.concat(tmp, tok, 1)
         cur = g.view(tmp, (out_dim, cols * rows + rows - 1), (tmp.nb[1],))
+    return g.buffer_bytes([*roots, cur], alignment)
+
+
+def gemma4_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_gemma4v::build`: the scaled image, learned x/y position
+    tables, build_vit with RMS norms, per-head Q/K norms, a normed V, 2D RoPE, post-attention
+    and post-FFN norms, every matrix product clamped (Gemma4ClippableLinear), then average
+    pooling by n_merge, a scale, RMS norm and the projection."""
+    g = Graph()
+    roots: list[Tensor] = []
+    p, e = shape.patch_size, shape.n_embd
+    px, py = width // p, height // p
+    n_pos = px * py
+    d_head = e // shape.n_head
+
+    def mm(n_in: int, n_out: int, x: Tensor) -> Tensor:  # clip_graph_gemma4v::build_mm
+        return g.unary(g.mul_mat(g.weight(n_in, n_out), g.unary(x, "clamp")), "clamp")
+
+    def rms(x: Tensor, n: int) -> Tensor:
+        return g.mul(g.unary(x, "rms_norm"), g.weight(n, dtype=F32))
+
+    image = g.unary(g.input(width, height, 3, 1, name="inp_raw"), "scale")
+    inp = g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p)
+    inp = g.cont(g.transpose(g.reshape(inp, n_pos, e, 1)))
+    pos_x = g.input(n_pos, dtype=I32, name="pos_x")
+    pos_y = g.input(n_pos, dtype=I32, name="pos_y")
+    table = g.weight(e, shape.pos_embd_side, 2, dtype=F32)
+    tbl_x = g.view(table, (e, shape.pos_embd_side), (4 * e,))
+    tbl_y = g.view(table, (e, shape.pos_embd_side), (4 * e,))
+    inp = g.add(g.add(inp, g.get_rows(tbl_x, pos_x)), g.get_rows(tbl_y, pos_y))
+    inpl = g.reshape(inp, e, n_pos)
+    for _ in range(shape.n_layer):
+        cur = rms(inpl, e)
+        q = rms(g.reshape(mm(e, e, cur), d_head, shape.n_head, n_pos, 1), d_head)
+        k = rms(g.reshape(mm(e, e, cur), d_head, shape.n_head, n_pos, 1), d_head)
+        v = g.reshape(mm(e, e, cur), d_head, shape.n_head, n_pos, 1)
+        q = g.binary(g.binary(q, pos_x, "rope"), pos_y, "rope")
+        k = g.binary(g.binary(k, pos_x, "rope"), pos_y, "rope")
+        v = g.unary(v, "rms_norm")
+        roots += [q, k, v]
+        qp, kp = g.permute(q, 0, 2, 1, 3), g.permute(k, 0, 2, 1, 3)
+        if flash_attn:
+            vp = g.cast(g.permute(v, 0, 2, 1, 3), F16)
+            out = g.flash_attn(qp, g.cast(kp, F16), vp, None)
+            cur = g.reshape(out, out.ne[0] * out.ne[1], out.ne[2] * out.ne[3])
+        else:
+            vp = g.cont(g.permute(v, 1, 2, 0, 3))
+            kqv = g.mul_mat(vp, g.soft_max(g.mul_mat(kp, qp), None))
+            cur = g.cont(g.permute(kqv, 0, 2, 1, 3), e, n_pos)
+        cur = rms(mm(e, e, cur), e)  # attn_out, attn_post_norm
+        inpl = g.add(cur, inpl)
+        cur = rms(inpl, e)
+        up = mm(e, shape.n_ff, cur)
+        act = g.glu_split(mm(e, shape.n_ff, cur), up) if shape.ffn_gate else g.unary(up, "unary")
+        cur = rms(mm(shape.n_ff, e, act), e)  # ffn_down, ffn_post_norm
+        inpl = g.add(inpl, cur)
+    cur = g.reshape(inpl, e, n_pos, 1)
+
+    m = shape.n_merge
+    cur = g.pool_2d(g.cont(g.transpose(cur), px, py, e, 1), m)
+    cur = g.reshape(cur, (px // m) * (py // m), e, 1)
+    cur = g.unary(g.cont(g.transpose(cur)), "scale")
+    if shape.std_scale:
+        cur = g.mul(g.binary(cur, g.weight(e, dtype=F32), "sub"), g.weight(e, dtype=F32))
+    cur = mm(e, shape.projection_dim, g.unary(cur, "rms_norm"))
     return g.buffer_bytes([*roots, cur], alignment)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 F32, F16, I32 = "f32", "f16", "i32"
 TYPE_BYTES = {F32: 4, F16: 2, I32: 4}
 # ggml_op_can_inplace: the ops that may write into their first fitting parent's memory
-_INPLACE = frozenset({"add", "mul", "scale", "unary", "rope", "rms_norm", "soft_max"})
+_INPLACE = frozenset(
+    {"add", "sub", "mul", "scale", "unary", "rope", "rms_norm", "soft_max", "clamp"}
+)
 
 
 @dataclass(eq=False)

@@ -36,6 +36,7 @@ from localllm.gguf_header import TensorInfo
 from localllm.vision.encoders import (
     EncoderShape,
     gemma3_buffer_bytes,
+    gemma4_buffer_bytes,
     pixtral_buffer_bytes,
     qwen2vl_buffer_bytes,
     qwen3vl_buffer_bytes,
@@ -61,7 +62,7 @@ class ProjectorKind:
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
     warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
     # "vit": the formula in `compute_bytes` (an estimate); the others: llama.cpp's graph replayed
-    graph: Literal["vit", "gemma3", "qwen2vl", "qwen3vl", "pixtral"] = "vit"
+    graph: Literal["vit", "gemma3", "gemma4", "qwen2vl", "qwen3vl", "pixtral"] = "vit"
     measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
@@ -75,6 +76,8 @@ PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen3vl", True),
+    # Gemma 4: 3x3 average pooling, 70 to 1120 tokens per image, a 16 x 16-token warm-up
+    "gemma4v": ProjectorKind("dynamic", 3, _SCALE, 1120, 16 * 16, "gemma4", True),
     # Pixtral (n_merge 1), Mistral Small 3.x (a 2x2 patch merger): up to 1024 tokens per image,
     # a 16 x 16-token warm-up image
     "pixtral": ProjectorKind("dynamic", 1, _SPATIAL, 1024, 16 * 16, "pixtral", True),
@@ -114,6 +117,7 @@ class Projector:
     linear_bias: bool = True  # the encoder's matrices have biases (v.blk.0.attn_q.bias)
     projector_bias: bool = True  # the projection's do (mm.1.bias / mm.0.bias)
     img_break: bool = False  # Pixtral: an [IMG_BREAK] token after each row but the last
+    std_scale: bool = False  # Gemma 4: v.std_bias / v.std_scale
 
     @property
     def kind(self) -> ProjectorKind:
@@ -129,8 +133,8 @@ class Projector:
         """Context tokens one image takes at most (clip_n_output_tokens)."""
         kind = self.kind
         if kind.tokens == "dynamic":
-            # the largest square image; Pixtral adds an [IMG_BREAK] after each row but the last
-            return kind.max_tokens + (math.isqrt(kind.max_tokens) - 1 if self.img_break else 0)
+            # the largest image; Pixtral adds an [IMG_BREAK] after each row but the last
+            return kind.max_tokens + (self._largest_grid[1] - 1 if self.img_break else 0)
         side = self.image_size // self.patch_size // max(1, self.n_merge)
         return side * side
 
@@ -143,11 +147,26 @@ class Projector:
         return side * side
 
     @property
-    def image_side(self) -> int:
-        """Pixels per side of the largest (square) image the encoder takes."""
+    def _largest_grid(self) -> tuple[int, int]:
+        """(columns, rows) of tokens of the largest image: the most tokens llama.cpp allows, as
+        square as they divide (64 x 64 for 4096, 35 x 32 for Gemma 4's 1120)."""
+        n = self.kind.max_tokens
+        rows = next(r for r in range(math.isqrt(n), 0, -1) if n % r == 0)
+        return n // rows, rows
+
+    @property
+    def largest_image(self) -> tuple[int, int]:
+        """(width, height) in pixels of the largest image the encoder takes."""
         if self.kind.tokens == "dynamic":
-            return math.isqrt(self.encoder_patches) * self.patch_size
-        return self.image_size
+            cols, rows = self._largest_grid
+            step = self.patch_size * self.n_merge
+            return cols * step, rows * step
+        return self.image_size, self.image_size
+
+    @property
+    def image_side(self) -> int:
+        """Pixels on the longer side of the largest image the encoder takes."""
+        return max(self.largest_image)
 
     @property
     def warmup_side(self) -> int:
@@ -166,6 +185,7 @@ class Projector:
             pos_embd_side=self.pos_embd_side, deepstack_layers=self.deepstack_layers,
             patch_bias=self.patch_bias, linear_bias=self.linear_bias,
             projector_bias=self.projector_bias, img_break=self.img_break,
+            std_scale=self.std_scale,
             kernel_dtype="bf16" if self.patch_kernel_type == "BF16" else "f16",
         )
 
@@ -188,7 +208,7 @@ class Projector:
         square image, 4096 tokens; llama.cpp grows its buffer to this when such an image comes).
         """
         if self.kind.graph != "vit":
-            return self.image_compute_bytes(self.image_side, self.image_side, flash_attn)
+            return self.image_compute_bytes(*self.largest_image, flash_attn)
         return self._vit_compute_bytes(flash_attn)
 
     def _vit_compute_bytes(self, flash_attn: bool) -> int:
@@ -211,6 +231,8 @@ class Projector:
             "file": str(self.path),
             "projector_type": self.projector_type,
             "image_size": self.image_side,
+            "image_width": self.largest_image[0],
+            "image_height": self.largest_image[1],
             "image_tokens": self.image_tokens,
             "weights_bytes": self.weights_bytes,
             "compute_bytes": self.compute_bytes(flash_attn),
@@ -283,8 +305,11 @@ def projector_from_header(
         ffn_gate="v.blk.0.ffn_gate.weight" in names,
         pre_norm="v.pre_ln.weight" in names,
         post_norm="v.post_ln.weight" in names,
-        pos_embd_side=math.isqrt(positions.shape[1]) if positions and len(positions.shape) > 1
-        else 0,
+        # Qwen3-VL: a side x side grid; Gemma 4: an x and a y table of that many rows each
+        pos_embd_side=0 if positions is None or len(positions.shape) < 2 else (
+            positions.shape[1] if projector_type == "gemma4v"
+            else math.isqrt(positions.shape[1])),
+        std_scale="v.std_scale" in names,
         patch_bias="v.patch_embd.bias" in names,
         linear_bias="v.blk.0.attn_q.bias" in names,
         projector_bias=bool(names & {"mm.0.bias", "mm.1.bias"}),
@@ -302,5 +327,6 @@ _DEEPSTACK = re.compile(r"v\.deepstack\.(\d+)\.fc1\.weight")
 def _graph_bytes(graph: str, shape: EncoderShape, width: int, height: int, flash_attn: bool) -> int:
     # the fitter asks again for each candidate plan: replay the allocator once per shape
     build = {"gemma3": gemma3_buffer_bytes, "qwen2vl": qwen2vl_buffer_bytes,
-             "qwen3vl": qwen3vl_buffer_bytes, "pixtral": pixtral_buffer_bytes}[graph]
+             "qwen3vl": qwen3vl_buffer_bytes, "pixtral": pixtral_buffer_bytes,
+             "gemma4": gemma4_buffer_bytes}[graph]
     return build(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
