@@ -277,9 +277,13 @@ def test_fit_hub_repo_counts_the_projector_pull_would_fetch(
             assert 0 < fake.sent_bytes[name] < path.stat().st_size
         file_requests = [r for r in fake.requests if "/resolve/" in r[1]]
         assert all(rng is not None for _, _, rng in file_requests)
-        # the whole ladder: each quant with its own projector, shown once
+        # the whole ladder: each quant with its own projector, shown once; the projectors'
+        # headers come from the header cache this time
+        sent = {name: fake.sent_bytes[name] for name in ("mmproj-model-f16.gguf",
+                                                         "mmproj-model-Q8_0.gguf")}
         ladder = _cli(tmp_path, env, "fit", repo, "--vram", "8GiB")
         assert ladder.returncode == 0, ladder.stderr
+        assert {name: fake.sent_bytes[name] for name in sent} == sent
         assert ladder.stdout.count("vision projector qwen2.5vl_merger") == 1
         off = _cli(tmp_path, env, "fit", repo, "--vram", "8GiB", "--no-mmproj", "--json")
         assert off.returncode == 0, off.stderr
