@@ -32,7 +32,7 @@ class EncoderShape:
     projection_dim: int
     n_merge: int = 2
     n_wa_pattern: int = 0  # every n-th layer full attention, the others within windows; 0: none
-    rms_norm: bool = False  # Qwen2.5-VL: RMS norms (no bias); Qwen2-VL: layer norms with bias
+    rms_norm: bool = False  # RMS norms, no bias (Qwen2.5-VL, Pixtral) or layer norms with bias
     ffn_gate: bool = False  # a gated FFN (SwiGLU) or a plain one
     pre_norm: bool = False
     post_norm: bool = True

@@ -180,7 +180,8 @@ class Projector:
         return EncoderShape(
             patch_size=self.patch_size, n_embd=self.n_embd, n_ff=self.n_ff, n_head=self.n_head,
             n_layer=self.n_layer, projection_dim=self.projection_dim, n_merge=self.n_merge,
-            n_wa_pattern=self.n_wa_pattern, rms_norm=self.projector_type == "qwen2.5vl_merger",
+            n_wa_pattern=self.n_wa_pattern,
+            rms_norm=self.projector_type in ("qwen2.5vl_merger", "pixtral"),
             ffn_gate=self.ffn_gate, pre_norm=self.pre_norm, post_norm=self.post_norm,
             pos_embd_side=self.pos_embd_side, deepstack_layers=self.deepstack_layers,
             patch_bias=self.patch_bias, linear_bias=self.linear_bias,
