@@ -75,6 +75,10 @@ WARMUP_SHAPES = [
     (tv.Gemma4VisionSpec(), True),
     (tv.Gemma4VisionSpec(), False),
     (tv.Gemma4VisionSpec(n_embd=128, n_ff=512, n_head=2, std_scale=True), True),
+    # InternVL: a CLS token, layer scales, pixel shuffle; one 224 px tile here
+    (tv.InternVisionSpec(), True),
+    (tv.InternVisionSpec(n_embd=256, n_ff=1024, n_head=4), False),
+    (tv.InternVisionSpec(image_size=448, n_embd=128, n_ff=512, n_head=2), True),
     # Pixtral / Mistral Small 3.x: 2D RoPE, a 16 x 16-token warm-up, the patch merger or none
     (tv.PixtralVisionSpec(), True),
     (tv.PixtralVisionSpec(n_merge=1, patch_size=16), False),
@@ -104,7 +108,7 @@ def test_warmup_buffer_matches_llama_cpp(
     measured = tv.load_with_mtmd(mmproj, text_model, flash_attn)
     projector = read_projector(mmproj)
     assert projector.compute_measured and measured.flash_attn == flash_attn
-    if isinstance(spec, tv.VisionSpec):
+    if isinstance(spec, (tv.VisionSpec, tv.InternVisionSpec)):
         assert projector.warmup_side == spec.image_size
     elif isinstance(spec, tv.PixtralVisionSpec):
         assert projector.warmup_side == 16 * spec.patch_size * spec.n_merge
@@ -128,6 +132,7 @@ def test_warmup_buffer_matches_llama_cpp(
          (640, 1024)),
         (tv.PixtralVisionSpec(), False, (896, 448)),
         (tv.Gemma4VisionSpec(), True, (960, 528)),
+        (tv.InternVisionSpec(max_tiles=4), False, (896, 896)),  # 2 x 2 tiles and an overview
     ],
 )
 def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
@@ -141,9 +146,13 @@ def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
     measured = tv.load_with_mtmd(mmproj, text_model, flash_attn, image=image)
     projector = read_projector(mmproj)
     width, height = image
+    if isinstance(spec, tv.InternVisionSpec):  # each tile is encoded alone: one tile's buffer
+        width = height = spec.image_size
     predicted = projector.image_compute_bytes(width, height, flash_attn)
     assert abs(predicted - measured.compute_bytes) <= PRINTED, (predicted, measured.compute_bytes)
-    if isinstance(spec, tv.PixtralVisionSpec):  # an [IMG_BREAK] after each row but the last
+    if isinstance(spec, tv.InternVisionSpec):  # the most tiles and the overview
+        assert measured.image_tokens == projector.image_tokens == 5 * 64
+    elif isinstance(spec, tv.PixtralVisionSpec):  # an [IMG_BREAK] after each row but the last
         merged = spec.patch_size * spec.n_merge
         rows = height // merged
         assert measured.image_tokens == (width // merged) * rows + rows - 1

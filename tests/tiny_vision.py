@@ -319,6 +319,63 @@ def gemma4_header(
     return keys, plan
 
 
+@dataclass(frozen=True)
+class InternVisionSpec:
+    """An InternVL-style projector (`clip_graph_internvl`)."""
+
+    image_size: int = 224  # one tile
+    patch_size: int = 14
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    projection_dim: int = 64
+    scale_factor: int = 2
+    max_tiles: int = 6
+
+
+def intern_header(
+    spec: InternVisionSpec,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
+    """(header keys, tensors) of an InternVL-style projector (InternViT-300M's shape): a patch
+    convolution with bias, a CLS token, learned positions, layer norms, layer scales, a GELU FFN,
+    then pixel shuffle and the `mm.model.mlp.{0,1,3}` projector."""
+    e, f, p, o = spec.n_embd, spec.n_ff, spec.patch_size, spec.projection_dim
+    merged = e * spec.scale_factor**2
+    v = "clip.vision."
+    keys: dict[str, object] = {
+        "general.architecture": "clip", "general.type": "mmproj",
+        "clip.has_vision_encoder": True, "clip.projector_type": "internvl",
+        v + "image_size": spec.image_size, v + "patch_size": p, v + "embedding_length": e,
+        v + "feed_forward_length": f, v + "block_count": spec.n_layer,
+        v + "projection_dim": o, v + "attention.head_count": spec.n_head,
+        v + "projector.scale_factor": spec.scale_factor,
+        v + "preproc_max_tiles": spec.max_tiles,
+    }
+    n_pos = (spec.image_size // p) ** 2 + 1
+    plan: list[tuple[str, tuple[int, ...], float | None]] = [
+        ("v.patch_embd.weight", (p, p, 3, e), None),
+        ("v.patch_embd.bias", (e,), None),
+        ("v.class_embd", (e,), None),
+        ("v.position_embd.weight", (e, n_pos), None),
+    ]
+    for il in range(spec.n_layer):
+        b = f"v.blk.{il}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            plan += [(b + name + ".weight", (e, e), None), (b + name + ".bias", (e,), None)]
+        for name in ("ln1", "ln2"):
+            plan += [(b + name + ".weight", (e,), 1.0), (b + name + ".bias", (e,), 0.0)]
+        plan += [(b + "ls1.weight", (e,), 0.1), (b + "ls2.weight", (e,), 0.1),
+                 (b + "ffn_up.weight", (e, f), None), (b + "ffn_up.bias", (f,), None),
+                 (b + "ffn_down.weight", (f, e), None), (b + "ffn_down.bias", (e,), None)]
+    plan += [
+        ("mm.model.mlp.0.weight", (merged,), 1.0), ("mm.model.mlp.0.bias", (merged,), 0.0),
+        ("mm.model.mlp.1.weight", (merged, o), None), ("mm.model.mlp.1.bias", (o,), None),
+        ("mm.model.mlp.3.weight", (o, o), None), ("mm.model.mlp.3.bias", (o,), None),
+    ]
+    return keys, plan
+
+
 def qwen_header(
     spec: QwenVisionSpec,
 ) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
@@ -366,7 +423,8 @@ def qwen_header(
     return keys, plan
 
 
-AnySpec = QwenVisionSpec | Qwen3VisionSpec | PixtralVisionSpec | Gemma4VisionSpec
+AnySpec = (QwenVisionSpec | Qwen3VisionSpec | PixtralVisionSpec | Gemma4VisionSpec
+           | InternVisionSpec)
 
 
 def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) -> AnySpec:
@@ -380,6 +438,8 @@ def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) ->
         keys, plan = pixtral_header(spec)
     elif isinstance(spec, Gemma4VisionSpec):
         keys, plan = gemma4_header(spec)
+    elif isinstance(spec, InternVisionSpec):
+        keys, plan = intern_header(spec)
     else:
         keys, plan = qwen_header(spec)
     writer = gguf.GGUFWriter(str(path), "clip")
@@ -482,7 +542,7 @@ def load_with_mtmd(
 
 
 def _encode_blank(mtmd: Any, ctx: Any, width: int, height: int) -> int:
-    """Encode one black RGB image of width x height through mtmd; its token count."""
+    """Encode one black RGB image of width x height through mtmd; its tokens (every chunk)."""
     data = (ctypes.c_uint8 * (width * height * 3))()
     bitmap = mtmd.mtmd_bitmap_init(width, height, data)
     chunks = mtmd.mtmd_input_chunks_init()
@@ -492,13 +552,16 @@ def _encode_blank(mtmd: Any, ctx: Any, width: int, height: int) -> int:
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
         if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
             raise RuntimeError("mtmd_tokenize failed")
+        tokens = 0  # an image can be several chunks (InternVL: one per tile and the overview)
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == 1:  # MTMD_INPUT_CHUNK_TYPE_IMAGE
                 if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
                     raise RuntimeError("mtmd_encode_chunk failed")
-                return int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-        raise RuntimeError("no image chunk")
+                tokens += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+        if not tokens:
+            raise RuntimeError("no image chunk")
+        return tokens
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
         mtmd.mtmd_bitmap_free(bitmap)
@@ -529,6 +592,8 @@ def compare_table() -> list[list[str]]:
              fa),
             ("gemma4 e128 h2 std scale", Gemma4VisionSpec(n_embd=128, n_ff=512, n_head=2,
                                                           std_scale=True), fa),
+            ("internvl 448px tile e128 h2", InternVisionSpec(image_size=448, n_embd=128,
+                                                             n_ff=512, n_head=2), fa),
         ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,8 @@ compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
         clip_graph_pixtral: Pixtral, Mistral Small 3.x (2D RoPE, patch merger, [IMG_BREAK])
     gemma4_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_gemma4v: Gemma 4 (clamped linears, per-head norms, 2D RoPE, pooling)
+    internvl_buffer_bytes(shape, width, height, flash_attn, alignment, n_batch)
+        clip_graph_internvl: InternVL (a CLS token, layer scales, pixel shuffle)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class EncoderShape:
     img_break: bool = False  # Pixtral: an [IMG_BREAK] embedding after each row of tokens
     projector_bias: bool = True  # the projector's (mm.*) matrices have biases
     std_scale: bool = False  # Gemma 4: v.std_bias / v.std_scale after pooling
+    layer_scale: bool = False  # InternVL: ls1 / ls2 after attention and FFN
 
 
 def _norm(g: Graph, cur: Tensor, shape: EncoderShape) -> Tensor:
@@ -384,4 +387,59 @@ def gemma4_buffer_bytes(
     if shape.std_scale:
         cur = g.mul(g.binary(cur, g.weight(e, dtype=F32), "sub"), g.weight(e, dtype=F32))
     cur = mm(e, shape.projection_dim, g.unary(cur, "rms_norm"))
+    return g.buffer_bytes([*roots, cur], alignment)
+
+
+def internvl_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int,
+    n_batch: int = 1,
+) -> int:
+    """The compute buffer of `clip_graph_internvl::build` for n_batch tiles of width x height
+    (the graph takes a batch; mtmd encodes an image's tiles one chunk each): build_inp, a CLS token,
+    build_vit with learned positions and layer scales, the CLS dropped, pixel shuffle by n_merge,
+    the normed two-layer GELU projector."""
+    g = Graph()
+    roots: list[Tensor] = []
+    p, e, b = shape.patch_size, shape.n_embd, n_batch
+    px, py = width // p, height // p
+    n_patches = px * py
+    n_pos = n_patches + 1
+    d_head = e // shape.n_head
+
+    image = g.input(width, height, 3, b, name="inp_raw")
+    inp = g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p)
+    inp = g.cont(g.transpose(g.reshape(inp, n_patches, e, b)))
+    if shape.patch_bias:
+        inp = g.add(inp, g.weight(e, dtype=F32))
+    cls = g.repeat(g.weight(e, dtype=F32), e, 1, b, 1)
+    inp = g.add(g.concat(inp, cls, 1), g.weight(e, n_pos, dtype=F32))  # learned positions
+    inpl = g.reshape(inp, e, n_pos * b)
+    if shape.pre_norm:
+        inpl = _norm(g, inpl, shape)
+    for _ in range(shape.n_layer):
+        cur = _norm(g, inpl, shape)
+        q = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos, b)
+        k = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos, b)
+        v = g.reshape(_linear(g, cur, e, e), d_head, shape.n_head, n_pos, b)
+        cur = _attention(g, roots, q, k, v, None, shape, flash_attn)
+        if shape.layer_scale:
+            cur = g.mul(cur, g.weight(e, dtype=F32))
+        inpl = g.add(cur, inpl)
+        cur = _ffn(g, _norm(g, inpl, shape), e, shape.n_ff, e, shape.ffn_gate)
+        if shape.layer_scale:
+            cur = g.mul(cur, g.weight(e, dtype=F32))
+        inpl = g.add(inpl, cur)
+    if shape.post_norm:
+        inpl = _norm(g, inpl, shape)
+    cur = g.reshape(inpl, e, n_pos, b)
+
+    cur = g.cont(g.view(cur, (e, n_patches, b), (cur.nb[1], cur.nb[2])))  # the CLS dropped
+    s = shape.n_merge
+    cur = g.permute(g.reshape(cur, e * s, py // s, px, b), 0, 2, 1, 3)
+    cur = g.permute(g.cont(cur, e * s * s, py // s, px // s, b), 0, 2, 1, 3)
+    cur = g.cont(cur, e * s * s, cur.ne[1] * cur.ne[2], cur.ne[3])
+    merged = e * s * s
+    cur = g.add(g.mul(g.unary(cur, "norm"), g.weight(merged, dtype=F32)),
+                g.weight(merged, dtype=F32))
+    cur = _ffn(g, cur, merged, shape.projection_dim, shape.projection_dim, gated=False)
     return g.buffer_bytes([*roots, cur], alignment)

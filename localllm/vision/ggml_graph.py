@@ -147,6 +147,9 @@ class Graph:
         out = self.reshape(out, cols.ne[1], cols.ne[2], cols.ne[3], kernel.ne[3])
         return self.cont(self.permute(out, 0, 1, 3, 2))
 
+    def repeat(self, a: Tensor, *ne: int) -> Tensor:
+        return self.new(ne, a.dtype, "repeat", [a])
+
     def get_rows(self, a: Tensor, rows: Tensor) -> Tensor:
         dtype = I32 if a.dtype == I32 else F32
         return self.new((a.ne[0], rows.ne[0], rows.ne[1], rows.ne[2]), dtype, "get_rows",

@@ -37,6 +37,7 @@ from localllm.vision.encoders import (
     EncoderShape,
     gemma3_buffer_bytes,
     gemma4_buffer_bytes,
+    internvl_buffer_bytes,
     pixtral_buffer_bytes,
     qwen2vl_buffer_bytes,
     qwen3vl_buffer_bytes,
@@ -62,7 +63,7 @@ class ProjectorKind:
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
     warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
     # "vit": the formula in `compute_bytes` (an estimate); the others: llama.cpp's graph replayed
-    graph: Literal["vit", "gemma3", "gemma4", "qwen2vl", "qwen3vl", "pixtral"] = "vit"
+    graph: Literal["vit", "gemma3", "gemma4", "internvl", "qwen2vl", "qwen3vl", "pixtral"] = "vit"
     measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
@@ -76,6 +77,9 @@ PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen3vl", True),
+    # InternVL: 448 px tiles, pixel shuffle by scale_factor; an image is up to preproc_max_tiles
+    # tiles and an overview, each its own chunk for mtmd
+    "internvl": ProjectorKind("pooled", 1, _SCALE, graph="internvl", measured=True),
     # Gemma 4: 3x3 average pooling, 70 to 1120 tokens per image, a 16 x 16-token warm-up
     "gemma4v": ProjectorKind("dynamic", 3, _SCALE, 1120, 16 * 16, "gemma4", True),
     # Pixtral (n_merge 1), Mistral Small 3.x (a 2x2 patch merger): up to 1024 tokens per image,
@@ -118,6 +122,8 @@ class Projector:
     projector_bias: bool = True  # the projection's do (mm.1.bias / mm.0.bias)
     img_break: bool = False  # Pixtral: an [IMG_BREAK] token after each row but the last
     std_scale: bool = False  # Gemma 4: v.std_bias / v.std_scale
+    layer_scale: bool = False  # InternVL: v.blk.N.ls1 / ls2
+    max_tiles: int = 0  # InternVL: an image is cut into up to this many tiles, plus an overview
 
     @property
     def kind(self) -> ProjectorKind:
@@ -136,7 +142,7 @@ class Projector:
             # the largest image; Pixtral adds an [IMG_BREAK] after each row but the last
             return kind.max_tokens + (self._largest_grid[1] - 1 if self.img_break else 0)
         side = self.image_size // self.patch_size // max(1, self.n_merge)
-        return side * side
+        return side * side * self.tiles
 
     @property
     def encoder_patches(self) -> int:
@@ -186,13 +192,14 @@ class Projector:
             pos_embd_side=self.pos_embd_side, deepstack_layers=self.deepstack_layers,
             patch_bias=self.patch_bias, linear_bias=self.linear_bias,
             projector_bias=self.projector_bias, img_break=self.img_break,
-            std_scale=self.std_scale,
+            std_scale=self.std_scale, layer_scale=self.layer_scale,
             kernel_dtype="bf16" if self.patch_kernel_type == "BF16" else "f16",
         )
 
     def image_compute_bytes(self, width: int, height: int, flash_attn: bool) -> int:
         """The compute buffer llama.cpp reserves for one image of width x height pixels (after
-        its resize to whole merged patches), for the graph types replayed in `encoders`."""
+        its resize to whole merged patches; InternVL: one tile), for the graph types replayed
+        in `encoders`."""
         if self.kind.graph != "vit":
             return _graph_bytes(self.kind.graph, self.encoder_shape(), width, height, flash_attn)
         raise ValueError(f"no encoder graph for {self.projector_type}")
@@ -209,8 +216,14 @@ class Projector:
         square image, 4096 tokens; llama.cpp grows its buffer to this when such an image comes).
         """
         if self.kind.graph != "vit":
+            # InternVL's tiles are encoded one at a time (mtmd makes a chunk of each)
             return self.image_compute_bytes(*self.largest_image, flash_attn)
         return self._vit_compute_bytes(flash_attn)
+
+    @property
+    def tiles(self) -> int:
+        """Encoder inputs one image becomes at most: InternVL's tiles and overview, else 1."""
+        return self.max_tiles + 1 if self.max_tiles else 1
 
     def _vit_compute_bytes(self, flash_attn: bool) -> int:
         """An estimate for projector types whose graph is not replayed: the largest of three live
@@ -311,6 +324,9 @@ def projector_from_header(
             positions.shape[1] if projector_type == "gemma4v"
             else math.isqrt(positions.shape[1])),
         std_scale="v.std_scale" in names,
+        layer_scale="v.blk.0.ls1.weight" in names,
+        max_tiles=number("clip.vision.preproc_max_tiles", 12) if projector_type == "internvl"
+        else 0,
         patch_bias="v.patch_embd.bias" in names,
         linear_bias="v.blk.0.attn_q.bias" in names,
         projector_bias=bool(names & {"mm.0.bias", "mm.1.bias"}),
@@ -329,5 +345,5 @@ def _graph_bytes(graph: str, shape: EncoderShape, width: int, height: int, flash
     # the fitter asks again for each candidate plan: replay the allocator once per shape
     build = {"gemma3": gemma3_buffer_bytes, "qwen2vl": qwen2vl_buffer_bytes,
              "qwen3vl": qwen3vl_buffer_bytes, "pixtral": pixtral_buffer_bytes,
-             "gemma4": gemma4_buffer_bytes}[graph]
+             "gemma4": gemma4_buffer_bytes, "internvl": internvl_buffer_bytes}[graph]
     return build(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
