@@ -79,6 +79,9 @@ WARMUP_SHAPES = [
     (tv.InternVisionSpec(), True),
     (tv.InternVisionSpec(n_embd=256, n_ff=1024, n_head=4), False),
     (tv.InternVisionSpec(image_size=448, n_embd=128, n_ff=512, n_head=2), True),
+    # Idefics3 / SmolVLM: SigLIP, pixel unshuffle, one projection; one tile here
+    (tv.Idefics3VisionSpec(), True),
+    (tv.Idefics3VisionSpec(n_embd=256, n_ff=1024, n_head=4), False),
     # Pixtral / Mistral Small 3.x: 2D RoPE, a 16 x 16-token warm-up, the patch merger or none
     (tv.PixtralVisionSpec(), True),
     (tv.PixtralVisionSpec(n_merge=1, patch_size=16), False),
@@ -108,7 +111,7 @@ def test_warmup_buffer_matches_llama_cpp(
     measured = tv.load_with_mtmd(mmproj, text_model, flash_attn)
     projector = read_projector(mmproj)
     assert projector.compute_measured and measured.flash_attn == flash_attn
-    if isinstance(spec, (tv.VisionSpec, tv.InternVisionSpec)):
+    if isinstance(spec, (tv.VisionSpec, tv.InternVisionSpec, tv.Idefics3VisionSpec)):
         assert projector.warmup_side == spec.image_size
     elif isinstance(spec, tv.PixtralVisionSpec):
         assert projector.warmup_side == 16 * spec.patch_size * spec.n_merge
@@ -133,6 +136,7 @@ def test_warmup_buffer_matches_llama_cpp(
         (tv.PixtralVisionSpec(), False, (896, 448)),
         (tv.Gemma4VisionSpec(), True, (960, 528)),
         (tv.InternVisionSpec(max_tiles=4), False, (896, 896)),  # 2 x 2 tiles and an overview
+        (tv.Idefics3VisionSpec(), True, (896, 896)),  # 448 px longest edge: 2 x 2 tiles
     ],
 )
 def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
@@ -146,12 +150,14 @@ def test_qwen_vl_buffer_for_an_image_matches_llama_cpp(
     measured = tv.load_with_mtmd(mmproj, text_model, flash_attn, image=image)
     projector = read_projector(mmproj)
     width, height = image
-    if isinstance(spec, tv.InternVisionSpec):  # each tile is encoded alone: one tile's buffer
+    if isinstance(spec, (tv.InternVisionSpec, tv.Idefics3VisionSpec)):  # a tile at a time
         width = height = spec.image_size
     predicted = projector.image_compute_bytes(width, height, flash_attn)
     assert abs(predicted - measured.compute_bytes) <= PRINTED, (predicted, measured.compute_bytes)
     if isinstance(spec, tv.InternVisionSpec):  # the most tiles and the overview
         assert measured.image_tokens == projector.image_tokens == 5 * 64
+    elif isinstance(spec, tv.Idefics3VisionSpec):  # 2 x 2 tiles and the overview, 16 each
+        assert measured.image_tokens == projector.image_tokens == 5 * 16
     elif isinstance(spec, tv.PixtralVisionSpec):  # an [IMG_BREAK] after each row but the last
         merged = spec.patch_size * spec.n_merge
         rows = height // merged

@@ -320,6 +320,37 @@ def gemma4_header(
 
 
 @dataclass(frozen=True)
+class Idefics3VisionSpec:
+    """An Idefics3 / SmolVLM-style projector (`clip_graph_siglip` with pixel unshuffle)."""
+
+    image_size: int = 224  # one tile
+    patch_size: int = 14
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    projection_dim: int = 64
+    scale_factor: int = 4
+    longest_edge: int = 448  # clip.vision.preproc_image_size: 2 x 2 tiles and an overview
+
+
+def idefics3_header(
+    spec: Idefics3VisionSpec,
+) -> tuple[dict[str, object], list[tuple[str, tuple[int, ...], float | None]]]:
+    """(header keys, tensors) of an Idefics3-style projector: Gemma 3's SigLIP tower (see
+    `tensor_plan`) with `mm.model.fc` after a pixel unshuffle instead of Gemma 3's pooling."""
+    vit = VisionSpec("idefics3", spec.image_size, spec.patch_size, spec.n_embd, spec.n_ff,
+                     spec.n_layer, spec.n_head, spec.projection_dim)
+    keys = metadata(vit)
+    keys["clip.vision.projector.scale_factor"] = spec.scale_factor
+    keys["clip.vision.preproc_image_size"] = spec.longest_edge
+    plan = [t for t in tensor_plan(vit) if not t[0].startswith("mm.")]
+    plan.append(("mm.model.fc.weight", (spec.n_embd * spec.scale_factor**2,
+                                        spec.projection_dim), None))
+    return keys, plan
+
+
+@dataclass(frozen=True)
 class InternVisionSpec:
     """An InternVL-style projector (`clip_graph_internvl`)."""
 
@@ -424,7 +455,7 @@ def qwen_header(
 
 
 AnySpec = (QwenVisionSpec | Qwen3VisionSpec | PixtralVisionSpec | Gemma4VisionSpec
-           | InternVisionSpec)
+           | InternVisionSpec | Idefics3VisionSpec)
 
 
 def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) -> AnySpec:
@@ -440,6 +471,8 @@ def write_qwen_mmproj(path: Path, spec: AnySpec | None = None, seed: int = 0) ->
         keys, plan = gemma4_header(spec)
     elif isinstance(spec, InternVisionSpec):
         keys, plan = intern_header(spec)
+    elif isinstance(spec, Idefics3VisionSpec):
+        keys, plan = idefics3_header(spec)
     else:
         keys, plan = qwen_header(spec)
     writer = gguf.GGUFWriter(str(path), "clip")
@@ -594,6 +627,8 @@ def compare_table() -> list[list[str]]:
                                                           std_scale=True), fa),
             ("internvl 448px tile e128 h2", InternVisionSpec(image_size=448, n_embd=128,
                                                              n_ff=512, n_head=2), fa),
+            ("idefics3 224px tile e256 h4", Idefics3VisionSpec(n_embd=256, n_ff=1024,
+                                                               n_head=4), fa),
         ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,8 @@ compute buffer with `ggml_graph`: the same ops, shapes and order, no data.
         clip_graph_qwen3vl: Qwen3-VL (fused QKV, learned positions resized, deepstack mergers)
     gemma3_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_siglip for Gemma 3: build_vit, average pooling, the projection
+    idefics3_buffer_bytes(shape, width, height, flash_attn, alignment)
+        clip_graph_siglip for Idefics3 / SmolVLM: build_vit, pixel unshuffle, the projection
     pixtral_buffer_bytes(shape, width, height, flash_attn, alignment)
         clip_graph_pixtral: Pixtral, Mistral Small 3.x (2D RoPE, patch merger, [IMG_BREAK])
     gemma4_buffer_bytes(shape, width, height, flash_attn, alignment)
@@ -221,18 +223,15 @@ def qwen3vl_buffer_bytes(
     return g.buffer_bytes([*roots, emb], alignment)
 
 
-def gemma3_buffer_bytes(
-    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
-) -> int:
-    """The compute buffer of `clip_graph_siglip::build` for Gemma 3 (build_inp, build_vit with
-    learned positions, average pooling by n_merge, RMS norm, the input projection)."""
-    g = Graph()
-    roots: list[Tensor] = []
+def _siglip_vit(
+    g: Graph, roots: list[Tensor], shape: EncoderShape, width: int, height: int,
+    flash_attn: bool,
+) -> Tensor:
+    """build_inp and build_vit as clip_graph_siglip calls them: learned positions (no resize),
+    layer norms, separate Q/K/V; [n_embd, n_patches]."""
     p, e = shape.patch_size, shape.n_embd
-    px, py = width // p, height // p
-    n_pos = px * py
+    n_pos = (width // p) * (height // p)
     d_head = e // shape.n_head
-
     image = g.input(width, height, 3, 1, name="inp_raw")
     inp = g.conv_2d(g.weight(p, p, 3, e, dtype=shape.kernel_dtype), image, p)
     inp = g.cont(g.transpose(g.reshape(inp, n_pos, e, 1)))
@@ -254,8 +253,18 @@ def gemma3_buffer_bytes(
         inpl = g.add(inpl, cur)
     if shape.post_norm:
         inpl = _norm(g, inpl, shape)
-    cur = g.reshape(inpl, e, n_pos, 1)
+    return g.reshape(inpl, e, n_pos, 1)
 
+
+def gemma3_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_siglip::build` for Gemma 3 (build_inp, build_vit with
+    learned positions, average pooling by n_merge, RMS norm, the input projection)."""
+    g = Graph()
+    roots: list[Tensor] = []
+    e, px, py = shape.n_embd, width // shape.patch_size, height // shape.patch_size
+    cur = _siglip_vit(g, roots, shape, width, height, flash_attn)
     cur = g.cont(g.transpose(cur), px, py, e, 1)
     cur = g.pool_2d(cur, shape.n_merge)
     cur = g.reshape(cur, cur.ne[0] * cur.ne[0], e, 1)
@@ -263,6 +272,24 @@ def gemma3_buffer_bytes(
     cur = g.mul(g.unary(cur, "rms_norm"), g.weight(e, dtype=F32))
     projection = g.cont(g.transpose(g.weight(shape.projection_dim, e)))
     out = g.mul_mat(projection, cur)
+    return g.buffer_bytes([*roots, out], alignment)
+
+
+def idefics3_buffer_bytes(
+    shape: EncoderShape, width: int, height: int, flash_attn: bool, alignment: int
+) -> int:
+    """The compute buffer of `clip_graph_siglip::build` for Idefics3 / SmolVLM: the SigLIP ViT,
+    pixel unshuffle by n_merge (build_patch_merge_permute), one projection."""
+    g = Graph()
+    roots: list[Tensor] = []
+    e, s = shape.n_embd, shape.n_merge
+    px, py = width // shape.patch_size, height // shape.patch_size
+    cur = _siglip_vit(g, roots, shape, width, height, flash_attn)
+    cur = g.reshape(cur, e, px, py)  # tiles are whole multiples of the factor: no padding
+    cur = g.permute(g.reshape(cur, e * s, px // s, py), 0, 2, 1, 3)
+    cur = g.permute(g.cont(cur, e * s * s, py // s, px // s), 0, 2, 1, 3)
+    cur = g.cont(cur, cur.ne[0], cur.ne[1] * cur.ne[2])
+    out = g.mul_mat(g.weight(e * s * s, shape.projection_dim), cur)
     return g.buffer_bytes([*roots, out], alignment)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,6 +37,7 @@ from localllm.vision.encoders import (
     EncoderShape,
     gemma3_buffer_bytes,
     gemma4_buffer_bytes,
+    idefics3_buffer_bytes,
     internvl_buffer_bytes,
     pixtral_buffer_bytes,
     qwen2vl_buffer_bytes,
@@ -63,7 +64,9 @@ class ProjectorKind:
     max_tokens: int = 0  # dynamic only: llama.cpp's set_limit_image_tokens maximum
     warmup_tokens: int = 0  # dynamic only: set_warmup_n_tokens, the image reserved at load
     # "vit": the formula in `compute_bytes` (an estimate); the others: llama.cpp's graph replayed
-    graph: Literal["vit", "gemma3", "gemma4", "internvl", "qwen2vl", "qwen3vl", "pixtral"] = "vit"
+    graph: Literal[
+        "vit", "gemma3", "gemma4", "idefics3", "internvl", "qwen2vl", "qwen3vl", "pixtral"
+    ] = "vit"
     measured: bool = False  # the compute figure checked against llama.cpp for this type
 
 
@@ -77,6 +80,9 @@ PROJECTOR_KINDS: Mapping[str, ProjectorKind] = {
     "qwen2vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen2.5vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen2vl", True),
     "qwen3vl_merger": ProjectorKind("dynamic", 2, _SPATIAL, 4096, 46 * 46, "qwen3vl", True),
+    # Idefics3 / SmolVLM: tiles of image_size, pixel unshuffle by scale_factor; an image is
+    # resized to preproc_image_size on its longer side, cut into tiles, plus an overview
+    "idefics3": ProjectorKind("pooled", 1, _SCALE, graph="idefics3", measured=True),
     # InternVL: 448 px tiles, pixel shuffle by scale_factor; an image is up to preproc_max_tiles
     # tiles and an overview, each its own chunk for mtmd
     "internvl": ProjectorKind("pooled", 1, _SCALE, graph="internvl", measured=True),
@@ -325,8 +331,7 @@ def projector_from_header(
             else math.isqrt(positions.shape[1])),
         std_scale="v.std_scale" in names,
         layer_scale="v.blk.0.ls1.weight" in names,
-        max_tiles=number("clip.vision.preproc_max_tiles", 12) if projector_type == "internvl"
-        else 0,
+        max_tiles=_max_tiles(projector_type, metadata, image_size, number),
         patch_bias="v.patch_embd.bias" in names,
         linear_bias="v.blk.0.attn_q.bias" in names,
         projector_bias=bool(names & {"mm.0.bias", "mm.1.bias"}),
@@ -337,6 +342,20 @@ def projector_from_header(
     )
 
 
+def _max_tiles(
+    projector_type: str, metadata: Mapping[str, object], image_size: int,
+    number: Callable[[str, int], int],
+) -> int:
+    """Tiles an image is cut into at most, besides its overview (0: not tiled)."""
+    if projector_type == "internvl":
+        return number("clip.vision.preproc_max_tiles", 12)
+    if projector_type == "idefics3" and "clip.vision.preproc_image_size" in metadata:
+        # the longer side resized to preproc_image_size, a square image: side x side tiles
+        side = -(-number("clip.vision.preproc_image_size", image_size) // image_size)
+        return side * side
+    return 0
+
+
 _DEEPSTACK = re.compile(r"v\.deepstack\.(\d+)\.fc1\.weight")
 
 
@@ -345,5 +364,6 @@ def _graph_bytes(graph: str, shape: EncoderShape, width: int, height: int, flash
     # the fitter asks again for each candidate plan: replay the allocator once per shape
     build = {"gemma3": gemma3_buffer_bytes, "qwen2vl": qwen2vl_buffer_bytes,
              "qwen3vl": qwen3vl_buffer_bytes, "pixtral": pixtral_buffer_bytes,
-             "gemma4": gemma4_buffer_bytes, "internvl": internvl_buffer_bytes}[graph]
+             "gemma4": gemma4_buffer_bytes, "internvl": internvl_buffer_bytes,
+             "idefics3": idefics3_buffer_bytes}[graph]
     return build(shape, width, height, flash_attn, BUFFER_ALIGNMENT)
