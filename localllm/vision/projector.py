@@ -55,7 +55,8 @@ F32_BYTES = 4
 class ProjectorKind:
     """How one `clip.projector_type` turns an image into tokens (clip.cpp, `load_hparams`)."""
 
-    # "pooled": a fixed square image of `image_size`, (image_size / patch / n_merge)^2 tokens.
+    # "pooled": a fixed square image of `image_size`, (image_size / patch / n_merge)^2 tokens
+    # (InternVL, Idefics3: per tile, an image being up to `Projector.tiles` of them).
     # "dynamic": any size up to `max_tokens` merged tokens; the encoder sees n_merge^2 patches
     # per token.
     tokens: Literal["pooled", "dynamic"]
