@@ -105,6 +105,7 @@ def check_image(data: bytes, mime: str | None, limits: ImageLimits, param: str) 
             "the image is not a PNG, JPEG or WebP file (its first bytes are none of theirs)",
             param=param,
         )
+    mime = _ALIASES.get(mime, mime) if mime is not None else None
     if mime is not None and mime not in ("", "application/octet-stream") and mime != found:
         raise RequestError(
             f"the image is declared {mime} but its bytes are {found}; send the right type",
