@@ -130,6 +130,7 @@ def plan_for_serving(
         # the projector the plan counted, where it put it (`mmproj`, `mmproj_offload`)
         mmproj_path=plan.projector.path if plan.projector is not None else None,
         mmproj_offload=plan.projector_device not in ("", "host"),
+        mmproj_required=settings.mmproj not in ("auto", "off"),
     )
     return plan, config, warnings + list(plan.warnings)
 

@@ -12,6 +12,7 @@ import http.server
 import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ import ollama
 import openai
 import pytest
 
+from localllm.engine import GenerationRequest
 from localllm.errors import RequestError
 from localllm.server.images import load_images
 from localllm.server.types import ChatMessage
 from localllm.settings import Settings
 from localllm.vision import read_projector
-from localllm.vision.images import ImageLimits, check_image
+from localllm.vision.images import MEDIA_MARKER, ImageLimits, check_image
 from tests import tiny_vision as tv
 from tests.conftest import UvicornThread
 from tests.tiny_images import png
@@ -356,3 +358,47 @@ def test_an_image_to_a_model_without_a_projector(vision_files: tuple[Path, Path]
             running.stop()
     _refused(response, "tiny-gemma3-F16.gguf has no vision projector")
     assert "--mmproj" in response.json()["error"]["message"]
+
+
+def test_serve_loads_the_projector_beside_the_model(
+    vision_files: tuple[Path, Path], image_tokens: int, tmp_path: Path
+) -> None:
+    """`serve()` of the models folder in its own process (the router, a worker per model): the
+    plan's projector (`mmproj` auto) loads with the model and the image is answered."""
+    from tests.conftest import served_process
+
+    settings = (
+        f"model={str(vision_files[0])!r}, threads=1, n_ctx=1024, parallel=1, n_batch=256, "
+        "n_ubatch=256"
+    )
+    with served_process(settings, vision_files[0], tmp_path) as (_, url):
+        models = httpx.get(url + "/v1/models", timeout=60).json()["data"]
+        [model] = [m["id"] for m in models]
+        body = {"model": model, "messages": [image_message(data_url(png(12, 12)))],
+                "max_tokens": 2, **TALK}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=240)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] > image_tokens
+
+
+def test_a_projector_found_beside_a_model_that_llama_cpp_refuses(
+    embedded_model_path: Path, vision_files: tuple[Path, Path]
+) -> None:
+    """`mmproj` auto pairs by file name only: a projector made for another model (its width
+    differs) leaves the model serving text, and an image request says why; a projector given
+    by path fails the load."""
+    from localllm.engine import Engine, EngineConfig
+    from localllm.errors import ModelLoadError
+
+    config = EngineConfig(
+        model_path=embedded_model_path, n_ctx=512, n_parallel=1, n_threads=1,
+        mmproj_path=vision_files[1], mmproj_required=False,
+    )
+    with Engine.load(config) as engine:
+        assert engine.media is None
+        answer = engine.generate("Hello", max_tokens=1)
+        assert answer.usage.completion_tokens == 1
+        with pytest.raises(RequestError, match="did not load: .*mmproj-tiny-gemma3"):
+            engine.submit(GenerationRequest(prompt=MEDIA_MARKER + " hi", images=(png(8, 8),)))
+    with pytest.raises(ModelLoadError, match="could not load the vision projector"):
+        Engine.load(replace(config, mmproj_required=True))

@@ -70,6 +70,7 @@ class LlamaBackend:
         self.batch: Any = None
         self._embedder: Embedder | None = None
         self.media: MediaContext | None = None  # the vision projector, when the config has one
+        self.media_error = ""  # why a projector found beside the model did not load
         self._embedder_lock = threading.Lock()
         with logs.capture() as load_log:
             started = time.perf_counter()
@@ -184,14 +185,20 @@ class LlamaBackend:
             llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model)
         )
         if config.mmproj_path is not None:
-            self.media = MediaContext(
-                model,
-                config.mmproj_path,
-                use_gpu=config.mmproj_offload,
-                n_threads=threads,
-                flash_attn=config.flash_attn,
-                n_ubatch=cparams.n_ubatch,
-            )
+            try:
+                self.media = MediaContext(
+                    model,
+                    config.mmproj_path,
+                    use_gpu=config.mmproj_offload,
+                    n_threads=threads,
+                    flash_attn=config.flash_attn,
+                    n_ubatch=cparams.n_ubatch,
+                )
+            except ModelLoadError as exc:
+                if config.mmproj_required:
+                    raise
+                log.warning("serving %s without images: %s", config.model_path.name, exc)
+                self.media_error = str(exc)
 
     def _set_tensor_overrides(self, mparams: Any) -> None:
         entries: list[tuple[bytes, int]] = []

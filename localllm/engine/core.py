@@ -406,10 +406,12 @@ class Engine:
     def _media_prompt(self, request: GenerationRequest) -> MediaPrompt:
         """A prompt with images, tokenized by the projector (images and marker text checked)."""
         if self.media is None:
+            refused = getattr(self.backend, "media_error", "")
             raise RequestError(
                 f"{self.config.model_path.name} has no vision projector, so it cannot read "
                 "images: serve it with --mmproj FILE (the mmproj-*.gguf made for it), or send "
-                "text only",
+                "text only" + (f" (the projector beside it did not load: {refused})" if refused
+                               else ""),
                 param="messages",
             )
         if not isinstance(request.prompt, str):
