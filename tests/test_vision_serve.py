@@ -129,14 +129,19 @@ def test_a_png_data_url_is_answered_and_its_tokens_counted(
     assert vision_engine.stats().images_encoded_total == before + 1
 
 
+@pytest.mark.parametrize("answer_tokens", [4, 250], ids=["short", "past-the-window"])
 def test_the_second_turn_reuses_the_image_without_encoding_it(
-    client: openai.OpenAI, vision_engine: Any, image_tokens: int
+    client: openai.OpenAI, vision_engine: Any, image_tokens: int, answer_tokens: int
 ) -> None:
-    image = png(32, 32, seed=2)
+    """A long answer slides the model's 32-token window past the prompt's end (the small
+    sliding-window cache): the next turn then restores a context checkpoint, still after the
+    image."""
+    image = png(32, 32, seed=2 + answer_tokens)
     first = [image_message(data_url(image), "Describe it.")]
     before = vision_engine.stats().images_encoded_total
+    restored = vision_engine.stats().checkpoints_restored_total
     one = client.chat.completions.create(
-        model=MODEL, messages=first, max_tokens=4, extra_body=TALK
+        model=MODEL, messages=first, max_tokens=answer_tokens, extra_body=TALK
     )
     assert vision_engine.stats().images_encoded_total == before + 1
     second = [
@@ -151,6 +156,8 @@ def test_the_second_turn_reuses_the_image_without_encoding_it(
     assert two.usage is not None and two.usage.prompt_tokens_details is not None
     cached = two.usage.prompt_tokens_details.cached_tokens or 0
     assert cached > image_tokens
+    if answer_tokens > 32:
+        assert vision_engine.stats().checkpoints_restored_total > restored
 
 
 def test_two_images_in_one_message(
@@ -402,3 +409,16 @@ def test_a_projector_found_beside_a_model_that_llama_cpp_refuses(
             engine.submit(GenerationRequest(prompt=MEDIA_MARKER + " hi", images=(png(8, 8),)))
     with pytest.raises(ModelLoadError, match="could not load the vision projector"):
         Engine.load(replace(config, mmproj_required=True))
+
+
+def test_a_cut_never_lands_inside_an_image() -> None:
+    from localllm.engine.media import ImageSpan, MediaPrompt, image_key
+
+    key = image_key(b"image")
+    assert key < 0 and key == image_key(b"image") and key != image_key(b"other")
+    spans = [ImageSpan(5, 16, key, None, True), ImageSpan(30, 16, key - 1, None, True)]
+    prompt = MediaPrompt([1] * 5 + [key] * 16 + [1] * 9 + [key - 1] * 16 + [1] * 4, spans, None)
+    assert [prompt.align(n) for n in (0, 5, 6, 20, 21, 29, 31, 46)] == [0, 5, 5, 5, 21, 29, 30, 46]
+    assert prompt.checkpoints((10, 26, 40, 46)) == (5, 26, 30, 46)
+    assert prompt.at(5) is spans[0] and prompt.at(6) is None
+    assert prompt.next_start(6) == 30 and prompt.next_start(31) is None
