@@ -153,6 +153,8 @@ def test_the_second_turn_reuses_the_image_without_encoding_it(
         model=MODEL, messages=second, max_tokens=4, extra_body=TALK
     )
     assert vision_engine.stats().images_encoded_total == before + 1  # not encoded again
+    metrics = httpx.get(str(client.base_url).replace("/v1/", "/metrics"), timeout=60).text
+    assert f"localllm_images_encoded_total {float(before + 1)}" in metrics
     assert two.usage is not None and two.usage.prompt_tokens_details is not None
     cached = two.usage.prompt_tokens_details.cached_tokens or 0
     assert cached > image_tokens
