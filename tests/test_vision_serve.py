@@ -424,3 +424,31 @@ def test_a_cut_never_lands_inside_an_image() -> None:
     assert prompt.checkpoints((10, 26, 40, 46)) == (5, 26, 30, 46)
     assert prompt.at(5) is spans[0] and prompt.at(6) is None
     assert prompt.next_start(6) == 30 and prompt.next_start(31) is None
+
+
+def test_a_served_folder_sends_images_to_the_model_worker(
+    vision_files: tuple[Path, Path], image_tokens: int, tmp_path: Path
+) -> None:
+    """The router's path: the model in a worker process, its chat rendered there with the
+    image markers, the images pickled across with the request."""
+    from localllm.router import Router
+    from localllm.server import create_app
+
+    settings = Settings(
+        models_dir=vision_files[0].parent, model="tiny-gemma3-F16", n_ctx=1024, parallel=1,
+        threads=1, n_batch=256, n_ubatch=256,
+    )
+    router = Router(settings)
+    running = UvicornThread(
+        create_app(settings, router=router, model_id=router.start_model_name())
+    ).start()
+    try:
+        body = {"model": "tiny-gemma3-F16", "messages": [image_message(data_url(png(10, 10)))],
+                "max_tokens": 2, **TALK}
+        response = httpx.post(running.url + "/v1/chat/completions", json=body, timeout=240)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] > image_tokens
+        card = httpx.get(running.url + "/v1/models", timeout=60).json()["data"][0]
+        assert "vision" in card["localllm"]["capabilities"]
+    finally:
+        running.stop()
