@@ -284,8 +284,8 @@ class Engine:
         Blocking (render and tokenize): call it from a worker thread.
         """
         prompt = self.chat_render(messages, tools)[0]
-        if isinstance(prompt, str):
-            raise RequestError("a chat with images needs its images: use submit", param="messages")
+        if isinstance(prompt, str):  # marker text without images: the text as it is written
+            return tuple(self.backend.tokenize(prompt, False, True))
         return prompt
 
     def chat_render(
