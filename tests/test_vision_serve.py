@@ -452,3 +452,22 @@ def test_a_served_folder_sends_images_to_the_model_worker(
         assert "vision" in card["localllm"]["capabilities"]
     finally:
         running.stop()
+
+
+def test_an_m_rope_projector_loads_and_its_images_are_refused(tmp_path: Path) -> None:
+    """Qwen2.5-VL's projector (beside an M-RoPE text model, the tiny Qwen3.5) loads and the model
+    serves text; its images are refused, saying why, until M-RoPE image positions are served."""
+    from localllm.engine import Engine, EngineConfig
+    from tests.tiny_models import QWEN35_SPEC, write_qwen35
+
+    write_qwen35(tmp_path / "qwen.gguf")
+    tv.write_qwen25vl_mmproj(tmp_path / "mmproj-qwen.gguf", projection_dim=QWEN35_SPEC.n_embd)
+    config = EngineConfig(
+        model_path=tmp_path / "qwen.gguf", n_ctx=512, n_parallel=1, n_threads=1,
+        mmproj_path=tmp_path / "mmproj-qwen.gguf",
+    )
+    with Engine.load(config) as engine:
+        assert engine.media is not None and engine.media.uses_mrope
+        assert engine.generate("Hello", max_tokens=1).usage.completion_tokens == 1
+        with pytest.raises(RequestError, match="M-RoPE positions"):
+            engine.submit(GenerationRequest(prompt=MEDIA_MARKER + " hi", images=(png(20, 20),)))
