@@ -176,25 +176,47 @@ def test_two_images_in_one_message(
 
 
 def test_a_stream_goes_on_while_another_slot_sends_an_image(
-    server: UvicornThread, client: openai.OpenAI, image_tokens: int
+    server: UvicornThread,
+    client: openai.OpenAI,
+    vision_engine: Any,
+    image_tokens: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Once the image's encode has started it is held until the other slot's stream has produced
+    10 more tokens: that only happens if the stream decodes while the image is being encoded (no
+    timing assumed)."""
+    media = vision_engine.media
+    encode = media._encode
+    encoding = threading.Event()
+    advanced = threading.Event()
+    held: list[bool] = []
+
+    def gated(chunk: Any, n_tokens: int) -> Any:
+        encoding.set()
+        held.append(advanced.wait(120))
+        return encode(chunk, n_tokens)
+
+    monkeypatch.setattr(media, "_encode", gated)
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Tell a long story."}],
-        max_tokens=120,
+        max_tokens=400,
         stream=True,
         extra_body=TALK,
     )
-    pieces: list[str] = []
     finish: list[str | None] = []
     first = threading.Event()
 
     def read() -> None:
+        after = 0
         for chunk in stream:
             if chunk.choices:
-                pieces.append(chunk.choices[0].delta.content or "")
                 finish.append(chunk.choices[0].finish_reason)
                 first.set()
+                if encoding.is_set():
+                    after += 1
+                    if after >= 10:
+                        advanced.set()
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -207,6 +229,7 @@ def test_a_stream_goes_on_while_another_slot_sends_an_image(
     reader.join(300)
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["prompt_tokens"] > image_tokens
+    assert held == [True]  # the stream went 10 tokens on while the image was encoding
     assert not reader.is_alive() and finish[-1] == "length"
 
 
