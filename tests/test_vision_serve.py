@@ -477,20 +477,110 @@ def test_a_served_folder_sends_images_to_the_model_worker(
         running.stop()
 
 
-def test_an_m_rope_projector_loads_and_its_images_are_refused(tmp_path: Path) -> None:
-    """Qwen2.5-VL's projector (beside an M-RoPE text model, the tiny Qwen3.5) loads and the model
-    serves text; its images are refused, saying why, until M-RoPE image positions are served."""
-    from localllm.engine import Engine, EngineConfig
+@pytest.fixture(scope="module")
+def qwen_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Qwen2.5-VL's projector beside an M-RoPE text model of its width (the tiny Qwen3.5, a
+    Gated DeltaNet hybrid: its reuse goes through context checkpoints)."""
     from tests.tiny_models import QWEN35_SPEC, write_qwen35
 
-    write_qwen35(tmp_path / "qwen.gguf")
-    tv.write_qwen25vl_mmproj(tmp_path / "mmproj-qwen.gguf", projection_dim=QWEN35_SPEC.n_embd)
+    folder = tmp_path_factory.mktemp("vision-qwen")
+    write_qwen35(folder / "qwen.gguf")
+    tv.write_qwen25vl_mmproj(folder / "mmproj-qwen.gguf", projection_dim=QWEN35_SPEC.n_embd)
+    return folder / "qwen.gguf", folder / "mmproj-qwen.gguf"
+
+
+def _reference_top(engine: Any, text: str, image: bytes) -> list[tuple[int, float]]:
+    """The next token's top 3 (id, logprob) by llama.cpp's own path: the prompt's chunks through
+    `mtmd_helper_eval_chunks` on a fresh context of the same model."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+    import numpy as np
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = 1024, 256, 256
+    params.n_threads = params.n_threads_batch = 1
+    ctx = llama_cpp.llama_init_from_model(engine.backend.model, params)
+    prompt = engine.media.prompt(text, [image], False, True)
+    try:
+        n_past = llama_cpp.llama_pos(0)
+        status = mtmd.mtmd_helper_eval_chunks(
+            engine.media.ctx, ctx, prompt.chunks, 0, 0, 256, True, ctypes.byref(n_past)
+        )
+        assert status == 0
+        n_vocab = engine.backend.n_vocab
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        logprobs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        return [(int(t), float(logprobs[t])) for t in np.argsort(-logprobs)[:3]]
+    finally:
+        prompt.free()
+        llama_cpp.llama_free(ctx)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2.5vl"])
+def test_the_engine_decodes_images_as_llama_cpp_does(
+    family: str, vision_files: tuple[Path, Path], qwen_files: tuple[Path, Path]
+) -> None:
+    """The next token's distribution after a prompt with an image, from the engine's scheduler
+    (image encoded on its worker, embeddings decoded into the slot; M-RoPE positions for
+    Qwen2.5-VL), equals llama.cpp's own mtmd helper's."""
+    from localllm.engine import Engine, EngineConfig, SamplingParams
+
+    model, projector = vision_files if family == "gemma3" else qwen_files
     config = EngineConfig(
-        model_path=tmp_path / "qwen.gguf", n_ctx=512, n_parallel=1, n_threads=1,
-        mmproj_path=tmp_path / "mmproj-qwen.gguf",
+        model_path=model, n_ctx=1024, n_parallel=1, n_threads=1, n_batch=256, n_ubatch=256,
+        mmproj_path=projector,
     )
+    image = png(60, 40, seed=7)
     with Engine.load(config) as engine:
-        assert engine.media is not None and engine.media.uses_mrope
-        assert engine.generate("Hello", max_tokens=1).usage.completion_tokens == 1
-        with pytest.raises(RequestError, match="M-RoPE positions"):
-            engine.submit(GenerationRequest(prompt=MEDIA_MARKER + " hi", images=(png(20, 20),)))
+        assert engine.media is not None and engine.media.uses_mrope == (family != "gemma3")
+        text, _ = engine.chat_render([{"role": "user", "content": f"Look: {MEDIA_MARKER} What?"}])
+        assert isinstance(text, str)
+        request = GenerationRequest(
+            prompt=text, images=(image,), add_special=False, max_tokens=1, logprobs=3,
+            sampling=SamplingParams(temperature=0),
+        )
+        ours = engine.submit(request).result().logprobs[0].top
+        reference = _reference_top(engine, text, image)
+        pieces = [engine.backend.token_bytes(t, True) for t, _ in reference]
+    assert [top.token_bytes for top in ours] == pieces
+    for top, (_, logprob) in zip(ours, reference, strict=True):
+        assert abs(top.logprob - logprob) < 0.05
+
+
+def test_an_m_rope_image_is_reused_on_the_next_turn(qwen_files: tuple[Path, Path]) -> None:
+    """Qwen2.5-VL: the image takes max(width, height) positions for its tokens; the next turn
+    restores a context checkpoint after it (a hybrid model) and does not encode it again."""
+    from localllm.engine import Engine, EngineConfig, SamplingParams
+
+    model, projector = qwen_files
+    config = EngineConfig(
+        model_path=model, n_ctx=2048, n_parallel=1, n_threads=1, n_ubatch=64,
+        mmproj_path=projector,
+    )
+    talk = SamplingParams(temperature=0, logit_bias=((2, -100.0),))
+    image = png(60, 40, seed=8)
+    with Engine.load(config) as engine:
+        first = [{"role": "user", "content": f"{MEDIA_MARKER} What is it?"}]
+        text, _ = engine.chat_render(first)
+        assert isinstance(text, str)
+        prompt = engine.media.prompt(text, [image], False, True)
+        [span] = prompt.spans
+        prompt.free()
+        assert span.n_pos < span.n_tokens  # a grid: max(width, height) positions
+        one = engine.submit(GenerationRequest(
+            prompt=text, images=(image,), add_special=False, max_tokens=40, sampling=talk,
+        )).result()
+        second = [*first, {"role": "assistant", "content": one.text},
+                  {"role": "user", "content": "And then?"}]
+        text, _ = engine.chat_render(second)
+        assert isinstance(text, str)
+        two = engine.submit(GenerationRequest(
+            prompt=text, images=(image,), add_special=False, max_tokens=4, sampling=talk,
+        )).result()
+        stats = engine.stats()
+    assert stats.images_encoded_total == 1
+    assert two.usage.cached_tokens > span.start + span.n_tokens
+    assert stats.checkpoints_restored_total >= 1

@@ -61,7 +61,7 @@ from localllm.engine.checkpoints import (
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
-from localllm.engine.media import ImageSpan, MediaContext, MediaPrompt
+from localllm.engine.media import ImageSpan, MediaContext, MediaPrompt, ShiftedMemory
 from localllm.engine.pacing import PrefillPacer
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.engine.types import (
@@ -155,6 +155,7 @@ class _Job:
     keep_special: frozenset[int] = frozenset()  # token ids printed with their control text
     checkpoint_at: tuple[int, ...] = ()  # prompt positions to save a context checkpoint at
     media: MediaPrompt | None = None  # the prompt's images (`engine.media`)
+    shift: int = 0  # positions below token indices here (M-RoPE images: `engine.media`)
 
 
 @dataclass(eq=False)
@@ -775,16 +776,19 @@ class Engine:
         reuse = _common_prefix(slot.cached, job.prompt)
         reuse = min(reuse, len(job.prompt) - 1)  # decode at least one token to get logits
         media = job.media
+        memory: Any = self.backend
         if media is not None:
             reuse = media.align(reuse)
+            memory = ShiftedMemory(self.backend, media) if media.shifts else memory
         reuse, restored = cut_to_prefix(
-            self.backend, slot.seq_id, len(slot.cached), reuse, slot.checkpoints
+            memory, slot.seq_id, len(slot.cached), reuse, slot.checkpoints
         )
         if media is not None and media.align(reuse) != reuse:  # a checkpoint inside an image
             reuse, again = cut_to_prefix(
-                self.backend, slot.seq_id, reuse, media.align(reuse), slot.checkpoints
+                memory, slot.seq_id, reuse, media.align(reuse), slot.checkpoints
             )
             restored = restored or again
+        job.shift = media.shift_before(reuse) if media is not None else 0
         self._checkpoints_restored += restored
         del slot.cached[reuse:]
         job.n_cached = job.n_prompt_done = reuse
@@ -820,7 +824,8 @@ class Engine:
         for slot in generating:
             assert slot.job is not None and slot.job.next_token is not None
             slot.job.batch_index = len(items)
-            items.append(BatchItem(slot.job.next_token, len(slot.cached), slot.seq_id, True))
+            pos = len(slot.cached) - slot.job.shift
+            items.append(BatchItem(slot.job.next_token, pos, slot.seq_id, True))
         budget = self.config.n_batch - len(items)
         # Every decoding slot waits for this whole step (one with a grammar sample on the worker
         # too, when pacing is on): cap the prompt chunk so the step stays near the stall target.
@@ -852,7 +857,8 @@ class Engine:
                 last = start + i == len(job.prompt) - 1
                 if last:
                     job.batch_index = len(items)
-                items.append(BatchItem(job.prompt[start + i], start + i, slot.seq_id, last))
+                pos = start + i - job.shift
+                items.append(BatchItem(job.prompt[start + i], pos, slot.seq_id, last))
             budget -= take
             prefilling.append((slot, take))
         step_started = time.perf_counter()
@@ -913,12 +919,14 @@ class Engine:
             self._release(slot, failure)
             return 0
         started = time.perf_counter()
-        status = self.media.decode_image(self.backend, span, span.start, slot.seq_id)
+        pos = span.start - job.shift
+        status = self.media.decode_image(self.backend, span, pos, slot.seq_id)
         self._prompt_seconds += time.perf_counter() - started
         if status != 0:
             self._decode_failed(status, [slot])
             return 0
         slot.cached.extend([span.key] * span.n_tokens)
+        job.shift += span.n_tokens - span.n_pos
         job.n_prompt_done += span.n_tokens
         self._prompt_tokens_total += span.n_tokens
         self._checkpoint(slot, job)

@@ -13,8 +13,9 @@ worker thread, while the scheduler keeps decoding the other slots; the scheduler
 image's embeddings into the slot's sequence in one batch of their own (`decode_image`), with
 non-causal attention where the model wants it (Gemma 3: an image's tokens see each other, so they
 must be in one micro-batch). M-RoPE models (Qwen2-VL, Qwen2.5-VL) place an image's tokens on a 2D
-grid of positions that does not advance one per token; the scheduler's positions do, so their
-image requests are refused for now.
+grid of positions (mtmd's decoder positions) that advances by max(width, height) rather than by its
+token count: the text after such an image sits `shift` positions below its index in the token
+list (`MediaPrompt.shift_before`), and cuts of the memory go through `ShiftedMemory`.
 
 Thread use: `prompt` (tokenizing, decoding the image file) runs on the submitting thread and
 `encode` on the worker, one at a time under one lock (they share mtmd's context); `decode_image`
@@ -64,6 +65,7 @@ class ImageSpan:
     key: int
     chunk: Any  # the mtmd_input_chunk (owned by MediaPrompt's chunk list)
     non_causal: bool
+    n_pos: int = 0  # positions it takes (M-RoPE: max(width, height) in tokens; else n_tokens)
     embd: Future[npt.NDArray[np.float32]] | None = None  # set when its encode is queued
 
     @property
@@ -97,6 +99,15 @@ class MediaPrompt:
             if span.start < n_keep < span.end:
                 return span.start
         return n_keep
+
+    def shift_before(self, index: int) -> int:
+        """How far the position of prompt index `index` lies below it: what the (M-RoPE) images
+        before it take fewer positions than tokens."""
+        return sum(s.n_tokens - s.n_pos for s in self.spans if s.end <= index)
+
+    @property
+    def shifts(self) -> bool:
+        return any(s.n_pos != s.n_tokens for s in self.spans)
 
     def checkpoints(self, positions: Sequence[int]) -> tuple[int, ...]:
         """Checkpoint positions moved out of images (an image is decoded at once)."""
@@ -187,13 +198,6 @@ class MediaContext:
     ) -> MediaPrompt:
         """Tokenize text holding one MEDIA_MARKER per image, in order."""
         mtmd = _mtmd()
-        if self.uses_mrope:
-            raise RequestError(
-                f"this model's vision projector ({self.path.name}) places image tokens with "
-                "M-RoPE positions (Qwen2-VL / Qwen2.5-VL style), which localllm does not serve "
-                "yet; send text only, or serve a Gemma 3-style vision model",
-                param="messages",
-            )
         n_markers = text.count(MEDIA_MARKER)
         if n_markers != len(images):
             raise RequestError(
@@ -263,7 +267,8 @@ class MediaContext:
                     "--ubatch-size",
                     param="messages",
                 )
-            spans.append(ImageSpan(len(tokens), n_tokens, key, chunk, non_causal))
+            n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+            spans.append(ImageSpan(len(tokens), n_tokens, key, chunk, non_causal, n_pos))
             tokens.extend([key] * n_tokens)
         if spans and spans[-1].end == len(tokens):
             raise RequestError(
@@ -298,12 +303,21 @@ class MediaContext:
         assert span.embd is not None
         embd = span.embd.result()
         llama = _llama()
+        mtmd = _mtmd()
         n = span.n_tokens
-        batch = llama.llama_batch_init(n, self.n_embd, 1)
+        # M-RoPE: four positions per embedding, section-major (t, y, x, z), as mtmd's helper
+        n_sections = 4 if self.uses_mrope else 1
+        batch = llama.llama_batch_init(n * n_sections, self.n_embd, 1)
         try:
             ctypes.memmove(batch.embd, embd.ctypes.data, embd.nbytes)
+            image = mtmd.mtmd_input_chunk_get_tokens_image(span.chunk) if self.uses_mrope else None
             for i in range(n):
-                batch.pos[i] = pos + i
+                if image is not None:
+                    at = mtmd.mtmd_image_tokens_get_decoder_pos(image, pos, i)
+                    batch.pos[i], batch.pos[n + i] = at.t, at.y
+                    batch.pos[2 * n + i], batch.pos[3 * n + i] = at.x, at.z
+                else:
+                    batch.pos[i] = pos + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq_id
                 batch.logits[i] = 0
@@ -325,6 +339,36 @@ class MediaContext:
         if self.ctx is not None:
             _mtmd().mtmd_free(self.ctx)
             self.ctx = None
+
+
+class ShiftedMemory:
+    """The backend's memory calls for a prompt whose M-RoPE images take fewer positions than
+    tokens: cuts given as prompt indices (`checkpoints.cut_to_prefix`) go to the positions."""
+
+    def __init__(self, backend: Any, prompt: MediaPrompt) -> None:
+        self._backend = backend
+        self._prompt = prompt
+        self.n_swa: int = backend.n_swa
+        self.recurrent: bool = backend.recurrent
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        shift = self._prompt.shift_before
+        p0 = p0 - shift(p0) if p0 > 0 else p0
+        p1 = p1 - shift(p1) if p1 > 0 else p1
+        return bool(self._backend.seq_rm(seq_id, p0, p1))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        # as an index: at least this far on (the most any cut can shift), so a sliding-window
+        # check errs towards restoring a checkpoint
+        pos = int(self._backend.seq_pos_min(seq_id))
+        return pos + self._prompt.shift_before(len(self._prompt.tokens)) if pos >= 0 else pos
+
+    def partial_state(self, seq_id: int) -> bytes:
+        data: bytes = self._backend.partial_state(seq_id)
+        return data
+
+    def restore_partial_state(self, seq_id: int, data: bytes) -> bool:
+        return bool(self._backend.restore_partial_state(seq_id, data))
 
 
 def _llama() -> Any:
