@@ -193,6 +193,7 @@ class LlamaBackend:
                     n_threads=threads,
                     flash_attn=config.flash_attn,
                     n_ubatch=cparams.n_ubatch,
+                    n_batch=cparams.n_batch,
                 )
             except ModelLoadError as exc:
                 if config.mmproj_required:

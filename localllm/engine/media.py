@@ -150,10 +150,12 @@ class MediaContext:
         n_threads: int | None,
         flash_attn: bool | None,
         n_ubatch: int,
+        n_batch: int | None = None,
     ) -> None:
         mtmd = _mtmd()
         self.path = Path(path)
         self.n_ubatch = n_ubatch
+        self.n_batch = n_batch or n_ubatch  # the most embeddings one llama_decode takes
         if not self.path.is_file():
             raise ModelLoadError(
                 f"vision projector {self.path} does not exist: give another with --mmproj, or "
@@ -298,40 +300,55 @@ class MediaContext:
     # ------------------------------------------------------------------ scheduler thread
 
     def decode_image(self, backend: Any, span: ImageSpan, pos: int, seq_id: int) -> int:
-        """Decode an encoded image's embeddings at positions pos.. of a sequence (one batch);
+        """Decode an encoded image's embeddings at positions pos.. of a sequence (batches of at
+        most n_batch; a non-causal image is one, `prompt` checked it fits a micro-batch);
         llama_decode's status."""
         assert span.embd is not None
-        embd = span.embd.result()
-        llama = _llama()
+        embd = span.embd.result().reshape(span.n_tokens, self.n_embd)
         mtmd = _mtmd()
-        n = span.n_tokens
-        # M-RoPE: four positions per embedding, section-major (t, y, x, z), as mtmd's helper
-        n_sections = 4 if self.uses_mrope else 1
-        batch = llama.llama_batch_init(n * n_sections, self.n_embd, 1)
+        if self.uses_mrope:
+            image = mtmd.mtmd_input_chunk_get_tokens_image(span.chunk)
+            at = [mtmd.mtmd_image_tokens_get_decoder_pos(image, pos, i) for i in range(len(embd))]
+            positions = [[p.t for p in at], [p.y for p in at], [p.x for p in at], [p.z for p in at]]
+        else:
+            positions = [list(range(pos, pos + len(embd)))]
+        llama = _llama()
+        if span.non_causal:
+            llama.llama_set_causal_attn(backend.ctx, False)
         try:
-            ctypes.memmove(batch.embd, embd.ctypes.data, embd.nbytes)
-            image = mtmd.mtmd_input_chunk_get_tokens_image(span.chunk) if self.uses_mrope else None
+            for first in range(0, len(embd), self.n_batch):
+                last = min(len(embd), first + self.n_batch)
+                rows = [section[first:last] for section in positions]
+                status = self._decode_rows(backend, embd[first:last], rows, seq_id)
+                if status != 0:
+                    return status
+        finally:
+            if span.non_causal:
+                llama.llama_set_causal_attn(backend.ctx, True)
+        span.embd = None  # the cells hold it now; keep the memory free
+        return 0
+
+    def _decode_rows(
+        self, backend: Any, embd: npt.NDArray[np.float32], positions: list[list[int]], seq_id: int
+    ) -> int:
+        llama = _llama()
+        n = len(embd)
+        # M-RoPE: four positions per embedding, section-major (t, y, x, z), as mtmd's helper
+        batch = llama.llama_batch_init(n * len(positions), self.n_embd, 1)
+        try:
+            rows = np.ascontiguousarray(embd, dtype=np.float32)
+            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+            for j, section in enumerate(positions):
+                for i, p in enumerate(section):
+                    batch.pos[j * n + i] = p
             for i in range(n):
-                if image is not None:
-                    at = mtmd.mtmd_image_tokens_get_decoder_pos(image, pos, i)
-                    batch.pos[i], batch.pos[n + i] = at.t, at.y
-                    batch.pos[2 * n + i], batch.pos[3 * n + i] = at.x, at.z
-                else:
-                    batch.pos[i] = pos + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq_id
                 batch.logits[i] = 0
             batch.n_tokens = n
-            if span.non_causal:
-                llama.llama_set_causal_attn(backend.ctx, False)
-            try:
-                status: int = llama.llama_decode(backend.ctx, batch)
-            finally:
-                if span.non_causal:
-                    llama.llama_set_causal_attn(backend.ctx, True)
+            status: int = llama.llama_decode(backend.ctx, batch)
         finally:
             llama.llama_batch_free(batch)
-        span.embd = None  # the cells hold it now; keep the memory free
         return status
 
     def close(self) -> None:
