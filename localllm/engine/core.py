@@ -814,6 +814,8 @@ class Engine:
             job.sampler = self.backend.new_sampler(job.request.sampling, seed, grammar)
         except RequestError as exc:
             slot.job = None
+            if job.media is not None:
+                job.media.free()
             job.handle._fail(exc)
             return
         slot.job = job
