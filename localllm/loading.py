@@ -127,6 +127,10 @@ def plan_for_serving(
         max_tokens_default=settings.max_tokens_limit,
         rpc_servers=parse_rpc_servers(settings.rpc),
         rpc_allow_public=settings.rpc_allow_public,
+        # the projector the plan counted, where it put it (`mmproj`, `mmproj_offload`)
+        mmproj_path=plan.projector.path if plan.projector is not None else None,
+        mmproj_offload=plan.projector_device not in ("", "host"),
+        mmproj_required=settings.mmproj not in ("auto", "off"),
     )
     return plan, config, warnings + list(plan.warnings)
 

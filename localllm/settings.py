@@ -168,6 +168,22 @@ class Settings(BaseSettings):
         True,
         description="Vision projector on the GPU (llama-server's --mmproj-offload); off: host.",
     )
+    max_image_bytes: int = Field(
+        20_000_000,
+        ge=1024,
+        description="Largest image a request may carry, in bytes (a base64 image also counts "
+        "against max_body_bytes).",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Most pixels (width x height, from the image header) an image may declare.",
+    )
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs the server fetches; empty: none (SSRF), "
+        "images come inline as data URLs.",
+    )
     ctx_checkpoints: int = Field(
         4,
         ge=0,
@@ -347,7 +363,10 @@ class Settings(BaseSettings):
                 raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("api_keys", "cors_origins", "allowed_hosts", "pinned_models", mode="before")
+    @field_validator(
+        "api_keys", "cors_origins", "allowed_hosts", "pinned_models", "image_url_hosts",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         # Env vars carry lists as "a,b" (or as JSON, which pydantic-settings would expect).

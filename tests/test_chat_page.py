@@ -613,3 +613,50 @@ def test_models_folder_picker_loads_and_unloads(
     finally:
         watch.close()
         server.stop()
+
+
+def test_an_image_attached_to_a_vision_model(browser: Any, tmp_path: Path) -> None:
+    """The Image button shows for a model with the `vision` capability; an attached image goes
+    as an image_url part, shows in the message, and the answer counts its tokens."""
+    from localllm.engine import Engine, EngineConfig
+    from tests import tiny_vision as tv
+    from tests.tiny_images import png
+    from tests.tiny_models import write_gemma3_swa
+
+    write_gemma3_swa(tmp_path / "tiny-gemma3-F16.gguf")
+    tv.write_gemma3_mmproj(tmp_path / "mmproj-tiny-gemma3-F16.gguf")
+    (tmp_path / "cat.png").write_bytes(png(16, 16))
+    config = EngineConfig(
+        model_path=tmp_path / "tiny-gemma3-F16.gguf", n_ctx=1024, n_parallel=1, n_threads=1,
+        mmproj_path=tmp_path / "mmproj-tiny-gemma3-F16.gguf", max_tokens_default=4,
+    )
+    bodies: list[dict[str, Any]] = []
+    with Engine.load(config) as engine:
+        app = create_app(Settings(), engine, model_id="tiny-vision")
+        server = UvicornThread(app).start()
+        watch = PageWatch(browser)
+        page = watch.page
+        page.on("request", lambda r: bodies.append(json.loads(r.post_data))
+                if r.url.endswith("/v1/chat/completions") else None)
+        try:
+            expect = _expect()
+            page.goto(server.url + "/")
+            expect(page.locator("#attach")).to_be_visible()
+            page.set_input_files("#attach-file", str(tmp_path / "cat.png"))
+            expect(page.locator("#attachments img")).to_have_count(1)
+            page.fill("#prompt", "What is it?")
+            page.press("#prompt", "Enter")
+            expect(page.locator(".message.user .message-images img")).to_have_count(1)
+            expect(page.locator(".message.assistant .message-actions button").first).to_be_visible()
+            expect(page.locator("#attachments")).to_be_hidden()
+            expect(page.locator(".message.assistant.failed")).to_have_count(0)
+            expect(page.locator("#error")).to_be_hidden()
+        finally:
+            watch.close()
+            server.stop()
+    [body] = bodies
+    parts = body["messages"][-1]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith(
+        "data:image/png;base64,"
+    )
+    assert parts[1] == {"type": "text", "text": "What is it?"}

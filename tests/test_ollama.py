@@ -20,6 +20,7 @@ import pytest
 
 from localllm.settings import Settings, split_host_port
 from tests.conftest import API_KEY, UvicornThread
+from tests.tiny_images import png
 
 pytestmark = pytest.mark.model
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -199,7 +200,7 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(client: ollama.Client) -> No
     refused(lambda: chat(think=True), 400, "does not support thinking")
     refused(lambda: chat(keep_alive="5m"), 400, "keep_alive")
     refused(lambda: client.chat("gemma-3-270m", messages=[
-        {"role": "user", "content": "What is this?", "images": [b"\x89PNG"]}]), 400,
+        {"role": "user", "content": "What is this?", "images": [png(8, 8)]}]), 400,
         "no vision projector")
     refused(lambda: client.generate("gemma-3-270m", "x", suffix="y"), 400, "suffix")
     refused(lambda: client.chat("gemma-3-270m", messages=[

@@ -81,12 +81,19 @@ def tensor_plan(spec: VisionSpec) -> list[tuple[str, tuple[int, ...], float | No
     return plan
 
 
+def _is_f16(name: str, ggml_shape: tuple[int, ...]) -> bool:
+    """The converter's types: matrices (and the conv kernel) F16; vectors and the position
+    embeddings F32 (`tensor_force_quant`; clip adds them to F32 activations, which ggml's CPU
+    add cannot do from F16)."""
+    return len(ggml_shape) > 1 and ".position_embd." not in name
+
+
 def tensor_bytes(spec: VisionSpec) -> int:
-    """By hand: matrices (and the conv kernel) F16, vectors F32, as `write_gemma3_mmproj`."""
+    """By hand, with the types `write_gemma3_mmproj` writes."""
     total = 0
-    for _, shape, _ in tensor_plan(spec):
+    for name, shape, _ in tensor_plan(spec):
         n = int(np.prod(shape))
-        total += n * (2 if len(shape) > 1 else 4)
+        total += n * (2 if _is_f16(name, shape) else 4)
     return total
 
 
@@ -117,8 +124,7 @@ def write_gemma3_mmproj(path: Path, spec: VisionSpec | None = None, seed: int = 
             data = np.full(shape, fill, dtype=np.float32)
         else:
             data = rng.standard_normal(shape).astype(np.float32) * 0.05
-        # matrices (and the conv kernel) in F16 as the converter writes them; vectors in F32
-        writer.add_tensor(name, data.astype(np.float16) if len(shape) > 1 else data)
+        writer.add_tensor(name, data.astype(np.float16) if _is_f16(name, ggml_shape) else data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from localllm.engine import build, logs, rpc
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import POOLING_NONE, Embedder, pooling_for
+from localllm.engine.media import MediaContext
 from localllm.engine.types import SamplingParams
 from localllm.errors import ModelLoadError, RequestError
 from localllm.ggml import FLASH_ATTN_TYPE, LOAD_MODE_NONE, ggml_type_id
@@ -68,6 +69,8 @@ class LlamaBackend:
         self.ctx: Any = None
         self.batch: Any = None
         self._embedder: Embedder | None = None
+        self.media: MediaContext | None = None  # the vision projector, when the config has one
+        self.media_error = ""  # why a projector found beside the model did not load
         self._embedder_lock = threading.Lock()
         with logs.capture() as load_log:
             started = time.perf_counter()
@@ -181,6 +184,22 @@ class LlamaBackend:
         self.recurrent: bool = bool(
             llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model)
         )
+        if config.mmproj_path is not None:
+            try:
+                self.media = MediaContext(
+                    model,
+                    config.mmproj_path,
+                    use_gpu=config.mmproj_offload,
+                    n_threads=threads,
+                    flash_attn=config.flash_attn,
+                    n_ubatch=cparams.n_ubatch,
+                    n_batch=cparams.n_batch,
+                )
+            except ModelLoadError as exc:
+                if config.mmproj_required:
+                    raise
+                log.warning("serving %s without images: %s", config.model_path.name, exc)
+                self.media_error = str(exc)
 
     def _set_tensor_overrides(self, mparams: Any) -> None:
         entries: list[tuple[bytes, int]] = []
@@ -323,6 +342,9 @@ class LlamaBackend:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        if self.media is not None:
+            self.media.close()
+            self.media = None
         if self.batch is not None:
             llama.llama_batch_free(self.batch)
             self.batch = None

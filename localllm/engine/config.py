@@ -54,6 +54,13 @@ class EngineConfig:
     use_mmap: bool = True
     seed: int | None = None  # default seed for requests that give none (None: random)
     max_tokens_default: int | None = None  # cap when a request gives no max_tokens
+    # The vision projector (mmproj-*.gguf) loaded beside the model (`engine.media`); None: text
+    # only. mmproj_offload False keeps it on the host (llama-server's --no-mmproj-offload).
+    mmproj_path: Path | None = None
+    mmproj_offload: bool = True
+    # False (a projector found beside the model, `mmproj` auto): one llama.cpp refuses leaves the
+    # model serving text, and image requests say why; True (a path given): the load fails.
+    mmproj_required: bool = True
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:

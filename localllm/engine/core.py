@@ -61,6 +61,7 @@ from localllm.engine.checkpoints import (
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
+from localllm.engine.media import ImageSpan, MediaContext, MediaPrompt, ShiftedMemory
 from localllm.engine.pacing import PrefillPacer
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.engine.types import (
@@ -87,6 +88,7 @@ from localllm.errors import (
 from localllm.tools.formats import ToolSyntax, tool_syntax
 from localllm.tools.reasoning import prompt_opens_reasoning
 from localllm.units import MIB
+from localllm.vision.images import MEDIA_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,8 @@ class _Job:
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     keep_special: frozenset[int] = frozenset()  # token ids printed with their control text
     checkpoint_at: tuple[int, ...] = ()  # prompt positions to save a context checkpoint at
+    media: MediaPrompt | None = None  # the prompt's images (`engine.media`)
+    shift: int = 0  # positions below token indices here (M-RoPE images: `engine.media`)
 
 
 @dataclass(eq=False)
@@ -191,6 +195,8 @@ class Engine:
             max_chars=self.max_prompt_chars,
         )
         self._tool_syntax: ToolSyntax | None = None
+        # The vision projector (`engine.media`): None serves text only.
+        self.media: MediaContext | None = getattr(backend, "media", None)
         partial = needs_checkpoints(backend, config.swa_full)
         self._slots = [
             _Slot(i, checkpoints=SlotCheckpoints(config.ctx_checkpoints) if partial else None)
@@ -278,17 +284,22 @@ class Engine:
 
         Blocking (render and tokenize): call it from a worker thread.
         """
-        return self.chat_render(messages, tools)[0]
+        prompt = self.chat_render(messages, tools)[0]
+        if isinstance(prompt, str):  # marker text without images: the text as it is written
+            return tuple(self.backend.tokenize(prompt, False, True))
+        return prompt
 
     def chat_render(
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
-    ) -> tuple[tuple[int, ...], bool]:
+    ) -> tuple[tuple[int, ...] | str, bool]:
         """`chat_prompt` with more template variables (`template_kwargs`: a request's
         chat_template_kwargs and reasoning_effort), and whether the prompt ends inside the
-        model's reasoning (a template that opens `<think>` for the answer)."""
+        model's reasoning (a template that opens `<think>` for the answer). With images (their
+        MEDIA_MARKERs in the contents, a model with a projector) the prompt is the rendered text,
+        which `submit` tokenizes with the images."""
         chars = sum(
             len(m.get("content") or "")
             for m in messages
@@ -328,6 +339,15 @@ class Engine:
                 param="tools",
             )
         contents = [m.get("content") for m in messages]
+        if self.media is not None and MEDIA_MARKER in text:
+            # Images: mtmd tokenizes the text around them (`submit` with the images).
+            if any(isinstance(c, str) and self._has_control_text(c) for c in contents):
+                raise RequestError(
+                    "a message holds the text of one of the model's control tokens, which a "
+                    "request with images cannot keep plain text; remove it",
+                    param="messages",
+                )
+            return text, opened
         if not any(isinstance(c, str) and self._has_control_text(c) for c in contents):
             return tuple(self.backend.tokenize(text, False, True)), opened
         parts = self.chat_template.render_parts(messages, tools, template_kwargs)
@@ -358,7 +378,11 @@ class Engine:
                 "generate; use /v1/embeddings, or a chat model for chat and completions",
                 param="model",
             )
-        if isinstance(request.prompt, str):
+        media: MediaPrompt | None = None
+        if request.images:
+            media = self._media_prompt(request)
+            prompt = media.tokens
+        elif isinstance(request.prompt, str):
             if len(request.prompt) > self.max_prompt_chars:
                 raise ContextLengthExceededError(
                     f"the prompt is {len(request.prompt)} characters, more than a context of "
@@ -373,6 +397,39 @@ class Engine:
             bad = [t for t in prompt if not 0 <= t < self.backend.n_vocab]
             if bad:
                 raise RequestError(f"token id {bad[0]} is not in the vocabulary", param="prompt")
+        try:
+            return self._queue_job(request, prompt, media)
+        except BaseException:
+            if media is not None:
+                media.free()
+            raise
+
+    def _media_prompt(self, request: GenerationRequest) -> MediaPrompt:
+        """A prompt with images, tokenized by the projector (images and marker text checked)."""
+        if self.media is None:
+            refused = getattr(self.backend, "media_error", "")
+            raise RequestError(
+                f"{self.config.model_path.name} has no vision projector, so it cannot read "
+                "images: serve it with --mmproj FILE (the mmproj-*.gguf made for it), or send "
+                "text only" + (f" (the projector beside it did not load: {refused})" if refused
+                               else ""),
+                param="messages",
+            )
+        if not isinstance(request.prompt, str):
+            raise RequestError("images need a text prompt, not token ids", param="prompt")
+        if len(request.prompt) > self.max_prompt_chars:
+            raise ContextLengthExceededError(
+                f"the prompt is {len(request.prompt)} characters, more than a context of "
+                f"{self.config.n_ctx} tokens can hold; shorten it",
+                param="prompt",
+            )
+        return self.media.prompt(
+            request.prompt, request.images, request.add_special, request.parse_special
+        )
+
+    def _queue_job(
+        self, request: GenerationRequest, prompt: list[int], media: MediaPrompt | None
+    ) -> RequestHandle:
         if not prompt:
             raise RequestError("the prompt is empty", param="prompt")
         for token, _ in request.sampling.logit_bias:
@@ -402,6 +459,7 @@ class Engine:
             grammar=grammar,
             stops=StopMatcher(request.stop),
             keep_special=self._special_ids(request.keep_special),
+            media=media,
         )
         try:
             with self._cond:
@@ -513,6 +571,7 @@ class Engine:
             checkpoints_restored_total=self._checkpoints_restored,
             checkpoint_bytes=sum(s.checkpoints.n_bytes for s in slots if s.checkpoints),
             shared_steps_total=self._shared_steps,
+            images_encoded_total=self.media.encodes if self.media is not None else 0,
             prefill_ms_per_token=(
                 None if self._pacer.token_s is None else round(self._pacer.token_s * 1000, 3)
             ),
@@ -602,6 +661,8 @@ class Engine:
                 for job, error in dropped:
                     if job.grammar is not None:
                         job.grammar.free()
+                    if job.media is not None:
+                        job.media.free()
                     job.handle._fail(error)
                 if closing:
                     for slot in self._slots:
@@ -621,7 +682,7 @@ class Engine:
                         self._release(slot, self._timeout_error(running))
                     elif running.pending is not None and running.pending.done():
                         self._sampled(slot)
-                if any(s.job is not None and s.job.pending is None for s in self._slots):
+                if any(s.job is not None and self._ready(s.job) for s in self._slots):
                     self._step()
         except BaseException as exc:  # a bug: fail every request rather than hang them
             log.exception("scheduler thread died")
@@ -650,11 +711,25 @@ class Engine:
         return (
             self._closing
             or any(
-                s.job is not None and (s.job.pending is None or s.job.pending.done())
+                s.job is not None and (self._ready(s.job) or self._sample_done(s.job))
                 for s in self._slots
             )
             or bool(self._queue and any(s.job is None for s in self._slots))
         )
+
+    @staticmethod
+    def _ready(job: _Job) -> bool:
+        """The job can go into the next step: no sample on the worker, no image encoding."""
+        if job.pending is not None:
+            return False
+        if job.media is None or job.next_token is not None:
+            return True
+        span = job.media.at(job.n_prompt_done)
+        return span is None or span.ready()
+
+    @staticmethod
+    def _sample_done(job: _Job) -> bool:
+        return job.pending is not None and job.pending.done()
 
     def _busy(self) -> bool:
         return any(s.job is not None for s in self._slots)
@@ -700,9 +775,20 @@ class Engine:
         job.started_at = time.perf_counter()
         reuse = _common_prefix(slot.cached, job.prompt)
         reuse = min(reuse, len(job.prompt) - 1)  # decode at least one token to get logits
+        media = job.media
+        memory: Any = self.backend
+        if media is not None:
+            reuse = media.align(reuse)
+            memory = ShiftedMemory(self.backend, media) if media.shifts else memory
         reuse, restored = cut_to_prefix(
-            self.backend, slot.seq_id, len(slot.cached), reuse, slot.checkpoints
+            memory, slot.seq_id, len(slot.cached), reuse, slot.checkpoints
         )
+        if media is not None and media.align(reuse) != reuse:  # a checkpoint inside an image
+            reuse, again = cut_to_prefix(
+                memory, slot.seq_id, reuse, media.align(reuse), slot.checkpoints
+            )
+            restored = restored or again
+        job.shift = media.shift_before(reuse) if media is not None else 0
         self._checkpoints_restored += restored
         del slot.cached[reuse:]
         job.n_cached = job.n_prompt_done = reuse
@@ -713,6 +799,13 @@ class Engine:
                 self.config.n_ubatch,
                 self.config.checkpoint_every_n_tokens,
             )
+            if media is not None:
+                moved = media.checkpoints(job.checkpoint_at)
+                job.checkpoint_at = tuple(p for p in moved if p > reuse)
+        if media is not None and self.media is not None:
+            for span in media.spans:
+                if span.start >= reuse:  # the ones before are in the slot's cells already
+                    self.media.encode_later(span, lambda _: self._notify())
         seed = job.request.sampling.seed
         if seed is None:
             seed = self._rng.getrandbits(32)
@@ -721,6 +814,8 @@ class Engine:
             job.sampler = self.backend.new_sampler(job.request.sampling, seed, grammar)
         except RequestError as exc:
             slot.job = None
+            if job.media is not None:
+                job.media.free()
             job.handle._fail(exc)
             return
         slot.job = job
@@ -731,7 +826,8 @@ class Engine:
         for slot in generating:
             assert slot.job is not None and slot.job.next_token is not None
             slot.job.batch_index = len(items)
-            items.append(BatchItem(slot.job.next_token, len(slot.cached), slot.seq_id, True))
+            pos = len(slot.cached) - slot.job.shift
+            items.append(BatchItem(slot.job.next_token, pos, slot.seq_id, True))
         budget = self.config.n_batch - len(items)
         # Every decoding slot waits for this whole step (one with a grammar sample on the worker
         # too, when pacing is on): cap the prompt chunk so the step stays near the stall target.
@@ -739,6 +835,7 @@ class Engine:
         if generating or (sampling and self._pacer.target_s > 0):
             budget = min(budget, self._pacer.budget(len(generating)))
         prefilling: list[tuple[_Slot, int]] = []
+        image: tuple[_Slot, ImageSpan] | None = None  # at most one image a step
         for slot in self._slots:
             job = slot.job
             if job is None or job.next_token is not None or job.pending is not None or budget <= 0:
@@ -746,16 +843,31 @@ class Engine:
             take = min(len(job.prompt) - job.n_prompt_done, budget)
             start = job.n_prompt_done
             stop = next_stop(job.checkpoint_at, start)
+            if job.media is not None:
+                span = job.media.at(start)
+                if span is not None:  # its tokens go in whole, in a batch of their own
+                    if image is None and span.ready():
+                        image = (slot, span)
+                        budget -= span.n_tokens
+                    continue
+                image_at = job.media.next_start(start)
+                if image_at is not None:
+                    stop = image_at if stop is None else min(stop, image_at)
             if stop is not None:
                 take = min(take, stop - start)  # end the chunk where a checkpoint is due
             for i in range(take):
                 last = start + i == len(job.prompt) - 1
                 if last:
                     job.batch_index = len(items)
-                items.append(BatchItem(job.prompt[start + i], start + i, slot.seq_id, last))
+                pos = start + i - job.shift
+                items.append(BatchItem(job.prompt[start + i], pos, slot.seq_id, last))
             budget -= take
             prefilling.append((slot, take))
+        step_started = time.perf_counter()
+        n_image = self._decode_image(*image) if image is not None else 0
         if not items:
+            if n_image:
+                self._pacer.observe(n_image, time.perf_counter() - step_started)
             return
 
         started = time.perf_counter()
@@ -783,16 +895,44 @@ class Engine:
             slot.cached.extend(job.prompt[job.n_prompt_done : job.n_prompt_done + take])
             job.n_prompt_done += take
             self._prompt_tokens_total += take
-            if job.n_prompt_done in job.checkpoint_at and slot.checkpoints is not None:
-                data = self.backend.partial_state(slot.seq_id)
-                slot.checkpoints.add(Checkpoint(job.n_prompt_done, data))
-                self._checkpoints_saved += 1
+            self._checkpoint(slot, job)
             if job.n_prompt_done == len(job.prompt):
                 self._sample(slot, now)
         # The pacer times the whole step, sampling included: a stream waits for all of it.
-        n_prompt, step_s = len(items) - len(generating), time.perf_counter() - started
+        n_prompt = len(items) - len(generating) + n_image
+        step_s = time.perf_counter() - step_started
         self._pacer.observe(n_prompt, step_s)
         self.recent_steps.append((len(generating), n_prompt, step_s))
+
+    def _checkpoint(self, slot: _Slot, job: _Job) -> None:
+        if job.n_prompt_done in job.checkpoint_at and slot.checkpoints is not None:
+            data = self.backend.partial_state(slot.seq_id)
+            slot.checkpoints.add(Checkpoint(job.n_prompt_done, data))
+            self._checkpoints_saved += 1
+
+    def _decode_image(self, slot: _Slot, span: ImageSpan) -> int:
+        """Decode an encoded image into the slot's sequence; the tokens it added."""
+        job = slot.job
+        assert job is not None and self.media is not None and span.embd is not None
+        error = span.embd.exception()
+        if error is not None:
+            log.error("encoding an image failed: %s", error)
+            failure = error if isinstance(error, LocalLLMError) else LocalLLMError(str(error))
+            self._release(slot, failure)
+            return 0
+        started = time.perf_counter()
+        pos = span.start - job.shift
+        status = self.media.decode_image(self.backend, span, pos, slot.seq_id)
+        self._prompt_seconds += time.perf_counter() - started
+        if status != 0:
+            self._decode_failed(status, [slot])
+            return 0
+        slot.cached.extend([span.key] * span.n_tokens)
+        job.shift += span.n_tokens - span.n_pos
+        job.n_prompt_done += span.n_tokens
+        self._prompt_tokens_total += span.n_tokens
+        self._checkpoint(slot, job)
+        return span.n_tokens
 
     def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
         # 1: no KV slot (should not happen, sizes are checked); <0: llama.cpp error.
@@ -917,6 +1057,8 @@ class Engine:
             job.pending = job.pending_row = None
         elif sampler is not None:
             sampler.free()
+        if job.media is not None:
+            job.media.free()
         slot.job = None
         slot.last_used = time.perf_counter()
         self._requests_total += 1

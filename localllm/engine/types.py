@@ -37,6 +37,8 @@ class GenerationRequest:
     add_special: bool = True  # BOS etc. as the model wants; False when a chat template wrote it
     parse_special: bool = True  # "<start_of_turn>" in the text becomes the control token
     timeout_s: float | None = None  # fail with RequestTimeoutError when still running after
+    # Images (file bytes) for the prompt's MEDIA_MARKERs, in order (`engine.media`).
+    images: tuple[bytes, ...] = ()
     # Control tokens whose text stays in the output (tool-call markers such as Mistral's
     # "[TOOL_CALLS]"); every other control token still prints as nothing.
     keep_special: tuple[str, ...] = ()
@@ -128,6 +130,7 @@ class EngineStats:
     # the measured ms per prompt token the chunks are sized from (None: none measured).
     shared_steps_total: int = 0
     prefill_ms_per_token: float | None = None
+    images_encoded_total: int = 0  # images the vision projector encoded (`engine.media`)
 
     @property
     def prompt_tokens_per_s(self) -> float:

@@ -65,6 +65,10 @@ class _EngineCollector(Collector):
                 "Context checkpoints restored to reuse a prompt's prefix.",
                 stats.checkpoints_restored_total,
             ),
+            "localllm_images_encoded": (
+                "Images the vision projector encoded (a reused image is not encoded again).",
+                stats.images_encoded_total,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -18,6 +18,8 @@ from pydantic import (
     model_serializer,
 )
 
+from localllm.vision.images import MEDIA_MARKER
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
@@ -35,15 +37,19 @@ class ChatMessage(_Request):
     reasoning_content: str | None = None
 
     def text(self) -> str:
-        """The content as one string: text parts joined, other parts refused."""
+        """The content as one string: text parts joined, each image part as the media marker
+        (where the engine puts the image: `localllm.server.images` reads them), others refused."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
         for part in self.content:
+            if part.get("type") == "image_url":
+                parts.append(MEDIA_MARKER)
+                continue
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
+                raise ValueError("only text and image_url content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
 

@@ -15,6 +15,7 @@ from localllm.engine.handle import RequestHandle
 from localllm.engine.types import FinishEvent, TextEvent, TokenLogprob
 from localllm.errors import APIError
 from localllm.server import types as t
+from localllm.server.images import load_images
 from localllm.server.serving import Serving, offload, response_format_grammar
 from localllm.server.state import ServingEngine
 from localllm.server.streaming import ShaperBase, usage_body
@@ -39,6 +40,7 @@ class ChatServing(Serving):
             body.max_completion_tokens if uses_completion_tokens else body.max_tokens,
             "max_completion_tokens" if uses_completion_tokens else "max_tokens",
         )
+        images = await load_images(body.messages, self.state.settings)  # checked before a load
         messages = self.template_messages(body)
         async with self.use_engine(body.model, body.keep_alive) as (engine, model_id):
 
@@ -74,6 +76,7 @@ class ChatServing(Serving):
                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                 add_special=False,  # the template wrote BOS where the model wants it
                 keep_special=tool_use.keep_special,
+                images=images,
             )
             raw = (body.reasoning_format or self.state.settings.reasoning_format) == "none"
             shaper = ChatShaper(

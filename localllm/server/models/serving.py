@@ -134,6 +134,8 @@ class ModelsServing(Serving):
         }
         if state.engine is not None:
             extra["n_ctx_slot"] = state.engine.n_ctx_slot
+            # a vision projector loaded with the model: chat requests may carry images
+            extra["vision"] = getattr(state.engine, "media", None) is not None
         status = {"value": "loaded" if state.engine is not None else "loading"}
         return t.ModelCard(id=state.model_id, created=state.created, status=status, localllm=extra)
 

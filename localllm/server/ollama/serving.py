@@ -36,9 +36,9 @@ from localllm.server.ollama.shapes import (
     OllamaShaper,
     chat_messages,
     error_line,
-    no_images,
     now_iso,
     ns,
+    with_images,
 )
 from localllm.server.serving import Serving, offload
 from localllm.server.state import AppState
@@ -125,8 +125,13 @@ class OllamaServing(Serving):
                 "supported; send the conversation as messages to /api/chat",
                 param="context",
             )
-        no_images(body.images, "images")
-        if not body.prompt:
+        if body.images and body.raw:
+            raise APIError(
+                400,
+                "raw mode takes no images: the chat template places them; send raw=false",
+                param="images",
+            )
+        if not body.prompt and not body.images:
             return await self._load_or_unload(name, body.keep_alive, "generate", started)
         fields = await self._common(body, name)
         if body.raw:
@@ -136,7 +141,8 @@ class OllamaServing(Serving):
             fields.pop("reasoning_effort", None)
             return await self._run_completion(request, body, name, fields, started)
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        fields["messages"] = [*messages, {"role": "user", "content": body.prompt}]
+        user = {"role": "user", "content": with_images(body.prompt, body.images)}
+        fields["messages"] = [*messages, user]
         return await self._run_chat(request, body, name, fields, "generate", started)
 
     async def _common(self, body: o._Generating, name: str) -> dict[str, Any]:

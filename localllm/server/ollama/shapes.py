@@ -31,14 +31,21 @@ def ns(seconds: float) -> int:
     return max(0, int(seconds * NS))
 
 
-def no_images(images: list[str] | None, param: str) -> None:
-    if images:
-        raise APIError(
-            400,
-            "this model has no vision projector: localllm serves text models only for now; "
-            "send the request without images",
-            param=param,
-        )
+def with_images(text: str, images: list[str] | None) -> str | list[dict[str, Any]]:
+    """A message's content with Ollama's images (base64, no data: prefix) as OpenAI image
+    parts before the text, where Ollama's own prompt puts them; the chat path checks them."""
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [
+        {
+            "type": "image_url",
+            "image_url": {"url": f"data:application/octet-stream;base64,{image}"},
+        }
+        for image in images
+    ]
+    if text:
+        parts.append({"type": "text", "text": text})
+    return parts
 
 
 def chat_messages(messages: list[o.Message]) -> list[dict[str, Any]]:
@@ -47,8 +54,10 @@ def chat_messages(messages: list[o.Message]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     open_calls: list[tuple[str, str]] = []  # (id, name) of calls not yet answered
     for i, message in enumerate(messages):
-        no_images(message.images, f"messages[{i}].images")
-        item: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+        item: dict[str, Any] = {
+            "role": message.role,
+            "content": with_images(message.content or "", message.images),
+        }
         if message.thinking:
             if message.role != "assistant":
                 raise APIError(

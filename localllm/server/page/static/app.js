@@ -14,6 +14,7 @@
     temperature: $("temperature"), maxTokens: $("max-tokens"), apiKey: $("api-key"),
     error: $("error"), messages: $("messages"), empty: $("empty"),
     composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"), status: $("composer-status"),
+    attach: $("attach"), attachFile: $("attach-file"), attachments: $("attachments"),
     template: $("message-template"),
   };
 
@@ -157,6 +158,53 @@
     return !Array.isArray(caps) || caps.includes("chat");
   }
 
+  function canSee(card) { // a folder's card lists capabilities; one model's says vision
+    const extra = (card && card.localllm) || {};
+    return extra.vision === true || (Array.isArray(extra.capabilities) && extra.capabilities.includes("vision"));
+  }
+
+  // ------------------------------------------------------------------ images (vision models)
+
+  let pendingImages = []; // data: URLs attached to the next message
+
+  function drawAttachments() {
+    els.attachments.textContent = "";
+    els.attachments.hidden = !pendingImages.length;
+    pendingImages.forEach((url, i) => {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.title = "Remove this image";
+      remove.setAttribute("aria-label", "Remove image " + (i + 1));
+      const img = document.createElement("img");
+      img.className = "thumb";
+      img.src = url;
+      img.alt = "";
+      remove.append(img);
+      remove.addEventListener("click", () => { pendingImages.splice(i, 1); drawAttachments(); els.prompt.focus(); });
+      els.attachments.append(remove);
+    });
+  }
+
+  function readImage(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
+  async function attachFiles(files) {
+    try {
+      for (const file of files) pendingImages.push(await readImage(file));
+    } catch (err) {
+      showError("Could not read the image (" + err.message + ").");
+    }
+    els.attachFile.value = "";
+    drawAttachments();
+    els.prompt.focus();
+  }
+
   async function refreshModels() {
     try {
       const health = await fetch("/health").then((r) => r.json()).catch(() => ({}));
@@ -206,6 +254,7 @@
 
   function drawModelInfo() {
     const card = selectedModel();
+    els.attach.hidden = !canSee(card);
     els.modelInfo.textContent = "";
     els.load.hidden = els.unload.hidden = true;
     if (!card) {
@@ -401,6 +450,18 @@
     if (msg.role === "user") {
       body.classList.add("plain");
       body.textContent = msg.content;
+      if (msg.images && msg.images.length) {
+        const row = document.createElement("div");
+        row.className = "message-images";
+        for (const url of msg.images) {
+          const img = document.createElement("img");
+          img.className = "thumb";
+          img.src = url;
+          img.alt = "attached image";
+          row.append(img);
+        }
+        body.prepend(row);
+      }
     } else {
       body.innerHTML = window.LocalMarkdown.render(msg.content || "");
       addCopyButtons(body);
@@ -508,9 +569,11 @@
     bar.textContent = "";
     const send = () => {
       const text = area.value.trim();
-      if (!text) return;
+      if (!text && !(msg.images && msg.images.length)) return;
       conv.messages.splice(index);
-      conv.messages.push({ role: "user", content: text });
+      const edited = { role: "user", content: text };
+      if (msg.images && msg.images.length) edited.images = msg.images; // an edit keeps the images
+      conv.messages.push(edited);
       touch(conv);
       drawMessages();
       answer(conv);
@@ -568,7 +631,13 @@
     if (conv.system && conv.system.trim()) messages.push({ role: "system", content: conv.system });
     for (const m of conv.messages) {
       if (m.role === "assistant" && (m.error && !m.content)) continue;
-      messages.push({ role: m.role, content: m.content || "" });
+      if (m.images && m.images.length) {
+        const parts = m.images.map((url) => ({ type: "image_url", image_url: { url } }));
+        if (m.content) parts.push({ type: "text", text: m.content });
+        messages.push({ role: m.role, content: parts });
+      } else {
+        messages.push({ role: m.role, content: m.content || "" });
+      }
     }
     const body = { model: conv.model, messages, stream: true, stream_options: { include_usage: true } };
     const temperature = parseFloat(settings.temperature);
@@ -580,16 +649,20 @@
 
   async function send() {
     const text = els.prompt.value.trim();
-    if (!text || streaming) return;
+    if ((!text && !pendingImages.length) || streaming) return;
     let conv = current();
     if (!conv) {
-      conv = { id: newId(), title: text.split("\n")[0].slice(0, 60), created: Date.now(), updated: Date.now(),
+      conv = { id: newId(), title: (text || "Image").split("\n")[0].slice(0, 60), created: Date.now(), updated: Date.now(),
         system: els.system.value, model: els.model.value, messages: [] };
       conversations.push(conv);
       currentId = conv.id;
       localStorage.setItem(STORE.current, conv.id);
     }
-    conv.messages.push({ role: "user", content: text });
+    const user = { role: "user", content: text };
+    if (pendingImages.length) user.images = pendingImages;
+    pendingImages = [];
+    drawAttachments();
+    conv.messages.push(user);
     els.prompt.value = "";
     autoGrow();
     touch(conv);
@@ -742,6 +815,8 @@
   els.exportAll.addEventListener("click", exportAll);
   els.model.addEventListener("change", () => { settings.model = els.model.value; saveSettings(); drawModelInfo(); });
   els.load.addEventListener("click", () => modelAction("load"));
+  els.attach.addEventListener("click", () => els.attachFile.click());
+  els.attachFile.addEventListener("change", () => attachFiles([...els.attachFile.files]));
   els.unload.addEventListener("click", () => modelAction("unload"));
   els.toggleSettings.addEventListener("click", () => openSettings(els.settings.hidden));
   els.toggleSidebar.addEventListener("click", () => {
