@@ -251,9 +251,6 @@ class _Allocator:
             pos += 1
         self.free.insert(pos, [offset, size])
 
-    def _is_own(self, t: Tensor) -> bool:
-        return id(t) in self.allocated
-
     def _allocate(self, node: Tensor) -> None:
         key = id(node)
         if node.external or key in self.allocated or node.view_src is not None:
