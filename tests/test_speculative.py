@@ -555,3 +555,41 @@ def test_draft_model_memory_matches_its_plan(instruct_model_path: Path) -> None:
     assert memory["draft_model_mib"] == pytest.approx(host.weights_bytes / mib, rel=0.1)
     assert memory["draft_kv_cache_mib"] == pytest.approx(host.kv_bytes / mib, rel=0.1)
     assert memory["draft_compute_mib"] <= 1.2 * host.compute_bytes / mib
+
+
+def test_per_request_speculative_fields_as_llama_server_names_them() -> None:
+    from fastapi.testclient import TestClient
+
+    from localllm.server import create_app
+    from localllm.settings import Settings
+
+    class Recording(FixedProposer):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self.n_max: list[int] = []
+
+        def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+            self.n_max.append(n_max)
+            return super().draft(seq_id, history, n_max)
+
+    proposer = Recording()
+    with stub_engine(StubBackend(), proposer, spec_draft_n_max=8) as engine:
+        app = create_app(Settings(api_keys=[]), engine, model_id="stub")  # type: ignore[arg-type]
+        with TestClient(app, base_url="http://localhost") as client:
+            body: dict[str, Any] = {
+                "model": "stub",
+                "prompt": PROMPT,
+                "max_tokens": 20,
+                "temperature": 0,
+            }
+            assert client.post("/v1/completions", json=body).status_code == 200
+            assert max(proposer.n_max) == 8
+            proposer.n_max.clear()
+            answer = client.post("/v1/completions", json={**body, "speculative.n_max": 2})
+            assert answer.status_code == 200, answer.text
+            assert proposer.n_max and max(proposer.n_max) == 2
+            refused = client.post("/v1/completions", json={**body, "speculative.p_min": 0.5})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "speculative.p_min"
+            bad = client.post("/v1/completions", json={**body, "speculative.n_max": "many"})
+            assert bad.status_code == 400

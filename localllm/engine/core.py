@@ -847,16 +847,22 @@ class Engine:
             return []
         if config.spec_max_busy_slots and n_generating > config.spec_max_busy_slots:
             return []
+        request = job.request
+        n_min = config.spec_draft_n_min
+        if request.spec_draft_n_min is not None:
+            n_min = request.spec_draft_n_min
         n_max = min(
-            config.spec_draft_n_max,
+            config.spec_draft_n_max
+            if request.spec_draft_n_max is None
+            else request.spec_draft_n_max,
             room,
             job.max_new_tokens - job.n_generated - 1,  # the bonus token counts too
             self.n_ctx_slot - len(slot.cached) - 1,  # positions stay inside the slot
         )
-        if n_max < max(1, config.spec_draft_n_min):
+        if n_max < max(1, n_min):
             return []
         guesses = self._proposer.draft(slot.seq_id, [*slot.cached, job.next_token], n_max)
-        if len(guesses) < config.spec_draft_n_min:
+        if len(guesses) < n_min:
             return []
         return guesses[:n_max]
 
