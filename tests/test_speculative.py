@@ -650,3 +650,22 @@ def test_the_fitter_predicts_a_gain_when_extra_tokens_are_cheap_and_finds_the_br
         predict("ngram-simple", 115.0, 3000.0, n_max=16, n_parallel=4, acceptance=0.0).speedup
         == 1.0
     )
+
+
+def test_a_draft_model_catches_up_on_a_long_prompt_over_several_steps(
+    instruct_model_path: Path,
+) -> None:
+    from localllm.engine.speculative import CATCH_UP_TOKENS
+
+    notes = "".join(f"Note {i}: the invoice total is kept in cents.\n" for i in range(60))
+    prompt = "<|im_start|>system\n" + notes + "<|im_end|>\n" + CODE_PROMPT
+    with real_engine(instruct_model_path) as plain:
+        assert len(plain.tokenize(prompt)) > 2 * CATCH_UP_TOKENS
+        expected = greedy(plain, prompt, 24).text
+    with real_engine(
+        instruct_model_path, spec_type="draft-simple", spec_draft_model=instruct_model_path
+    ) as spec:
+        got = greedy(spec, prompt, 24)
+        stats = spec.stats()
+    assert got.text == expected
+    assert stats.spec_drafts_total > 0
