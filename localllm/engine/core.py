@@ -240,11 +240,6 @@ class Engine:
     def load(cls, config: EngineConfig) -> Engine:
         """Load the model (blocking, about a second for the embedded one) and start scheduling."""
         backend = LlamaBackend(config)
-        try:
-            proposer = make_proposer(config, backend)
-        except BaseException:
-            backend.close()
-            raise
         log.info(
             "loaded %s in %.1f s: %d slots of %d tokens; %s",
             config.model_path.name,
@@ -253,7 +248,11 @@ class Engine:
             config.n_ctx_slot,
             logs.placement(backend.load_log) or "placement not logged by llama.cpp",
         )
-        return cls(config, backend, proposer)
+        try:
+            return cls(config, backend)  # loads a draft model too (spec_type draft-simple)
+        except BaseException:
+            backend.close()
+            raise
 
     def _special_text(self, token: int) -> str:
         if token < 0:  # LLAMA_TOKEN_NULL: the model has none
