@@ -692,3 +692,22 @@ def test_fit_shows_the_speculation_choice_and_the_draft_models_memory(tmp_path: 
     assert speculation["draft_model"]["file"] == str(target)
     # A draft as big as the model costs as much as it saves: no gain.
     assert speculation["speedup"] == 1.0 and speculation["break_even_slots"] == 0
+
+
+def test_guesses_outside_the_vocabulary_and_a_failing_proposer_cost_only_the_guesses() -> None:
+    class Broken(FixedProposer):
+        def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+            if len(history) % 2:
+                raise RuntimeError("proposer bug")
+            return [(history[-1] + 1) % 5, N_VOCAB + 3, 1]
+
+    with stub_engine(StubBackend()) as plain:
+        expected = run(plain, PROMPT, max_tokens=30).text
+    backend = StubBackend()
+    with stub_engine(backend, Broken(0)) as engine:
+        got = run(engine, PROMPT, max_tokens=30)
+        stats = engine.stats()
+        assert cells_match(backend, engine)
+    assert got.text == expected
+    assert stats.spec_drafts_total > 0
+    assert stats.spec_draft_tokens_total == stats.spec_drafts_total  # cut at the bad id
