@@ -103,33 +103,22 @@ def ngram_simple_draft(history: Sequence[int], size_n: int, n_max: int) -> list[
     n = len(history)
     if size_n < 1 or n_max < 1 or n <= 2 * size_n:
         return []
-    pattern = list(history[n - size_n :])
-    first = pattern[0]
-    # The latest start j < n - size_n with history[j : j + size_n] == pattern, j > 0 as in
-    # llama.cpp (position 0 means "no match" there).
-    j = n - size_n - 1
-    while j > 0:
-        try:
-            j = _rindex(history, first, 1, j)
-        except ValueError:
-            return []
-        if list(history[j : j + size_n]) == pattern:
-            break
-        j -= 1
-    if j <= 0:
+    tokens = np.asarray(history, dtype=np.int64)
+    pattern = tokens[n - size_n :]
+    # Starts j in [1, n - size_n - 1] (llama.cpp skips 0, its "no match"), whole windows
+    # compared at once: n x size_n comparisons in numpy, not a Python loop per position.
+    last = n - size_n - 1
+    match = np.ones(last, dtype=bool)
+    for k in range(size_n):
+        match &= tokens[1 + k : last + 1 + k] == pattern[k]
+    found = np.flatnonzero(match)
+    if not len(found):
         return []
+    j = int(found[-1]) + 1
     take = min(n_max, n - (j + size_n))
     if take < min(size_n, n_max):
         return []
-    return list(history[j + size_n : j + size_n + take])
-
-
-def _rindex(tokens: Sequence[int], value: int, lo: int, hi: int) -> int:
-    """The largest i in [lo, hi] with tokens[i] == value (ValueError if none)."""
-    for i in range(hi, lo - 1, -1):
-        if tokens[i] == value:
-            return i
-    raise ValueError(value)
+    return [int(t) for t in tokens[j + size_n : j + size_n + take]]
 
 
 class NgramProposer:
