@@ -216,6 +216,27 @@ def test_ngram_simple_finds_the_latest_earlier_occurrence() -> None:
     assert ngram_simple_draft([1, 2, 1, 2], 2, 4) == []  # too short for a pattern + a match
 
 
+def test_ngram_simple_matches_llama_cpps_loop_on_random_histories() -> None:
+    def loop(history: list[int], size_n: int, n_max: int) -> list[int]:
+        # common_ngram_simple_draft's search, position by position from the end
+        n = len(history)
+        if n <= 2 * size_n:
+            return []
+        pattern = history[n - size_n :]
+        for j in range(n - size_n - 1, 0, -1):
+            if history[j : j + size_n] == pattern:
+                take = min(n_max, n - (j + size_n))
+                return history[j + size_n : j + size_n + take] if take >= min(size_n, n_max) else []
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        history = [int(t) for t in rng.integers(0, 3, int(rng.integers(1, 60)))]
+        for size_n in (1, 2, 3, 4):
+            for n_max in (1, 3, 8):
+                assert ngram_simple_draft(history, size_n, n_max) == loop(history, size_n, n_max)
+
+
 def test_greedy_output_is_token_identical_with_ngram_speculation() -> None:
     plain_backend, spec_backend = StubBackend(), StubBackend()
     with stub_engine(plain_backend) as plain:
