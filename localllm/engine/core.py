@@ -63,6 +63,7 @@ from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
 from localllm.engine.media import ImageSpan, MediaContext, MediaPrompt, ShiftedMemory
 from localllm.engine.pacing import PrefillPacer
+from localllm.engine.speculative import Proposer, make_proposer
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.engine.types import (
     Completion,
@@ -178,12 +179,22 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Engine:
     """Load with `Engine.load(config)`; `submit()` from any thread; `close()` when done."""
 
-    def __init__(self, config: EngineConfig, backend: Backend) -> None:
+    def __init__(
+        self, config: EngineConfig, backend: Backend, proposer: Proposer | None = None
+    ) -> None:
         self.config = config
         self.backend = backend
         self.n_ctx_slot = config.n_ctx_slot
         self.load_log: list[str] = list(backend.load_log)
         self.memory: dict[str, float] = memory_summary(self.load_log)
+        # Speculative decoding (engine.speculative): None when spec_type is "none" or the
+        # model's memory cannot be cut back after a rejected guess.
+        self._proposer = proposer if proposer is not None else make_proposer(config, backend)
+        draft_log = getattr(self._proposer, "load_log", None)
+        if draft_log:
+            self.load_log.extend(draft_log)
+            self.memory.update({f"draft_{k}": v for k, v in memory_summary(draft_log).items()})
+        self._spec_drafted = self._spec_accepted = self._spec_steps = 0
         # A prompt longer than this cannot fit: no text averages 64 characters a token. Checked
         # before tokenizing, which takes about a second per MB.
         self.max_prompt_chars = max(1 << 20, 64 * config.n_ctx)
@@ -243,7 +254,11 @@ class Engine:
             config.n_ctx_slot,
             logs.placement(backend.load_log) or "placement not logged by llama.cpp",
         )
-        return cls(config, backend)
+        try:
+            return cls(config, backend)  # loads a draft model too (spec_type draft-simple)
+        except BaseException:
+            backend.close()
+            raise
 
     def _special_text(self, token: int) -> str:
         if token < 0:  # LLAMA_TOKEN_NULL: the model has none
@@ -575,6 +590,10 @@ class Engine:
             prefill_ms_per_token=(
                 None if self._pacer.token_s is None else round(self._pacer.token_s * 1000, 3)
             ),
+            spec_type=self._proposer.name if self._proposer is not None else "none",
+            spec_draft_tokens_total=self._spec_drafted,
+            spec_accepted_tokens_total=self._spec_accepted,
+            spec_drafts_total=self._spec_steps,
         )
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -592,6 +611,8 @@ class Engine:
         self.cancel_all()
         self._thread.join()
         self._sampling.shutdown(wait=True)  # a grammar sample reads the vocabulary
+        if self._proposer is not None:
+            self._proposer.close()
         self.backend.close()
 
     def cancel_all(self) -> None:
@@ -823,11 +844,22 @@ class Engine:
     def _step(self) -> None:
         items: list[BatchItem] = []
         generating = [s for s in self._slots if s.job is not None and s.job.next_token is not None]
-        for slot in generating:
-            assert slot.job is not None and slot.job.next_token is not None
-            slot.job.batch_index = len(items)
-            pos = len(slot.cached) - slot.job.shift
-            items.append(BatchItem(slot.job.next_token, pos, slot.seq_id, True))
+        drafts: dict[int, list[int]] = {}  # seq_id -> guesses verified in this step
+        for n, slot in enumerate(generating):
+            job = slot.job
+            assert job is not None and job.next_token is not None
+            job.batch_index = len(items)
+            pos = len(slot.cached) - job.shift
+            items.append(BatchItem(job.next_token, pos, slot.seq_id, True))
+            # Room for guesses: the batch (the other slots' pending tokens still to come).
+            guesses = self._draft(
+                slot, len(generating), self.config.n_batch - len(items) - (len(generating) - n - 1)
+            )
+            if guesses:
+                drafts[slot.seq_id] = guesses
+                items.extend(
+                    BatchItem(t, pos + 1 + i, slot.seq_id, True) for i, t in enumerate(guesses)
+                )
         budget = self.config.n_batch - len(items)
         # Every decoding slot waits for this whole step (one with a grammar sample on the worker
         # too, when pacing is on): cap the prompt chunk so the step stays near the stall target.
@@ -855,12 +887,13 @@ class Engine:
                     stop = image_at if stop is None else min(stop, image_at)
             if stop is not None:
                 take = min(take, stop - start)  # end the chunk where a checkpoint is due
+            every = self._proposer is not None and self._proposer.wants_prompt_outputs
             for i in range(take):
                 last = start + i == len(job.prompt) - 1
                 if last:
                     job.batch_index = len(items)
                 pos = start + i - job.shift
-                items.append(BatchItem(job.prompt[start + i], pos, slot.seq_id, last))
+                items.append(BatchItem(job.prompt[start + i], pos, slot.seq_id, last or every))
             budget -= take
             prefilling.append((slot, take))
         step_started = time.perf_counter()
@@ -881,6 +914,8 @@ class Engine:
         if prefilling:
             self._prompt_seconds += elapsed
             self._shared_steps += bool(generating)
+        if self._proposer is not None:
+            self._target_outputs(items)
 
         now = time.perf_counter()
         for slot in generating:
@@ -888,7 +923,11 @@ class Engine:
             assert job is not None and job.next_token is not None
             slot.cached.append(job.next_token)
             job.next_token = None
-            self._sample(slot, now)
+            verified = drafts.get(slot.seq_id)
+            if verified:
+                self._verify(slot, verified, now)
+            else:
+                self._sample(slot, now)
         for slot, take in prefilling:
             job = slot.job
             assert job is not None
@@ -933,6 +972,85 @@ class Engine:
         self._prompt_tokens_total += span.n_tokens
         self._checkpoint(slot, job)
         return span.n_tokens
+
+    def _draft(self, slot: _Slot, n_generating: int, room: int) -> list[int]:
+        """The proposer's guesses after the slot's pending token (none for a request with a
+        grammar or with images, past spec_max_busy_slots generating slots, or below
+        spec_draft_n_min)."""
+        job = slot.job
+        assert job is not None and job.next_token is not None and job.sampler is not None
+        config = self.config
+        # An image's cells are no tokens a proposer could continue (nor a draft model decode).
+        if self._proposer is None or job.sampler.needs_row or job.media is not None:
+            return []
+        if config.spec_max_busy_slots and n_generating > config.spec_max_busy_slots:
+            return []
+        request = job.request
+        n_min = config.spec_draft_n_min
+        if request.spec_draft_n_min is not None:
+            n_min = request.spec_draft_n_min
+        n_max = min(
+            config.spec_draft_n_max
+            if request.spec_draft_n_max is None
+            else request.spec_draft_n_max,
+            room,
+            job.max_new_tokens - job.n_generated - 1,  # the bonus token counts too
+            self.n_ctx_slot - len(slot.cached) - 1,  # positions stay inside the slot
+        )
+        if n_max < max(1, n_min):
+            return []
+        try:
+            guesses = self._proposer.draft(slot.seq_id, [*slot.cached, job.next_token], n_max)
+        except Exception:  # a proposer's failure costs the guesses, never the request
+            log.exception("the %s proposer failed; decoding without guesses", self._proposer.name)
+            return []
+        guesses = guesses[:n_max]
+        # A draft model's vocabulary may be larger by a few ids the model does not have.
+        for i, token in enumerate(guesses):
+            if not 0 <= token < self.backend.n_vocab:
+                del guesses[i:]
+                break
+        return guesses if len(guesses) >= n_min else []
+
+    def _target_outputs(self, items: Sequence[BatchItem]) -> None:
+        """Tell the proposer where each slot's outputs are in the batch just decoded."""
+        assert self._proposer is not None
+        where: dict[int, tuple[list[int], list[int]]] = {}
+        for index, item in enumerate(items):
+            if item.logits:
+                positions, indices = where.setdefault(item.seq_id, ([], []))
+                positions.append(item.pos)
+                indices.append(index)
+        for seq_id, (positions, indices) in where.items():
+            self._proposer.on_target_outputs(seq_id, positions, indices)
+
+    def _verify(self, slot: _Slot, guesses: list[int], now: float) -> None:
+        """Keep the longest prefix of guesses the request's sampler agrees with, then the
+        sampler's own token after it (the correction, or the bonus when all were right); cut
+        the rest's KV cells. Exact rejection sampling for deterministic guesses (see
+        engine.speculative); every emitted token goes through _accept (stops, EOG, limits)."""
+        job = slot.job
+        assert job is not None and job.sampler is not None and self._proposer is not None
+        accepted = 0
+        for i in range(len(guesses) + 1):
+            index = job.batch_index + i
+            row = self.backend.logprobs(index) if job.request.logprobs is not None else None
+            token = job.sampler.sample(index)
+            self._accept(slot, token, row, now)
+            if slot.job is not job:  # finished: its last token is not kept in the cells
+                break
+            if i < len(guesses) and token == guesses[i]:
+                accepted += 1
+                slot.cached.append(token)  # decoded in this batch already
+                job.next_token = None
+                continue
+            break
+        self.backend.seq_rm(slot.seq_id, len(slot.cached), -1)
+        self._spec_steps += 1
+        self._spec_drafted += len(guesses)
+        self._spec_accepted += accepted
+        if slot.job is job:
+            self._proposer.on_verified(slot.seq_id, len(slot.cached))
 
     def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
         # 1: no KV slot (should not happen, sizes are checked); <0: llama.cpp error.
@@ -1062,6 +1180,8 @@ class Engine:
         slot.job = None
         slot.last_used = time.perf_counter()
         self._requests_total += 1
+        if self._proposer is not None:
+            self._proposer.release(slot.seq_id)
         if error is not None:
             job.handle._fail(error)
 

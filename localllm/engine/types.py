@@ -42,6 +42,10 @@ class GenerationRequest:
     # Control tokens whose text stays in the output (tool-call markers such as Mistral's
     # "[TOOL_CALLS]"); every other control token still prints as nothing.
     keep_special: tuple[str, ...] = ()
+    # llama-server's per-request "speculative.n_max" / "speculative.n_min" (None: the server's
+    # spec_draft_n_max / spec_draft_n_min); no effect without speculation.
+    spec_draft_n_max: int | None = None
+    spec_draft_n_min: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,18 @@ class EngineStats:
     shared_steps_total: int = 0
     prefill_ms_per_token: float | None = None
     images_encoded_total: int = 0  # images the vision projector encoded (`engine.media`)
+    # Speculative decoding (engine.speculative), as llama-server's spec_decode_* counters.
+    spec_type: str = "none"
+    spec_draft_tokens_total: int = 0  # guesses verified
+    spec_accepted_tokens_total: int = 0  # guesses the model agreed with
+    spec_drafts_total: int = 0  # verification steps
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Share of verified guesses accepted (None before any)."""
+        if not self.spec_draft_tokens_total:
+            return None
+        return self.spec_accepted_tokens_total / self.spec_draft_tokens_total
 
     @property
     def prompt_tokens_per_s(self) -> float:
