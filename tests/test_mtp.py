@@ -1,0 +1,170 @@
+"""MTP (nextn) drafting on a tiny random-weight Qwen3.5 with an MTP block (`tests.tiny_models`).
+
+Random weights make the block's guesses wrong, so these tests check the path (the MTP context
+runs, drafts are produced, verified and counted, the target rolls back what it rejected, greedy
+output is unchanged), and a variant whose block agrees with the trunk checks the accepted path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localllm.engine import logs
+from localllm.engine.mtp import MtpProposer, n_nextn_layers, nextn_api, speculative_greedy
+from localllm.errors import ModelLoadError
+from localllm.gguf_header import read_header
+from localllm.units import MIB
+from tests.tiny_models import AGREED_TOKEN, QWEN35_SPEC, write_qwen35, write_qwen35_mtp
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+N_MAX = 3
+PROMPT = list(range(5, 90))
+
+
+class _Loaded:
+    def __init__(self, path: Path, load_mtp: bool) -> None:
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.load_mtp = load_mtp
+        params.use_extra_bufts = False  # repacked weights crash on some VMs (engine.build)
+        with logs.capture() as self.load_log:
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        assert self.model
+        self.contexts: list[Any] = []
+
+    def context(self, n_seq: int = 1) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = 512
+        params.n_batch = params.n_ubatch = 64
+        params.n_seq_max = n_seq
+        params.n_rs_seq = N_MAX  # the hybrid target rolls back rejected guesses
+        params.n_threads = params.n_threads_batch = 2
+        with logs.capture():
+            ctx = llama_cpp.llama_init_from_model(self.model, params)
+        assert ctx
+        self.contexts.append(ctx)
+        return ctx
+
+    def close(self) -> None:
+        for ctx in self.contexts:
+            llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+def _load(path: Path, load_mtp: bool = True) -> Iterator[_Loaded]:
+    loaded = _Loaded(path, load_mtp)
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def mtp_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Loaded]:
+    yield from _load(write_qwen35_mtp(tmp_path_factory.mktemp("mtp") / "tiny-mtp.gguf").path)
+
+
+@pytest.fixture(scope="module")
+def agreeing_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Loaded]:
+    path = tmp_path_factory.mktemp("mtp") / "tiny-mtp-agrees.gguf"
+    yield from _load(write_qwen35_mtp(path, agrees=True).path)
+
+
+def _proposer(loaded: _Loaded, ctx: Any) -> MtpProposer:
+    with logs.capture():
+        return MtpProposer(loaded.model, ctx, n_seq=1, n_batch=64, n_threads=2)
+
+
+def test_the_tiny_model_loads_its_mtp_block_only_when_asked(tmp_path: Path) -> None:
+    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf").path
+    header = read_header(path)
+    assert header.metadata["qwen35.nextn_predict_layers"] == 1
+    block = sum(t.n_bytes for t in header.tensors if t.layer == QWEN35_SPEC.n_layer)
+    assert block > 0
+    weights = {}
+    for load_mtp in (True, False):
+        for loaded in _load(path, load_mtp):
+            # llama.cpp reports the block either way; it loads its weights only with load_mtp
+            assert n_nextn_layers(loaded.model) == 1
+            weights[load_mtp] = sum(
+                b.bytes for b in logs.buffer_lines(loaded.load_log) if b.kind == "model")
+    assert weights[True] - weights[False] == pytest.approx(block, abs=0.01 * MIB)
+
+
+def test_mtp_drafts_are_verified_and_greedy_output_is_unchanged(mtp_model: _Loaded) -> None:
+    plain = speculative_greedy(mtp_model.context(), None, PROMPT, 40, n_batch=64)
+    ctx = mtp_model.context()
+    proposer = _proposer(mtp_model, ctx)
+    try:
+        run = speculative_greedy(ctx, proposer, PROMPT, 40, n_max=N_MAX, n_batch=64)
+    finally:
+        proposer.close()
+    assert run.tokens == plain.tokens
+    assert len(set(run.tokens)) > 1  # a real text, not one token repeated
+    # every step drafted, and the target checked every guess
+    assert proposer.stats.drafts == run.steps > 0
+    assert run.drafted == proposer.stats.drafted_tokens >= run.steps
+    assert 0 <= run.accepted <= run.drafted
+    assert run.steps + run.accepted == len(run.tokens) - 1
+    # the prompt's hidden states reached the MTP context (none fed as zeros)
+    assert proposer.stats.missing_hidden == 0
+
+
+def test_an_agreeing_mtp_block_saves_target_steps(agreeing_model: _Loaded) -> None:
+    plain = speculative_greedy(agreeing_model.context(), None, PROMPT, 33, n_batch=64)
+    ctx = agreeing_model.context()
+    proposer = _proposer(agreeing_model, ctx)
+    try:
+        run = speculative_greedy(ctx, proposer, PROMPT, 33, n_max=N_MAX, n_batch=64)
+    finally:
+        proposer.close()
+    assert run.tokens == plain.tokens == [AGREED_TOKEN] * 33
+    assert run.accepted == run.drafted == 3 * run.steps
+    assert run.steps == 32 // (N_MAX + 1)  # a step yields N_MAX guesses and the target's own
+
+
+class _Oracle:
+    """Guesses the known continuation, wrong at one place per draft: partial acceptance."""
+
+    def __init__(self, prompt: Sequence[int], continuation: Sequence[int]) -> None:
+        self.text = [*prompt, *continuation]
+
+    def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+        guesses = list(self.text[len(history) : len(history) + n_max])
+        if len(guesses) == n_max:
+            guesses[-1] = (guesses[-1] + 1) % 512
+        return guesses
+
+    def on_target_outputs(self, *_: object) -> None:
+        pass
+
+    def on_verified(self, seq_id: int, n_keep: int) -> None:
+        pass
+
+
+def test_partly_accepted_guesses_roll_the_hybrid_target_back(mtp_model: _Loaded) -> None:
+    plain = speculative_greedy(mtp_model.context(), None, PROMPT, 40, n_batch=64)
+    oracle: Any = _Oracle(PROMPT, plain.tokens)
+    run = speculative_greedy(mtp_model.context(), oracle, PROMPT, 40, n_max=N_MAX, n_batch=64)
+    assert run.tokens == plain.tokens
+    assert 0 < run.accepted < run.drafted
+    assert run.steps < plain.steps
+
+
+def test_a_model_without_mtp_layers_refuses_draft_mtp(tmp_path: Path) -> None:
+    plain = write_qwen35(tmp_path / "tiny-qwen35.gguf").path
+    for loaded in _load(plain):
+        with pytest.raises(ModelLoadError, match="MTP \\(nextn\\) layers, and this one has none"):
+            MtpProposer(loaded.model, loaded.context(), n_seq=1)
+
+
+def test_a_library_without_the_nextn_calls_is_a_clear_error() -> None:
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    other = ctypes.CDLL(str(next(lib_dir.glob("libggml-base.so*"))))
+    with pytest.raises(ModelLoadError, match="nextn embedding calls"):
+        nextn_api(other)
+    assert nextn_api().get_embeddings_nextn_ith is not None
