@@ -107,8 +107,11 @@ def dry_run(
     swa_full: bool = True,
     kv_unified: bool = False,
     n_gpu_layers: int = -1,
+    mtp: bool = False,
 ) -> DryRunResult:
-    """Load `path` with no_alloc and build a context; return what llama.cpp says it would use."""
+    """Load `path` with no_alloc and build a context; return what llama.cpp says it would use.
+    With `mtp`, the model's MTP block is loaded too and an MTP draft context is built beside
+    the target's (as `engine.mtp` does): its KV and compute lines follow the target's."""
     import llama_cpp
 
     llama: Any = llama_cpp
@@ -118,6 +121,7 @@ def dry_run(
         mparams.no_alloc = True
         mparams.load_mode = LOAD_MODE_NONE
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.load_mtp = mtp
         model = llama.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"llama.cpp could not read {path} (dry run)")
@@ -135,7 +139,15 @@ def dry_run(
             ctx = llama.llama_init_from_model(model, cparams)
             if not ctx:
                 raise ModelLoadError(f"llama.cpp could not create the context for {path} (dry run)")
+            if mtp:
+                cparams.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
+                cparams.ctx_other = ctx
+                draft = llama.llama_init_from_model(model, cparams)
+                if draft:
+                    llama.llama_free(draft)
             llama.llama_free(ctx)
+            if mtp and not draft:
+                raise ModelLoadError(f"llama.cpp could not create the MTP context for {path}")
         finally:
             llama.llama_model_free(model)
     return parse_load_log(lines)

@@ -64,6 +64,9 @@ class FitRequest:
     projector: Projector | None = None
     mmproj_offload: bool = True
     mmproj: str = "auto"  # how `fit` finds the projector: "auto" (beside the model), "off", a path
+    # spec_type draft-mtp: the file's MTP block is loaded and an MTP draft context runs beside
+    # the target's (its KV cache layer, compute and output buffers); no effect without a block
+    mtp: bool = False
 
     def __post_init__(self) -> None:
         if self.type_k not in CACHE_TYPES or self.type_v not in CACHE_TYPES:
@@ -94,6 +97,7 @@ class FitRequest:
             "max_quality_loss": getattr(settings, "max_quality_loss", None),
             "mmproj_offload": getattr(settings, "mmproj_offload", True),
             "mmproj": getattr(settings, "mmproj", "auto"),
+            "mtp": getattr(settings, "spec_type", "none") == "draft-mtp",
         }
         values.update(changes)
         return cls(**values)

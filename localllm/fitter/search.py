@@ -28,6 +28,8 @@ from localllm.fitter.memory import (
     compute_phases,
     context_shape,
     kv_layer_bytes,
+    memory_layout,
+    mtp_kv_layer_bytes,
     output_buffer_bytes,
     state_layer_bytes,
 )
@@ -120,7 +122,9 @@ class _Fitter:
 
     def __init__(self, header: ModelHeader, hardware: Hardware, request: FitRequest) -> None:
         self.header = header
-        self.facts = HeaderFacts(header)
+        # the MTP block and its draft context, when spec_type draft-mtp runs it
+        self.mtp = request.mtp and memory_layout(header).n_layer_trunk < header.n_layer
+        self.facts = HeaderFacts(header, load_mtp=self.mtp)
         self.hardware = hardware
         self.request = request
         self.flash_attn = True if request.flash_attn is None else request.flash_attn
@@ -157,6 +161,10 @@ class _Fitter:
                 layout,
             )
             kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v, self.flash_attn, layout)
+            if self.mtp:
+                mtp_kv = mtp_kv_layer_bytes(
+                    self.header, shape, r.type_k, r.type_v, self.flash_attn, layout)
+                kv = tuple(k + m for k, m in zip(kv, mtp_kv, strict=True))
             state = state_layer_bytes(self.header, shape.n_seq, layout)
             # a layer's recurrent state lives on its device, like its KV cache
             memory = tuple(k + s for k, s in zip(kv, state, strict=True))
@@ -167,6 +175,7 @@ class _Fitter:
         """ctx: (tokens per conversation, conversations at once)."""
         header, facts, hardware, request = self.header, self.facts, self.hardware, self.request
         shape, kv, phases = self.shape(*ctx)
+        mtp_compute = phases.mtp_bytes if self.mtp else 0  # the draft context's own buffer
         layout = _layout(header.n_layer, n_gpu_layers, n_cpu_moe, self.split)
         n_gpus = len(hardware.gpus)
         weights = [0] * (n_gpus + 1)  # index -1: host
@@ -215,7 +224,8 @@ class _Fitter:
         n_remote = n_local = 0
         for g, gpu in enumerate(hardware.gpus):
             if g == (out_dev if out_dev >= 0 else 0):
-                compute = phases.peak_bytes  # holds the logits (op offload when on host)
+                # holds the logits (op offload when on host)
+                compute = phases.peak_bytes + mtp_compute
             elif layers_on[g]:
                 compute = phases.layer_bytes
             else:
@@ -246,7 +256,7 @@ class _Fitter:
                 )
             )
         if not hardware.gpus:
-            host_compute = phases.peak_bytes
+            host_compute = phases.peak_bytes + mtp_compute
         elif all_on_gpu:
             host_compute = phases.input_bytes + phases.mask_bytes  # the CUDA_Host buffer
         else:
@@ -259,7 +269,7 @@ class _Fitter:
                 weights_bytes=weights[-1],
                 kv_bytes=kv_on[-1],
                 compute_bytes=host_compute,
-                output_bytes=output_buffer_bytes(header, shape.n_seq),
+                output_bytes=output_buffer_bytes(header, shape.n_seq) * (2 if self.mtp else 1),
                 overhead_bytes=HOST_OVERHEAD_BYTES,
                 margin_bytes=0,
                 capacity_bytes=host.ram_available_bytes,
@@ -495,6 +505,13 @@ def _layout_notes(fitter: _Fitter) -> list[str]:
             f"{per_seq / 2**20:.1f} MiB per conversation whatever its length, is in the KV column"
             f"; {sum(layout.attention)} layers have a KV cache"
         )
+    if fitter.mtp:
+        notes.append(
+            f"the file's MTP block ({gib(facts.mtp_bytes)}) is loaded for spec_type draft-mtp; "
+            "its draft context adds a KV cache layer and a compute buffer (counted)"
+        )
+    elif fitter.request.mtp:
+        notes.append("spec_type draft-mtp: the file has no MTP block, the engine will refuse it")
     if facts.skipped_bytes:
         notes.append(
             f"the file's MTP block ({gib(facts.skipped_bytes)}) is not loaded: llama.cpp uses it "
