@@ -142,6 +142,22 @@ def test_fitter_counts_the_mtp_draft_context(headers: dict[str, ModelHeader], na
     assert got["output"] == pytest.approx(got["output_llama"], abs=0.01 * 2**20)
 
 
+@pytest.mark.parametrize("n_rs_seq", [3, 8])
+def test_fitter_counts_recurrent_snapshots(headers: dict[str, ModelHeader], n_rs_seq: int) -> None:
+    """draft-mtp on a hybrid model: the target keeps n_rs_seq snapshots of each sequence's
+    recurrent state to roll back rejected guesses (llama.cpp's need_n_rs_seq)."""
+    from localllm.engine.dry_run import dry_run
+
+    header = headers["Qwen3.5-27B"]
+    measured = dry_run(header.path, n_ctx=2 * 8192, n_parallel=2, n_gpu_layers=0,
+                       flash_attn=True, n_rs_seq=n_rs_seq)
+    request = FitRequest(n_ctx=8192, n_parallel=2, flash_attn=True, n_gpu_layers=0,
+                         n_rs_seq=n_rs_seq)
+    plan = fit_header(header, CPU, request)
+    assert plan.host.kv_bytes == pytest.approx(measured.kv_bytes + measured.state_bytes,
+                                               rel=0.01)
+
+
 def test_llama_cpp_really_leaves_the_mtp_block_unloaded(tmp_path: Path) -> None:
     """A real (not dry) load of a small Qwen3.5-shaped file: llama.cpp's model buffer holds the
     trunk's tensors, not the MTP block's, exactly what the fitter counts."""

@@ -108,10 +108,12 @@ def dry_run(
     kv_unified: bool = False,
     n_gpu_layers: int = -1,
     mtp: bool = False,
+    n_rs_seq: int = 0,
 ) -> DryRunResult:
     """Load `path` with no_alloc and build a context; return what llama.cpp says it would use.
     With `mtp`, the model's MTP block is loaded too and an MTP draft context is built beside
-    the target's (as `engine.mtp` does): its KV and compute lines follow the target's."""
+    the target's (as `engine.mtp` does): its KV and compute lines follow the target's.
+    `n_rs_seq`: recurrent-state snapshots per sequence (rollback of rejected guesses)."""
     import llama_cpp
 
     llama: Any = llama_cpp
@@ -136,12 +138,14 @@ def dry_run(
             cparams.flash_attn_type = FLASH_ATTN_TYPE[flash_attn]
             cparams.swa_full = swa_full
             cparams.kv_unified = kv_unified
+            cparams.n_rs_seq = n_rs_seq
             ctx = llama.llama_init_from_model(model, cparams)
             if not ctx:
                 raise ModelLoadError(f"llama.cpp could not create the context for {path} (dry run)")
             if mtp:
                 cparams.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
                 cparams.ctx_other = ctx
+                cparams.n_rs_seq = 0
                 draft = llama.llama_init_from_model(model, cparams)
                 if draft:
                     llama.llama_free(draft)

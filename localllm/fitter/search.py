@@ -166,6 +166,8 @@ class _Fitter:
                     self.header, shape, r.type_k, r.type_v, self.flash_attn, layout)
                 kv = tuple(k + m for k, m in zip(kv, mtp_kv, strict=True))
             state = state_layer_bytes(self.header, shape.n_seq, layout)
+            if r.n_rs_seq:  # one snapshot of the state per guess that may be rolled back
+                state = tuple(s * (1 + r.n_rs_seq) for s in state)
             # a layer's recurrent state lives on its device, like its KV cache
             memory = tuple(k + s for k, s in zip(kv, state, strict=True))
             self._shapes[key] = (shape, memory, compute_phases(self.facts, shape, self.flash_attn))
