@@ -29,14 +29,19 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from localllm.engine import logs
+from localllm.engine.config import EngineConfig
+from localllm.engine.speculative import Proposer
 from localllm.errors import ModelLoadError
+from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +180,27 @@ class MtpProposer:
         self.api.set_embeddings_nextn(ctx, True, True)  # only the MTP context's outputs
         self.slots = [_Slot() for _ in range(n_seq)]
         self.stats = MtpStats()
+        self.load_log: list[str] = []  # the MTP context's llama.cpp lines (`load`)
         self._pos = (ctypes.c_int32 * 4)()
+
+    @classmethod
+    def load(cls, config: EngineConfig, target: Any) -> MtpProposer:
+        """The MTP context beside a loaded `engine.backend.LlamaBackend` (its model loaded with
+        `load_mtp`): the target's context size, slots, cache types and threads; one micro-batch
+        per MTP decode, as the fitter counts its compute buffer."""
+        with logs.capture() as lines:
+            proposer = cls(
+                target.model,
+                target.ctx,
+                n_seq=config.n_parallel,
+                n_batch=min(config.n_ubatch, config.n_batch),
+                n_threads=config.n_threads or os.cpu_count() or 1,
+                type_k=ggml_type_id(config.type_k),
+                type_v=ggml_type_id(config.type_v),
+                flash_attn_type=FLASH_ATTN_TYPE[config.flash_attn],
+            )
+        proposer.load_log = lines
+        return proposer
 
     # -- the Proposer protocol ------------------------------------------------------------
 
@@ -321,7 +346,7 @@ class GreedyRun:
 
 def speculative_greedy(
     ctx: Any,
-    proposer: MtpProposer | None,
+    proposer: Proposer | None,
     prompt: Sequence[int],
     n_predict: int,
     n_max: int = 3,
@@ -398,3 +423,7 @@ def speculative_greedy(
         return run
     finally:
         llama.llama_batch_free(batch)
+
+
+if TYPE_CHECKING:  # MtpProposer is a Proposer
+    _check: type[Proposer] = MtpProposer
