@@ -54,6 +54,14 @@ class EngineConfig:
     use_mmap: bool = True
     seed: int | None = None  # default seed for requests that give none (None: random)
     max_tokens_default: int | None = None  # cap when a request gives no max_tokens
+    # Speculative decoding (`localllm.engine.speculative`), named as llama-server's flags:
+    # "none", "ngram-simple", "draft-simple" (spec_draft_model), "draft-mtp".
+    spec_type: str = "none"
+    spec_draft_model: Path | None = None
+    spec_draft_n_max: int = 16  # guesses per verification step
+    spec_draft_n_min: int = 0  # a shorter guess is not verified
+    spec_ngram_simple_size_n: int = 12  # n-gram length looked up in the history
+    spec_max_busy_slots: int = 0  # no guesses while more slots generate (0: no limit)
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:
@@ -66,6 +74,8 @@ class EngineConfig:
             raise ValueError("max_decode_stall_ms must not be negative")
         if self.queue_size < 0:
             raise ValueError("queue_size must not be negative")
+        if self.spec_draft_n_max < 0 or self.spec_draft_n_min < 0:
+            raise ValueError("spec_draft_n_max and spec_draft_n_min must not be negative")
         if self.ctx_checkpoints < 0 or self.checkpoint_every_n_tokens < 0:
             raise ValueError("ctx_checkpoints and checkpoint_every_n_tokens must not be negative")
 

@@ -62,6 +62,7 @@ from localllm.engine.config import EngineConfig
 from localllm.engine.embed import Embedder, EmbeddingResult
 from localllm.engine.handle import RequestHandle
 from localllm.engine.pacing import PrefillPacer
+from localllm.engine.speculative import Proposer, make_proposer
 from localllm.engine.text import StopMatcher, Utf8Stream
 from localllm.engine.types import (
     Completion,
@@ -174,12 +175,22 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Engine:
     """Load with `Engine.load(config)`; `submit()` from any thread; `close()` when done."""
 
-    def __init__(self, config: EngineConfig, backend: Backend) -> None:
+    def __init__(
+        self, config: EngineConfig, backend: Backend, proposer: Proposer | None = None
+    ) -> None:
         self.config = config
         self.backend = backend
         self.n_ctx_slot = config.n_ctx_slot
         self.load_log: list[str] = list(backend.load_log)
         self.memory: dict[str, float] = memory_summary(self.load_log)
+        # Speculative decoding (engine.speculative): None when spec_type is "none" or the
+        # model's memory cannot be cut back after a rejected guess.
+        self._proposer = proposer if proposer is not None else make_proposer(config, backend)
+        draft_log = getattr(self._proposer, "load_log", None)
+        if draft_log:
+            self.load_log.extend(draft_log)
+            self.memory.update({f"draft_{k}": v for k, v in memory_summary(draft_log).items()})
+        self._spec_drafted = self._spec_accepted = self._spec_steps = 0
         # A prompt longer than this cannot fit: no text averages 64 characters a token. Checked
         # before tokenizing, which takes about a second per MB.
         self.max_prompt_chars = max(1 << 20, 64 * config.n_ctx)
@@ -229,6 +240,11 @@ class Engine:
     def load(cls, config: EngineConfig) -> Engine:
         """Load the model (blocking, about a second for the embedded one) and start scheduling."""
         backend = LlamaBackend(config)
+        try:
+            proposer = make_proposer(config, backend)
+        except BaseException:
+            backend.close()
+            raise
         log.info(
             "loaded %s in %.1f s: %d slots of %d tokens; %s",
             config.model_path.name,
@@ -237,7 +253,7 @@ class Engine:
             config.n_ctx_slot,
             logs.placement(backend.load_log) or "placement not logged by llama.cpp",
         )
-        return cls(config, backend)
+        return cls(config, backend, proposer)
 
     def _special_text(self, token: int) -> str:
         if token < 0:  # LLAMA_TOKEN_NULL: the model has none
@@ -516,6 +532,10 @@ class Engine:
             prefill_ms_per_token=(
                 None if self._pacer.token_s is None else round(self._pacer.token_s * 1000, 3)
             ),
+            spec_type=self._proposer.name if self._proposer is not None else "none",
+            spec_draft_tokens_total=self._spec_drafted,
+            spec_accepted_tokens_total=self._spec_accepted,
+            spec_drafts_total=self._spec_steps,
         )
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -533,6 +553,8 @@ class Engine:
         self.cancel_all()
         self._thread.join()
         self._sampling.shutdown(wait=True)  # a grammar sample reads the vocabulary
+        if self._proposer is not None:
+            self._proposer.close()
         self.backend.close()
 
     def cancel_all(self) -> None:
@@ -728,10 +750,22 @@ class Engine:
     def _step(self) -> None:
         items: list[BatchItem] = []
         generating = [s for s in self._slots if s.job is not None and s.job.next_token is not None]
-        for slot in generating:
-            assert slot.job is not None and slot.job.next_token is not None
-            slot.job.batch_index = len(items)
-            items.append(BatchItem(slot.job.next_token, len(slot.cached), slot.seq_id, True))
+        drafts: dict[int, list[int]] = {}  # seq_id -> guesses verified in this step
+        for n, slot in enumerate(generating):
+            job = slot.job
+            assert job is not None and job.next_token is not None
+            job.batch_index = len(items)
+            pos = len(slot.cached)
+            items.append(BatchItem(job.next_token, pos, slot.seq_id, True))
+            # Room for guesses: the batch (the other slots' pending tokens still to come).
+            guesses = self._draft(
+                slot, len(generating), self.config.n_batch - len(items) - (len(generating) - n - 1)
+            )
+            if guesses:
+                drafts[slot.seq_id] = guesses
+                items.extend(
+                    BatchItem(t, pos + 1 + i, slot.seq_id, True) for i, t in enumerate(guesses)
+                )
         budget = self.config.n_batch - len(items)
         # Every decoding slot waits for this whole step (one with a grammar sample on the worker
         # too, when pacing is on): cap the prompt chunk so the step stays near the stall target.
@@ -748,11 +782,14 @@ class Engine:
             stop = next_stop(job.checkpoint_at, start)
             if stop is not None:
                 take = min(take, stop - start)  # end the chunk where a checkpoint is due
+            every = self._proposer is not None and self._proposer.wants_prompt_outputs
             for i in range(take):
                 last = start + i == len(job.prompt) - 1
                 if last:
                     job.batch_index = len(items)
-                items.append(BatchItem(job.prompt[start + i], start + i, slot.seq_id, last))
+                items.append(
+                    BatchItem(job.prompt[start + i], start + i, slot.seq_id, last or every)
+                )
             budget -= take
             prefilling.append((slot, take))
         if not items:
@@ -769,6 +806,8 @@ class Engine:
         if prefilling:
             self._prompt_seconds += elapsed
             self._shared_steps += bool(generating)
+        if self._proposer is not None:
+            self._target_outputs(items)
 
         now = time.perf_counter()
         for slot in generating:
@@ -776,7 +815,11 @@ class Engine:
             assert job is not None and job.next_token is not None
             slot.cached.append(job.next_token)
             job.next_token = None
-            self._sample(slot, now)
+            verified = drafts.get(slot.seq_id)
+            if verified:
+                self._verify(slot, verified, now)
+            else:
+                self._sample(slot, now)
         for slot, take in prefilling:
             job = slot.job
             assert job is not None
@@ -793,6 +836,69 @@ class Engine:
         n_prompt, step_s = len(items) - len(generating), time.perf_counter() - started
         self._pacer.observe(n_prompt, step_s)
         self.recent_steps.append((len(generating), n_prompt, step_s))
+
+    def _draft(self, slot: _Slot, n_generating: int, room: int) -> list[int]:
+        """The proposer's guesses after the slot's pending token (none for a request with a
+        grammar, past spec_max_busy_slots generating slots, or below spec_draft_n_min)."""
+        job = slot.job
+        assert job is not None and job.next_token is not None and job.sampler is not None
+        config = self.config
+        if self._proposer is None or job.sampler.needs_row:
+            return []
+        if config.spec_max_busy_slots and n_generating > config.spec_max_busy_slots:
+            return []
+        n_max = min(
+            config.spec_draft_n_max,
+            room,
+            job.max_new_tokens - job.n_generated - 1,  # the bonus token counts too
+            self.n_ctx_slot - len(slot.cached) - 1,  # positions stay inside the slot
+        )
+        if n_max < max(1, config.spec_draft_n_min):
+            return []
+        guesses = self._proposer.draft(slot.seq_id, [*slot.cached, job.next_token], n_max)
+        if len(guesses) < config.spec_draft_n_min:
+            return []
+        return guesses[:n_max]
+
+    def _target_outputs(self, items: Sequence[BatchItem]) -> None:
+        """Tell the proposer where each slot's outputs are in the batch just decoded."""
+        assert self._proposer is not None
+        where: dict[int, tuple[list[int], list[int]]] = {}
+        for index, item in enumerate(items):
+            if item.logits:
+                positions, indices = where.setdefault(item.seq_id, ([], []))
+                positions.append(item.pos)
+                indices.append(index)
+        for seq_id, (positions, indices) in where.items():
+            self._proposer.on_target_outputs(seq_id, positions, indices)
+
+    def _verify(self, slot: _Slot, guesses: list[int], now: float) -> None:
+        """Keep the longest prefix of guesses the request's sampler agrees with, then the
+        sampler's own token after it (the correction, or the bonus when all were right); cut
+        the rest's KV cells. Exact rejection sampling for deterministic guesses (see
+        engine.speculative); every emitted token goes through _accept (stops, EOG, limits)."""
+        job = slot.job
+        assert job is not None and job.sampler is not None and self._proposer is not None
+        accepted = 0
+        for i in range(len(guesses) + 1):
+            index = job.batch_index + i
+            row = self.backend.logprobs(index) if job.request.logprobs is not None else None
+            token = job.sampler.sample(index)
+            self._accept(slot, token, row, now)
+            if slot.job is not job:  # finished: its last token is not kept in the cells
+                break
+            if i < len(guesses) and token == guesses[i]:
+                accepted += 1
+                slot.cached.append(token)  # decoded in this batch already
+                job.next_token = None
+                continue
+            break
+        self.backend.seq_rm(slot.seq_id, len(slot.cached), -1)
+        self._spec_steps += 1
+        self._spec_drafted += len(guesses)
+        self._spec_accepted += accepted
+        if slot.job is job:
+            self._proposer.on_verified(slot.seq_id, len(slot.cached))
 
     def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
         # 1: no KV slot (should not happen, sizes are checked); <0: llama.cpp error.
@@ -920,6 +1026,8 @@ class Engine:
         slot.job = None
         slot.last_used = time.perf_counter()
         self._requests_total += 1
+        if self._proposer is not None:
+            self._proposer.release(slot.seq_id)
         if error is not None:
             job.handle._fail(error)
 

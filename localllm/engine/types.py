@@ -128,6 +128,18 @@ class EngineStats:
     # the measured ms per prompt token the chunks are sized from (None: none measured).
     shared_steps_total: int = 0
     prefill_ms_per_token: float | None = None
+    # Speculative decoding (engine.speculative), as llama-server's spec_decode_* counters.
+    spec_type: str = "none"
+    spec_draft_tokens_total: int = 0  # guesses verified
+    spec_accepted_tokens_total: int = 0  # guesses the model agreed with
+    spec_drafts_total: int = 0  # verification steps
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Share of verified guesses accepted (None before any)."""
+        if not self.spec_draft_tokens_total:
+            return None
+        return self.spec_accepted_tokens_total / self.spec_draft_tokens_total
 
     @property
     def prompt_tokens_per_s(self) -> float:

@@ -1,0 +1,424 @@
+"""Speculative decoding (localllm.engine.speculative): the verification inside continuous
+batching, the proposers, the sampling guarantee, the counters.
+
+Two kinds of tests. A stub backend (a tiny vocabulary whose logits are a pure function of a
+sequence's tokens, with llama.cpp's position rules enforced) checks the mechanism exactly: greedy
+output token-identical, the distribution kept under sampling (a chi-square test with a fixed
+seed), KV cells cut back after rejections, cancellation and timeouts between verifications. The
+real embedded models check the same on llama.cpp: SmolLM2-135M-Instruct Q4_1, whose batched and
+single-token kernels give identical logits, is greedy-identical with each proposer and is its own
+draft model with acceptance near 1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from localllm.engine import Engine, EngineConfig
+from localllm.engine.backend import BatchItem
+from localllm.engine.speculative import NgramProposer, ngram_simple_draft
+from localllm.engine.types import GenerationRequest, SamplingParams
+from localllm.errors import CancelledError, ModelLoadError, RequestTimeoutError
+
+EOS = 9
+N_VOCAB = 10
+
+
+# ---------------------------------------------------------------------------- the stub backend
+
+
+def cyclic_logits(tokens: Sequence[int]) -> np.ndarray:
+    """A 'model' that counts 0..4 in a cycle, skipping one number every 7th position: the
+    n-gram proposer guesses right most of the time and wrong at the skips."""
+    last = tokens[-1] % 5
+    step = 2 if len(tokens) % 7 == 0 else 1
+    row = np.full(N_VOCAB, -5.0, dtype=np.float32)
+    row[(last + step) % 5] = 3.0
+    row[(last + step + 1) % 5] = 1.0
+    return row
+
+
+class StubSampler:
+    def __init__(self, backend: StubBackend, params: SamplingParams, seed: int) -> None:
+        self.backend = backend
+        self.temperature = params.temperature
+        self.rng = np.random.default_rng(seed)
+        self.needs_row = False
+
+    def sample(self, batch_index: int) -> int:
+        row = self.backend.rows[batch_index]
+        if self.temperature <= 0:
+            return int(np.argmax(row))
+        p = np.exp((row - row.max()) / self.temperature)
+        return int(self.rng.choice(len(row), p=p / p.sum()))
+
+    def free(self) -> None:
+        pass
+
+
+class StubBackend:
+    """The Backend protocol over a pure-Python 'model'; enforces llama.cpp's rule that a
+    sequence's next tokens continue right after the last position its cells hold."""
+
+    n_vocab = N_VOCAB
+    bos_id = 0
+    eos_id = EOS
+    architecture = "stub"
+    chat_template = None
+    n_swa = 0
+    recurrent = False
+    embedding_only = False
+
+    def __init__(self, logits: Any = cyclic_logits) -> None:
+        self.logits = logits
+        self.load_log: list[str] = []
+        self.cells: dict[int, list[int]] = {}
+        self.rows: dict[int, np.ndarray] = {}
+        self.decodes = 0
+        self.batch_sizes: list[int] = []
+        self.gate: threading.Event | None = None  # set: decode waits for it
+        self.entered = threading.Event()
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return [int(c) for c in text if c.isdigit()]
+
+    def control_tokens(self) -> Any:
+        return np.zeros(N_VOCAB, dtype=bool)
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        return b"" if token == EOS else str(token).encode()
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return "".join(self.token_bytes(t).decode() for t in tokens)
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    def decode(self, items: Sequence[BatchItem]) -> int:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        self.decodes += 1
+        self.batch_sizes.append(len(items))
+        self.rows = {}
+        for index, item in enumerate(items):
+            cells = self.cells.setdefault(item.seq_id, [])
+            assert item.pos == len(cells), f"seq {item.seq_id}: pos {item.pos}, {len(cells)} held"
+            cells.append(item.token)
+            if item.logits:
+                self.rows[index] = self.logits(cells)
+        return 0
+
+    def logprobs(self, batch_index: int) -> Any:
+        row = self.rows[batch_index]
+        return row - np.log(np.exp(row).sum())
+
+    def logits_row(self, batch_index: int) -> Any:
+        return self.rows[batch_index].copy()
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        assert p1 == -1
+        cells = self.cells.setdefault(seq_id, [])
+        del cells[max(p0, 0) :]
+        return True
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return 0 if self.cells.get(seq_id) else -1
+
+    def partial_state(self, seq_id: int) -> bytes:
+        return b""
+
+    def restore_partial_state(self, seq_id: int, data: bytes) -> bool:
+        return True
+
+    def compile_grammar(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def new_sampler(self, params: SamplingParams, seed: int, grammar: Any = None) -> StubSampler:
+        return StubSampler(self, params, seed)
+
+    def embedder(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FixedProposer:
+    """Always guesses `token`, n_max times (a deterministic proposal)."""
+
+    name = "fixed"
+    wants_prompt_outputs = False
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+        self.verified: list[tuple[int, int]] = []
+        self.outputs: list[tuple[int, list[int], list[int]]] = []
+
+    def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+        return [self.token] * n_max
+
+    def on_target_outputs(
+        self, seq_id: int, positions: Sequence[int], batch_indices: Sequence[int]
+    ) -> None:
+        self.outputs.append((seq_id, list(positions), list(batch_indices)))
+
+    def on_verified(self, seq_id: int, n_keep: int) -> None:
+        self.verified.append((seq_id, n_keep))
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def stub_engine(backend: StubBackend, proposer: Any = None, **changes: Any) -> Engine:
+    values: dict[str, Any] = dict(
+        model_path=Path(__file__), n_ctx=4096, n_parallel=4, n_batch=256, seed=7
+    )
+    values.update(changes)
+    return Engine(EngineConfig(**values), backend, proposer)  # type: ignore[arg-type]
+
+
+def run(engine: Engine, prompt: Sequence[int], **kwargs: Any) -> Any:
+    sampling = SamplingParams(temperature=kwargs.pop("temperature", 0.0), **kwargs.pop("s", {}))
+    request = GenerationRequest(prompt=tuple(prompt), sampling=sampling, **kwargs)
+    return engine.submit(request).result()
+
+
+PROMPT = [1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def cells_match(backend: StubBackend, engine: Engine) -> bool:
+    """The stub's cells are exactly what each slot says it holds."""
+    return all(backend.cells.get(s.seq_id, []) == s.cached for s in engine._slots)
+
+
+# ---------------------------------------------------------------------------- stub tests
+
+
+def test_ngram_simple_finds_the_latest_earlier_occurrence() -> None:
+    history = [5, 1, 2, 3, 7, 8, 1, 2, 3, 6, 6, 6, 1, 2, 3]
+    assert ngram_simple_draft(history, 3, 2) == [6, 6]  # the match at 6, not the one at 1
+    assert ngram_simple_draft(history, 3, 8) == [6, 6, 6, 1, 2, 3]  # to the end at most
+    assert ngram_simple_draft([1, 2, 3, 4, 5, 6, 7, 8], 2, 4) == []  # no repeat: no guess
+    assert ngram_simple_draft([1, 2, 1, 2], 2, 4) == []  # too short for a pattern + a match
+
+
+def test_greedy_output_is_token_identical_with_ngram_speculation() -> None:
+    plain_backend, spec_backend = StubBackend(), StubBackend()
+    with stub_engine(plain_backend) as plain:
+        expected = run(plain, PROMPT, max_tokens=60)
+    with stub_engine(
+        spec_backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_draft_n_max=6
+    ) as spec:
+        got = run(spec, PROMPT, max_tokens=60)
+        stats = spec.stats()
+        assert cells_match(spec_backend, spec)
+    assert got.text == expected.text
+    assert got.usage.completion_tokens == 60 == expected.usage.completion_tokens
+    assert stats.spec_type == "ngram-simple"
+    assert stats.spec_drafts_total > 0
+    assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total  # skips rejected
+    assert spec_backend.decodes < plain_backend.decodes  # fewer target steps
+
+
+def test_stop_strings_eog_and_logprobs_stay_right_inside_accepted_guesses() -> None:
+    backend = StubBackend()
+    with stub_engine(backend, FixedProposer(3)) as plain_like:
+        pass
+    with stub_engine(StubBackend()) as plain:
+        expected = run(plain, PROMPT, max_tokens=40, logprobs=2)
+        cut = run(plain, PROMPT, max_tokens=40, stop=("40",))
+    spec_backend = StubBackend()
+    with stub_engine(
+        spec_backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_draft_n_max=8
+    ) as spec:
+        got = run(spec, PROMPT, max_tokens=40, logprobs=2)
+        stopped = run(spec, PROMPT, max_tokens=40, stop=("40",))
+        assert cells_match(spec_backend, spec)
+    assert plain_like.stats().spec_type == "fixed"
+    assert got.text == expected.text
+    assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in expected.logprobs]
+    assert len(got.logprobs) == 40
+    assert stopped.text == cut.text and stopped.finish_reason == cut.finish_reason == "stop"
+
+
+def end_after_eight(tokens: Sequence[int]) -> np.ndarray:
+    row = cyclic_logits(tokens)
+    if len(tokens) >= len(PROMPT) + 8:
+        row[EOS] = 10.0
+    return row
+
+
+def test_an_end_of_generation_token_inside_the_guesses_ends_the_request() -> None:
+    backend = StubBackend(end_after_eight)
+    with stub_engine(backend, FixedProposer(EOS)) as spec:
+        got = run(spec, PROMPT, max_tokens=50)
+        assert cells_match(backend, spec)
+    with stub_engine(StubBackend(end_after_eight)) as plain:
+        expected = run(plain, PROMPT, max_tokens=50)
+    assert got.text == expected.text and got.finish_reason == "stop"
+    assert got.usage.completion_tokens == expected.usage.completion_tokens == 9
+
+
+def test_the_proposer_hears_of_outputs_and_verifications() -> None:
+    proposer = FixedProposer(4)
+    backend = StubBackend()
+    with stub_engine(backend, proposer, spec_draft_n_max=3) as engine:
+        run(engine, PROMPT, max_tokens=10)
+    # The prompt's last token, then verification batches of the pending token + 3 guesses.
+    assert proposer.outputs[0] == (0, [len(PROMPT) - 1], [len(PROMPT) - 1])
+    seq, positions, indices = proposer.outputs[1]
+    assert positions == [len(PROMPT) + i for i in range(4)] and indices == [0, 1, 2, 3]
+    assert proposer.verified and all(n > len(PROMPT) for _, n in proposer.verified)
+
+
+def fixed_distribution(tokens: Sequence[int]) -> np.ndarray:
+    return np.log(np.array([0.4, 0.25, 0.2, 0.1, 0.05, 0, 0, 0, 0, 0]) + 1e-30).astype(np.float32)
+
+
+def test_rejection_sampling_keeps_the_target_distribution() -> None:
+    """Guessing token 1 (p = 0.25) every time must not make it more frequent: every generated
+    token is drawn from p whatever was guessed. Chi-square over 5 tokens (4 degrees of freedom)
+    at a fixed seed; the bound 40 is p < 1e-7, while always accepting the guess gives > 1000."""
+    backend = StubBackend(fixed_distribution)
+    p = np.array([0.4, 0.25, 0.2, 0.1, 0.05])
+    counts = np.zeros(5)
+    with stub_engine(backend, FixedProposer(1), spec_draft_n_max=4, seed=3) as engine:
+        for i in range(20):
+            out = run(engine, PROMPT, max_tokens=200, temperature=1.0, s={"seed": 1000 + i})
+            tokens = [int(c) for c in out.text]
+            counts += np.bincount(tokens, minlength=5)[:5]
+        stats = engine.stats()
+    n = counts.sum()
+    chi2 = float((((counts - n * p) ** 2) / (n * p)).sum())
+    assert n == 4000
+    assert chi2 < 40, (counts / n, chi2)
+    rate = stats.spec_acceptance_rate
+    # A guess is checked only after the ones before it were accepted: (p + p^2 + p^3 + p^4) / 4
+    # of the 4 guesses per step are accepted, p = 0.25: 0.083.
+    assert rate is not None and 0.05 < rate < 0.12
+
+
+def test_four_concurrent_slots_verify_in_one_batch() -> None:
+    prompts = [PROMPT, PROMPT[1:], PROMPT[2:], PROMPT[3:]]
+    with stub_engine(StubBackend()) as plain:
+        expected = [run(plain, p, max_tokens=50).text for p in prompts]
+    backend = StubBackend()
+    backend.gate = threading.Event()  # hold the first step until all four are queued
+    with stub_engine(
+        backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_draft_n_max=4
+    ) as spec:
+        handles = [
+            spec.submit(
+                GenerationRequest(prompt=tuple(p), max_tokens=50, sampling=SamplingParams(0))
+            )
+            for p in prompts
+        ]
+        backend.gate.set()
+        got = [h.result().text for h in handles]
+        assert cells_match(backend, spec)
+    assert got == expected
+    # Some step carried the four slots' pending tokens and their guesses together.
+    assert max(backend.batch_sizes) > 4
+
+
+def two_at_once(limit: int) -> int:
+    """Verification steps while two greedy requests run side by side."""
+    backend = StubBackend()
+    backend.gate = threading.Event()  # the first prompt waits until both are queued
+    with stub_engine(
+        backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_max_busy_slots=limit
+    ) as spec:
+        request = GenerationRequest(prompt=tuple(PROMPT), max_tokens=30, sampling=SamplingParams(0))
+        handles = [spec.submit(request) for _ in range(2)]
+        backend.gate.set()
+        for handle in handles:
+            handle.result()
+        return spec.stats().spec_drafts_total
+
+
+def test_spec_max_busy_slots_turns_guessing_off_when_many_slots_decode() -> None:
+    # Only the step where the first request decodes beside the second's prompt may guess.
+    assert two_at_once(limit=1) <= 1
+    assert two_at_once(limit=0) > 5
+
+
+def test_cancelling_between_verifications_leaves_the_slot_reusable() -> None:
+    with stub_engine(StubBackend()) as plain:
+        expected = run(plain, PROMPT, max_tokens=40).text
+    backend = StubBackend()
+    with stub_engine(
+        backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_draft_n_max=4
+    ) as spec:
+        backend.gate = threading.Event()
+        handle = spec.submit(
+            GenerationRequest(prompt=tuple(PROMPT), max_tokens=40, sampling=SamplingParams(0))
+        )
+        for _ in range(3):  # let a few verification steps through, then cancel inside one
+            backend.entered.clear()
+            backend.gate.set()
+            backend.gate.clear()
+            assert backend.entered.wait(30)
+        handle.cancel()
+        backend.gate.set()
+        with pytest.raises(CancelledError):
+            handle.result()
+        backend.gate = None
+        assert cells_match(backend, spec)
+        again = run(spec, PROMPT, max_tokens=40)
+        assert cells_match(backend, spec)
+    assert again.text == expected
+
+
+def test_a_timeout_during_verification_fails_the_request_and_frees_the_slot() -> None:
+    backend = StubBackend()
+
+    def slow(tokens: Sequence[int]) -> np.ndarray:
+        if len(tokens) > len(PROMPT) + 4:
+            time.sleep(0.05)
+        return cyclic_logits(tokens)
+
+    backend.logits = slow
+    with stub_engine(
+        backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_draft_n_max=4
+    ) as spec:
+        with pytest.raises(RequestTimeoutError):
+            run(spec, PROMPT, max_tokens=1000, timeout_s=0.5)
+        assert cells_match(backend, spec)
+        backend.logits = cyclic_logits
+        assert run(spec, PROMPT, max_tokens=5).usage.completion_tokens == 5
+        assert spec.stats().busy_slots == 0
+
+
+def test_a_recurrent_model_runs_without_speculation() -> None:
+    backend = StubBackend()
+    backend.recurrent = True
+    with stub_engine(backend, spec_type="ngram-simple", spec_ngram_simple_size_n=3) as engine:
+        run(engine, PROMPT, max_tokens=20)
+        stats = engine.stats()
+    assert stats.spec_type == "none" and stats.spec_drafts_total == 0
+
+
+def test_an_unknown_spec_type_and_a_missing_draft_model_are_refused() -> None:
+    with pytest.raises(ModelLoadError, match="spec_type"):
+        stub_engine(StubBackend(), spec_type="eagle9")
+    with pytest.raises(ModelLoadError, match="spec_draft_model"):
+        stub_engine(StubBackend(), spec_type="draft-simple")
+
+
+def test_ngram_proposer_protocol_is_stateless() -> None:
+    proposer = NgramProposer(size_n=2)
+    assert proposer.draft(0, [4, 1, 2, 3, 5, 1, 2], 3) == [3, 5, 1]
+    proposer.on_verified(0, 3)
+    proposer.release(0)
+    proposer.close()
