@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from localllm.engine import logs
+from localllm.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, logs
 from localllm.engine.mtp import MtpProposer, n_nextn_layers, nextn_api, speculative_greedy
 from localllm.errors import ModelLoadError
 from localllm.gguf_header import read_header
@@ -168,3 +168,61 @@ def test_a_library_without_the_nextn_calls_is_a_clear_error() -> None:
     with pytest.raises(ModelLoadError, match="nextn embedding calls"):
         nextn_api(other)
     assert nextn_api().get_embeddings_nextn_ith is not None
+
+
+# -- through the engine (continuous batching, spec_type draft-mtp) ------------------------------
+
+PROMPTS = ("the quick brown fox jumps over the lazy dog", "a journey of a thousand miles")
+
+
+def _engine(path: Path, **changes: Any) -> Engine:
+    values: dict[str, Any] = dict(model_path=path, n_ctx=1024, n_parallel=2, n_batch=64,
+                                  n_ubatch=64, n_threads=2, use_extra_bufts=False, seed=1)
+    values.update(changes)
+    return Engine.load(EngineConfig(**values))
+
+
+def _texts(engine: Engine, max_tokens: int = 40) -> list[str]:
+    handles = [engine.submit(GenerationRequest(p, max_tokens=max_tokens,
+                                               sampling=SamplingParams(temperature=0.0)))
+               for p in PROMPTS]  # both slots at once: one batch verifies both
+    return [h.result().text for h in handles]
+
+
+def test_the_engine_drafts_with_mtp_and_keeps_greedy_output(tmp_path: Path) -> None:
+    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf").path
+    with _engine(path) as plain:
+        expected = _texts(plain)
+    with _engine(path, spec_type="draft-mtp", spec_draft_n_max=3) as engine:
+        got = _texts(engine)
+        stats = engine.stats()
+        proposer: Any = engine._proposer
+        missing = proposer.stats.missing_hidden
+        again = _texts(engine)  # the slots reuse their cells (and the MTP cache's) now
+    assert got == again == expected
+    assert stats.spec_type == "draft-mtp"
+    assert stats.spec_drafts_total > 0
+    assert stats.spec_draft_tokens_total >= stats.spec_drafts_total
+    assert 0 <= stats.spec_accepted_tokens_total <= stats.spec_draft_tokens_total
+    assert isinstance(proposer, MtpProposer)
+    assert proposer.stats.drafted_tokens >= stats.spec_draft_tokens_total
+    # the engine reported every prompt token's hidden state to the MTP context
+    assert missing == 0
+
+
+def test_the_engine_accepts_an_agreeing_mtp_block(tmp_path: Path) -> None:
+    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf", agrees=True).path
+    with _engine(path) as plain:
+        expected = _texts(plain, 33)
+    with _engine(path, spec_type="draft-mtp", spec_draft_n_max=3) as engine:
+        got = _texts(engine, 33)
+        stats = engine.stats()
+    assert got == expected
+    assert stats.spec_accepted_tokens_total == stats.spec_draft_tokens_total > 0
+    assert stats.spec_drafts_total <= 2 * 32 // (3 + 1) + 2  # 4 tokens a step, two requests
+
+
+def test_the_engine_refuses_draft_mtp_without_mtp_layers(tmp_path: Path) -> None:
+    path = write_qwen35(tmp_path / "tiny-qwen35.gguf").path
+    with pytest.raises(ModelLoadError, match="MTP \\(nextn\\) layers"):
+        _engine(path, spec_type="draft-mtp")

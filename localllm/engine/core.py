@@ -782,14 +782,11 @@ class Engine:
             stop = next_stop(job.checkpoint_at, start)
             if stop is not None:
                 take = min(take, stop - start)  # end the chunk where a checkpoint is due
-            every = self._proposer is not None and self._proposer.wants_prompt_outputs
             for i in range(take):
                 last = start + i == len(job.prompt) - 1
                 if last:
                     job.batch_index = len(items)
-                items.append(
-                    BatchItem(job.prompt[start + i], start + i, slot.seq_id, last or every)
-                )
+                items.append(BatchItem(job.prompt[start + i], start + i, slot.seq_id, last))
             budget -= take
             prefilling.append((slot, take))
         if not items:
@@ -863,9 +860,10 @@ class Engine:
     def _target_outputs(self, items: Sequence[BatchItem]) -> None:
         """Tell the proposer where each slot's outputs are in the batch just decoded."""
         assert self._proposer is not None
+        every = self._proposer.wants_prompt_outputs  # hidden states exist for every token
         where: dict[int, tuple[list[int], list[int]]] = {}
         for index, item in enumerate(items):
-            if item.logits:
+            if item.logits or every:
                 positions, indices = where.setdefault(item.seq_id, ([], []))
                 positions.append(item.pos)
                 indices.append(index)

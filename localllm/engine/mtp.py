@@ -32,14 +32,13 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from localllm.engine import logs
 from localllm.engine.config import EngineConfig
-from localllm.engine.speculative import Proposer
 from localllm.errors import ModelLoadError
 from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
 
@@ -336,6 +335,18 @@ class MtpProposer:
         return int(np.argmax(logits))
 
 
+class _Guesser(Protocol):
+    """What `speculative_greedy` calls of a proposer (`engine.speculative.Proposer`)."""
+
+    def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]: ...
+
+    def on_target_outputs(
+        self, seq_id: int, positions: Sequence[int], batch_indices: Sequence[int]
+    ) -> None: ...
+
+    def on_verified(self, seq_id: int, n_keep: int) -> None: ...
+
+
 @dataclass
 class GreedyRun:
     tokens: list[int]  # the generated tokens (the prompt not included)
@@ -346,7 +357,7 @@ class GreedyRun:
 
 def speculative_greedy(
     ctx: Any,
-    proposer: Proposer | None,
+    proposer: _Guesser | None,
     prompt: Sequence[int],
     n_predict: int,
     n_max: int = 3,
@@ -423,7 +434,3 @@ def speculative_greedy(
         return run
     finally:
         llama.llama_batch_free(batch)
-
-
-if TYPE_CHECKING:  # MtpProposer is a Proposer
-    _check: type[Proposer] = MtpProposer
