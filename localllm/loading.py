@@ -26,6 +26,7 @@ from localllm.engine.config import EngineConfig
 from localllm.engine.dry_run import dry_run
 from localllm.errors import SettingsError
 from localllm.fitter import FitRequest, Plan, fit, plan_summary_line, read_headers
+from localllm.fitter.speculative import SpecPrediction, describe, predict
 from localllm.gguf_header import read_header
 from localllm.hardware import Hardware, detect_gpus, hardware_for, probe_host
 from localllm.rpc import hardware_for_settings, parse_rpc_servers
@@ -106,6 +107,16 @@ def plan_for_serving(
     hardware = replace(hardware, cpu_repack=repack)
     plan = fit(headers, hardware, request)
     params = plan.llama_params()
+    draft_plan = plan_draft_model(settings, hardware, request)
+    speculation = plan_speculation(plan, settings, draft_plan)
+    spec_type, spec_max_busy = settings.spec_type, 0
+    if speculation is not None:
+        log.info("%s", describe(speculation))
+        if spec_type == "auto":
+            spec_type = "ngram-simple" if speculation.gain else "none"
+            spec_max_busy = speculation.break_even_slots
+    if draft_plan is not None:
+        warnings.extend(draft_memory_warnings(plan, draft_plan))
     config = EngineConfig(
         model_path=model_path,
         n_ctx=params["n_ctx"],
@@ -127,8 +138,55 @@ def plan_for_serving(
         max_tokens_default=settings.max_tokens_limit,
         rpc_servers=parse_rpc_servers(settings.rpc),
         rpc_allow_public=settings.rpc_allow_public,
+        spec_type=spec_type if spec_type != "auto" else "none",
+        spec_draft_model=Path(settings.spec_draft_model) if settings.spec_draft_model else None,
+        spec_draft_n_max=settings.spec_draft_n_max,
+        spec_draft_n_min=settings.spec_draft_n_min,
+        spec_ngram_simple_size_n=settings.spec_ngram_simple_size_n,
+        spec_max_busy_slots=spec_max_busy,
     )
     return plan, config, warnings + list(plan.warnings)
+
+
+def plan_draft_model(settings: Settings, hardware: Hardware, request: FitRequest) -> Plan | None:
+    """The draft model's own plan (draft-simple): same slots and context as the target."""
+    if settings.spec_type != "draft-simple" or not settings.spec_draft_model:
+        return None
+    return fit(read_headers(Path(settings.spec_draft_model)), hardware, request)
+
+
+def draft_memory_warnings(plan: Plan, draft_plan: Plan) -> list[str]:
+    """The draft model's weights, KV and compute come on top of the target's plan."""
+    warnings = []
+    for device in plan.devices:
+        extra = sum(d.total_bytes for d in draft_plan.devices if d.name == device.name)
+        if extra and device.total_bytes + extra > device.capacity_bytes:
+            warnings.append(
+                f"the draft model needs {extra / 2**30:.2f} GiB more on {device.name}, past "
+                f"its {device.capacity_bytes / 2**30:.2f} GiB; use a smaller draft model, a "
+                "smaller context, or spec_type ngram-simple"
+            )
+    return warnings
+
+
+def plan_speculation(
+    plan: Plan, settings: Settings, draft_plan: Plan | None = None
+) -> SpecPrediction | None:
+    """What speculation is predicted to do for this plan ("auto" asks about ngram-simple)."""
+    kind = settings.spec_type
+    if kind == "none":
+        return None
+    if kind == "auto":
+        kind = "ngram-simple"
+    return predict(
+        kind,
+        plan.decode_tok_s,
+        plan.prompt_tok_s,
+        n_max=settings.spec_draft_n_max,
+        n_parallel=plan.n_parallel,
+        draft_decode_tok_s=draft_plan.decode_tok_s if draft_plan is not None else None,
+        draft_prompt_tok_s=draft_plan.prompt_tok_s if draft_plan is not None else None,
+    )
 
 
 def plan_engine_config(
@@ -169,6 +227,8 @@ def plan_summary(model_path: Path, plan: Plan, config: EngineConfig) -> dict[str
         "type_v": config.type_v,
         "swa_full": config.swa_full,
         "ctx_checkpoints": config.ctx_checkpoints,
+        "spec_type": config.spec_type,
+        "spec_max_busy_slots": config.spec_max_busy_slots,
         "decode_tok_s_predicted": round(plan.decode_tok_s, 1),
         "prompt_tok_s_predicted": round(plan.prompt_tok_s, 1),
         "devices": [device.to_dict() for device in plan.devices],

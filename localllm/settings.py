@@ -175,6 +175,30 @@ class Settings(BaseSettings):
         description="Context checkpoints per slot for recurrent, hybrid and sliding-window "
         "models (llama-server's --ctx-checkpoints), in host memory; 0: none.",
     )
+    spec_type: Literal["none", "auto", "ngram-simple", "draft-simple", "draft-mtp"] = Field(
+        "none",
+        description="Speculative decoding (llama-server's --spec-type): guesses verified in one "
+        "batch. 'ngram-simple' copies from the conversation, 'draft-simple' asks "
+        "spec_draft_model, 'auto' turns ngram-simple on where the fitter predicts a gain.",
+    )
+    spec_draft_model: str | None = Field(
+        None,
+        description="Draft model for draft-simple (llama-server's --spec-draft-model): a small "
+        "GGUF with the same tokenizer.",
+    )
+    spec_draft_n_max: int = Field(
+        16, ge=1, le=256, description="Most tokens guessed per step (--spec-draft-n-max)."
+    )
+    spec_draft_n_min: int = Field(
+        0, ge=0, le=256, description="Fewer guesses are not verified (--spec-draft-n-min)."
+    )
+    spec_ngram_simple_size_n: int = Field(
+        12,
+        ge=1,
+        le=1024,
+        description="Tokens matched to find a guess for ngram-simple (llama-server's "
+        "--spec-ngram-simple-size-n).",
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for decoding (default: cores)."
     )

@@ -400,6 +400,33 @@ def test_a_timeout_during_verification_fails_the_request_and_frees_the_slot() ->
         assert spec.stats().busy_slots == 0
 
 
+def test_metrics_expose_the_speculation_counters_and_acceptance_rate() -> None:
+    from localllm.server.metrics import Metrics
+
+    with stub_engine(
+        StubBackend(), spec_type="ngram-simple", spec_ngram_simple_size_n=3, spec_draft_n_max=4
+    ) as engine:
+        metrics = Metrics(engine.stats)
+        before = metrics.render().decode()
+        run(engine, PROMPT, max_tokens=40)
+        after = metrics.render().decode()
+        stats = engine.stats()
+
+    def value(text: str, name: str) -> float | None:
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    assert value(before, "localllm_spec_decode_num_drafts_total") == 0
+    assert value(before, "localllm_spec_decode_acceptance_rate") is None  # nothing drafted yet
+    assert value(after, "localllm_spec_decode_num_drafts_total") == stats.spec_drafts_total > 0
+    drafted = value(after, "localllm_spec_decode_num_draft_tokens_total")
+    accepted = value(after, "localllm_spec_decode_num_accepted_tokens_total")
+    assert drafted == stats.spec_draft_tokens_total and accepted == stats.spec_accepted_tokens_total
+    assert value(after, "localllm_spec_decode_acceptance_rate") == pytest.approx(accepted / drafted)
+
+
 def test_a_recurrent_model_runs_without_speculation() -> None:
     backend = StubBackend()
     backend.recurrent = True
@@ -422,3 +449,109 @@ def test_ngram_proposer_protocol_is_stateless() -> None:
     proposer.on_verified(0, 3)
     proposer.release(0)
     proposer.close()
+
+
+# ---------------------------------------------------------------------------- real models
+
+CODE_PROMPT = (
+    "<|im_start|>user\nRename the variable total to subtotal in this code and show the whole "
+    "code:\n```python\ndef total_price(items):\n    total = 0\n    for item in items:\n"
+    "        total += item.price * item.quantity\n    return total\n```<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def real_engine(model: Path, **changes: Any) -> Engine:
+    values: dict[str, Any] = dict(
+        model_path=model,
+        n_ctx=2048,
+        n_parallel=2,
+        n_threads=1,
+        n_batch=256,
+        n_ubatch=256,
+        use_extra_bufts=False,
+        seed=1,
+    )
+    values.update(changes)
+    return Engine.load(EngineConfig(**values))
+
+
+def greedy(engine: Engine, prompt: str, n: int) -> Any:
+    request = GenerationRequest(prompt=prompt, max_tokens=n, sampling=SamplingParams(0))
+    return engine.submit(request).result()
+
+
+@pytest.fixture(scope="module")
+def plain_code_answer(instruct_model_path: Path) -> str:
+    with real_engine(instruct_model_path) as engine:
+        return str(greedy(engine, CODE_PROMPT, 64).text)
+
+
+def test_ngram_speculation_on_the_instruct_model_is_greedy_identical(
+    instruct_model_path: Path, plain_code_answer: str
+) -> None:
+    with real_engine(
+        instruct_model_path, spec_type="ngram-simple", spec_ngram_simple_size_n=3
+    ) as engine:
+        got = greedy(engine, CODE_PROMPT, 64)
+        stats = engine.stats()
+    assert got.text == plain_code_answer
+    assert stats.spec_drafts_total > 0 and stats.spec_accepted_tokens_total > 0
+
+
+def test_the_model_as_its_own_draft_is_greedy_identical_with_acceptance_near_one(
+    instruct_model_path: Path, plain_code_answer: str
+) -> None:
+    with real_engine(
+        instruct_model_path,
+        spec_type="draft-simple",
+        spec_draft_model=instruct_model_path,
+        spec_draft_n_max=8,
+    ) as engine:
+        got = greedy(engine, CODE_PROMPT, 64)
+        stats = engine.stats()
+        memory = engine.memory
+    assert got.text == plain_code_answer
+    assert stats.spec_type == "draft-simple"
+    rate = stats.spec_acceptance_rate
+    assert rate is not None and rate > 0.9, rate
+    # The draft's buffers are the target's again (same file, same slots).
+    assert memory["draft_model_mib"] == memory["model_mib"]
+    assert memory["draft_kv_cache_mib"] == memory["kv_cache_mib"]
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(
+    instruct_model_path: Path, embedded_model_path: Path
+) -> None:
+    with pytest.raises(ModelLoadError, match="same tokenizer"):
+        real_engine(
+            instruct_model_path, spec_type="draft-simple", spec_draft_model=embedded_model_path
+        )
+
+
+def test_draft_model_memory_matches_its_plan(instruct_model_path: Path) -> None:
+    from localllm.fitter import FitRequest
+    from localllm.loading import plan_draft_model, plan_for_serving, planning_hardware
+    from localllm.settings import Settings
+
+    settings = Settings(
+        n_ctx=2048,
+        parallel=2,
+        threads=1,
+        cpu_only=True,
+        spec_type="draft-simple",
+        spec_draft_model=str(instruct_model_path),
+    )
+    plan, config, _ = plan_for_serving(instruct_model_path, settings)
+    hardware, _ = planning_hardware(settings)
+    draft_plan = plan_draft_model(settings, hardware, FitRequest.from_settings(settings))
+    assert draft_plan is not None
+    assert draft_plan.n_ctx == plan.n_ctx
+    assert config.spec_type == "draft-simple"
+    with Engine.load(config) as engine:
+        memory = engine.memory
+    host = draft_plan.host
+    mib = 1024 * 1024
+    assert memory["draft_model_mib"] == pytest.approx(host.weights_bytes / mib, rel=0.1)
+    assert memory["draft_kv_cache_mib"] == pytest.approx(host.kv_bytes / mib, rel=0.1)
+    assert memory["draft_compute_mib"] <= 1.2 * host.compute_bytes / mib

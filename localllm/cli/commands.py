@@ -171,8 +171,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for note in notes:
         warn(note)
     check = _check(plan) if args.check else None
+    from localllm.fitter.speculative import describe
+    from localllm.loading import draft_memory_warnings, plan_draft_model, plan_speculation
+
+    draft_plan = plan_draft_model(settings, hardware, request)
+    speculation = plan_speculation(plan, settings, draft_plan)
+    for note in draft_memory_warnings(plan, draft_plan) if draft_plan is not None else []:
+        warn(note)
     if args.json:
         result = plan.to_dict()
+        if speculation is not None:
+            result["speculation"] = speculation.to_dict()
+            if draft_plan is not None:
+                result["speculation"]["draft_model"] = draft_plan.to_dict()
         result["notes"] = list(plan.notes) + notes
         result["hardware"] = _hardware_dict(hardware)
         result["llama_params"] = plan.llama_params()
@@ -186,6 +197,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from localllm.fitter import format_plan
 
     print(format_plan(replace(plan, ladder=()) if len(headers) > 1 else plan))
+    if speculation is not None:
+        print(describe(speculation))
+        if draft_plan is not None:
+            extra = sum(d.total_bytes for d in draft_plan.devices)
+            print(f"draft model {draft_plan.file.name}: {extra / 2**30:.2f} GiB more "
+                  f"(weights, KV, compute), {draft_plan.decode_tok_s:.1f} tok/s on its own")
     if len(headers) > 1:
         where = "hub files: headers read by range requests, nothing downloaded" if (
             args.model and not Path(args.model).exists() and "/" in args.model

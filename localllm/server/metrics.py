@@ -47,6 +47,12 @@ class _EngineCollector(Collector):
                 stats.checkpoint_bytes,
             ),
         }
+        rate = stats.spec_acceptance_rate
+        if rate is not None:
+            gauges["localllm_spec_decode_acceptance_rate"] = (
+                "Share of speculative guesses the model accepted (accepted / drafted).",
+                rate,
+            )
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         counters = {
@@ -64,6 +70,19 @@ class _EngineCollector(Collector):
             "localllm_context_checkpoints_restored": (
                 "Context checkpoints restored to reuse a prompt's prefix.",
                 stats.checkpoints_restored_total,
+            ),
+            # llama-server's spec_decode_* counters (speculative decoding, engine.speculative)
+            "localllm_spec_decode_num_draft_tokens": (
+                "Speculative: draft tokens verified.",
+                stats.spec_draft_tokens_total,
+            ),
+            "localllm_spec_decode_num_accepted_tokens": (
+                "Speculative: draft tokens accepted by the model.",
+                stats.spec_accepted_tokens_total,
+            ),
+            "localllm_spec_decode_num_drafts": (
+                "Speculative: verification steps.",
+                stats.spec_drafts_total,
             ),
         }
         for name, (doc, value) in counters.items():
