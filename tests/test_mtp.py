@@ -172,7 +172,8 @@ def test_a_library_without_the_nextn_calls_is_a_clear_error() -> None:
 
 # -- through the engine (continuous batching, spec_type draft-mtp) ------------------------------
 
-PROMPTS = ("the quick brown fox jumps over the lazy dog", "a journey of a thousand miles")
+# the second is long enough to be prefilled in chunks fed to the MTP context at once
+PROMPTS = ("the quick brown fox jumps over the lazy dog", "a journey of a thousand miles " * 10)
 
 
 def _engine(path: Path, **changes: Any) -> Engine:
@@ -206,8 +207,10 @@ def test_the_engine_drafts_with_mtp_and_keeps_greedy_output(tmp_path: Path) -> N
     assert 0 <= stats.spec_accepted_tokens_total <= stats.spec_draft_tokens_total
     assert isinstance(proposer, MtpProposer)
     assert proposer.stats.drafted_tokens >= stats.spec_draft_tokens_total
-    # the engine reported every prompt token's hidden state to the MTP context
+    # the engine reported every prompt token's hidden state to the MTP context, the long
+    # prompt's chunks as soon as they were decoded
     assert missing == 0
+    assert proposer.stats.fed_at_once >= 64
 
 
 def test_the_engine_accepts_an_agreeing_mtp_block(tmp_path: Path) -> None:

@@ -51,6 +51,10 @@ _MANGLED = {
     "get_embeddings_nextn_ith": "_Z30llama_get_embeddings_nextn_ithP13llama_contexti",
 }
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
+# A report of at least this many positions is a prompt chunk (a verification reports at most
+# n_max + 1): it is fed to the MTP context at once, so its hidden states are not held until the
+# next draft. Shorter reports wait for the draft, which feeds only the guesses that were kept.
+FEED_AT_ONCE_ROWS = 32
 
 
 def _llama() -> Any:
@@ -101,6 +105,7 @@ def n_nextn_layers(model: Any) -> int:
 class _Slot:
     tokens: list[int] = field(default_factory=list)  # the MTP cache's entries, positions 0..
     hidden: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)  # target h by pos
+    seen: dict[int, int] = field(default_factory=dict)  # tokens the target decoded, not fed yet
 
 
 @dataclass
@@ -108,6 +113,7 @@ class MtpStats:
     drafts: int = 0  # draft calls that proposed at least one token
     drafted_tokens: int = 0
     missing_hidden: int = 0  # catch-up entries fed zeros (no target hidden state held)
+    fed_at_once: int = 0  # prompt tokens fed to the MTP context as soon as the target decoded
 
 
 class MtpProposer:
@@ -131,6 +137,7 @@ class MtpProposer:
         type_v: int | None = None,
         flash_attn_type: int | None = None,
         api: NextnApi | None = None,
+        batch_tokens: Callable[[int], int] | None = None,
     ) -> None:
         llama = _llama()
         self.api = api or nextn_api()
@@ -145,6 +152,7 @@ class MtpProposer:
             log.info("the model has %d MTP blocks; drafting uses the first only", n_layers)
         self.model = model
         self.ctx_tgt = ctx_tgt
+        self.batch_tokens = batch_tokens  # token at an index of the target's last batch
         self.n_embd: int = llama.llama_model_n_embd_out(model)
         self.n_vocab: int = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
         cparams = llama.llama_context_default_params()
@@ -197,6 +205,7 @@ class MtpProposer:
                 type_k=ggml_type_id(config.type_k),
                 type_v=ggml_type_id(config.type_v),
                 flash_attn_type=FLASH_ATTN_TYPE[config.flash_attn],
+                batch_tokens=lambda index: int(target.batch.token[index]),
             )
         proposer.load_log = lines
         return proposer
@@ -212,9 +221,18 @@ class MtpProposer:
         if not base:
             return
         rows = np.ctypeslib.as_array(base, shape=(max(batch_indices) + 1, self.n_embd))
-        hidden = self.slots[seq_id].hidden
+        slot = self.slots[seq_id]
         for pos, index in zip(positions, batch_indices, strict=True):
-            hidden[pos] = rows[index].copy()
+            slot.hidden[pos] = rows[index].copy()
+        if self.batch_tokens is None:
+            return
+        for pos, index in zip(positions, batch_indices, strict=True):
+            token = self.batch_tokens(index)
+            if pos < len(slot.tokens) and slot.tokens[pos] != token:
+                self._forget(seq_id, slot, pos)  # another text from here (a new request)
+            slot.seen[pos] = token
+        if len(positions) >= FEED_AT_ONCE_ROWS:
+            self._feed(seq_id, slot)
 
     def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
         if n_max <= 0 or not history:
@@ -239,6 +257,7 @@ class MtpProposer:
                 self._forget(seq_id, slot, chunk)
                 return []
         slot.tokens = list(history)
+        slot.seen.clear()
         for pos in [p for p in slot.hidden if p < pos0]:
             del slot.hidden[pos]
         guesses: list[int] = []
@@ -265,6 +284,8 @@ class MtpProposer:
         slot = self.slots[seq_id]
         for pos in [p for p in slot.hidden if p >= n_keep]:
             del slot.hidden[pos]
+        for pos in [p for p in slot.seen if p >= n_keep]:
+            del slot.seen[pos]
         if len(slot.tokens) > n_keep:
             self._forget(seq_id, slot, n_keep)
 
@@ -275,6 +296,7 @@ class MtpProposer:
         keep = len(slot.tokens) - 1
         for pos in [p for p in slot.hidden if p != keep]:
             del slot.hidden[pos]
+        slot.seen.clear()
 
     def close(self) -> None:
         llama = _llama()
@@ -287,6 +309,29 @@ class MtpProposer:
             self.ctx = None
 
     # -- internals ------------------------------------------------------------------------
+
+    def _feed(self, seq_id: int, slot: _Slot) -> None:
+        """Feed the tokens the target decoded since the MTP cache's end (a prompt's chunks) to
+        the MTP context now, so that their hidden states are not held until the next draft."""
+        start = end = len(slot.tokens)
+        while end in slot.seen and (end == 0 or end - 1 in slot.hidden):
+            end += 1
+        zeros = np.zeros(self.n_embd, dtype=np.float32)
+        for chunk in range(start, end, self.n_batch):
+            stop = min(end, chunk + self.n_batch)
+            entries = [
+                (slot.seen[p], p, slot.hidden[p - 1] if p > 0 else zeros, False)
+                for p in range(chunk, stop)
+            ]
+            if not self._process(seq_id, entries):
+                break
+            slot.tokens.extend(slot.seen[p] for p in range(chunk, stop))
+            self.stats.fed_at_once += stop - chunk
+        done = len(slot.tokens)
+        for pos in [p for p in slot.seen if p < done]:
+            del slot.seen[pos]
+        for pos in [p for p in slot.hidden if p < done - 1]:
+            del slot.hidden[pos]
 
     def _keep_common_prefix(self, seq_id: int, slot: _Slot, confirmed: Sequence[int]) -> None:
         common = 0
