@@ -229,3 +229,53 @@ def test_the_engine_refuses_draft_mtp_without_mtp_layers(tmp_path: Path) -> None
     path = write_qwen35(tmp_path / "tiny-qwen35.gguf").path
     with pytest.raises(ModelLoadError, match="MTP \\(nextn\\) layers"):
         _engine(path, spec_type="draft-mtp")
+
+
+def test_the_plan_counts_what_draft_mtp_allocates(tmp_path: Path) -> None:
+    """serve's plan for draft-mtp against the engine it configures: the MTP block's weights,
+    the MTP context's KV layer and compute buffer, the recurrent snapshots (n_rs_seq)."""
+    from localllm.engine.dry_run import parse_load_log
+    from localllm.loading import plan_for_serving
+    from localllm.settings import Settings
+
+    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf").path
+    measured = {}
+    for spec_type in ("none", "draft-mtp"):
+        settings = Settings(n_ctx=1024, parallel=2, threads=2, cpu_only=True,
+                            spec_type=spec_type, spec_draft_n_max=3)
+        plan, config, _ = plan_for_serving(path, settings)
+        assert config.spec_type == spec_type
+        with Engine.load(config) as engine:
+            log = parse_load_log(engine.load_log)
+            weights = engine.memory["model_mib"] * MIB
+        host = plan.host
+        assert host.weights_bytes == pytest.approx(weights, abs=0.01 * MIB)
+        assert host.kv_bytes == pytest.approx(log.kv_bytes + log.state_bytes, abs=0.03 * MIB)
+        assert host.compute_bytes == pytest.approx(log.total_compute_bytes, rel=0.10)
+        measured[spec_type] = log
+    # the MTP context: a second KV cache and compute buffer; the state kept 1 + 3 times
+    assert len(measured["draft-mtp"].kv_caches) == 2 * len(measured["none"].kv_caches)
+    assert measured["draft-mtp"].state_bytes == pytest.approx(
+        4 * measured["none"].state_bytes, abs=0.03 * MIB)
+
+
+def test_the_speed_prediction_counts_the_mtp_steps(tmp_path: Path) -> None:
+    from localllm.fitter import FitRequest, fit_header
+    from localllm.fitter.speculative import predict
+    from localllm.hardware import GIB, Hardware, HostInfo
+    from localllm.loading import mtp_speeds, plan_speculation
+    from localllm.settings import Settings
+    from tests.arch_2026 import MODELS, write_model
+
+    header = read_header(write_model(tmp_path / "qwen35-27b.gguf", MODELS["Qwen3.5-27B"]))
+    host = HostInfo(512 * GIB, 480 * GIB, 8, 16, 60e9, 1e12, "assumed")
+    plan = fit_header(header, Hardware((), host, 8, cpu_repack=False),
+                      FitRequest(n_ctx=8192, n_gpu_layers=0, mtp=True, n_rs_seq=3))
+    speeds = mtp_speeds(plan)
+    assert speeds is not None
+    # one block of 65 and the output head: an MTP step is a small share of a target step
+    assert 10 * plan.decode_tok_s < speeds[0] < 65 * plan.decode_tok_s
+    settings = Settings(spec_type="draft-mtp", spec_draft_n_max=3, parallel=1)
+    counted = plan_speculation(plan, settings)
+    free = predict("draft-mtp", plan.decode_tok_s, plan.prompt_tok_s, n_max=3, n_parallel=1)
+    assert counted is not None and counted.decode_tok_s < free.decode_tok_s
