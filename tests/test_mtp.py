@@ -19,7 +19,13 @@ from localllm.engine.mtp import MtpProposer, n_nextn_layers, nextn_api, speculat
 from localllm.errors import ModelLoadError
 from localllm.gguf_header import read_header
 from localllm.units import MIB
-from tests.tiny_models import AGREED_TOKEN, QWEN35_SPEC, write_qwen35, write_qwen35_mtp
+from tests.tiny_models import (
+    AGREED_TOKEN,
+    QWEN35_SPEC,
+    write_deepseek2,
+    write_qwen35,
+    write_qwen35_mtp,
+)
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -229,6 +235,16 @@ def test_the_engine_refuses_draft_mtp_without_mtp_layers(tmp_path: Path) -> None
     path = write_qwen35(tmp_path / "tiny-qwen35.gguf").path
     with pytest.raises(ModelLoadError, match="MTP \\(nextn\\) layers"):
         _engine(path, spec_type="draft-mtp")
+
+
+def test_a_trunk_only_conversion_is_refused_before_llama_cpp_aborts(tmp_path: Path) -> None:
+    """A header that announces an MTP block without its tensors: llama.cpp loads such a
+    deepseek2 file, then aborts the process (GGML_ASSERT) building the MTP graph."""
+    path = write_deepseek2(tmp_path / "tiny-deepseek2.gguf", stripped_nextn=True).path
+    with pytest.raises(ModelLoadError, match="does not carry its tensors"):
+        _engine(path, spec_type="draft-mtp")
+    with _engine(path) as engine:  # without draft-mtp the file serves as usual
+        assert _texts(engine, 4)
 
 
 def test_the_plan_counts_what_draft_mtp_allocates(tmp_path: Path) -> None:

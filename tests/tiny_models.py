@@ -353,13 +353,19 @@ def write_gemma4(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyMod
     return TinyModel(arch, path, hybrid=False, sliding_window=sliding_window)
 
 
-def write_deepseek2(path: Path, seed: int = 0) -> TinyModel:
+def write_deepseek2(path: Path, seed: int = 0, stripped_nextn: bool = False) -> TinyModel:
+    """`stripped_nextn`: the header announces an MTP block (`nextn_predict_layers`, counted in
+    `block_count`) whose tensors are not in the file, as in trunk-only conversions; llama.cpp
+    loads it (the block's tensors are optional for deepseek2) but cannot build its MTP graph."""
     arch, n_layer, e, n_head, n_ff = "deepseek2", 3, 64, 4, 128
     q_lora, kv_lora, rope, nope, v_head = 32, 32, 8, 16, 16
     n_expert, n_used, n_ff_exp = 4, 2, 32
     writer = gguf.GGUFWriter(str(path), arch)
     # The converter's MLA layout: one KV head as wide as the latent plus the rope part.
-    _metadata(writer, arch, n_layer, e, n_head, 1, n_ff, kv_lora + rope, kv_lora)
+    _metadata(writer, arch, n_layer + int(stripped_nextn), e, n_head, 1, n_ff, kv_lora + rope,
+              kv_lora)
+    if stripped_nextn:
+        _uints(writer, arch, nextn_predict_layers=1)
     _uints(writer, arch, attention__key_length_mla=nope + rope,
            attention__value_length_mla=v_head, attention__q_lora_rank=q_lora,
            attention__kv_lora_rank=kv_lora, rope__dimension_count=rope,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from localllm.engine import build, logs, rpc
+from localllm.engine import build, logs, mtp, rpc
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import POOLING_NONE, Embedder, pooling_for
 from localllm.engine.types import SamplingParams
@@ -138,6 +138,8 @@ class LlamaBackend:
         if not config.use_mmap:
             mparams.load_mode = LOAD_MODE_NONE
         draft_mtp = config.spec_type == "draft-mtp"
+        if draft_mtp:
+            mtp.check_mtp_file(Path(config.model_path))
         mparams.load_mtp = draft_mtp  # the MTP (nextn) block, skipped otherwise
         if config.tensor_split:
             n_devices = llama.llama_max_devices()

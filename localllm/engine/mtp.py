@@ -32,6 +32,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,6 +42,7 @@ from localllm.engine import logs
 from localllm.engine.config import EngineConfig
 from localllm.errors import ModelLoadError
 from localllm.ggml import FLASH_ATTN_TYPE, ggml_type_id
+from localllm.gguf_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,11 @@ _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 # n_max + 1): it is fed to the MTP context at once, so its hidden states are not held until the
 # next draft. Shorter reports wait for the draft, which feeds only the guesses that were kept.
 FEED_AT_ONCE_ROWS = 32
+_NO_MTP = (
+    "spec_type draft-mtp needs a model with MTP (nextn) layers, and this one has none (no "
+    "`nextn_predict_layers` in the GGUF, or the file was converted without its MTP block): use "
+    "spec_type ngram-simple or draft-simple instead"
+)
 
 
 def _llama() -> Any:
@@ -94,6 +101,25 @@ def nextn_api(lib: ctypes.CDLL | None = None) -> NextnApi:
     ith_fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     ith_fn.restype = _FLOAT_P
     return NextnApi(set_fn, get_fn, ith_fn)
+
+
+def check_mtp_file(path: Path) -> None:
+    """Refuse, before loading, a file whose MTP block llama.cpp could not run: none announced,
+    or announced without its tensors (a trunk-only conversion, which llama.cpp loads for some
+    architectures and then aborts on when the MTP context builds its graph)."""
+    header = read_header(path)
+    n_nextn = header.metadata.get(f"{header.architecture}.nextn_predict_layers", 0)
+    if not isinstance(n_nextn, int) or n_nextn <= 0:
+        raise ModelLoadError(_NO_MTP)
+    # what llama.cpp's own auto-detection looks for (common_speculative_get_types_from_model)
+    name = f"blk.{header.n_layer - 1}.nextn.eh_proj.weight"
+    if not any(tensor.name == name for tensor in header.tensors):
+        raise ModelLoadError(
+            f"spec_type draft-mtp: {path.name} announces an MTP block (nextn_predict_layers "
+            f"{n_nextn}) but does not carry its tensors ({name} is missing; a trunk-only "
+            "conversion): use a GGUF converted with its MTP block, or spec_type ngram-simple "
+            "or draft-simple"
+        )
 
 
 def n_nextn_layers(model: Any) -> int:
@@ -143,11 +169,7 @@ class MtpProposer:
         self.api = api or nextn_api()
         n_layers = n_nextn_layers(model)
         if n_layers == 0:
-            raise ModelLoadError(
-                "spec_type draft-mtp needs a model with MTP (nextn) layers, and this one has "
-                "none loaded (no `nextn_predict_layers` in the GGUF, or the file was converted "
-                "without its MTP block): use spec_type ngram-simple or draft-simple instead"
-            )
+            raise ModelLoadError(_NO_MTP)
         if n_layers > 1:
             log.info("the model has %d MTP blocks; drafting uses the first only", n_layers)
         self.model = model
