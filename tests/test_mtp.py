@@ -196,8 +196,15 @@ def _texts(engine: Engine, max_tokens: int = 40) -> list[str]:
     return [h.result().text for h in handles]
 
 
-def test_the_engine_drafts_with_mtp_and_keeps_greedy_output(tmp_path: Path) -> None:
-    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf").path
+MTP_WRITERS = {
+    "qwen35": write_qwen35_mtp,  # hybrid: rejected guesses roll back through n_rs_seq
+    "deepseek2": lambda path: write_deepseek2(path, nextn=True),  # MLA + MoE, GLM-4.x style
+}
+
+
+@pytest.mark.parametrize("arch", list(MTP_WRITERS))
+def test_the_engine_drafts_with_mtp_and_keeps_greedy_output(tmp_path: Path, arch: str) -> None:
+    path = MTP_WRITERS[arch](tmp_path / f"tiny-{arch}-mtp.gguf").path
     with _engine(path) as plain:
         expected = _texts(plain)
     with _engine(path, spec_type="draft-mtp", spec_draft_n_max=3) as engine:

@@ -353,8 +353,11 @@ def write_gemma4(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyMod
     return TinyModel(arch, path, hybrid=False, sliding_window=sliding_window)
 
 
-def write_deepseek2(path: Path, seed: int = 0, stripped_nextn: bool = False) -> TinyModel:
-    """`stripped_nextn`: the header announces an MTP block (`nextn_predict_layers`, counted in
+def write_deepseek2(
+    path: Path, seed: int = 0, nextn: bool = False, stripped_nextn: bool = False
+) -> TinyModel:
+    """`nextn`: one MTP block after the trunk (GLM-4.x / DeepSeek V3 style: an MoE block with
+    MLA attention plus the `nextn.*` tensors). `stripped_nextn`: the header announces an MTP block (`nextn_predict_layers`, counted in
     `block_count`) whose tensors are not in the file, as in trunk-only conversions; llama.cpp
     loads it (the block's tensors are optional for deepseek2) but cannot build its MTP graph."""
     arch, n_layer, e, n_head, n_ff = "deepseek2", 3, 64, 4, 128
@@ -362,9 +365,9 @@ def write_deepseek2(path: Path, seed: int = 0, stripped_nextn: bool = False) -> 
     n_expert, n_used, n_ff_exp = 4, 2, 32
     writer = gguf.GGUFWriter(str(path), arch)
     # The converter's MLA layout: one KV head as wide as the latent plus the rope part.
-    _metadata(writer, arch, n_layer + int(stripped_nextn), e, n_head, 1, n_ff, kv_lora + rope,
-              kv_lora)
-    if stripped_nextn:
+    announced = int(nextn or stripped_nextn)
+    _metadata(writer, arch, n_layer + announced, e, n_head, 1, n_ff, kv_lora + rope, kv_lora)
+    if announced:
         _uints(writer, arch, nextn_predict_layers=1)
     _uints(writer, arch, attention__key_length_mla=nope + rope,
            attention__value_length_mla=v_head, attention__q_lora_rank=q_lora,
@@ -375,8 +378,13 @@ def write_deepseek2(path: Path, seed: int = 0, stripped_nextn: bool = False) -> 
     t = _Tensors(writer, seed)
     t.embeddings(e)
     f16 = np.float16
-    for il in range(n_layer):
+    for il in range(n_layer + int(nextn)):
         p = f"blk.{il}."
+        if il >= n_layer:
+            t.add(p + "nextn.eh_proj.weight", (2 * e, e), dtype=f16)
+            t.add(p + "nextn.enorm.weight", (e,), fill=1.0)
+            t.add(p + "nextn.hnorm.weight", (e,), fill=1.0)
+            t.add(p + "nextn.shared_head_norm.weight", (e,), fill=1.0)
         t.add(p + "attn_norm.weight", (e,), fill=1.0)
         t.add(p + "attn_q_a_norm.weight", (q_lora,), fill=1.0)
         t.add(p + "attn_kv_a_norm.weight", (kv_lora,), fill=1.0)
