@@ -357,9 +357,10 @@ def write_deepseek2(
     path: Path, seed: int = 0, nextn: bool = False, stripped_nextn: bool = False
 ) -> TinyModel:
     """`nextn`: one MTP block after the trunk (GLM-4.x / DeepSeek V3 style: an MoE block with
-    MLA attention plus the `nextn.*` tensors). `stripped_nextn`: the header announces an MTP block (`nextn_predict_layers`, counted in
-    `block_count`) whose tensors are not in the file, as in trunk-only conversions; llama.cpp
-    loads it (the block's tensors are optional for deepseek2) but cannot build its MTP graph."""
+    MLA attention plus the `nextn.*` tensors). `stripped_nextn`: the header announces an MTP
+    block (`nextn_predict_layers`, counted in `block_count`) whose tensors are not in the file,
+    as in trunk-only conversions; llama.cpp loads it (the block's tensors are optional for
+    deepseek2) but cannot build its MTP graph."""
     arch, n_layer, e, n_head, n_ff = "deepseek2", 3, 64, 4, 128
     q_lora, kv_lora, rope, nope, v_head = 32, 32, 8, 16, 16
     n_expert, n_used, n_ff_exp = 4, 2, 32
