@@ -507,6 +507,11 @@ def _layout_notes(fitter: _Fitter) -> list[str]:
             f"{per_seq / 2**20:.1f} MiB per conversation whatever its length, is in the KV column"
             f"; {sum(layout.attention)} layers have a KV cache"
         )
+        if fitter.request.n_rs_seq:
+            notes.append(
+                f"{fitter.request.n_rs_seq} more copies of each conversation's recurrent state "
+                "(n_rs_seq, to roll rejected guesses back) are in the KV column too"
+            )
     if fitter.mtp:
         notes.append(
             f"the file's MTP block ({gib(facts.mtp_bytes)}) is loaded for spec_type draft-mtp; "
