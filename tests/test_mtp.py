@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from localllm.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, logs
-from localllm.engine.mtp import MtpProposer, n_nextn_layers, nextn_api, speculative_greedy
+from localllm.engine.mtp import (
+    FEED_AT_ONCE_ROWS,
+    MtpProposer,
+    n_nextn_layers,
+    nextn_api,
+    speculative_greedy,
+)
 from localllm.errors import ModelLoadError
 from localllm.gguf_header import read_header
 from localllm.units import MIB
@@ -224,6 +230,24 @@ def test_the_engine_drafts_with_mtp_and_keeps_greedy_output(tmp_path: Path, arch
     # prompt's chunks as soon as they were decoded
     assert missing == 0
     assert proposer.stats.fed_at_once >= 64
+
+
+def test_steps_without_drafting_still_feed_the_mtp_context(tmp_path: Path) -> None:
+    """With spec_max_busy_slots 1 the two requests decode side by side without guesses; the
+    tokens the target decodes meanwhile reach the MTP context in batches, not at the end."""
+    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf").path
+    with _engine(path) as plain:
+        expected = _texts(plain, 80)
+    with _engine(path, spec_type="draft-mtp", spec_draft_n_max=3,
+                 spec_max_busy_slots=1) as engine:
+        got = _texts(engine, 80)
+        proposer: Any = engine._proposer
+        fed = proposer.stats.fed_at_once
+        held = [len(slot.hidden) for slot in proposer.slots]
+        prompt_tokens = engine.stats().prompt_tokens_total
+    assert got == expected
+    assert fed > prompt_tokens + FEED_AT_ONCE_ROWS  # generated tokens too, without a draft
+    assert max(held) < FEED_AT_ONCE_ROWS
 
 
 def test_the_engine_accepts_an_agreeing_mtp_block(tmp_path: Path) -> None:

@@ -53,9 +53,9 @@ _MANGLED = {
     "get_embeddings_nextn_ith": "_Z30llama_get_embeddings_nextn_ithP13llama_contexti",
 }
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
-# A report of at least this many positions is a prompt chunk (a verification reports at most
-# n_max + 1): it is fed to the MTP context at once, so its hidden states are not held until the
-# next draft. Shorter reports wait for the draft, which feeds only the guesses that were kept.
+# Once the target has decoded this many tokens the MTP context has not seen (a prompt chunk, or
+# steps without drafting), they are fed to it at once, so their hidden states are not held until
+# the next draft. Fewer wait for the draft, which then feeds only the guesses that were kept.
 FEED_AT_ONCE_ROWS = 32
 _NO_MTP = (
     "spec_type draft-mtp needs a model with MTP (nextn) layers, and this one has none (no "
@@ -253,7 +253,7 @@ class MtpProposer:
             if pos < len(slot.tokens) and slot.tokens[pos] != token:
                 self._forget(seq_id, slot, pos)  # another text from here (a new request)
             slot.seen[pos] = token
-        if len(positions) >= FEED_AT_ONCE_ROWS:
+        if len(slot.seen) >= FEED_AT_ONCE_ROWS:
             self._feed(seq_id, slot)
 
     def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
@@ -276,9 +276,8 @@ class MtpProposer:
                     h = zeros
                 entries.append((history[pos], pos, h, pos == pos0))
             if not self._process(seq_id, entries):
-                self._forget(seq_id, slot, chunk)
                 return []
-        slot.tokens = list(history)
+            slot.tokens = list(history[:end])  # what the MTP cache now holds
         slot.seen.clear()
         for pos in [p for p in slot.hidden if p < pos0]:
             del slot.hidden[pos]
