@@ -22,6 +22,7 @@ from typing import Any
 
 from localllm.errors import DoesNotFitError, SettingsError
 from localllm.fitter.memory import (
+    F32_BYTES,
     ContextShape,
     HeaderFacts,
     checkpoints_total_bytes,
@@ -178,6 +179,12 @@ class _Fitter:
         header, facts, hardware, request = self.header, self.facts, self.hardware, self.request
         shape, kv, phases = self.shape(*ctx)
         mtp_compute = phases.mtp_bytes if self.mtp else 0  # the draft context's own buffer
+        # the MTP context's logits, and the target's hidden state of every token of a batch
+        # (llama-context.cpp output_reserve: embd_nextn unmasked is n_embd x n_batch floats)
+        mtp_output = (
+            output_buffer_bytes(header, shape.n_seq) + header.n_embd * shape.n_batch * F32_BYTES
+            if self.mtp else 0
+        )
         layout = _layout(header.n_layer, n_gpu_layers, n_cpu_moe, self.split)
         n_gpus = len(hardware.gpus)
         weights = [0] * (n_gpus + 1)  # index -1: host
@@ -271,7 +278,7 @@ class _Fitter:
                 weights_bytes=weights[-1],
                 kv_bytes=kv_on[-1],
                 compute_bytes=host_compute,
-                output_bytes=output_buffer_bytes(header, shape.n_seq) * (2 if self.mtp else 1),
+                output_bytes=output_buffer_bytes(header, shape.n_seq) + mtp_output,
                 overhead_bytes=HOST_OVERHEAD_BYTES,
                 margin_bytes=0,
                 capacity_bytes=host.ram_available_bytes,
