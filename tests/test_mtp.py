@@ -250,6 +250,21 @@ def test_steps_without_drafting_still_feed_the_mtp_context(tmp_path: Path) -> No
     assert max(held) < FEED_AT_ONCE_ROWS
 
 
+def test_a_request_cannot_ask_more_guesses_than_the_hybrid_target_rolls_back(
+    tmp_path: Path,
+) -> None:
+    path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf").path
+    with _engine(path) as plain:
+        expected = _texts(plain)[0]
+    with _engine(path, spec_type="draft-mtp", spec_draft_n_max=2) as engine:
+        request = GenerationRequest(PROMPTS[0], max_tokens=40, spec_draft_n_max=8,
+                                    sampling=SamplingParams(temperature=0.0))
+        got = engine.submit(request).result().text
+        stats = engine.stats()
+    assert got == expected
+    assert 0 < stats.spec_draft_tokens_total <= 2 * stats.spec_drafts_total
+
+
 def test_the_engine_accepts_an_agreeing_mtp_block(tmp_path: Path) -> None:
     path = write_qwen35_mtp(tmp_path / "tiny-mtp.gguf", agrees=True).path
     with _engine(path) as plain:

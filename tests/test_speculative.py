@@ -555,3 +555,117 @@ def test_draft_model_memory_matches_its_plan(instruct_model_path: Path) -> None:
     assert memory["draft_model_mib"] == pytest.approx(host.weights_bytes / mib, rel=0.1)
     assert memory["draft_kv_cache_mib"] == pytest.approx(host.kv_bytes / mib, rel=0.1)
     assert memory["draft_compute_mib"] <= 1.2 * host.compute_bytes / mib
+
+
+def test_per_request_speculative_fields_as_llama_server_names_them() -> None:
+    from fastapi.testclient import TestClient
+
+    from localllm.server import create_app
+    from localllm.settings import Settings
+
+    class Recording(FixedProposer):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self.n_max: list[int] = []
+
+        def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+            self.n_max.append(n_max)
+            return super().draft(seq_id, history, n_max)
+
+    proposer = Recording()
+    with stub_engine(StubBackend(), proposer, spec_draft_n_max=8) as engine:
+        app = create_app(Settings(api_keys=[]), engine, model_id="stub")  # type: ignore[arg-type]
+        with TestClient(app, base_url="http://localhost") as client:
+            body: dict[str, Any] = {
+                "model": "stub",
+                "prompt": PROMPT,
+                "max_tokens": 20,
+                "temperature": 0,
+            }
+            assert client.post("/v1/completions", json=body).status_code == 200
+            assert max(proposer.n_max) == 8
+            proposer.n_max.clear()
+            answer = client.post("/v1/completions", json={**body, "speculative.n_max": 2})
+            assert answer.status_code == 200, answer.text
+            assert proposer.n_max and max(proposer.n_max) == 2
+            refused = client.post("/v1/completions", json={**body, "speculative.p_min": 0.5})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "speculative.p_min"
+            bad = client.post("/v1/completions", json={**body, "speculative.n_max": "many"})
+            assert bad.status_code == 400
+
+
+def test_four_concurrent_real_slots_with_ngram_speculation_match_plain_decoding(
+    instruct_model_path: Path,
+) -> None:
+    prompts = [CODE_PROMPT.replace("total", name) for name in ("total", "sum", "acc", "value")]
+    with real_engine(instruct_model_path, n_parallel=4) as plain:
+        expected = [str(greedy(plain, p, 40).text) for p in prompts]
+    with real_engine(
+        instruct_model_path, n_parallel=4, spec_type="ngram-simple", spec_ngram_simple_size_n=3
+    ) as spec:
+        handles = [
+            spec.submit(GenerationRequest(prompt=p, max_tokens=40, sampling=SamplingParams(0)))
+            for p in prompts
+        ]
+        got = [str(h.result().text) for h in handles]
+        stats = spec.stats()
+    assert got == expected
+    assert stats.spec_drafts_total > 0
+
+
+# ---------------------------------------------------------------------------- the fitter
+
+
+def test_expected_tokens_per_step() -> None:
+    from localllm.fitter.speculative import expected_tokens_per_step
+
+    assert expected_tokens_per_step(0.0, 5) == 1.0
+    assert expected_tokens_per_step(1.0, 5) == 6.0
+    assert expected_tokens_per_step(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens_per_step(0.7, 0) == 1.0
+
+
+def test_the_fitter_predicts_a_gain_when_extra_tokens_are_cheap_and_finds_the_break_even() -> None:
+    from localllm.fitter.speculative import describe, predict, speedup
+
+    gpu = predict("ngram-simple", 115.0, 3000.0, n_max=16, n_parallel=64)
+    assert gpu.gain and gpu.speedup > 1.5 and 1 <= gpu.draft_n_max <= 16
+    # Busier batches gain less, and past the break-even speculation loses.
+    gains = [speedup(s, gpu.draft_n_max, 0.6, 115.0, 3000.0) for s in (1, 4, 16, 64)]
+    assert gains == sorted(gains, reverse=True)
+    assert 1 <= gpu.break_even_slots < 64
+    assert speedup(gpu.break_even_slots + 1, gpu.draft_n_max, 0.6, 115.0, 3000.0) <= 1.0
+    assert "pays while at most" in describe(gpu)
+    # A verification token that costs as much as a step of its own never pays.
+    slow = predict("ngram-simple", 40.0, 30.0, n_max=16, n_parallel=4)
+    assert not slow.gain and slow.break_even_slots == 0 and "no gain" in describe(slow)
+    # A draft model's own time counts: a slow draft model loses where n-gram guesses win.
+    drafted = predict(
+        "draft-simple", 115.0, 3000.0, n_max=16, n_parallel=4, draft_decode_tok_s=100.0
+    )
+    assert not drafted.gain
+    # The measured acceptance rate is a parameter.
+    assert (
+        predict("ngram-simple", 115.0, 3000.0, n_max=16, n_parallel=4, acceptance=0.0).speedup
+        == 1.0
+    )
+
+
+def test_a_draft_model_catches_up_on_a_long_prompt_over_several_steps(
+    instruct_model_path: Path,
+) -> None:
+    from localllm.engine.speculative import CATCH_UP_TOKENS
+
+    notes = "".join(f"Note {i}: the invoice total is kept in cents.\n" for i in range(60))
+    prompt = "<|im_start|>system\n" + notes + "<|im_end|>\n" + CODE_PROMPT
+    with real_engine(instruct_model_path) as plain:
+        assert len(plain.tokenize(prompt)) > 2 * CATCH_UP_TOKENS
+        expected = greedy(plain, prompt, 24).text
+    with real_engine(
+        instruct_model_path, spec_type="draft-simple", spec_draft_model=instruct_model_path
+    ) as spec:
+        got = greedy(spec, prompt, 24)
+        stats = spec.stats()
+    assert got.text == expected
+    assert stats.spec_drafts_total > 0

@@ -240,11 +240,6 @@ class Engine:
     def load(cls, config: EngineConfig) -> Engine:
         """Load the model (blocking, about a second for the embedded one) and start scheduling."""
         backend = LlamaBackend(config)
-        try:
-            proposer = make_proposer(config, backend)
-        except BaseException:
-            backend.close()
-            raise
         log.info(
             "loaded %s in %.1f s: %d slots of %d tokens; %s",
             config.model_path.name,
@@ -253,7 +248,11 @@ class Engine:
             config.n_ctx_slot,
             logs.placement(backend.load_log) or "placement not logged by llama.cpp",
         )
-        return cls(config, backend, proposer)
+        try:
+            return cls(config, backend)  # loads a draft model too (spec_type draft-simple)
+        except BaseException:
+            backend.close()
+            raise
 
     def _special_text(self, token: int) -> str:
         if token < 0:  # LLAMA_TOKEN_NULL: the model has none
@@ -844,16 +843,22 @@ class Engine:
             return []
         if config.spec_max_busy_slots and n_generating > config.spec_max_busy_slots:
             return []
+        request = job.request
+        n_min = config.spec_draft_n_min
+        if request.spec_draft_n_min is not None:
+            n_min = request.spec_draft_n_min
         n_max = min(
-            config.spec_draft_n_max,
+            config.spec_draft_n_max
+            if request.spec_draft_n_max is None
+            else request.spec_draft_n_max,
             room,
             job.max_new_tokens - job.n_generated - 1,  # the bonus token counts too
             self.n_ctx_slot - len(slot.cached) - 1,  # positions stay inside the slot
         )
-        if n_max < max(1, config.spec_draft_n_min):
+        if n_max < max(1, n_min):
             return []
         guesses = self._proposer.draft(slot.seq_id, [*slot.cached, job.next_token], n_max)
-        if len(guesses) < config.spec_draft_n_min:
+        if len(guesses) < n_min:
             return []
         return guesses[:n_max]
 

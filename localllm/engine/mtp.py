@@ -164,6 +164,7 @@ class MtpProposer:
         flash_attn_type: int | None = None,
         api: NextnApi | None = None,
         batch_tokens: Callable[[int], int] | None = None,
+        max_guesses: int | None = None,
     ) -> None:
         llama = _llama()
         self.api = api or nextn_api()
@@ -175,6 +176,8 @@ class MtpProposer:
         self.model = model
         self.ctx_tgt = ctx_tgt
         self.batch_tokens = batch_tokens  # token at an index of the target's last batch
+        # a hybrid target rolls back at most n_rs_seq rejected guesses (a request may ask more)
+        self.max_guesses = max_guesses
         self.n_embd: int = llama.llama_model_n_embd_out(model)
         self.n_vocab: int = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
         cparams = llama.llama_context_default_params()
@@ -228,6 +231,7 @@ class MtpProposer:
                 type_v=ggml_type_id(config.type_v),
                 flash_attn_type=FLASH_ATTN_TYPE[config.flash_attn],
                 batch_tokens=lambda index: int(target.batch.token[index]),
+                max_guesses=target.n_rs_seq if target.recurrent else None,
             )
         proposer.load_log = lines
         return proposer
@@ -257,6 +261,8 @@ class MtpProposer:
             self._feed(seq_id, slot)
 
     def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+        if self.max_guesses is not None:
+            n_max = min(n_max, self.max_guesses)
         if n_max <= 0 or not history:
             return []
         slot = self.slots[seq_id]

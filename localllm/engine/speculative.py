@@ -163,6 +163,7 @@ class NgramProposer:
 # llama.cpp's draft-model vocabulary checks (common/speculative.cpp, SPEC_VOCAB_*).
 SPEC_VOCAB_MAX_SIZE_DIFFERENCE = 128
 SPEC_VOCAB_CHECK_START_TOKEN_ID = 5
+CATCH_UP_TOKENS = 256  # draft-model prompt tokens decoded per scheduler step, at most
 
 
 def vocab_mismatch(target: Any, draft: Any) -> str | None:
@@ -195,9 +196,10 @@ class DraftModelProposer:
 
     Its own llama.cpp context has one sequence per slot (same slot size as the target). Before
     guessing it catches up on the slot's history, reusing the prefix its cells already hold
-    (a new request in the slot, and guesses the target rejected, are cut off), then decodes one
-    token at a time for up to n_max guesses. Greedy guesses are deterministic proposals, which
-    is what the scheduler's verification assumes (see the module docstring).
+    (a new request in the slot, and guesses the target rejected, are cut off), CATCH_UP_TOKENS
+    a step, then decodes one token at a time for up to n_max guesses. Greedy guesses are
+    deterministic proposals, which is what the scheduler's verification assumes (see the
+    module docstring).
     """
 
     name = "draft-simple"
@@ -206,7 +208,7 @@ class DraftModelProposer:
     def __init__(self, backend: LlamaBackend, n_parallel: int) -> None:
         self.backend = backend
         self._held: list[list[int]] = [[] for _ in range(n_parallel)]
-        self.n_batch: int = backend.config.n_batch
+        self.catch_up = min(CATCH_UP_TOKENS, backend.config.n_batch)
         self.n_ctx_slot: int = backend.config.n_ctx_slot
 
     @classmethod
@@ -265,19 +267,20 @@ class DraftModelProposer:
         n_max = min(n_max, self.n_ctx_slot - len(history))
         if n_max < 1:
             return []
-        pos = keep
-        while pos < len(history):  # catch up, n_batch at a time, logits on the last only
-            chunk = history[pos : pos + self.n_batch]
-            last = pos + len(chunk) == len(history)
-            items = [
-                BatchItem(t, pos + i, seq_id, last and i == len(chunk) - 1)
-                for i, t in enumerate(chunk)
-            ]
-            if self.backend.decode(items) != 0:
-                self._reset(seq_id)
-                return []
-            held.extend(chunk)
-            pos += len(chunk)
+        # Catch up at most CATCH_UP_TOKENS a step, so that a long new prompt delays the step
+        # (every slot waits for it) by one chunk at a time; no guesses until caught up.
+        chunk = list(history[keep : keep + self.catch_up])
+        last = keep + len(chunk) == len(history)
+        items = [
+            BatchItem(t, keep + i, seq_id, last and i == len(chunk) - 1)
+            for i, t in enumerate(chunk)
+        ]
+        if self.backend.decode(items) != 0:
+            self._reset(seq_id)
+            return []
+        held.extend(chunk)
+        if not last:
+            return []
         index = len(chunk) - 1  # the last decode's one output
         guesses: list[int] = []
         while True:

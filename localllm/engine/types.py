@@ -40,6 +40,10 @@ class GenerationRequest:
     # Control tokens whose text stays in the output (tool-call markers such as Mistral's
     # "[TOOL_CALLS]"); every other control token still prints as nothing.
     keep_special: tuple[str, ...] = ()
+    # llama-server's per-request "speculative.n_max" / "speculative.n_min" (None: the server's
+    # spec_draft_n_max / spec_draft_n_min); no effect without speculation.
+    spec_draft_n_max: int | None = None
+    spec_draft_n_min: int | None = None
 
 
 @dataclass(frozen=True)

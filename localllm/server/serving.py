@@ -220,12 +220,16 @@ class Serving:
         prompt each take up to seconds, and the event loop must keep answering meanwhile.
         """
 
+        speculative = speculative_fields(body)
+
         def submit() -> RequestHandle:
             return engine.submit(
                 GenerationRequest(
                     stop=body.stop_list(),
                     sampling=self.sampling(body, grammar),
                     timeout_s=self.state.settings.request_timeout_s,
+                    spec_draft_n_max=speculative.get("n_max"),
+                    spec_draft_n_min=speculative.get("n_min"),
                     **request,
                 )
             )
@@ -285,3 +289,28 @@ def response_format_grammar(response_format: t.ResponseFormat | None) -> str | N
     grammar = json_schema_grammar(response_format.json_schema.schema_)
     check_grammar(grammar)
     return grammar
+
+
+def speculative_fields(body: t._Sampling) -> dict[str, int]:
+    """llama-server's per-request "speculative.n_max" / "speculative.n_min" (integers 0-256);
+    its "speculative.p_min" and "speculative.type" are refused (not per request here)."""
+    extra = body.model_extra or {}
+    fields: dict[str, int] = {}
+    for key, value in extra.items():
+        if not key.startswith("speculative."):
+            continue
+        name = key.removeprefix("speculative.")
+        if name not in ("n_max", "n_min"):
+            raise APIError(
+                400,
+                f"{key} is not supported per request; speculative.n_max and speculative.n_min "
+                "are, and the server's spec_type chooses the proposer",
+                param=key,
+                code="unsupported_parameter",
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+            raise APIError(
+                400, f"{key} must be an integer from 0 to 256", param=key, code="invalid_value"
+            )
+        fields[name] = value
+    return fields
