@@ -4,7 +4,8 @@ Qwen3.5/3.6, GLM-4.x and DeepSeek GGUFs may carry extra decoder blocks after the
 (`{arch}.nextn_predict_layers`). llama.cpp loads them with `llama_model_params.load_mtp` and runs
 them in a second context of type `LLAMA_CONTEXT_TYPE_MTP` created against the same model. This
 module drives that context the way llama.cpp's `common_speculative_impl_draft_mtp` does
-(`common/speculative.cpp`), for one block (qwen35, qwen35moe; chained heads are not driven):
+(`common/speculative.cpp`), for one block (qwen35, qwen35moe, GLM-4.x / DeepSeek's deepseek2
+and glm4moe; step35's chained heads are not driven):
 
 - The target context outputs its last hidden state for every token of a batch ("nextn
   embeddings", unmasked). The MTP context's entry at position p pairs token x_p with the
@@ -15,10 +16,16 @@ module drives that context the way llama.cpp's `common_speculative_impl_draft_mt
   back in (`llama_get_embeddings_nextn_ith` on the MTP context). The guesses' cells are removed
   again at once: only confirmed tokens stay in the MTP cache.
 
-Hidden states are copied out of the target right after each decode (`on_target_outputs`) and
-consumed by the next draft; positions the target did not decode in this process (a prefix reused
-from an earlier request) have none, and the MTP block then sees zeros there, as llama.cpp's
-driver does for its first token: drafts get worse, output does not change (the target verifies).
+Hidden states are copied out of the target right after each decode (`on_target_outputs`). Once
+FEED_AT_ONCE_ROWS tokens wait (a prompt chunk, or steps without drafting) they are fed to the MTP
+context at once, their tokens read from the target's batch; fewer wait for the next draft, which
+feeds only the guesses the target kept. A position the target did not decode in this process (a
+prefix reused from an earlier request) has no hidden state, and the MTP block sees zeros there,
+as llama.cpp's driver does for its first token: drafts get worse, output does not change (the
+target verifies).
+
+A hybrid target (Qwen3.5) rolls rejected guesses back through llama.cpp's recurrent snapshots
+(`n_rs_seq`, set by the backend for draft-mtp); guesses are capped at that many.
 
 The staging calls (`llama_set_embeddings_nextn`, `llama_get_embeddings_nextn[_ith]`) are in
 llama.cpp's `src/llama-ext.h`, exported from libllama only under C++ mangled names and not bound
