@@ -12,6 +12,7 @@ draft model with acceptance near 1.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -669,3 +670,44 @@ def test_a_draft_model_catches_up_on_a_long_prompt_over_several_steps(
         stats = spec.stats()
     assert got.text == expected
     assert stats.spec_drafts_total > 0
+
+
+def test_fit_shows_the_speculation_choice_and_the_draft_models_memory(tmp_path: Path) -> None:
+    from tests.gguf_factory import LLAMA_7B, write_gguf
+    from tests.test_cli import run_cli
+
+    target = write_gguf(tmp_path / "llama.gguf", LLAMA_7B)
+    common = ("--gpu", "rtx4090", "--ctx", "4096", "--parallel", "2")
+    text = run_cli("fit", str(target), *common, "--spec-type", "ngram-simple")
+    assert text.returncode == 0, text.stderr
+    assert "speculative decoding ngram-simple" in text.stdout
+    assert "pays while at most" in text.stdout
+    answer = run_cli(
+        "fit", str(target), *common, "--spec-type", "draft-simple",
+        "--spec-draft-model", str(target), "--json",
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    speculation = json.loads(answer.stdout)["speculation"]
+    assert speculation["spec_type"] == "draft-simple"
+    assert speculation["draft_model"]["file"] == str(target)
+    # A draft as big as the model costs as much as it saves: no gain.
+    assert speculation["speedup"] == 1.0 and speculation["break_even_slots"] == 0
+
+
+def test_guesses_outside_the_vocabulary_and_a_failing_proposer_cost_only_the_guesses() -> None:
+    class Broken(FixedProposer):
+        def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
+            if len(history) % 2:
+                raise RuntimeError("proposer bug")
+            return [(history[-1] + 1) % 5, N_VOCAB + 3, 1]
+
+    with stub_engine(StubBackend()) as plain:
+        expected = run(plain, PROMPT, max_tokens=30).text
+    backend = StubBackend()
+    with stub_engine(backend, Broken(0)) as engine:
+        got = run(engine, PROMPT, max_tokens=30)
+        stats = engine.stats()
+        assert cells_match(backend, engine)
+    assert got.text == expected
+    assert stats.spec_drafts_total > 0
+    assert stats.spec_draft_tokens_total == stats.spec_drafts_total  # cut at the bad id

@@ -857,10 +857,18 @@ class Engine:
         )
         if n_max < max(1, n_min):
             return []
-        guesses = self._proposer.draft(slot.seq_id, [*slot.cached, job.next_token], n_max)
-        if len(guesses) < n_min:
+        try:
+            guesses = self._proposer.draft(slot.seq_id, [*slot.cached, job.next_token], n_max)
+        except Exception:  # a proposer's failure costs the guesses, never the request
+            log.exception("the %s proposer failed; decoding without guesses", self._proposer.name)
             return []
-        return guesses[:n_max]
+        guesses = guesses[:n_max]
+        # A draft model's vocabulary may be larger by a few ids the model does not have.
+        for i, token in enumerate(guesses):
+            if not 0 <= token < self.backend.n_vocab:
+                del guesses[i:]
+                break
+        return guesses if len(guesses) >= n_min else []
 
     def _target_outputs(self, items: Sequence[BatchItem]) -> None:
         """Tell the proposer where each slot's outputs are in the batch just decoded."""
