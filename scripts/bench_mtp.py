@@ -26,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny models live in tests/
 
 from localllm.engine import logs  # noqa: E402
-from localllm.engine.mtp import GreedyRun, MtpProposer, speculative_greedy  # noqa: E402
+from localllm.engine.mtp import (  # noqa: E402
+    GreedyRun,
+    MtpProposer,
+    check_mtp_file,
+    speculative_greedy,
+)
+from localllm.errors import LocalLLMError  # noqa: E402
 
 PROMPT_TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
@@ -38,6 +44,7 @@ def _run(path: Path, n_max: int, n_tokens: int, threads: int) -> dict[str, Any]:
     import llama_cpp
 
     llama: Any = llama_cpp
+    check_mtp_file(path)  # a trunk-only file would abort llama.cpp below
     with logs.capture():
         llama.llama_backend_init()
         mparams = llama.llama_model_default_params()
@@ -111,7 +118,10 @@ def main() -> None:
             models = [write_qwen35_mtp(Path(folder) / "tiny-qwen35-mtp-random.gguf").path,
                       write_qwen35_mtp(Path(folder) / "tiny-qwen35-mtp-agrees.gguf",
                                        agrees=True).path]
-        rows = [_run(path, args.n_max, args.tokens, args.threads) for path in models]
+        try:
+            rows = [_run(path, args.n_max, args.tokens, args.threads) for path in models]
+        except LocalLLMError as exc:
+            raise SystemExit(f"bench_mtp: {exc}") from None
     if args.json:
         print(json.dumps(rows, indent=2))
         return
