@@ -9,7 +9,8 @@ listed here follows from the GGUF keys alone, the way llama.cpp reads them for e
 - MLA (`attention.key_length_mla` present): the cache holds K only, `key_length` wide (the
   compressed latent plus the rope part), and no V;
 - per-layer head counts (arrays), sliding-window head widths (`attention.key_length_swa`),
-  sliding-window pattern arrays, `nextn_predict_layers` (MTP blocks: not loaded, no cache).
+  sliding-window pattern arrays, `nextn_predict_layers` (MTP blocks: not loaded, no cache in
+  the target context; with spec_type draft-mtp loaded, with one KV layer in the MTP context).
 
 A new architecture whose memory is one of these kinds needs one row here, nothing else.
 """

@@ -182,15 +182,31 @@ def plan_speculation(
         return None
     if kind == "auto":
         kind = "ngram-simple"
+    draft_speeds = (draft_plan.decode_tok_s, draft_plan.prompt_tok_s) if draft_plan else None
+    if kind == "draft-mtp":
+        draft_speeds = mtp_speeds(plan)
     return predict(
         kind,
         plan.decode_tok_s,
         plan.prompt_tok_s,
         n_max=settings.spec_draft_n_max,
         n_parallel=plan.n_parallel,
-        draft_decode_tok_s=draft_plan.decode_tok_s if draft_plan is not None else None,
-        draft_prompt_tok_s=draft_plan.prompt_tok_s if draft_plan is not None else None,
+        draft_decode_tok_s=draft_speeds[0] if draft_speeds else None,
+        draft_prompt_tok_s=draft_speeds[1] if draft_speeds else None,
     )
+
+
+def mtp_speeds(plan: Plan) -> tuple[float, float] | None:
+    """The MTP block's decode and prompt speeds: a step reads the block and the output head
+    where the target reads every weight, so it is that share of a target step (None: the file
+    has no MTP block)."""
+    from localllm.fitter.memory import HeaderFacts
+
+    facts = HeaderFacts(read_header(plan.files[0]), load_mtp=True)
+    if not facts.mtp_bytes or not facts.total_bytes:
+        return None
+    share = (facts.mtp_bytes + facts.output_bytes) / facts.total_bytes
+    return plan.decode_tok_s / share, plan.prompt_tok_s / share
 
 
 def plan_engine_config(

@@ -195,7 +195,8 @@ class Settings(BaseSettings):
         "none",
         description="Speculative decoding (llama-server's --spec-type): guesses verified in one "
         "batch. 'ngram-simple' copies from the conversation, 'draft-simple' asks "
-        "spec_draft_model, 'auto' turns ngram-simple on where the fitter predicts a gain.",
+        "spec_draft_model, 'draft-mtp' the model's own MTP (nextn) block, 'auto' turns "
+        "ngram-simple on where the fitter predicts a gain.",
     )
     spec_draft_model: str | None = Field(
         None,

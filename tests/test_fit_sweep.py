@@ -39,20 +39,25 @@ def headers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelHeader]:
             for name, m in MODELS.items()}
 
 
-def measure(header: ModelHeader, n_ctx: int, n_seq: int, cache: str, fa: bool) -> dict[str, int]:
-    """llama.cpp's figures and the fitter's for one configuration."""
+def measure(
+    header: ModelHeader, n_ctx: int, n_seq: int, cache: str, fa: bool, mtp: bool = False
+) -> dict[str, int]:
+    """llama.cpp's figures and the fitter's for one configuration (with `mtp`: the MTP block
+    loaded and an MTP draft context beside the target's, as spec_type draft-mtp runs)."""
     from localllm.engine.dry_run import dry_run
 
     measured = dry_run(header.path, n_ctx=n_ctx * n_seq, n_parallel=n_seq, type_k=cache,
-                       type_v=cache, flash_attn=fa, swa_full=True, n_gpu_layers=0)
+                       type_v=cache, flash_attn=fa, swa_full=True, n_gpu_layers=0, mtp=mtp)
     plan = fit_header(header, CPU, FitRequest(n_ctx=n_ctx, n_parallel=n_seq, type_k=cache,
-                                              type_v=cache, flash_attn=fa, n_gpu_layers=0))
-    facts = HeaderFacts(header)
+                                              type_v=cache, flash_attn=fa, n_gpu_layers=0,
+                                              mtp=mtp))
+    facts = HeaderFacts(header, load_mtp=mtp)
     return {
         "file": header.total_bytes, "file_llama": measured.weights_bytes,
         "loaded": facts.total_bytes,
         "kv": plan.host.kv_bytes, "kv_llama": measured.kv_bytes + measured.state_bytes,
         "compute": plan.host.compute_bytes, "compute_llama": measured.total_compute_bytes,
+        "output": plan.host.output_bytes, "output_llama": measured.total_output_bytes,
     }
 
 
@@ -106,6 +111,53 @@ def report(folder: Path) -> list[str]:
                 f"{got['compute_llama'] / 2**20:.1f} ({err('compute')}) |"
             )
     return rows
+
+
+MTP_MODELS = [name for name, m in MODELS.items() if m.n_nextn]
+# With flash attention the draft context's compute buffer is 20-30% below the trunk's widest
+# attention/FFN phase the fitter counts for it (measured: Qwen3.5-27B 144 vs 174 MiB); the sum
+# of both contexts is then over by up to this much, the safe side.
+MTP_COMPUTE_OVER = {("Qwen3.5-27B", "32k-q8-fa"): 0.15, ("Qwen3.5-35B-A3B", "32k-q8-fa"): 0.25,
+                    ("GLM-4.5-Air", "32k-q8-fa"): 0.18}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("name", MTP_MODELS)
+def test_fitter_counts_the_mtp_draft_context(headers: dict[str, ModelHeader], name: str,
+                                             config: tuple[str, int, int, str, bool]) -> None:
+    """spec_type draft-mtp: the MTP block's weights, the draft context's KV layer, compute and
+    output buffers, against llama.cpp building both contexts."""
+    label, n_ctx, n_seq, cache, fa = config
+    header = headers[name]
+    without = measure(header, n_ctx, n_seq, cache, fa)
+    got = measure(header, n_ctx, n_seq, cache, fa, mtp=True)
+    assert got["loaded"] == header.total_bytes > without["loaded"]
+    assert got["kv_llama"] > without["kv_llama"]
+    assert got["kv"] == pytest.approx(got["kv_llama"], rel=0.01, abs=2**20 * 0.01)
+    over = MTP_COMPUTE_OVER.get((name, label))
+    if over is None:
+        assert got["compute"] == pytest.approx(got["compute_llama"], rel=0.10)
+    else:
+        assert got["compute_llama"] <= got["compute"] <= (1 + over) * got["compute_llama"]
+    # and the target's hidden states of a batch, allocated at the first decode (not in the log)
+    nextn = header.n_embd * min(2048, n_ctx * n_seq) * 4
+    assert got["output"] == pytest.approx(got["output_llama"] + nextn, abs=0.01 * 2**20)
+
+
+@pytest.mark.parametrize("n_rs_seq", [3, 8])
+def test_fitter_counts_recurrent_snapshots(headers: dict[str, ModelHeader], n_rs_seq: int) -> None:
+    """draft-mtp on a hybrid model: the target keeps n_rs_seq snapshots of each sequence's
+    recurrent state to roll back rejected guesses (llama.cpp's need_n_rs_seq)."""
+    from localllm.engine.dry_run import dry_run
+
+    header = headers["Qwen3.5-27B"]
+    measured = dry_run(header.path, n_ctx=2 * 8192, n_parallel=2, n_gpu_layers=0,
+                       flash_attn=True, n_rs_seq=n_rs_seq)
+    request = FitRequest(n_ctx=8192, n_parallel=2, flash_attn=True, n_gpu_layers=0,
+                         n_rs_seq=n_rs_seq)
+    plan = fit_header(header, CPU, request)
+    assert plan.host.kv_bytes == pytest.approx(measured.kv_bytes + measured.state_bytes,
+                                               rel=0.01)
 
 
 def test_llama_cpp_really_leaves_the_mtp_block_unloaded(tmp_path: Path) -> None:

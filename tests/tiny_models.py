@@ -6,7 +6,8 @@ llama.cpp's loaders (`src/models/<arch>.cpp`, `load_arch_tensors`); the vocabula
 `gguf_factory`'s SentencePiece-style one, which llama.cpp accepts for any architecture.
 
 - `write_qwen35`: Qwen3.5's Gated DeltaNet hybrid: three recurrent layers, then one attention
-  layer (`full_attention_interval` 4), gated queries, interleaved M-RoPE sections.
+  layer (`full_attention_interval` 4), gated queries, interleaved M-RoPE sections; with
+  `nextn=True` (`write_qwen35_mtp`) one MTP (nextn) block after them.
 - `write_gemma3_swa`: Gemma 3 with a short sliding window (5 of 6 layers slide), so that a chat of
   a few hundred tokens overwrites the small sliding-window cache.
 - `write_nemotron_h`: Nemotron-H's Mamba2 hybrid: per-layer arrays say which layer is Mamba2
@@ -54,12 +55,13 @@ class _Tensors:
         scale: float = 0.05,
         fill: float | None = None,
         dtype: type = np.float32,
+        offset: float = 0.0,
     ) -> None:
         shape = tuple(reversed(ggml_shape))
         if fill is not None:
             data = np.full(shape, fill, dtype=np.float32)
         else:
-            data = self.rng.standard_normal(shape).astype(np.float32) * scale
+            data = self.rng.standard_normal(shape).astype(np.float32) * scale + offset
         self.writer.add_tensor(name, data.astype(dtype if len(shape) > 1 else np.float32))
 
 
@@ -90,14 +92,27 @@ QWEN35_SPEC = ArchSpec(
 # Gated DeltaNet: d_state is the head width of keys and values, group_count the key heads,
 # time_step_rank the value heads; inner_size = value heads x head width.
 QWEN35_SSM = {"conv_kernel": 4, "state_size": 16, "group_count": 2, "time_step_rank": 4}
+AGREED_TOKEN = 7  # what write_qwen35(mtp_agrees=True) predicts after every token
 
 
-def write_qwen35(path: Path, seed: int = 0) -> TinyModel:
+def write_qwen35(
+    path: Path, seed: int = 0, nextn: bool = False, mtp_agrees: bool = False
+) -> TinyModel:
+    """With `nextn`, one MTP block follows the trunk as llama.cpp's `qwen35` loader wants it
+    (`load_block_mtp`): a full-attention block plus `nextn.eh_proj`, `enorm`, `hnorm`, counted
+    in `block_count` and named by `nextn_predict_layers`; llama.cpp loads it with `load_mtp`.
+
+    With random weights the MTP block's guesses are wrong; `mtp_agrees` makes trunk and block
+    agree: every token embedding leans the same way (a constant offset), the output row of
+    AGREED_TOKEN points that way, and `eh_proj` passes the token embedding through, so both
+    predict AGREED_TOKEN after any token."""
     spec = QWEN35_SPEC
     ssm = QWEN35_SSM
     writer = gguf.GGUFWriter(str(path), spec.arch)
-    _add_metadata(writer, spec, "F16")
+    _add_metadata(writer, replace(spec, n_layer=spec.n_layer + int(nextn)), "F16")
     a = spec.arch
+    if nextn:
+        _uints(writer, a, nextn_predict_layers=1)
     head_k = head_v = ssm["state_size"]
     n_k_heads, n_v_heads = ssm["group_count"], ssm["time_step_rank"]
     key_dim, value_dim = head_k * n_k_heads, head_v * n_v_heads
@@ -108,12 +123,28 @@ def write_qwen35(path: Path, seed: int = 0) -> TinyModel:
     writer.add_array(f"{a}.rope.dimension_sections", [3, 3, 2, 0])  # n_rot / 2 in all
     t = _Tensors(writer, seed)
     e, hd = spec.n_embd, spec.n_embd_head
-    t.embeddings(e)
-    for il in range(spec.n_layer):
+    if mtp_agrees:
+        t.add("token_embd.weight", (e, N_VOCAB), scale=0.5, offset=3.0, dtype=np.float16)
+        t.add("output_norm.weight", (e,), fill=1.0)
+        output = t.rng.standard_normal((N_VOCAB, e)).astype(np.float32) * 0.05
+        output[AGREED_TOKEN] = 0.5
+        writer.add_tensor("output.weight", output.astype(np.float16))
+    else:
+        t.embeddings(e)
+    for il in range(spec.n_layer + int(nextn)):
         p = f"blk.{il}."
         t.add(p + "attn_norm.weight", (e,), fill=1.0)
         t.add(p + "post_attention_norm.weight", (e,), fill=1.0)
-        if (il + 1) % 4 == 0:  # full attention, with a gate on the queries (hence x2)
+        if il >= spec.n_layer and mtp_agrees:  # [embd; hidden] -> embd
+            eh_proj = np.concatenate([np.eye(e), np.zeros((e, e))], axis=1)
+            writer.add_tensor(p + "nextn.eh_proj.weight", eh_proj.astype(np.float16))
+        elif il >= spec.n_layer:  # the MTP block: its own input projection of [embd; hidden]
+            t.add(p + "nextn.eh_proj.weight", (2 * e, e), dtype=np.float16)
+        if il >= spec.n_layer:
+            t.add(p + "nextn.enorm.weight", (e,), fill=1.0)
+            t.add(p + "nextn.hnorm.weight", (e,), fill=1.0)
+            t.add(p + "nextn.shared_head_norm.weight", (e,), fill=1.0)
+        if il >= spec.n_layer or (il + 1) % 4 == 0:  # full attention, gated queries (hence x2)
             t.add(p + "attn_q.weight", (e, hd * spec.n_head * 2), dtype=np.float16)
             t.add(p + "attn_k.weight", (e, hd * spec.n_head_kv), dtype=np.float16)
             t.add(p + "attn_v.weight", (e, hd * spec.n_head_kv), dtype=np.float16)
@@ -135,6 +166,10 @@ def write_qwen35(path: Path, seed: int = 0) -> TinyModel:
         t.add(p + "ffn_down.weight", (spec.n_ff, e), dtype=np.float16)
     _finish(writer)
     return TinyModel(spec.arch, path, hybrid=True, sliding_window=0)
+
+
+def write_qwen35_mtp(path: Path, seed: int = 0, agrees: bool = False) -> TinyModel:
+    return write_qwen35(path, seed, nextn=True, mtp_agrees=agrees)
 
 
 GEMMA3_SWA_SPEC = ArchSpec(
@@ -318,13 +353,23 @@ def write_gemma4(path: Path, seed: int = 0, sliding_window: int = 32) -> TinyMod
     return TinyModel(arch, path, hybrid=False, sliding_window=sliding_window)
 
 
-def write_deepseek2(path: Path, seed: int = 0) -> TinyModel:
+def write_deepseek2(
+    path: Path, seed: int = 0, nextn: bool = False, stripped_nextn: bool = False
+) -> TinyModel:
+    """`nextn`: one MTP block after the trunk (GLM-4.x / DeepSeek V3 style: an MoE block with
+    MLA attention plus the `nextn.*` tensors). `stripped_nextn`: the header announces an MTP
+    block (`nextn_predict_layers`, counted in `block_count`) whose tensors are not in the file,
+    as in trunk-only conversions; llama.cpp loads it (the block's tensors are optional for
+    deepseek2) but cannot build its MTP graph."""
     arch, n_layer, e, n_head, n_ff = "deepseek2", 3, 64, 4, 128
     q_lora, kv_lora, rope, nope, v_head = 32, 32, 8, 16, 16
     n_expert, n_used, n_ff_exp = 4, 2, 32
     writer = gguf.GGUFWriter(str(path), arch)
     # The converter's MLA layout: one KV head as wide as the latent plus the rope part.
-    _metadata(writer, arch, n_layer, e, n_head, 1, n_ff, kv_lora + rope, kv_lora)
+    announced = int(nextn or stripped_nextn)
+    _metadata(writer, arch, n_layer + announced, e, n_head, 1, n_ff, kv_lora + rope, kv_lora)
+    if announced:
+        _uints(writer, arch, nextn_predict_layers=1)
     _uints(writer, arch, attention__key_length_mla=nope + rope,
            attention__value_length_mla=v_head, attention__q_lora_rank=q_lora,
            attention__kv_lora_rank=kv_lora, rope__dimension_count=rope,
@@ -334,8 +379,13 @@ def write_deepseek2(path: Path, seed: int = 0) -> TinyModel:
     t = _Tensors(writer, seed)
     t.embeddings(e)
     f16 = np.float16
-    for il in range(n_layer):
+    for il in range(n_layer + int(nextn)):
         p = f"blk.{il}."
+        if il >= n_layer:
+            t.add(p + "nextn.eh_proj.weight", (2 * e, e), dtype=f16)
+            t.add(p + "nextn.enorm.weight", (e,), fill=1.0)
+            t.add(p + "nextn.hnorm.weight", (e,), fill=1.0)
+            t.add(p + "nextn.shared_head_norm.weight", (e,), fill=1.0)
         t.add(p + "attn_norm.weight", (e,), fill=1.0)
         t.add(p + "attn_q_a_norm.weight", (q_lora,), fill=1.0)
         t.add(p + "attn_kv_a_norm.weight", (kv_lora,), fill=1.0)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from localllm.engine import build, logs, rpc
+from localllm.engine import build, logs, mtp, rpc
 from localllm.engine.config import EngineConfig
 from localllm.engine.embed import POOLING_NONE, Embedder, pooling_for
 from localllm.engine.media import MediaContext
@@ -140,6 +140,10 @@ class LlamaBackend:
         mparams.use_extra_bufts = use_extra_bufts
         if not config.use_mmap:
             mparams.load_mode = LOAD_MODE_NONE
+        draft_mtp = config.spec_type == "draft-mtp"
+        if draft_mtp:
+            mtp.check_mtp_file(Path(config.model_path))
+        mparams.load_mtp = draft_mtp  # the MTP (nextn) block, skipped otherwise
         if config.tensor_split:
             n_devices = llama.llama_max_devices()
             split = (ctypes.c_float * n_devices)(*config.tensor_split[:n_devices])
@@ -170,6 +174,9 @@ class LlamaBackend:
         # One KV stream per slot: a slot's context is its own, like llama-server's default.
         cparams.kv_unified = False
         cparams.no_perf = True
+        # draft-mtp on a hybrid model (Qwen3.5): snapshots of the recurrent state to roll
+        # rejected guesses back (llama.cpp's need_n_rs_seq; 0 where the architecture has none)
+        cparams.n_rs_seq = config.spec_draft_n_max if draft_mtp else 0
         ctx = llama.llama_init_from_model(model, cparams)
         if not ctx:
             raise ModelLoadError(
@@ -200,6 +207,7 @@ class LlamaBackend:
                     raise
                 log.warning("serving %s without images: %s", config.model_path.name, exc)
                 self.media_error = str(exc)
+        self.n_rs_seq: int = llama.llama_n_rs_seq(ctx)  # guesses a recurrent state can undo
 
     def _set_tensor_overrides(self, mparams: Any) -> None:
         entries: list[tuple[bytes, int]] = []

@@ -887,13 +887,12 @@ class Engine:
                     stop = image_at if stop is None else min(stop, image_at)
             if stop is not None:
                 take = min(take, stop - start)  # end the chunk where a checkpoint is due
-            every = self._proposer is not None and self._proposer.wants_prompt_outputs
             for i in range(take):
                 last = start + i == len(job.prompt) - 1
                 if last:
                     job.batch_index = len(items)
                 pos = start + i - job.shift
-                items.append(BatchItem(job.prompt[start + i], pos, slot.seq_id, last or every))
+                items.append(BatchItem(job.prompt[start + i], pos, slot.seq_id, last))
             budget -= take
             prefilling.append((slot, take))
         step_started = time.perf_counter()
@@ -1015,9 +1014,10 @@ class Engine:
     def _target_outputs(self, items: Sequence[BatchItem]) -> None:
         """Tell the proposer where each slot's outputs are in the batch just decoded."""
         assert self._proposer is not None
+        every = self._proposer.wants_prompt_outputs  # hidden states exist for every token
         where: dict[int, tuple[list[int], list[int]]] = {}
         for index, item in enumerate(items):
-            if item.logits:
+            if item.logits or every:
                 positions, indices = where.setdefault(item.seq_id, ([], []))
                 positions.append(item.pos)
                 indices.append(index)

@@ -107,8 +107,13 @@ def dry_run(
     swa_full: bool = True,
     kv_unified: bool = False,
     n_gpu_layers: int = -1,
+    mtp: bool = False,
+    n_rs_seq: int = 0,
 ) -> DryRunResult:
-    """Load `path` with no_alloc and build a context; return what llama.cpp says it would use."""
+    """Load `path` with no_alloc and build a context; return what llama.cpp says it would use.
+    With `mtp`, the model's MTP block is loaded too and an MTP draft context is built beside
+    the target's (as `engine.mtp` does): its KV and compute lines follow the target's.
+    `n_rs_seq`: recurrent-state snapshots per sequence (rollback of rejected guesses)."""
     import llama_cpp
 
     llama: Any = llama_cpp
@@ -118,6 +123,7 @@ def dry_run(
         mparams.no_alloc = True
         mparams.load_mode = LOAD_MODE_NONE
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.load_mtp = mtp
         model = llama.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"llama.cpp could not read {path} (dry run)")
@@ -132,10 +138,20 @@ def dry_run(
             cparams.flash_attn_type = FLASH_ATTN_TYPE[flash_attn]
             cparams.swa_full = swa_full
             cparams.kv_unified = kv_unified
+            cparams.n_rs_seq = n_rs_seq
             ctx = llama.llama_init_from_model(model, cparams)
             if not ctx:
                 raise ModelLoadError(f"llama.cpp could not create the context for {path} (dry run)")
+            if mtp:
+                cparams.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
+                cparams.ctx_other = ctx
+                cparams.n_rs_seq = 0
+                draft = llama.llama_init_from_model(model, cparams)
+                if draft:
+                    llama.llama_free(draft)
             llama.llama_free(ctx)
+            if mtp and not draft:
+                raise ModelLoadError(f"llama.cpp could not create the MTP context for {path}")
         finally:
             llama.llama_model_free(model)
     return parse_load_log(lines)

@@ -31,9 +31,10 @@ thread, for one slot:
    batch_indices)` for every slot that had tokens in that batch, prompt chunks included:
    `positions[i]` is the position of a token of this slot whose outputs (logits, and the
    embeddings where the target context makes them) are at `batch_indices[i]` of that batch. They
-   are valid only until the next decode. A proposer that needs outputs for every prompt token
-   (an MTP head reading the target's hidden states) sets `wants_prompt_outputs`; otherwise only a
-   prompt's last token has an output.
+   are valid only until the next decode. A proposer that reads what the target context makes
+   for every token of a batch (an MTP head reading the target's hidden states, which llama.cpp
+   outputs for every token once asked) sets `wants_prompt_outputs`: every prompt token is then
+   reported, though only a prompt's last token has logits.
 3. `on_verified(seq_id, n_keep)` once the verification is decided: the slot's tokens at positions
    0 .. n_keep-1 are confirmed (they are in the target's KV cells); anything the proposer holds
    beyond them (its own KV cells, states) is stale.
@@ -69,7 +70,7 @@ class Proposer(Protocol):
     """Guesses the next tokens of a slot (see the module docstring for the call order)."""
 
     name: str  # the spec_type it implements, e.g. "ngram-simple"
-    wants_prompt_outputs: bool  # outputs on every prompt token, for on_target_outputs
+    wants_prompt_outputs: bool  # every prompt token reported to on_target_outputs
 
     def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
         """Up to n_max guesses for the tokens after `history` (prompt + generated tokens,
@@ -314,7 +315,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def make_proposer(config: EngineConfig, target: Any) -> Proposer | None:
     """The proposer `config.spec_type` names, or None ("none", or a model whose memory cannot
-    be cut back after a rejected guess: recurrent and hybrid models, logged)."""
+    be cut back after a rejected guess: recurrent and hybrid models, logged; draft-mtp runs on
+    a hybrid model whose context keeps n_rs_seq recurrent snapshots, as the backend makes it)."""
     kind = config.spec_type
     if kind == "none":
         return None
@@ -322,7 +324,14 @@ def make_proposer(config: EngineConfig, target: Any) -> Proposer | None:
         raise ModelLoadError(
             f"spec_type {kind!r} is not one of {', '.join(SPEC_TYPES)}; pick one of those"
         )
-    if getattr(target, "recurrent", False):
+    recurrent = getattr(target, "recurrent", False)
+    if kind == "draft-mtp" and (
+        not recurrent or getattr(target, "n_rs_seq", 0) >= config.spec_draft_n_max
+    ):  # a hybrid target (Qwen3.5) rolls rejected guesses back through its n_rs_seq snapshots
+        from localllm.engine.mtp import MtpProposer
+
+        return MtpProposer.load(config, target)
+    if recurrent:
         log.warning(
             "speculative decoding (%s) is off for %s: its recurrent memory cannot be cut back "
             "after a rejected guess",

@@ -192,12 +192,16 @@ def pad(value: int, to: int = KV_PAD) -> int:
 class HeaderFacts:
     """Per-layer sums of one header, computed once (a ladder fit reuses them many times)."""
 
-    def __init__(self, header: ModelHeader) -> None:
+    def __init__(self, header: ModelHeader, load_mtp: bool = False) -> None:
         self.header = header
         self.layout = memory_layout(header)
         n = header.n_layer
-        trunk = self.layout.n_layer_trunk
-        # MTP (nextn) blocks: llama.cpp creates them with TENSOR_SKIP unless load_mtp is set
+        # MTP (nextn) blocks: llama.cpp creates them with TENSOR_SKIP unless load_mtp is set;
+        # loaded, they sit with the last layers (the device of their layer index)
+        trunk = n if load_mtp else self.layout.n_layer_trunk
+        self.mtp_bytes = sum(
+            t.n_bytes for t in header.tensors
+            if t.layer is not None and self.layout.n_layer_trunk <= t.layer < n)
         self.skipped_bytes = sum(
             t.n_bytes for t in header.tensors if t.layer is not None and trunk <= t.layer < n)
         layer_bytes = [0] * n
@@ -353,6 +357,32 @@ def kv_layer_bytes(
     return tuple(sizes)
 
 
+def mtp_kv_layer_bytes(
+    header: ModelHeader,
+    shape: ContextShape,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: bool = True,
+    layout: MemoryLayout | None = None,
+) -> tuple[int, ...]:
+    """KV cache bytes of each layer in the MTP draft context (`LLAMA_CONTEXT_TYPE_MTP`, made
+    with the target's n_ctx and sequences): the MTP blocks' layers, full attention, as wide as
+    the model's attention layers; 0 for every trunk layer."""
+    layout = memory_layout(header) if layout is None else layout
+    sizes = []
+    for il in range(header.n_layer):
+        if il < layout.n_layer_trunk:
+            sizes.append(0)
+            continue
+        v_width = layout.v_width[il]
+        if v_width and not flash_attn:
+            v_width = layout.v_width_max
+        per_cell = row_bytes(type_k, layout.k_width[il]) + (
+            row_bytes(type_v, v_width) if v_width else 0)
+        sizes.append(per_cell * shape.cells * shape.n_streams)
+    return tuple(sizes)
+
+
 def state_layer_bytes(
     header: ModelHeader, n_seq: int, layout: MemoryLayout | None = None
 ) -> tuple[int, ...]:
@@ -376,6 +406,13 @@ class ComputePhases:
     layer_bytes: int  # repeating-layer phase (FFN / attention), including the KQ masks
     mask_bytes: int
     input_bytes: int  # token embeddings of the micro-batch (host side of a GPU run)
+    dense_layer_bytes: int = 0  # the attention / FFN phase alone (no recurrent layer)
+
+    @property
+    def mtp_bytes(self) -> int:
+        """The MTP draft context's compute buffer: one attention + FFN block and the logits of
+        a micro-batch, no recurrent layer (measured against llama.cpp: within 10%)."""
+        return max(self.output_bytes, self.dense_layer_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -442,6 +479,7 @@ def compute_phases(
         layer_bytes=max(ffn, attention, recurrent),
         mask_bytes=mask,
         input_bytes=n_embd * ub * F32_BYTES,
+        dense_layer_bytes=max(ffn, attention),
     )
 
 

@@ -67,6 +67,12 @@ class FitRequest:
     # Per model file (a hub repo's quants: each with the projector `pull` fetches with it), by
     # str(header.path); `for_model` puts the file's own in `projector`.
     model_projectors: tuple[tuple[str, Projector], ...] = ()
+    # spec_type draft-mtp: the file's MTP block is loaded and an MTP draft context runs beside
+    # the target's (its KV cache layer, compute and output buffers); no effect without a block
+    mtp: bool = False
+    # llama.cpp's n_rs_seq: recurrent-state snapshots per sequence, so that a hybrid model
+    # (Qwen3.5) can roll back rejected guesses; each multiplies the recurrent state
+    n_rs_seq: int = 0
 
     def __post_init__(self) -> None:
         if self.type_k not in CACHE_TYPES or self.type_v not in CACHE_TYPES:
@@ -104,6 +110,9 @@ class FitRequest:
             "max_quality_loss": getattr(settings, "max_quality_loss", None),
             "mmproj_offload": getattr(settings, "mmproj_offload", True),
             "mmproj": getattr(settings, "mmproj", "auto"),
+            "mtp": getattr(settings, "spec_type", "none") == "draft-mtp",
+            "n_rs_seq": getattr(settings, "spec_draft_n_max", 0)
+            if getattr(settings, "spec_type", "none") == "draft-mtp" else 0,
         }
         values.update(changes)
         return cls(**values)

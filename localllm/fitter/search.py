@@ -22,12 +22,15 @@ from typing import Any
 
 from localllm.errors import DoesNotFitError, SettingsError
 from localllm.fitter.memory import (
+    F32_BYTES,
     ContextShape,
     HeaderFacts,
     checkpoints_total_bytes,
     compute_phases,
     context_shape,
     kv_layer_bytes,
+    memory_layout,
+    mtp_kv_layer_bytes,
     output_buffer_bytes,
     state_layer_bytes,
 )
@@ -120,7 +123,9 @@ class _Fitter:
 
     def __init__(self, header: ModelHeader, hardware: Hardware, request: FitRequest) -> None:
         self.header = header
-        self.facts = HeaderFacts(header)
+        # the MTP block and its draft context, when spec_type draft-mtp runs it
+        self.mtp = request.mtp and memory_layout(header).n_layer_trunk < header.n_layer
+        self.facts = HeaderFacts(header, load_mtp=self.mtp)
         self.hardware = hardware
         self.request = request
         self.flash_attn = True if request.flash_attn is None else request.flash_attn
@@ -157,7 +162,13 @@ class _Fitter:
                 layout,
             )
             kv = kv_layer_bytes(self.header, shape, r.type_k, r.type_v, self.flash_attn, layout)
+            if self.mtp:
+                mtp_kv = mtp_kv_layer_bytes(
+                    self.header, shape, r.type_k, r.type_v, self.flash_attn, layout)
+                kv = tuple(k + m for k, m in zip(kv, mtp_kv, strict=True))
             state = state_layer_bytes(self.header, shape.n_seq, layout)
+            if r.n_rs_seq:  # one snapshot of the state per guess that may be rolled back
+                state = tuple(s * (1 + r.n_rs_seq) for s in state)
             # a layer's recurrent state lives on its device, like its KV cache
             memory = tuple(k + s for k, s in zip(kv, state, strict=True))
             self._shapes[key] = (shape, memory, compute_phases(self.facts, shape, self.flash_attn))
@@ -167,6 +178,13 @@ class _Fitter:
         """ctx: (tokens per conversation, conversations at once)."""
         header, facts, hardware, request = self.header, self.facts, self.hardware, self.request
         shape, kv, phases = self.shape(*ctx)
+        mtp_compute = phases.mtp_bytes if self.mtp else 0  # the draft context's own buffer
+        # the MTP context's logits, and the target's hidden state of every token of a batch
+        # (llama-context.cpp output_reserve: embd_nextn unmasked is n_embd x n_batch floats)
+        mtp_output = (
+            output_buffer_bytes(header, shape.n_seq) + header.n_embd * shape.n_batch * F32_BYTES
+            if self.mtp else 0
+        )
         layout = _layout(header.n_layer, n_gpu_layers, n_cpu_moe, self.split)
         n_gpus = len(hardware.gpus)
         weights = [0] * (n_gpus + 1)  # index -1: host
@@ -215,7 +233,8 @@ class _Fitter:
         n_remote = n_local = 0
         for g, gpu in enumerate(hardware.gpus):
             if g == (out_dev if out_dev >= 0 else 0):
-                compute = phases.peak_bytes  # holds the logits (op offload when on host)
+                # holds the logits (op offload when on host)
+                compute = phases.peak_bytes + mtp_compute
             elif layers_on[g]:
                 compute = phases.layer_bytes
             else:
@@ -246,7 +265,7 @@ class _Fitter:
                 )
             )
         if not hardware.gpus:
-            host_compute = phases.peak_bytes
+            host_compute = phases.peak_bytes + mtp_compute
         elif all_on_gpu:
             host_compute = phases.input_bytes + phases.mask_bytes  # the CUDA_Host buffer
         else:
@@ -259,7 +278,7 @@ class _Fitter:
                 weights_bytes=weights[-1],
                 kv_bytes=kv_on[-1],
                 compute_bytes=host_compute,
-                output_bytes=output_buffer_bytes(header, shape.n_seq),
+                output_bytes=output_buffer_bytes(header, shape.n_seq) + mtp_output,
                 overhead_bytes=HOST_OVERHEAD_BYTES,
                 margin_bytes=0,
                 capacity_bytes=host.ram_available_bytes,
@@ -495,6 +514,18 @@ def _layout_notes(fitter: _Fitter) -> list[str]:
             f"{per_seq / 2**20:.1f} MiB per conversation whatever its length, is in the KV column"
             f"; {sum(layout.attention)} layers have a KV cache"
         )
+        if fitter.request.n_rs_seq:
+            notes.append(
+                f"{fitter.request.n_rs_seq} more copies of each conversation's recurrent state "
+                "(n_rs_seq, to roll rejected guesses back) are in the KV column too"
+            )
+    if fitter.mtp:
+        notes.append(
+            f"the file's MTP block ({gib(facts.mtp_bytes)}) is loaded for spec_type draft-mtp; "
+            "its draft context adds a KV cache layer and a compute buffer (counted)"
+        )
+    elif fitter.request.mtp:
+        notes.append("spec_type draft-mtp: the file has no MTP block, the engine will refuse it")
     if facts.skipped_bytes:
         notes.append(
             f"the file's MTP block ({gib(facts.skipped_bytes)}) is not loaded: llama.cpp uses it "
