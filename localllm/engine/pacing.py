@@ -9,9 +9,11 @@ Cost model, fitted from the last WINDOW steps while serving: a step carrying n p
 costs `fixed + per_token * n`. Measured on a loaded 2-core CPU (docs/scheduling.md), single steps
 scatter by a factor of two and some take ten times their usual time, so every estimate is a
 median, never an average that one spike drags along:
-- `per_token` and `fixed` of steps with prompt tokens come from a Theil-Sen line (the median of
-  the slopes between pairs of steps of clearly different chunk sizes); the chunks alternate
-  between two sizes (DITHER) so that such pairs exist. With llama.cpp threads oversubscribed, a
+- The fixed part of a step with prompt tokens comes from a Theil-Sen line (the median of the
+  slopes between consecutive steps of clearly different chunk sizes: consecutive, since two
+  steps a minute apart ran under different loads); the chunks alternate between two sizes
+  (DITHER) so that such pairs exist. It is never taken below the median decode-only step, and
+  `per_token` is the median of what the steps took beyond it. With llama.cpp threads oversubscribed, a
   step with prompt tokens costs far more than a decode-only step whatever its size; a model
   that took the decode-only time as its fixed part blamed that on the tokens, shrank the chunk,
   blamed more and spiralled down to a few tokens per step (the long prompt then took 1.5-2.5x
@@ -41,7 +43,7 @@ WINDOW = 32  # steps of each kind the estimates are taken from: follows a change
 TTFT_SLACK = 0.1  # the steps' fixed parts may make the prompt at most this much slower
 DITHER = 0.7  # every other chunk is this much smaller (or PAIR_RATIO larger at the floor)
 PAIR_RATIO = 1.25  # chunk sizes of a pair differ at least this much, so its slope means something
-MIN_PAIRS = 8  # pairs of steps with different chunk sizes needed to fit the fixed part
+MIN_PAIRS = 3  # pairs of steps with different chunk sizes needed to fit the fixed part
 
 
 @dataclass
@@ -146,12 +148,13 @@ def _ceil(x: float) -> int:
 
 def _theil_sen_intercept(steps: deque[tuple[int, float]]) -> float:
     """The fixed part of the median line through (chunk, seconds): 0 without enough pairs of
-    clearly different chunk sizes, or where the line is no cost (slope <= 0)."""
+    clearly different chunk sizes, or where the line is no cost (slope <= 0). Slopes come from
+    consecutive steps only: the load of a busy machine changes over seconds, and two steps
+    taken a minute apart under different loads give a slope that means nothing."""
     points = list(steps)
     slopes = [
         (t2 - t1) / (n2 - n1)
-        for i, (n1, t1) in enumerate(points)
-        for n2, t2 in points[i + 1 :]
+        for (n1, t1), (n2, t2) in zip(points, points[1:], strict=False)
         if n2 >= n1 * PAIR_RATIO or n1 >= n2 * PAIR_RATIO
     ]
     if len(slopes) < MIN_PAIRS:
