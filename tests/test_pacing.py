@@ -153,6 +153,18 @@ def test_a_spike_does_not_shrink_the_chunks() -> None:
     assert {spiky.budget(1), spiky.budget(1)} == {steady.budget(1), steady.budget(1)}
 
 
+def test_a_load_that_grows_does_not_make_up_a_fixed_part() -> None:
+    # Measured: while a prompt was read the machine got busier, every step cost more than the
+    # one before whatever its size, and a line through them had a fixed part over a second.
+    pacer, clock = paced()
+    for i, n in enumerate([64, 78, 62, 78, 64, 82, 66, 88, 335, 264, 347, 378, 306, 385, 354]):
+        load = 1 + i / 5
+        clock.now += 0.008 * n * load
+        pacer.observe(n, 0.008 * n * load)
+    cost = pacer.cost()
+    assert cost is not None and cost[0] <= 0.008 * 62 * (1 + 2 / 5)  # the cheapest step
+
+
 def test_the_chunk_follows_a_change_in_cost() -> None:
     pacer, clock = paced()
     prefill(pacer, clock, 2000, fixed_s=0.0, token_s=0.001)

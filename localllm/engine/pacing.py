@@ -81,6 +81,9 @@ class PrefillPacer:
         # that; more where the Theil-Sen line says so (threads oversubscribed). A line fitted
         # from noisy steps alone often put it near 0, which made the chunks too small.
         fixed = max(self.fixed_s, _theil_sen_intercept(self._prompt))
+        # Nor more than the cheapest step seen: under a load that grows while the prompt is
+        # read, the line's slope comes out too flat and its fixed part too large.
+        fixed = min(fixed, min(t for _, t in self._prompt))
         # At least half of a step is the prompt's, should the fixed part be overestimated.
         per_token = statistics.median(max(t - fixed, t / 2) / n for n, t in self._prompt)
         return fixed, per_token
