@@ -7,19 +7,19 @@ step time instead, so that a decoding slot gets its next token about `target_s` 
 
 Cost model, fitted from the last WINDOW steps while serving: a step carrying n prompt tokens
 costs `fixed + per_token * n`. Measured on a loaded 2-core CPU (docs/scheduling.md), single steps
-scatter by a factor of two and some take ten times their usual time, so every estimate is a
-median, never an average that one spike drags along:
-- The fixed part of a step with prompt tokens comes from a Theil-Sen line (the median of the
-  slopes between consecutive steps of clearly different chunk sizes: consecutive, since two
-  steps a minute apart ran under different loads); the chunks alternate between two sizes
-  (DITHER) so that such pairs exist. It is never taken below the median decode-only step, and
-  `per_token` is the median of what the steps took beyond it. With llama.cpp threads oversubscribed, a
-  step with prompt tokens costs far more than a decode-only step whatever its size; a model
-  that took the decode-only time as its fixed part blamed that on the tokens, shrank the chunk,
-  blamed more and spiralled down to a few tokens per step (the long prompt then took 1.5-2.5x
-  its time).
-- Until enough such pairs exist, the fixed part is the median decode-only step and the cost per
-  token the median of what the prompt steps took beyond it.
+scatter by a factor of two, some take ten times their usual time and the load drifts within a
+minute, so every estimate is a median, never an average that one spike drags along:
+- The fixed part: with llama.cpp's threads oversubscribed, a step with prompt tokens cost about
+  100 ms more than a decode-only step whatever its size. A model that took the decode-only time
+  as the fixed part blamed that on the tokens, shrank the chunk, blamed more and spiralled down
+  to a few tokens per step (the long prompt took 1.5-2.5x its time). So the fixed part comes
+  from a Theil-Sen line: the median of the slopes between consecutive steps of clearly
+  different chunk sizes (consecutive, since steps a minute apart ran under different loads);
+  the chunks alternate between two sizes (DITHER) so that such pairs exist. It is never below
+  the median decode-only step (a step with prompt tokens does all that one does) nor above the
+  cheapest step seen (a load growing while the prompt is read makes the line's fixed part
+  absurd).
+- The cost per token: the median of what the steps took beyond the fixed part.
 
 The chunk is what fits into the time left before the decoding slots' deadline (`target_s` after
 the end of the previous step, which gave them their last token), but never so small that the
