@@ -23,10 +23,11 @@ minute, so every estimate is a median, never an average that one spike drags alo
 
 The chunk is what fits into the time left before the decoding slots' deadline (`target_s` after
 the end of the previous step, which gave them their last token), but never so small that the
-fixed part, paid once per step, makes the prompt slower than TTFT_SLACK beyond fixed max_chunk
-chunks: the long prompt's time to first token stays within about 10% of what it was without
-pacing, and where both cannot hold (a slow or loaded machine, whose fixed part alone is near the
-target) the stall grows past the target rather than the prompt crawling.
+fixed part and the time between two steps, paid once per step, make the prompt slower than
+TTFT_SLACK beyond fixed max_chunk chunks: the long prompt's time to first token stays within
+about 10% of what it was without pacing, and where both cannot hold (a slow or loaded machine,
+whose fixed part alone is near the target) the stall grows past the target rather than the
+prompt crawling.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class PrefillPacer:
     _decode_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     _prompt: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     _last_end: float | None = None  # when the last step ended
+    # Seconds from the end of one step to the start of the next beside decoding slots: the
+    # scheduler's own work, and on a busy server the HTTP side's turn at the interpreter.
+    _between_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     _alternate: bool = False
     _cost: tuple[float, float] | None = None  # cost() as of the last observe()
 
@@ -103,6 +107,8 @@ class PrefillPacer:
         if cost is None:
             return low
         fixed, per_token = cost
+        # Every extra step costs the prompt its fixed part and the time between two steps.
+        fixed += statistics.median(self._between_s) if self._between_s else 0.0
         # (fixed / c + per_token) <= (1 + slack) * (fixed / max_chunk + per_token)
         room = TTFT_SLACK * per_token + (1 + TTFT_SLACK) * fixed / self.max_chunk
         need = fixed / room if room > 0 else self.max_chunk
@@ -119,7 +125,9 @@ class PrefillPacer:
         left = self.target_s
         if n_decoding and self._last_end is not None:
             # The deadline runs from the decoding slots' last token, the end of the last step.
-            left -= min(max(self.clock() - self._last_end, 0.0), self.target_s)
+            waited = max(self.clock() - self._last_end, 0.0)
+            self._between_s.append(waited)
+            left -= min(waited, self.target_s)
         floor = self.floor()
         fit = int((left - fixed) / per_token) if per_token > 0 else self.max_chunk
         chunk = max(floor, min(self.max_chunk, fit))
