@@ -153,14 +153,16 @@ def test_the_chunk_is_never_predicted_over_the_deadline_when_a_smaller_one_may_b
             assert chunk <= -int(-floor * PAIR_RATIO // 1)
 
 
-def test_a_spike_does_not_shrink_the_chunks() -> None:
+def test_spikes_do_not_shrink_the_chunks() -> None:
     steady, clock = paced()
     prefill(steady, clock, 2000, fixed_s=0.02, token_s=0.002)
     spiky, clock = paced()
     # Every fifth step takes ten times as long (another process took the cores).
     prefill(spiky, clock, 2000, 0.02, 0.002, spikes=frozenset(range(0, 100, 5)))
-    assert spiky.cost() == pytest.approx(steady.cost())
-    assert {spiky.budget(1), spiky.budget(1)} == {steady.budget(1), steady.budget(1)}
+    assert spiky.cost() == pytest.approx(steady.cost())  # the stall estimate ignores them
+    # The prompt waits for every spike: counted in the bound, they make the chunks larger.
+    assert spiky.floor() > steady.floor()
+    assert min(spiky.budget(1), spiky.budget(1)) >= max(steady.budget(1), steady.budget(1))
 
 
 def test_a_load_that_grows_does_not_make_up_a_fixed_part() -> None:
@@ -199,7 +201,9 @@ def test_the_chunk_follows_a_change_in_cost() -> None:
     pacer, clock = paced()
     prefill(pacer, clock, 2000, fixed_s=0.0, token_s=0.001)
     assert pacer.cost() == pytest.approx((0.0, 0.001))
-    prefill(pacer, clock, 3000, fixed_s=0.0, token_s=0.002)  # the machine got loaded
+    # The machine got loaded: the medians follow once most of the window's 32 steps were
+    # taken under the new load (meanwhile the old median looks like spikes: larger chunks).
+    prefill(pacer, clock, 6000, fixed_s=0.0, token_s=0.002)
     assert pacer.cost() == pytest.approx((0.0, 0.002))
     clock.now = pacer._last_end or 0.0
     assert max(pacer.budget(1), pacer.budget(1)) == 100

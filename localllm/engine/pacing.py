@@ -20,6 +20,10 @@ minute, so every estimate is a median, never an average that one spike drags alo
   cheapest step seen (a load growing while the prompt is read makes the line's fixed part
   absurd).
 - The cost per token: the median of what the steps took beyond the fixed part.
+- The medians size the chunk for the stall; the 10% bound on the long prompt also counts the
+  mean of what the steps took beyond the median line (on a 2-core machine with 2 busy threads,
+  one step in four took 2-8 s whatever its size, and the prompt waits for all of them) and the
+  time between two steps.
 
 The chunk is what fits into the time left before the decoding slots' deadline (`target_s` after
 the end of the previous step, which gave them their last token), but never so small that the
@@ -62,6 +66,7 @@ class PrefillPacer:
     _between_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     _alternate: bool = False
     _cost: tuple[float, float] | None = None  # cost() as of the last observe()
+    _excess_s: float = 0.0  # what prompt steps took beyond cost() on average: the spikes
 
     @property
     def fixed_s(self) -> float:
@@ -107,8 +112,12 @@ class PrefillPacer:
         if cost is None:
             return low
         fixed, per_token = cost
-        # Every extra step costs the prompt its fixed part and the time between two steps.
+        # Every extra step costs the prompt its fixed part, the time between two steps, and
+        # the spikes the medians leave out: the prompt waits for every one of them. (Spikes
+        # that come with the time a step takes rather than per step make this too large,
+        # which only errs towards larger chunks.)
         fixed += statistics.median(self._between_s) if self._between_s else 0.0
+        fixed += self._excess_s
         # (fixed / c + per_token) <= (1 + slack) * (fixed / max_chunk + per_token)
         room = TTFT_SLACK * per_token + (1 + TTFT_SLACK) * fixed / self.max_chunk
         need = fixed / room if room > 0 else self.max_chunk
@@ -151,6 +160,10 @@ class PrefillPacer:
             # such a step, and what it says per token is mostly noise.
             self._prompt.append((n_prompt, elapsed_s))
         self._cost = self._fit()
+        if self._cost is not None and n_prompt >= MIN_CHUNK:
+            fixed, per_token = self._cost
+            excess = statistics.fmean(t - fixed - per_token * n for n, t in self._prompt)
+            self._excess_s = max(excess, 0.0)
 
 
 def _ceil(x: float) -> int:
