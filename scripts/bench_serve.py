@@ -3,6 +3,15 @@ llama-cpp-python's own server (`python -m llama_cpp.server`). Prints one table.
 
     .venv/bin/python scripts/bench_serve.py [--threads 2] [--tokens 64]
 
+`--stall` runs the other scenario instead (issue 25, docs/scheduling.md): one user streams while
+another sends a --prompt-tokens long prompt; the streaming user's gaps between two tokens while
+the prompt is read, the prompt's time to first token and the stream's tokens/s then, for
+localllm with prefill pacing on (--stall-ms) and off, and llama-server beside them (4 slots,
+`-np 4 -t THREADS --no-repack`). The three servers run at once and their runs alternate, so load
+from other work on the machine falls on all of them alike; each cell is the median of --reps.
+
+    .venv/bin/python scripts/bench_serve.py --stall [--reps 5] [--llama-server PATH]
+
 Needs llama-cpp-python's server extras for the comparison (sse-starlette, starlette-context,
 PyYAML); without them that column is skipped. Both servers get the same thread count. The
 client runs on the same machine, so on few cores absolute numbers include its overhead.
@@ -215,24 +224,35 @@ def _measure(url: str, tokens: int, levels: list[int], rounds: int) -> ServerRun
     return ServerRun(single, results, turn1, turn2)
 
 
+def start_localllm(
+    model: Path, config_dir: str, threads: int, n_ctx: int, parallel: int, extra: str = ""
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`localllm serve` in a subprocess with only these settings (no config file); ready."""
+    port = _free_port()
+    config = Path(config_dir) / "none.toml"
+    config.write_text("")
+    code = (
+        "from localllm.server.run import serve\nfrom localllm.settings import Settings\n"
+        f"serve(Settings(port={port}, model={str(model)!r}, model_alias='m', n_ctx={n_ctx}, "
+        f"parallel={parallel}, threads={threads}, log_level='warning'{extra}))\n"
+    )
+    env = {**os.environ, "LOCALLLM_CONFIG": str(config)}
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+    except BaseException:
+        _stop(process)
+        raise
+    return process, f"http://127.0.0.1:{port}"
+
+
 def run_localllm(
     model: Path, threads: int, tokens: int, levels: list[int], rounds: int
 ) -> ServerRun:
-    port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "none.toml"
-        config.write_text("")
-        code = (
-            "from localllm.server.run import serve\nfrom localllm.settings import Settings\n"
-            f"serve(Settings(port={port}, model={str(model)!r}, model_alias='m', "
-            f"n_ctx={1024 * max(levels)}, "
-            f"parallel={max(levels)}, threads={threads}, log_level='warning'))\n"
-        )
-        env = {**os.environ, "LOCALLLM_CONFIG": str(config)}
-        process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+        process, url = start_localllm(model, tmp, threads, 1024 * max(levels), max(levels))
         try:
-            _wait_healthy(f"http://127.0.0.1:{port}", process)
-            return _measure(f"http://127.0.0.1:{port}", tokens, levels, rounds)
+            return _measure(url, tokens, levels, rounds)
         finally:
             _stop(process)
 
@@ -292,15 +312,218 @@ def direct_tps(model: Path, threads: int, tokens: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+STALL_STREAM = "Write a long story about a dragon who learns to paint, chapter by chapter."
+LEDGER = (
+    "The harbour office kept a ledger of every ship that came in, with its cargo, its captain "
+    "and the weather on the day it docked. Clerks copied the entries twice a week. "
+)
+
+
+@dataclass
+class StallRun:
+    worst_gap_s: float  # the streaming user's, while the long prompt was read
+    p99_gap_s: float  # the same gaps' 99th percentile
+    median_gap_s: float  # the streaming user's, over the whole stream
+    ttft_s: float  # the long prompt's, seen by its client
+    stream_tps: float  # the stream's tokens/s while the long prompt was read
+    covered: bool  # the stream was still running when the long prompt's first token came
+
+
+def _stall_run(url: str, prompt: str) -> StallRun:
+    """Stream STALL_STREAM; after 10 chunks send `prompt` (max_tokens 1); stop the stream once
+    the prompt's answer is back."""
+    times: list[float] = []
+    streaming, done = threading.Event(), threading.Event()
+    body = {
+        "model": "m",
+        "prompt": STALL_STREAM,
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": True,
+    }
+
+    def consume() -> None:
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choices = json.loads(line[6:]).get("choices") or []
+                    if any(c.get("text") for c in choices):
+                        times.append(time.perf_counter())
+                        if len(times) == 10:
+                            streaming.set()
+                    if done.is_set():
+                        break  # closing the connection cancels the stream
+        finally:
+            streaming.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    streaming.wait(600)
+    sent = time.perf_counter()
+    response = httpx.post(
+        url + "/v1/completions",
+        json={"model": "m", "prompt": prompt, "max_tokens": 1, "temperature": 0},
+        timeout=600,
+    )
+    answered = time.perf_counter()
+    response.raise_for_status()
+    done.set()
+    reader.join(600)
+    pairs = list(zip(times, times[1:], strict=False))
+    gaps = [b - a for a, b in pairs]
+    during = [b - a for a, b in pairs if b >= sent and a <= answered] or [0.0]
+    in_window = [t for t in times if sent <= t <= answered]
+    return StallRun(
+        worst_gap_s=max(during),
+        p99_gap_s=_percentile(during, 0.99),
+        median_gap_s=statistics.median(gaps) if gaps else 0.0,
+        ttft_s=answered - sent,
+        stream_tps=len(in_window) / (answered - sent),
+        covered=bool(times) and times[-1] >= answered,
+    )
+
+
+def _ledger_prompt(model: Path, n_tokens: int, rep: int) -> str:
+    """About `n_tokens` tokens of text, with a first line no server has cached."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    text = f"Ledger {rep} of {time.time_ns()}.\n" + LEDGER * (n_tokens // 30 + 1)
+    tokens = vocab.tokenize(text.encode(), add_bos=False)[:n_tokens]
+    return vocab.detokenize(tokens).decode(errors="ignore")
+
+
+def start_llama_server(
+    binary: str, model: Path, threads: int, n_ctx: int, parallel: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "-m",
+            str(model),
+            "-np",
+            str(parallel),
+            "-t",
+            str(threads),
+            "--no-repack",
+            "-c",
+            str(n_ctx),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-a",
+            "m",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+    except BaseException:
+        _stop(process)
+        raise
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stall_table(model: Path, args: argparse.Namespace) -> None:
+    n_ctx = 4 * (args.prompt_tokens + 1024)
+    load_before = os.getloadavg()[0]
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    runs: dict[str, list[StallRun]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for label, stall_ms in (
+                (f"localllm, pacing {args.stall_ms:g} ms", args.stall_ms),
+                ("localllm, pacing off", 0.0),
+            ):
+                servers[label] = start_localllm(
+                    model, tmp, args.threads, n_ctx, 4, f", max_decode_stall_ms={stall_ms}"
+                )
+            if args.llama_server:
+                servers["llama-server"] = start_llama_server(
+                    args.llama_server, model, args.threads, n_ctx, 4
+                )
+            for _, url in servers.values():  # warm-up
+                _stream(url, "/v1/completions", _completion_body(0, 8))
+            labels = list(servers)
+            for rep in range(args.reps):
+                # Alternate the order too, so no server always runs first after a pause.
+                for label in labels[rep % len(labels) :] + labels[: rep % len(labels)]:
+                    prompt = _ledger_prompt(model, args.prompt_tokens, rep)
+                    run = _stall_run(servers[label][1], prompt)
+                    runs.setdefault(label, []).append(run)
+                    print(
+                        f"  rep {rep + 1} {label}: worst gap {run.worst_gap_s * 1000:.0f} ms, "
+                        f"TTFT {run.ttft_s:.2f} s, load {os.getloadavg()[0]:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            for process, _ in servers.values():
+                _stop(process)
+    if not args.llama_server:
+        print("llama-server: give --llama-server PATH for its row", file=sys.stderr)
+    med = statistics.median
+    header = (
+        "",
+        "worst gap ms",
+        "median gap ms",
+        "p99 gap ms",
+        "long TTFT s",
+        "stream tok/s",
+        "covered",
+    )
+    rows = [header]
+    for label, rs in runs.items():
+        rows.append(
+            (
+                label,
+                f"{med(r.worst_gap_s for r in rs) * 1000:.0f}",
+                f"{med(r.median_gap_s for r in rs) * 1000:.0f}",
+                f"{med(r.p99_gap_s for r in rs) * 1000:.0f}",
+                f"{med(r.ttft_s for r in rs):.2f}",
+                f"{med(r.stream_tps for r in rs):.1f}",
+                f"{sum(r.covered for r in rs)}/{len(rs)}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(
+        f"median of {args.reps} runs each, alternating; about {args.prompt_tokens}-token "
+        f"prompt; 4 slots; {args.threads} threads; gaps while the prompt was read; load "
+        f"average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on "
+        f"{os.cpu_count()} CPUs"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="repetitions per concurrency level")
+    parser.add_argument("--stall", action="store_true", help="the long-prompt stall scenario")
+    parser.add_argument("--reps", type=int, default=5, help="--stall: runs per server")
+    parser.add_argument("--prompt-tokens", type=int, default=4800, help="--stall: long prompt")
+    parser.add_argument(
+        "--stall-ms",
+        type=float,
+        default=200.0,
+        help="--stall: localllm's max_decode_stall_ms for the pacing row",
+    )
+    parser.add_argument("--llama-server", metavar="PATH", help="--stall: a llama-server binary")
     args = parser.parse_args()
     from localllm.models import embedded_model_path
 
     model = embedded_model_path(REPO / "models")
+    if args.stall:
+        stall_table(model, args)
+        return
     levels = [1, 2, 4, 8]
     print(
         f"model {model.name}, {args.threads} threads, {args.tokens} tokens per request, "

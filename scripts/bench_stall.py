@@ -3,18 +3,18 @@ embedded Gemma 3 270M: 4 slots, --threads 2. One user streams a story; once it h
 tokens, another sends a --prompt-tokens long prompt. Prints, with prefill pacing on
 (--stall-ms, the engine's max_decode_stall_ms) and off (0: fixed n_ubatch chunks), the streaming
 user's worst and median gap between two tokens and the long prompt's time to first token,
-each the median of --reps runs, and the load average the runs saw.
+each the median of --reps runs (the two engines loaded at once, their runs alternating), and
+the load average the runs saw; on stderr, every run's steps beside the stream.
 
     .venv/bin/python scripts/bench_stall.py [--reps 3] [--threads 2] [--prompt-tokens 4800]
 
-llama-server is shown only when it is on PATH (pip's llama-cpp-python does not ship it).
+For llama-server beside it, over HTTP: scripts/bench_serve.py --stall --llama-server PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import threading
@@ -92,22 +92,48 @@ def one_run(engine: Engine, prompt: tuple[int, ...]) -> Run:
     )
 
 
-def bench(stall_ms: float, args: argparse.Namespace) -> tuple[list[Run], list[int]]:
-    config = EngineConfig(
-        model_path=embedded_model_path(REPO / "models"),
-        n_ctx=4 * (args.prompt_tokens + 1024),
-        n_parallel=4,
-        n_threads=args.threads,
-        max_decode_stall_ms=stall_ms,
-    )
-    runs: list[Run] = []
-    with Engine.load(config) as engine:
-        engine.generate("Warm up.", max_tokens=8, temperature=0)
+def bench(args: argparse.Namespace) -> dict[str, tuple[list[Run], list[int]]]:
+    """Both engines loaded at once, their runs alternating: load from other work on the machine
+    falls on both alike."""
+    engines: dict[str, Engine] = {}
+    runs: dict[str, list[Run]] = {}
+    chunks: dict[str, list[int]] = {}
+    try:
+        for label, stall_ms in (
+            (f"localllm, pacing {args.stall_ms:g} ms", args.stall_ms),
+            ("localllm, pacing off", 0.0),
+        ):
+            config = EngineConfig(
+                model_path=embedded_model_path(REPO / "models"),
+                n_ctx=4 * (args.prompt_tokens + 1024),
+                n_parallel=4,
+                n_threads=args.threads,
+                max_decode_stall_ms=stall_ms,
+            )
+            engines[label] = Engine.load(config)
+            engines[label].generate("Warm up.", max_tokens=8, temperature=0)
+        labels = list(engines)
         for rep in range(args.reps):
-            runs.append(one_run(engine, long_prompt(engine, args.prompt_tokens, rep)))
-            engine.wait_idle(60)
-        chunks = [p for g, p, _ in engine.recent_steps if g and p]
-    return runs, chunks
+            for label in labels[rep % 2 :] + labels[: rep % 2]:
+                engine = engines[label]
+                before = len(engine.recent_steps)
+                run = one_run(engine, long_prompt(engine, args.prompt_tokens, rep))
+                engine.wait_idle(60)
+                runs.setdefault(label, []).append(run)
+                steps = list(engine.recent_steps)[before:]
+                chunks.setdefault(label, []).extend(p for g, p, _ in steps if g and p >= 16)
+                print(
+                    f"  rep {rep + 1} {label}: worst gap {run.worst_gap_s * 1000:.0f} ms, "
+                    f"TTFT {run.ttft_s:.2f} s, load {os.getloadavg()[0]:.2f}; steps beside "
+                    f"the stream (tokens, ms): "
+                    f"{[(p, round(t * 1000)) for g, p, t in steps if g and p]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {label: (runs[label], chunks[label]) for label in runs}
 
 
 def main() -> None:
@@ -119,28 +145,34 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rows = []
-    for label, stall_ms in ((f"localllm, pacing {args.stall_ms:g} ms", args.stall_ms),
-                            ("localllm, pacing off", 0.0)):
-        runs, chunks = bench(stall_ms, args)
+    for label, (runs, chunks) in bench(args).items():
         med = statistics.median
-        rows.append((
-            label,
-            f"{med(r.worst_gap_s for r in runs) * 1000:.0f}",
-            f"{med(r.median_gap_s for r in runs) * 1000:.0f}",
-            f"{med(r.ttft_s for r in runs):.2f}",
-            f"{min(chunks, default=0)}-{max(chunks, default=0)}",
-            f"{sum(r.covered for r in runs)}/{len(runs)}",
-        ))
-    if shutil.which("llama-server") is None:
-        rows.append(("llama-server", "not installed here", "", "", "", ""))
-    header = ("", "worst gap ms", "median gap ms", "long TTFT s", "chunk beside decode",
-              "stream covered")
+        rows.append(
+            (
+                label,
+                f"{med(r.worst_gap_s for r in runs) * 1000:.0f}",
+                f"{med(r.median_gap_s for r in runs) * 1000:.0f}",
+                f"{med(r.ttft_s for r in runs):.2f}",
+                f"{min(chunks, default=0)}-{max(chunks, default=0)}",
+                f"{sum(r.covered for r in runs)}/{len(runs)}",
+            )
+        )
+    header = (
+        "",
+        "worst gap ms",
+        "median gap ms",
+        "long TTFT s",
+        "chunk beside decode",
+        "stream covered",
+    )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-    print(f"median of {args.reps} runs each; {args.prompt_tokens}-token prompt; "
-          f"{args.threads} threads; load average {load_before:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs")
+    print(
+        f"median of {args.reps} runs each; {args.prompt_tokens}-token prompt; "
+        f"{args.threads} threads; load average {load_before:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs"
+    )
 
 
 if __name__ == "__main__":
