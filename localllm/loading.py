@@ -110,11 +110,15 @@ def plan_for_serving(
     draft_plan = plan_draft_model(settings, hardware, request)
     speculation = plan_speculation(plan, settings, draft_plan)
     spec_type, spec_max_busy = settings.spec_type, 0
+    spec_n_max = settings.spec_draft_n_max
     if speculation is not None:
         log.info("%s", describe(speculation))
         if spec_type == "auto":
             spec_type = "ngram-simple" if speculation.gain else "none"
             spec_max_busy = speculation.break_even_slots
+            # the draft length the prediction found best (longer guesses cost more than they
+            # save on a compute-bound step), never past the setting
+            spec_n_max = min(spec_n_max, speculation.draft_n_max or spec_n_max)
     if draft_plan is not None:
         warnings.extend(draft_memory_warnings(plan, draft_plan))
     config = EngineConfig(
@@ -144,7 +148,7 @@ def plan_for_serving(
         mmproj_required=settings.mmproj not in ("auto", "off"),
         spec_type=spec_type if spec_type != "auto" else "none",
         spec_draft_model=Path(settings.spec_draft_model) if settings.spec_draft_model else None,
-        spec_draft_n_max=settings.spec_draft_n_max,
+        spec_draft_n_max=spec_n_max,
         spec_draft_n_min=settings.spec_draft_n_min,
         spec_ngram_simple_size_n=settings.spec_ngram_simple_size_n,
         spec_max_busy_slots=spec_max_busy,
@@ -193,6 +197,7 @@ def plan_speculation(
         n_parallel=plan.n_parallel,
         draft_decode_tok_s=draft_speeds[0] if draft_speeds else None,
         draft_prompt_tok_s=draft_speeds[1] if draft_speeds else None,
+        batch_token_s=plan.batch_token_s,
     )
 
 

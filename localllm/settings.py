@@ -192,11 +192,11 @@ class Settings(BaseSettings):
         "models (llama-server's --ctx-checkpoints), in host memory; 0: none.",
     )
     spec_type: Literal["none", "auto", "ngram-simple", "draft-simple", "draft-mtp"] = Field(
-        "none",
+        "auto",
         description="Speculative decoding (llama-server's --spec-type): guesses verified in one "
         "batch. 'ngram-simple' copies from the conversation, 'draft-simple' asks "
-        "spec_draft_model, 'draft-mtp' the model's own MTP (nextn) block, 'auto' turns "
-        "ngram-simple on where the fitter predicts a gain.",
+        "spec_draft_model, 'draft-mtp' the model's own MTP (nextn) block, 'auto' (default) "
+        "turns ngram-simple on where the fitter predicts a gain (a GPU; never on a CPU alone).",
     )
     spec_draft_model: str | None = Field(
         None,

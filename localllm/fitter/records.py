@@ -213,6 +213,9 @@ class Plan:
     rpc_servers: tuple[str, ...] = ()  # "host:port" of each rpc-server, in llama.cpp's order
     projector: Projector | None = None  # the vision projector, counted in `projector_device`
     projector_device: str = ""  # "CUDA0", ... or "host"
+    # Seconds one more token adds to a decode step of a few tokens (a speculative verification):
+    # its compute, since the weights are read once for the whole step (0: not modelled).
+    batch_token_s: float = 0.0
 
     @property
     def projector_dict(self) -> dict[str, Any] | None:

@@ -48,6 +48,7 @@ from localllm.fitter.records import (
     Plan,
 )
 from localllm.fitter.speed import (
+    CPU_BATCH_TOKEN_SHARE,
     CPU_ELEMENTS_PER_FLOP,
     CPU_PREFILL_EFFICIENCY,
     HOST_BANDWIDTH_OVERLAP,
@@ -327,6 +328,20 @@ class _Fitter:
             # (ggml-rpc.cpp has no offload_op).
             first_local.prefill_flops if first_local is not None and any_gpu_layers else None,
         )
+        # One more token in a small batch (a speculative verification): on a GPU its compute at
+        # the prefill rate (the weights are read once per step); on host and CPU rpc layers a
+        # measured share of their decode time (CPU_BATCH_TOKEN_SHARE: a CPU step is compute).
+        batch_token_s = CPU_BATCH_TOKEN_SHARE * decode_seconds_per_token(
+            [], host_work, host.memory_bandwidth_bytes_s, self.host_rate, self.host_bytes_factor
+        ) + sum(
+            CPU_BATCH_TOKEN_SHARE * decode_seconds_per_token(
+                [], DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s,
+                self.host_rate,
+            )
+            if gpu.is_cpu
+            else 2 * elements[g] / gpu.prefill_flops
+            for g, gpu in enumerate(hardware.gpus)
+        )
         overrides: tuple[tuple[str, str], ...] = ()
         if n_cpu_moe:
             layers = "|".join(str(il) for il in range(n_cpu_moe))
@@ -358,6 +373,7 @@ class _Fitter:
             rpc_servers=tuple(dict.fromkeys(g.endpoint or "" for g in hardware.remote_gpus)),
             projector=request.projector,
             projector_device=projector_device,
+            batch_token_s=batch_token_s,
         )
 
     def _projector_device(self) -> tuple[int, str]:

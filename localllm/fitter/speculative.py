@@ -5,12 +5,16 @@ acceptance rate alpha (each guess is kept only if all before it were), a step yi
 
     E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha)      tokens (k + 1 when alpha = 1).
 
-A batch of b tokens costs the plan's single-token time plus, per extra token, the plan's prompt
-time per token (the marginal cost of a token in a batch: on a GPU a decode step is bound by
-reading the weights and extra tokens are nearly free; on a few CPU cores they cost about as much
-as prompt tokens):
+A batch of b tokens costs the plan's single-token time plus, per extra token, its compute
+(`Plan.batch_token_s`; the weights are read once for the whole step). On a GPU a decode step is
+bound by reading the weights and extra tokens are nearly free; on a few CPU cores a decode step
+is mostly compute, and an extra token costs most of a step: measured on 2 cores with
+SmolLM2-135M, 9 ms of a 12.4 ms step, far more than a token of a long prompt (about 1 ms), so
+n-gram guesses at 0.9 acceptance gained only x1.08-1.10 there (scripts/bench_spec.py):
 
-    T(b) = 1 / decode_tok_s + (b - 1) / max(prompt_tok_s, decode_tok_s)
+    T(b) = 1 / decode_tok_s + (b - 1) * batch_token_s
+
+(without a modelled batch_token_s, the prompt time per token stands in for it).
 
 A draft model adds k of its own single-token steps (its plan's decode time) plus catching up on
 the E tokens the target accepted (its prompt time per token). n-gram guesses cost nothing. With
@@ -46,10 +50,13 @@ def expected_tokens_per_step(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def batch_seconds(n_tokens: int, decode_tok_s: float, prompt_tok_s: float) -> float:
+def batch_seconds(
+    n_tokens: int, decode_tok_s: float, prompt_tok_s: float, batch_token_s: float = 0.0
+) -> float:
     """T(b): one decode step of n_tokens tokens. An extra token never costs more than a step
     of its own (a prompt prediction slower than decoding would say so)."""
-    extra = 1.0 / max(prompt_tok_s, decode_tok_s)
+    extra = batch_token_s if batch_token_s > 0 else 1.0 / max(prompt_tok_s, decode_tok_s)
+    extra = min(extra, 1.0 / decode_tok_s)
     return 1.0 / decode_tok_s + max(0, n_tokens - 1) * extra
 
 
@@ -93,10 +100,14 @@ def speedup(
     decode_tok_s: float,
     prompt_tok_s: float,
     draft_seconds: float = 0.0,
+    batch_token_s: float = 0.0,
 ) -> float:
     """speedup(s) of the module docstring; draft_seconds is D, one slot's drafting per step."""
-    plain = batch_seconds(slots, decode_tok_s, prompt_tok_s)
-    spec = batch_seconds(slots * (k + 1), decode_tok_s, prompt_tok_s) + slots * draft_seconds
+    plain = batch_seconds(slots, decode_tok_s, prompt_tok_s, batch_token_s)
+    spec = (
+        batch_seconds(slots * (k + 1), decode_tok_s, prompt_tok_s, batch_token_s)
+        + slots * draft_seconds
+    )
     return expected_tokens_per_step(alpha, k) * plain / spec
 
 
@@ -110,6 +121,7 @@ def predict(
     acceptance: float | None = None,
     draft_decode_tok_s: float | None = None,
     draft_prompt_tok_s: float | None = None,
+    batch_token_s: float = 0.0,
 ) -> SpecPrediction:
     """The best draft length up to n_max for one stream, its speed, and the break-even
     occupancy (at most n_parallel). A draft model's speeds come from its own plan."""
@@ -126,7 +138,7 @@ def predict(
 
     best_k, best = 0, 1.0
     for k in range(1, max(1, n_max) + 1):
-        gain = speedup(1, k, alpha, decode_tok_s, prompt_tok_s, draft_seconds(k))
+        gain = speedup(1, k, alpha, decode_tok_s, prompt_tok_s, draft_seconds(k), batch_token_s)
         if gain > best:
             best_k, best = k, gain
     if best_k == 0:
@@ -134,7 +146,7 @@ def predict(
     d = draft_seconds(best_k)
     break_even = 0
     for s in range(1, n_parallel + 1):
-        if speedup(s, best_k, alpha, decode_tok_s, prompt_tok_s, d) <= 1.0:
+        if speedup(s, best_k, alpha, decode_tok_s, prompt_tok_s, d, batch_token_s) <= 1.0:
             break
         break_even = s
     return SpecPrediction(

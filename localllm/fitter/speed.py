@@ -41,6 +41,10 @@ HOST_BANDWIDTH_OVERLAP = 0.5
 REPACK_BYTES_FACTOR = 1.75
 REPACK_ELEMENTS_PER_FLOP = 1.7
 CPU_PREFILL_EFFICIENCY = 0.5
+# What one more token adds to a CPU decode step of a few tokens (speculative verification), as a
+# share of the step: 9 ms of 12.4 ms for SmolLM2-135M Q4_1 on 2 cores (scripts/bench_spec.py:
+# n-gram guesses at 0.86-0.91 acceptance gained x1.08-1.10). One model, one machine.
+CPU_BATCH_TOKEN_SHARE = 0.7
 PCIE_BYTES_S = 25e9  # PCIe 4.0 x16, what host-to-device copies reach in practice
 
 
