@@ -64,7 +64,7 @@ from localllm.engine.handle import RequestHandle
 from localllm.engine.media import ImageSpan, MediaContext, MediaPrompt, ShiftedMemory
 from localllm.engine.pacing import PrefillPacer
 from localllm.engine.speculative import Proposer, make_proposer
-from localllm.engine.text import StopMatcher, Utf8Stream
+from localllm.engine.text import StopMatcher, Utf8Stream, common_prefix
 from localllm.engine.types import (
     Completion,
     EngineStats,
@@ -166,14 +166,6 @@ class _Slot:
     job: _Job | None = None
     last_used: float = 0.0
     checkpoints: SlotCheckpoints | None = None  # None: the memory can be cut anywhere
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Engine:
@@ -786,7 +778,7 @@ class Engine:
         free = [s for s in self._slots if s.job is None]
         while self._queue and free:
             job = self._queue.popleft()
-            best = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
+            best = max(free, key=lambda s: (common_prefix(s.cached, job.prompt), -s.last_used))
             free.remove(best)
             best.job = job  # reserve now so stats and admission see it busy
             pairs.append((best, job))
@@ -794,7 +786,7 @@ class Engine:
 
     def _start(self, slot: _Slot, job: _Job) -> None:
         job.started_at = time.perf_counter()
-        reuse = _common_prefix(slot.cached, job.prompt)
+        reuse = common_prefix(slot.cached, job.prompt)
         reuse = min(reuse, len(job.prompt) - 1)  # decode at least one token to get logits
         media = job.media
         memory: Any = self.backend

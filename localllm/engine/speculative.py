@@ -58,6 +58,7 @@ import numpy as np
 
 from localllm.engine.backend import BatchItem, LlamaBackend, _llama
 from localllm.engine.config import EngineConfig
+from localllm.engine.text import common_prefix
 from localllm.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class DraftModelProposer:
 
     def draft(self, seq_id: int, history: Sequence[int], n_max: int) -> list[int]:
         held = self._held[seq_id]
-        keep = min(_common_prefix(held, history), len(history) - 1)
+        keep = min(common_prefix(held, history), len(history) - 1)
         if keep < len(held):
             if not self.backend.seq_rm(seq_id, keep, -1):
                 self.backend.seq_rm(seq_id, -1, -1)
@@ -303,14 +304,6 @@ class DraftModelProposer:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def make_proposer(config: EngineConfig, target: Any) -> Proposer | None:
