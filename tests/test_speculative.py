@@ -768,8 +768,8 @@ def test_a_cpu_plan_prices_verification_tokens_as_measured_and_a_gpu_plan_does_n
     from localllm.fitter import FitRequest, fit_header
     from localllm.fitter.speculative import predict
     from localllm.fitter.speed import CPU_BATCH_TOKEN_SHARE
-    from localllm.hardware import GIB, Hardware, HostInfo, parse_gpu_names
     from localllm.gguf_header import read_header
+    from localllm.hardware import GIB, Hardware, HostInfo, parse_gpu_names
     from tests.gguf_factory import LLAMA_7B, write_gguf
 
     host = HostInfo(64 * GIB, 56 * GIB, 2, 2, 20e9, 50e9, "assumed")
