@@ -330,6 +330,17 @@ def context_shape(
     return ContextShape(n_ctx, n_seq, unified, ubatch, batch, cells, swa_cells, streams)
 
 
+def _kv_cell_bytes(
+    layout: MemoryLayout, il: int, type_k: str, type_v: str, flash_attn: bool
+) -> int:
+    """One cell of layer il: its K row and V row. Without flash attention V is stored transposed
+    and padded to the widest layer's V (llama-kv-cache.cpp, TAG_V_CACHE_VARIABLE)."""
+    v_width = layout.v_width[il]
+    if v_width and not flash_attn:
+        v_width = layout.v_width_max
+    return row_bytes(type_k, layout.k_width[il]) + (row_bytes(type_v, v_width) if v_width else 0)
+
+
 def kv_layer_bytes(
     header: ModelHeader,
     shape: ContextShape,
@@ -348,11 +359,7 @@ def kv_layer_bytes(
             sizes.append(0)
             continue
         cells = shape.swa_cells if layout.swa[il] else shape.cells
-        v_width = layout.v_width[il]
-        if v_width and not flash_attn:
-            v_width = layout.v_width_max
-        per_cell = row_bytes(type_k, layout.k_width[il]) + (
-            row_bytes(type_v, v_width) if v_width else 0)
+        per_cell = _kv_cell_bytes(layout, il, type_k, type_v, flash_attn)
         sizes.append(per_cell * cells * shape.n_streams)
     return tuple(sizes)
 
@@ -374,11 +381,7 @@ def mtp_kv_layer_bytes(
         if il < layout.n_layer_trunk:
             sizes.append(0)
             continue
-        v_width = layout.v_width[il]
-        if v_width and not flash_attn:
-            v_width = layout.v_width_max
-        per_cell = row_bytes(type_k, layout.k_width[il]) + (
-            row_bytes(type_v, v_width) if v_width else 0)
+        per_cell = _kv_cell_bytes(layout, il, type_k, type_v, flash_attn)
         sizes.append(per_cell * shape.cells * shape.n_streams)
     return tuple(sizes)
 

@@ -298,14 +298,25 @@ class _Fitter:
             if not gpu.is_cpu
         ]
         host_work = DeviceWork(int(read[-1]), int(elements[-1]))
+        # Seconds per token of the layers a CPU computes: this host's, and each rpc-server that
+        # lends its CPU (priced like this host's CPU).
+        cpu_seconds = [
+            decode_seconds_per_token(
+                [], host_work, host.memory_bandwidth_bytes_s, self.host_rate,
+                self.host_bytes_factor,
+            ),
+            *(
+                decode_seconds_per_token(
+                    [], DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s,
+                    self.host_rate,
+                )
+                for g, gpu in enumerate(hardware.gpus)
+                if gpu.is_cpu
+            ),
+        ]
         seconds = decode_seconds_per_token(
-            gpu_work, host_work, host.memory_bandwidth_bytes_s, self.host_rate,
-            self.host_bytes_factor,
-        )
-        for g, gpu in enumerate(hardware.gpus):
-            if gpu.is_cpu:  # an rpc-server lending its CPU: priced like this host's CPU
-                work = DeviceWork(int(read[g]), int(elements[g]))
-                seconds += decode_seconds_per_token([], work, gpu.bandwidth_bytes_s, self.host_rate)
+            gpu_work, DeviceWork(0, 0), host.memory_bandwidth_bytes_s, self.host_rate
+        ) + sum(cpu_seconds)
         transfers = self._link_transfers(layout)
         link_seconds = link_seconds_per_token(
             transfers, hardware.link_latency_s, hardware.link_bytes_s
@@ -329,18 +340,12 @@ class _Fitter:
             first_local.prefill_flops if first_local is not None and any_gpu_layers else None,
         )
         # One more token in a small batch (a speculative verification): on a GPU its compute at
-        # the prefill rate (the weights are read once per step); on host and CPU rpc layers a
-        # measured share of their decode time (CPU_BATCH_TOKEN_SHARE: a CPU step is compute).
-        batch_token_s = CPU_BATCH_TOKEN_SHARE * decode_seconds_per_token(
-            [], host_work, host.memory_bandwidth_bytes_s, self.host_rate, self.host_bytes_factor
-        ) + sum(
-            CPU_BATCH_TOKEN_SHARE * decode_seconds_per_token(
-                [], DeviceWork(int(read[g]), int(elements[g])), gpu.bandwidth_bytes_s,
-                self.host_rate,
-            )
-            if gpu.is_cpu
-            else 2 * elements[g] / gpu.prefill_flops
+        # the prefill rate (the weights are read once per step); on CPU layers a measured share
+        # of their decode time (CPU_BATCH_TOKEN_SHARE: a CPU step is compute).
+        batch_token_s = CPU_BATCH_TOKEN_SHARE * sum(cpu_seconds) + sum(
+            2 * elements[g] / gpu.prefill_flops
             for g, gpu in enumerate(hardware.gpus)
+            if not gpu.is_cpu
         )
         overrides: tuple[tuple[str, str], ...] = ()
         if n_cpu_moe:
